@@ -1,0 +1,65 @@
+"""python -m data_pipeline {corpus,build,inspect} ..."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from data_pipeline.config import ConfigError, load_config
+from data_pipeline.shards import read_manifest
+
+
+def summarize(data_dir: str | Path) -> str:
+    manifest = read_manifest(data_dir)
+    lines = [
+        f"dataset {data_dir}: seq_len {manifest['seq_len']}, vocab {manifest['vocab_size']}, "
+        f"tokenizer {manifest['tokenizer_hash']}",
+    ]
+    for split, shards in manifest["splits"].items():
+        seqs = sum(s["sequences"] for s in shards)
+        tokens = sum(s["tokens"] for s in shards)
+        lines.append(f"  {split:5s}: {len(shards)} shards, {seqs} sequences, {tokens} tokens, "
+                     f"{manifest['padding_tokens'][split]} padding")
+    lines.append(f"  {'family':14s} {'ratio':>7s} {'tokens':>10s} {'docs':>7s} {'epochs':>7s}")
+    for family, s in manifest["family_stats"].items():
+        lines.append(f"  {family:14s} {s['ratio']:7.3f} {s['tokens']:10d} {s['documents']:7d} {s['epochs']:7.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    corpus = sub.add_parser("corpus", help="write the default multilingual + synthetic corpus as JSONL")
+    corpus.add_argument("out_dir")
+    corpus.add_argument("--docs-per-language", type=int, default=600)
+    corpus.add_argument("--seed", type=int, default=0)
+    build = sub.add_parser("build", help="build Arrow shards from a data config")
+    build.add_argument("config")
+    build.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. seq_len=512")
+    inspect = sub.add_parser("inspect", help="summarise a built dataset")
+    inspect.add_argument("data_dir")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "corpus":
+            from data_pipeline.corpus import write_default_corpus
+
+            paths = write_default_corpus(args.out_dir, args.docs_per_language, args.seed)
+            print(f"wrote {len(paths)} files to {args.out_dir}")
+        elif args.command == "build":
+            from data_pipeline.build import BuildConfig, build as run_build
+
+            config = load_config(BuildConfig, args.config, args.overrides)
+            run_build(config)
+            print(summarize(config.output_dir))
+        else:
+            print(summarize(args.data_dir))
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Arrow IPC shards plus `manifest.json`: the contract between the data pipeline and the trainer.
+
+Every file is written under a temporary name and renamed when complete, so a reader never sees a
+half-written shard or manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from data_pipeline.packing import PackedSequences
+
+MANIFEST = "manifest.json"
+COLUMNS = {"tokens": pa.int32(), "doc_ids": pa.int32(), "family_ids": pa.int8()}
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_shards(out_dir: Path, split: str, packed: PackedSequences, sequences_per_shard: int) -> list[dict]:
+    """Write `packed` as `{split}/shard_XXXXX.arrow` files; returns their manifest entries."""
+    (out_dir / split).mkdir(parents=True, exist_ok=True)
+    seq_len = packed.tokens.shape[1]
+    entries = []
+    for index, start in enumerate(range(0, len(packed), sequences_per_shard)):
+        rows = slice(start, start + sequences_per_shard)
+        arrays = [
+            pa.FixedSizeListArray.from_arrays(pa.array(getattr(packed, name)[rows].ravel(), dtype), seq_len)
+            for name, dtype in COLUMNS.items()
+        ]
+        table = pa.Table.from_arrays(arrays, names=list(COLUMNS))
+        rel = f"{split}/shard_{index:05d}.arrow"
+        tmp = out_dir / (rel + ".tmp")
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        os.replace(tmp, out_dir / rel)
+        doc_ids = packed.doc_ids[rows]
+        entries.append({
+            "file": rel,
+            "sequences": table.num_rows,
+            "tokens": int((doc_ids >= 0).sum()),
+            "sha256": sha256_file(out_dir / rel),
+        })  # fmt: skip
+    return entries
+
+
+def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {data_dir}: build the dataset first "
+                                f"(python -m data_pipeline build configs/data/default.yaml)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from err
+
+
+def open_shard(data_dir: Path, entry: dict, verify: bool = True) -> dict[str, np.ndarray]:
+    """Memory-map one shard as numpy arrays [sequences, seq_len], checking its checksum first."""
+    path = data_dir / entry["file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"shard {path} listed in the manifest is missing")
+    if verify and sha256_file(path) != entry["sha256"]:
+        raise ValueError(f"shard {path} is corrupt: its sha256 differs from the manifest")
+    try:
+        table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    except pa.ArrowInvalid as err:
+        raise ValueError(f"shard {path} is not a readable Arrow file: {err}") from err
+    out = {}
+    for name in COLUMNS:
+        column = table.column(name).combine_chunks()
+        out[name] = column.flatten().to_numpy().reshape(len(column), column.type.list_size)
+    return out

@@ -1,0 +1,97 @@
+"""Math word problems with step-by-step solutions whose answers a verifier checks.
+
+A problem is a start quantity and a chain of operations; the solution writes one line per step
+(`Step k: a op b = c`) and ends with `Answer: N`. `verify_solution` re-does every step's
+arithmetic and compares the final answer with the problem's own computation, so it also scores
+model generations (the reasoning stage uses it as its reward).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+NAMES = ["Ana", "Ben", "Chen", "Dara", "Emeka", "Farah", "Goran", "Hana", "Ivan", "Jia", "Kofi", "Lena"]
+ITEMS = ["apples", "books", "coins", "marbles", "pencils", "stamps", "shells", "cards"]
+
+# (verb phrase for the story, symbol) per operation; divisions are generated to be exact.
+OPS = {
+    "+": ["buys {n} more", "finds {n} more", "receives {n} more"],
+    "-": ["gives {n} away", "loses {n}", "sells {n}"],
+    "*": ["multiplies the collection by {n}", "ends up with {n} times as many"],
+    "/": ["splits them into {n} equal groups and keeps one group"],
+}
+
+STEP_RE = re.compile(r"Step \d+: (-?\d+) ([-+*/]) (-?\d+) = (-?\d+)")
+ANSWER_RE = re.compile(r"Answer:\s*(-?\d+)")
+
+
+@dataclass(frozen=True)
+class MathProblem:
+    question: str
+    solution: str
+    answer: int
+    seed: int
+
+    @property
+    def text(self) -> str:
+        return f"Question: {self.question}\nSolution:\n{self.solution}"
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+
+
+def generate_problem(seed: int, max_steps: int = 3) -> MathProblem:
+    """Deterministic in `seed`: the same seed always gives the same problem."""
+    rng = random.Random(seed)
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    value = rng.randint(2, 30)
+    story = [f"{name} has {value} {item}."]
+    steps = []
+    for k in range(1, rng.randint(1, max_steps) + 1):
+        op = rng.choice("+-*/")
+        if op == "/":
+            divisors = [d for d in range(2, 7) if value % d == 0]
+            if not divisors:
+                op = "+"
+        if op == "/":
+            n = rng.choice(divisors)
+        elif op == "*":
+            n = rng.randint(2, 4)
+        elif op == "-":
+            n = rng.randint(1, max(1, value - 1))
+        else:
+            n = rng.randint(1, 20)
+        result = _apply(value, op, n)
+        story.append(f"Then {name} {rng.choice(OPS[op]).format(n=n)}.")
+        steps.append(f"Step {k}: {value} {op} {n} = {result}")
+        value = result
+    story.append(f"How many {item} does {name} have now?")
+    solution = "\n".join(steps + [f"Answer: {value}"])
+    return MathProblem(question=" ".join(story), solution=solution, answer=value, seed=seed)
+
+
+def extract_answer(text: str) -> int | None:
+    match = ANSWER_RE.search(text)
+    return int(match.group(1)) if match else None
+
+
+def verify_solution(solution: str, expected: int) -> bool:
+    """True when every written step is correct arithmetic and the final answer equals `expected`."""
+    for a, op, b, c in STEP_RE.findall(solution):
+        if op == "/" and int(b) == 0:
+            return False
+        if _apply(int(a), op, int(b)) != int(c):
+            return False
+    return extract_answer(solution) == expected
+
+
+def generate_problems(count: int, seed: int) -> list[MathProblem]:
+    """`count` verified problems; problem i uses seed `seed * 1_000_003 + i` so sets never overlap."""
+    problems = [generate_problem(seed * 1_000_003 + i) for i in range(count)]
+    for problem in problems:
+        if not verify_solution(problem.solution, problem.answer):
+            raise AssertionError(f"generator produced an unverifiable problem (seed {problem.seed})")
+    return problems

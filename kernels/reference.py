@@ -1,0 +1,40 @@
+"""Plain PyTorch attention: the ground truth the kernels are tested against, and the CPU fallback."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def document_causal_mask(doc_ids: torch.Tensor | None, seq_len: int, device=None) -> torch.Tensor:
+    """Boolean [b or 1, 1, s, s]: query i may read key j when j <= i and both are in one document."""
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+    if doc_ids is None:
+        return causal[None, None]
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (causal[None] & same_doc)[:, None]
+
+
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None, return_lse: bool = False,
+):  # fmt: skip
+    """q [b, s, hq, d], k/v [b, s, hkv, d] -> [b, s, hq, d] (and log-sum-exp [b, hq, s]).
+
+    Causal within documents unless an explicit boolean `mask` [b|1, hq|1, s, s] is given. K/V heads
+    are repeated for GQA here; the kernels must not need to.
+    """
+    b, s, hq, d = q.shape
+    group = hq // k.shape[2]
+    qt = q.transpose(1, 2).float()
+    kt = k.transpose(1, 2).float().repeat_interleave(group, dim=1)
+    vt = v.transpose(1, 2).float().repeat_interleave(group, dim=1)
+    if mask is None:
+        mask = document_causal_mask(doc_ids, s, q.device)
+    scores = (qt @ kt.transpose(-1, -2)) / math.sqrt(d)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # rows with no key read nothing
+    out = (probs @ vt).transpose(1, 2).to(q.dtype)
+    return (out, lse) if return_lse else out

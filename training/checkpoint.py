@@ -1,0 +1,75 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout under `runs/<name>/checkpoints/`: one `step_XXXXXXXX/` folder per save (DCP shards plus
+`trainer_state.json`) and a `latest` file naming the newest complete one. `latest` is replaced
+atomically only after every rank finished writing, so an interrupted save never becomes `latest`.
+Parameters are stored under their full-model names, so a checkpoint is independent of the layout.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from data_pipeline.shards import atomic_write_text
+
+LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
+
+# A single-process run saves without a process group, which is what we want.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict, keep_last: int = 2) -> Path:  # fmt: skip
+    path = ckpt_dir / f"step_{step:08d}"
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
+    if _is_main():
+        atomic_write_text(path / TRAINER_STATE, json.dumps({"step": step, **trainer_state}, indent=2))
+    _barrier()
+    if _is_main():
+        atomic_write_text(ckpt_dir / LATEST, path.name + "\n")
+        complete = sorted(p for p in ckpt_dir.glob("step_*") if (p / TRAINER_STATE).is_file())
+        for old in complete[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return path
+
+
+def resolve_checkpoint(resume: str, ckpt_dir: Path) -> Path | None:
+    """`none` -> None; `auto` -> the `latest` one if any; otherwise a path that must exist."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        pointer = ckpt_dir / LATEST
+        return ckpt_dir / pointer.read_text().strip() if pointer.is_file() else None
+    path = Path(resume)
+    if not (path / TRAINER_STATE).is_file():
+        raise FileNotFoundError(f"checkpoint.resume={resume!r}: no complete checkpoint there "
+                                f"(expected {path / TRAINER_STATE})")
+    return path
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return json.loads((path / TRAINER_STATE).read_text())

@@ -1,0 +1,66 @@
+"""Console (progress bar + periodic lines), TensorBoard and `metrics.jsonl`, written by rank 0 only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+# Dense bf16 peak per device, for MFU; CPUs have no meaningful entry and report no MFU.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def device_peak_tflops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, families: list[str], flops_per_token: int, enabled: bool = True):
+        self.run_dir, self.families, self.enabled = run_dir, families, enabled
+        self.flops_per_token, self.peak = flops_per_token, device_peak_tflops()
+        self.bar = self.writer = self.jsonl = None
+
+    def start(self, step: int, end: int, nparams: int) -> None:
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        self.note(f"training {nparams / 1e6:.2f}M parameters from step {step} to {end}; logs in {self.run_dir}")
+        self.bar = tqdm(total=end, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            tqdm.write(text)
+
+    def log(self, metrics: dict[str, float], console: bool) -> None:
+        if not self.enabled:
+            return
+        step = int(metrics["step"])
+        if self.peak:
+            metrics["mfu"] = self.flops_per_token * metrics["tokens_per_s"] / (self.peak * 1e12)
+        for key, value in metrics.items():
+            if key != "step":
+                self.writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
+        self.jsonl.write(json.dumps(metrics) + "\n")
+        self.jsonl.flush()
+        self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}",
+                             tok_s=f"{metrics['tokens_per_s']:.0f}")  # fmt: skip
+        self.bar.update(1)
+        if console:
+            families = " ".join(f"{f}={metrics[f'loss/{f}']:.2f}" for f in self.families if f"loss/{f}" in metrics)
+            self.note(f"step {step:5d} | loss {metrics['loss']:.4f} | grad_norm {metrics['grad_norm']:.3f} | "
+                      f"lr {metrics['lr']:.2e} | {metrics['tokens_per_s']:.0f} tok/s | {families}")
+
+    def close(self) -> None:
+        if self.enabled and self.writer is not None:
+            self.bar.close()
+            self.writer.close()
+            self.jsonl.close()

@@ -1,0 +1,177 @@
+"""Phi-style decoder: RMSNorm, rotary embeddings (optionally partial), GQA attention, SwiGLU MLP.
+
+Single-device PyTorch with no parallel code: tensor and pipeline parallelism are applied from
+outside (`training.parallel`). Two conventions make that possible:
+- projections reshape with `-1` heads, so a tensor-parallel rank that holds a slice of the heads
+  runs the same code;
+- `layers` is a ModuleDict keyed by the global layer index and the embedding / final norm / head
+  may be `None`, so a pipeline stage is this same module with the parts of other stages removed,
+  and its parameter names match the full model's (checkpoints reshard by name).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.attention import BACKENDS, attention
+
+
+@dataclass
+class PhiConfig:
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "tiny": dict(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384, max_seq_len=128),
+        "phi-3-mini": dict(vocab_size=32064, dim=3072, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=8192,
+                           max_seq_len=4096, rope_theta=10000.0),
+        "phi-4-mini": dict(vocab_size=200064, dim=3072, n_layers=32, n_heads=24, n_kv_heads=8, ffn_dim=8192,
+                           max_seq_len=4096, rope_theta=10000.0, rope_fraction=0.75, tie_embeddings=True),
+    }  # fmt: skip
+
+    preset: str | None = None  # resolved by the config loader / `from_preset`: its values are the defaults
+    vocab_size: int = 4096
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int | None = None  # defaults to dim // n_heads
+    ffn_dim: int = 384
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_fraction: float = 1.0  # share of each head's dims that is rotated (phi-4-mini: 0.75)
+    max_seq_len: int = 128
+    tie_embeddings: bool = False
+    attn_backend: str = "sdpa"
+    init_std: float = 0.02
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> PhiConfig:
+        return cls(preset=name, **{**cls.PRESETS[name], **overrides})
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"attn_backend {self.attn_backend!r} is not one of {BACKENDS}")
+        if int(self.head_dim * self.rope_fraction) % 2:
+            raise ValueError(f"rope_fraction {self.rope_fraction} x head_dim {self.head_dim} must be even")
+
+
+def rope_tables(config: PhiConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    rot = int(config.head_dim * config.rope_fraction)
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
+    angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # HF "rotate_half" layout, so weights map 1:1 to Phi3
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `cos.shape[-1]` dims of each head of x [b, s, h, d]; the rest pass through."""
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    half = rot // 2
+    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat([(x_rot * cos + rotated * sin).type_as(x), x_pass], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: PhiConfig):
+        super().__init__()
+        self.head_dim, self.backend = config.head_dim, config.attn_backend
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+    def forward(self, x, cos, sin, doc_ids):
+        b, s, _ = x.shape
+        q = apply_rope(self.wq(x).view(b, s, -1, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(b, s, -1, self.head_dim), cos, sin)
+        v = self.wv(x).view(b, s, -1, self.head_dim)
+        out = attention(q, k, v, doc_ids=doc_ids, backend=self.backend)
+        return self.wo(out.reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: PhiConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.w3 = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: PhiConfig):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x, cos, sin, doc_ids):
+        x = x + self.attention(self.attention_norm(x), cos, sin, doc_ids)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class PhiModel(nn.Module):
+    def __init__(self, config: PhiConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleDict({str(i): Block(config) for i in range(config.n_layers)})
+        self.norm: nn.RMSNorm | None = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(config.dim, config.vocab_size, bias=False)
+        cos, sin = rope_tables(config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def reset_parameters(self) -> None:
+        """GPT-2 style: N(0, std), residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        std = self.config.init_std
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(param)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(param, std=std / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(param, std=std)
+
+    def forward(self, inputs: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`inputs`: token ids [b, s] (or hidden states when this is a later pipeline stage).
+        `doc_ids` [b, s]: attention stays inside each packed document. Returns logits or hidden."""
+        h = self.tok_embeddings(inputs) if self.tok_embeddings is not None else inputs
+        seq_len = h.shape[1]
+        cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+        for layer in self.layers.values():
+            h = layer(h, cos, sin, doc_ids)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.output(h) if self.output is not None else h
+
+
+def count_params_and_flops(config: PhiConfig, seq_len: int) -> tuple[int, int]:
+    """Parameter count and training FLOPs per token: 6 per matmul weight (forward + backward) plus
+    the attention scores and values (12 * layers * heads * head_dim * seq_len), as torchtitan counts."""
+    c = config
+    attn = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
+    per_layer = attn + 3 * c.dim * c.ffn_dim + 2 * c.dim
+    embedding = c.vocab_size * c.dim
+    head = 0 if c.tie_embeddings else c.vocab_size * c.dim
+    nparams = c.n_layers * per_layer + embedding + head + c.dim
+    matmul_weights = c.n_layers * (attn + 3 * c.dim * c.ffn_dim) + c.vocab_size * c.dim
+    return nparams, 6 * matmul_weights + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len

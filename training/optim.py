@@ -1,0 +1,90 @@
+"""AdamW, the learning-rate schedule, and gradient clipping that is correct under TP and PP."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.AdamW:
+    """No weight decay on norms and embeddings, as in Megatron-LM and torchtitan."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 or "embeddings" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+
+
+def lr_multiplier(step: int, total_steps: int, config: OptimConfig) -> float:
+    """Linear warmup to 1, then decay to `min_lr_ratio` at `total_steps`."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
+    floor = config.min_lr_ratio
+    if config.schedule == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if config.schedule == "linear":
+        return floor + (1 - floor) * (1 - progress)
+    if config.schedule == "constant":
+        return 1.0
+    raise ValueError(f"optim.schedule {config.schedule!r} is not one of cosine, linear, constant")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, config: OptimConfig):
+    lr_multiplier(0, total_steps, config)  # validates the schedule name before training starts
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, config))
+
+
+def clip_grad_norm(
+    parameters: list[torch.nn.Parameter], max_norm: float,
+    tp_group: dist.ProcessGroup | None = None, pp_group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Global L2 norm over every rank's shard of every parameter, then scale grads if above max_norm.
+
+    Tensor-parallel shards add up over the TP group (replicated params are counted once); pipeline
+    stages add up over the PP group. Data-parallel replicas hold identical grads after all-reduce.
+    """
+    device = next(iter(parameters)).device
+    sharded = torch.zeros((), dtype=torch.float32, device=device)
+    replicated = torch.zeros((), dtype=torch.float32, device=device)
+    grads = []
+    for p in parameters:
+        if p.grad is None:
+            continue
+        g = p.grad
+        is_sharded = isinstance(g, DTensor) and any(pl.is_shard() for pl in g.placements)
+        local = g.to_local() if isinstance(g, DTensor) else g
+        grads.append(local)
+        square = local.detach().float().pow(2).sum()
+        if is_sharded:
+            sharded += square
+        else:
+            replicated += square
+    if tp_group is not None:
+        dist.all_reduce(sharded, group=tp_group)
+    total = sharded + replicated
+    if pp_group is not None:
+        dist.all_reduce(total, group=pp_group)
+    norm = total.sqrt()
+    if max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale)
+    return norm

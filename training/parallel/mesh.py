@@ -1,0 +1,65 @@
+"""One object that owns the device mesh and answers layout questions.
+
+Rank order is TP innermost (fastest links), then DP, then PP: mesh dims ("pp", "dp", "tp").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    dp: int = -1  # -1: whatever the world size leaves after tp * pp
+    pp_schedule: str = "1F1B"  # any torch.distributed.pipelining schedule class name, minus "Schedule"
+    micro_batch_size: int = 4  # sequences per forward; the local batch is split into these
+
+
+class LayoutError(ValueError):
+    """A parallel layout that does not fit the world size or the model; the message says which."""
+
+
+@dataclass
+class ParallelDims:
+    dp: int
+    tp: int
+    pp: int
+
+    @classmethod
+    def from_config(cls, config: ParallelConfig, world_size: int) -> ParallelDims:
+        for name in ("tp", "pp"):
+            if getattr(config, name) < 1:
+                raise LayoutError(f"parallel.{name} must be >= 1, got {getattr(config, name)}")
+        dp = config.dp if config.dp != -1 else world_size // (config.tp * config.pp)
+        if dp < 1 or dp * config.tp * config.pp != world_size:
+            raise LayoutError(f"parallel layout tp={config.tp} x pp={config.pp} x dp={config.dp} does not match "
+                              f"the world size {world_size}")
+        return cls(dp=dp, tp=config.tp, pp=config.pp)
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    def check_model(self, n_heads: int, n_kv_heads: int, n_layers: int, vocab_size: int) -> None:
+        if n_heads % self.tp:
+            raise LayoutError(f"tensor parallel size {self.tp} does not divide n_heads={n_heads}")
+        if n_kv_heads % self.tp:
+            raise LayoutError(f"tensor parallel size {self.tp} does not divide n_kv_heads={n_kv_heads}")
+        if vocab_size % self.tp:
+            raise LayoutError(f"tensor parallel size {self.tp} does not divide vocab_size={vocab_size}")
+        if n_layers < self.pp:
+            raise LayoutError(f"pipeline parallel size {self.pp} exceeds n_layers={n_layers}")
+
+    def build_mesh(self, device_type: str) -> DeviceMesh | None:
+        if self.world_size == 1:
+            return None
+        return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp"))
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

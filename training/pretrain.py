@@ -1,0 +1,79 @@
+"""python -m training.pretrain CONFIG [key=value ...]
+
+Runs under any launcher that sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (deepspeed,
+torchrun), or alone as a single process. `--local_rank=N`, which the deepspeed launcher appends,
+is accepted and LOCAL_RANK from the environment is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline.config import ConfigError, load_config
+from training.parallel.mesh import LayoutError
+from training.trainer import TrainConfig, Trainer
+
+
+def init_distributed(timeout_s: int) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or dist.is_initialized():
+        return
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def limit_cpu_threads() -> None:
+    """Ranks sharing a CPU split its cores instead of each spawning one thread per core."""
+    if not torch.cuda.is_available():
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+
+
+def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m training.pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("config_path", nargs="?", help="YAML config (or use --config)")
+    parser.add_argument("--config", dest="config_flag")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-3")
+    args = parser.parse_args(argv)
+    path, overrides = args.config_flag, list(args.overrides)
+    if args.config_path and "=" in args.config_path:
+        overrides.insert(0, args.config_path)
+    elif args.config_path:
+        if path:
+            parser.error("give the config once: as a positional path or with --config")
+        path = args.config_path
+    return path, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    path, overrides = parse_args(argv)
+    try:
+        config = load_config(TrainConfig, path, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    limit_cpu_threads()
+    init_distributed(config.dist_timeout_s)
+    try:
+        Trainer(config).fit()
+    except (LayoutError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

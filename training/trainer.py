@@ -1,0 +1,223 @@
+"""The training loop: wires data, model, parallelism, optimizer, checkpoints and metrics together."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from data_pipeline.config import to_dict
+from data_pipeline.loader import IGNORE_INDEX, Batch, DataLoader, PackedDataset
+from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
+from training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from training.metrics import MetricsLogger
+from training.models.phi import PhiConfig, PhiModel, count_params_and_flops
+from training.optim import OptimConfig, build_optimizer, build_scheduler, clip_grad_norm
+from training.parallel.data import allreduce_gradients
+from training.parallel.mesh import ParallelConfig, ParallelDims, device_type
+from training.parallel.pipeline import build_schedule, keep_stage
+from training.parallel.tensor import apply_tensor_parallel
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/default"  # a folder written by `python -m data_pipeline build`
+    global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel replicas
+    seed: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 0  # steps between saves; 0 saves only at the end
+    keep_last: int = 2
+    resume: str = "auto"  # auto (latest in this run's folder, if any) | none | a step_* folder
+
+
+@dataclass
+class TrainConfig:
+    name: str = "tiny"
+    out_dir: str = "runs"
+    steps: int = 300  # length of the LR schedule and of the run
+    stop_after: int | None = None  # stop (and save) at this step, e.g. to split a run into jobs
+    seed: int = 0
+    log_every: int = 10
+    dist_timeout_s: int = 600
+    model: PhiConfig = field(default_factory=PhiConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        self.dims = ParallelDims.from_config(config.parallel, world)
+        mc = config.model
+        self.dims.check_model(mc.n_heads, mc.n_kv_heads, mc.n_layers, mc.vocab_size)
+        self.device = torch.device(device_type(), int(os.environ.get("LOCAL_RANK", 0)))
+        self.mesh = self.dims.build_mesh(self.device.type)
+        coords = self.mesh.get_coordinate() if self.mesh is not None else [0, 0, 0]
+        self.pp_rank, self.dp_rank, self.tp_rank = coords
+        self.is_first_stage, self.is_last_stage = self.pp_rank == 0, self.pp_rank == self.dims.pp - 1
+        self.is_main = rank == 0
+
+        local_batch, rem = divmod(config.data.global_batch_size, self.dims.dp)
+        self.n_microbatches, rem2 = divmod(local_batch, config.parallel.micro_batch_size)
+        if rem or rem2 or self.n_microbatches == 0:
+            raise ValueError(f"data.global_batch_size={config.data.global_batch_size} must be a multiple of "
+                             f"dp ({self.dims.dp}) x parallel.micro_batch_size ({config.parallel.micro_batch_size})")
+
+        data_dir = Path(config.data.path)
+        dataset = PackedDataset(data_dir, "train", tokenizer_hash=tokenizer_hash(load_tokenizer(data_dir)))
+        if dataset.manifest["seq_len"] > mc.max_seq_len or dataset.manifest["vocab_size"] > mc.vocab_size:
+            raise ValueError(f"{data_dir}: seq_len {dataset.manifest['seq_len']} / vocab {dataset.manifest['vocab_size']}"
+                             f" exceed model.max_seq_len {mc.max_seq_len} / model.vocab_size {mc.vocab_size}")
+        self.families = dataset.families
+        self.loader = DataLoader(dataset, config.data.global_batch_size, self.dp_rank, self.dims.dp, config.data.seed)
+
+        torch.manual_seed(config.seed)  # every layout starts from the same full model
+        model = PhiModel(mc)
+        if self.dims.pp > 1:
+            keep_stage(model, self.pp_rank, self.dims.pp)
+        if self.dims.tp > 1:
+            apply_tensor_parallel(model, self.mesh["tp"])
+        self.model = model.to(self.device)
+        self.nparams, self.flops_per_token = count_params_and_flops(mc, dataset.manifest["seq_len"])
+        self.optimizer = build_optimizer(self.model, config.optim)
+        self.scheduler = build_scheduler(self.optimizer, config.steps, config.optim)
+        self.schedule = None
+        if self.dims.pp > 1:
+            self.schedule = build_schedule(
+                self.model, self.pp_rank, self.dims.pp, self.mesh["pp"].get_group(), self.device,
+                self.n_microbatches, self._pipeline_loss, config.parallel.pp_schedule,
+            )  # fmt: skip
+        self._token_count = torch.ones((), device=self.device)
+        self._family_stats = torch.zeros(2, len(self.families) + 1, device=self.device)
+        self.step = 0
+        self.metrics = MetricsLogger(config.run_dir, self.families, self.flops_per_token, enabled=self.is_main)
+
+    # ---- loss -------------------------------------------------------------------------------
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, family_ids: torch.Tensor) -> torch.Tensor:
+        """Sum of token cross-entropies / tokens in the global batch; also accumulates per-family sums.
+        Under TP the logits are vocab-sharded and `loss_parallel` never gathers them."""
+        flat_logits = logits.flatten(0, 1)
+        per_token = F.cross_entropy(flat_logits, labels.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
+        if isinstance(per_token, DTensor):
+            per_token = per_token.to_local()
+        valid = labels.flatten() != IGNORE_INDEX
+        family = torch.where(valid, family_ids.flatten(), len(self.families))
+        self._family_stats[0].index_add_(0, family, per_token.detach().float())
+        self._family_stats[1].index_add_(0, family, valid.float())
+        return per_token.sum() / self._token_count
+
+    def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._loss(output, target[..., 0], target[..., 1])
+
+    def _loss_context(self):
+        return loss_parallel() if self.dims.tp > 1 else contextlib.nullcontext()
+
+    # ---- one step ---------------------------------------------------------------------------
+    def forward_backward(self, batch: Batch) -> None:
+        """Gradients of the global-batch mean loss, summed over data-parallel replicas."""
+        batch = Batch(*(t.to(self.device) for t in (batch.tokens, batch.labels, batch.doc_ids, batch.family_ids)))
+        self._family_stats.zero_()
+        self._token_count = (batch.labels != IGNORE_INDEX).sum().float()
+        if self.dims.dp > 1:
+            dist.all_reduce(self._token_count, group=self.mesh["dp"].get_group())
+        with self._loss_context():
+            if self.schedule is not None:
+                target = torch.stack([batch.labels, batch.family_ids], dim=-1)
+                args = (batch.tokens,) if self.is_first_stage else ()
+                self.schedule.step(*args, target=target if self.is_last_stage else None,
+                                   doc_ids=batch.doc_ids, return_outputs=False)  # fmt: skip
+            else:
+                for mb in batch.split(self.n_microbatches):
+                    self._loss(self.model(mb.tokens, doc_ids=mb.doc_ids), mb.labels, mb.family_ids).backward()
+        if self.dims.dp > 1:
+            allreduce_gradients(self.model.parameters(), self.mesh["dp"].get_group())
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        self.forward_backward(batch)
+        grad_norm = clip_grad_norm(
+            list(self.model.parameters()), self.config.optim.grad_clip,
+            tp_group=self.mesh["tp"].get_group() if self.dims.tp > 1 else None,
+            pp_group=self.mesh["pp"].get_group() if self.dims.pp > 1 else None,
+        )  # fmt: skip
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self._reduce_metrics(grad_norm, lr)
+
+    def _reduce_metrics(self, grad_norm: torch.Tensor, lr: float) -> dict[str, float]:
+        """Per-family loss over the global batch, counted once per replica (TP rank 0, last stage)."""
+        stats = self._family_stats if (self.is_last_stage and self.tp_rank == 0) else torch.zeros_like(
+            self._family_stats)
+        if dist.is_initialized():
+            dist.all_reduce(stats)
+        sums, counts = stats[0, :-1].cpu(), stats[1, :-1].cpu()
+        out = {"loss": float(sums.sum() / counts.sum()), "grad_norm": float(grad_norm), "lr": lr,
+               "tokens": float(counts.sum())}  # fmt: skip
+        for i, family in enumerate(self.families):
+            if counts[i] > 0:
+                out[f"loss/{family}"] = float(sums[i] / counts[i])
+        return out
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def maybe_resume(self) -> None:
+        path = resolve_checkpoint(self.config.checkpoint.resume, self.config.run_dir / "checkpoints")
+        if path is None:
+            return
+        state = load_checkpoint(path, self.model, self.optimizer)
+        self.step = state["step"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.metrics.note(f"resumed from {path} at step {self.step}")
+
+    def save(self) -> Path:
+        state = {"data": self.loader.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "config": to_dict(self.config),
+                 "layout": {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp}}  # fmt: skip
+        return save_checkpoint(self.config.run_dir / "checkpoints", self.step, self.model, self.optimizer, state,
+                               self.config.checkpoint.keep_last)  # fmt: skip
+
+    def fit(self) -> list[dict[str, float]]:
+        config = self.config
+        self.maybe_resume()
+        if self.is_main:
+            config.run_dir.mkdir(parents=True, exist_ok=True)
+            (config.run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+        end = min(config.steps, config.stop_after or config.steps)
+        history = []
+        self.metrics.start(self.step, end, self.nparams)
+        while self.step < end:
+            t0 = time.perf_counter()
+            metrics = self.train_step(self.loader.batch_at(self.step))
+            self.step += 1
+            self.loader.step = self.step
+            seconds = time.perf_counter() - t0
+            metrics.update(step=self.step, step_time_s=seconds, tokens_per_s=metrics["tokens"] / seconds)
+            history.append(metrics)
+            self.metrics.log(metrics, console=self.step % config.log_every == 0 or self.step == end)
+            if config.checkpoint.save_every and self.step % config.checkpoint.save_every == 0 and self.step < end:
+                self.save()
+        if history:
+            path = self.save()
+            self.metrics.note(f"saved checkpoint {path}")
+        self.metrics.close()
+        return history
