@@ -19,8 +19,10 @@ def summarize(data_dir: str | Path) -> str:
     for split, shards in manifest["splits"].items():
         seqs = sum(s["sequences"] for s in shards)
         tokens = sum(s["tokens"] for s in shards)
-        lines.append(f"  {split:5s}: {len(shards)} shards, {seqs} sequences, {tokens} tokens, "
-                     f"{manifest['padding_tokens'][split]} padding")
+        lines.append(
+            f"  {split:5s}: {len(shards)} shards, {seqs} sequences, {tokens} tokens, "
+            f"{manifest['padding_tokens'][split]} padding"
+        )
     lines.append(f"  {'family':14s} {'ratio':>7s} {'tokens':>10s} {'docs':>7s} {'epochs':>7s}")
     for family, s in manifest["family_stats"].items():
         lines.append(f"  {family:14s} {s['ratio']:7.3f} {s['tokens']:10d} {s['documents']:7d} {s['epochs']:7.2f}")
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             paths = write_default_corpus(args.out_dir, args.docs_per_language, args.seed)
             print(f"wrote {len(paths)} files to {args.out_dir}")
         elif args.command == "build":
-            from data_pipeline.build import BuildConfig, build as run_build
+            from data_pipeline.build import BuildConfig
+            from data_pipeline.build import build as run_build
 
             config = load_config(BuildConfig, args.config, args.overrides)
             run_build(config)

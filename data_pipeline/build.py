@@ -76,8 +76,7 @@ def build(config: BuildConfig) -> dict:
         return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     train_tokens = {f: encode(train_texts[f]) for f in tqdm(families, desc="tokenize", unit="family")}
-    available = {f: sum(len(d) + 1 for d in train_tokens[f]) for f in families}
-    ratios = normalize_ratios(config.ratios, available)
+    ratios = normalize_ratios(config.ratios, {f: sum(len(d) + 1 for d in train_tokens[f]) for f in families})
     mixture, draws = draw_documents(train_tokens, ratios, config.total_tokens, config.seed)
     family_index = {f: i for i, f in enumerate(families)}
     train = pack_documents([(family_index[f], d) for f, d in mixture], config.seq_len, eos, pad)
@@ -99,10 +98,15 @@ def build(config: BuildConfig) -> dict:
         "pad_id": pad,
         "families": families,
         "family_stats": {
-            d.family: {"ratio": round(d.ratio, 6), "available_tokens": d.available_tokens, "tokens": d.drawn_tokens,
-                       "documents": d.drawn_docs, "epochs": round(d.epochs, 4)}
+            d.family: {
+                "ratio": round(d.ratio, 6),
+                "available_tokens": d.available_tokens,
+                "tokens": d.drawn_tokens,
+                "documents": d.drawn_docs,
+                "epochs": round(d.epochs, 4),
+            }
             for d in draws
-        },  # fmt: skip
+        },
         "padding_tokens": {"train": train.padding_tokens, "valid": valid.padding_tokens},
         "splits": {
             "train": write_shards(staging, "train", train, config.sequences_per_shard),

@@ -25,21 +25,44 @@ from data_pipeline.synthetic.math_problems import generate_problems
 
 # ISO code -> faker locale. 12 languages, 11 families, 9 scripts.
 LOCALES = {
-    "en": "en_US", "de": "de_DE",  # Germanic, Latin
-    "fr": "fr_FR", "es": "es_ES",  # Romance, Latin
-    "ru": "ru_RU", "pl": "pl_PL",  # Slavic, Cyrillic / Latin
+    "en": "en_US",
+    "de": "de_DE",  # Germanic, Latin
+    "fr": "fr_FR",
+    "es": "es_ES",  # Romance, Latin
+    "ru": "ru_RU",
+    "pl": "pl_PL",  # Slavic, Cyrillic / Latin
     "bn": "bn_BD",  # Indo-Aryan, Bengali
     "zh": "zh_CN",  # Sino-Tibetan, Han
     "ja": "ja_JP",  # Japonic, kana + kanji
-    "ar": "ar_AA", "he": "he_IL",  # Semitic, Arabic / Hebrew
+    "ar": "ar_AA",
+    "he": "he_IL",  # Semitic, Arabic / Hebrew
     "az": "az_AZ",  # Turkic, Latin
     "el": "el_GR",  # Hellenic, Greek
     "th": "th_TH",  # Kra-Dai, Thai
-}  # fmt: skip
+}
 
-STDLIB_MODULES = ["textwrap", "heapq", "bisect", "functools", "statistics", "fractions", "difflib",
-                  "shlex", "string", "colorsys", "calendar", "json.encoder", "json.decoder", "ipaddress",
-                  "argparse", "configparser", "csv", "dataclasses", "pathlib", "random"]  # fmt: skip
+STDLIB_MODULES = [
+    "textwrap",
+    "heapq",
+    "bisect",
+    "functools",
+    "statistics",
+    "fractions",
+    "difflib",
+    "shlex",
+    "string",
+    "colorsys",
+    "calendar",
+    "json.encoder",
+    "json.decoder",
+    "ipaddress",
+    "argparse",
+    "configparser",
+    "csv",
+    "dataclasses",
+    "pathlib",
+    "random",
+]
 
 
 def natural_documents(lang: str, count: int, seed: int) -> list[dict]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import yaml
@@ -10,7 +10,7 @@ import yaml
 FAMILIES_FILE = Path(__file__).with_name("families.yaml")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _read_table(path: str) -> dict[str, str]:
     raw = yaml.safe_load(Path(path).read_text()) or {}
     table: dict[str, str] = {}

@@ -25,24 +25,33 @@ class Batch:
     family_ids: torch.Tensor  # [b, s] int64, -1 on padding
 
     def split(self, chunks: int) -> list[Batch]:
-        parts = zip(*(t.chunk(chunks) for t in (self.tokens, self.labels, self.doc_ids, self.family_ids)))
+        parts = zip(*(t.chunk(chunks) for t in (self.tokens, self.labels, self.doc_ids, self.family_ids)), strict=True)
         return [Batch(*p) for p in parts]
 
 
 class PackedDataset:
     """All sequences of one split, memory-mapped; checks the manifest against what the trainer expects."""
 
-    def __init__(self, data_dir: str | Path, split: str = "train", seq_len: int | None = None,
-                 tokenizer_hash: str | None = None, verify_checksums: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str = "train",
+        seq_len: int | None = None,
+        tokenizer_hash: str | None = None,
+        verify_checksums: bool = True,
+    ):
         self.data_dir = Path(data_dir)
         self.manifest = read_manifest(self.data_dir)
         where = self.data_dir / "manifest.json"
         if seq_len is not None and self.manifest["seq_len"] != seq_len:
-            raise ValueError(f"{where}: shards hold sequences of {self.manifest['seq_len']} tokens, "
-                             f"but the model is configured for {seq_len} (model.max_seq_len / data.seq_len)")
+            raise ValueError(
+                f"{where}: shards hold sequences of {self.manifest['seq_len']} tokens, "
+                f"but the model is configured for {seq_len} (model.max_seq_len / data.seq_len)"
+            )
         if tokenizer_hash is not None and self.manifest["tokenizer_hash"] != tokenizer_hash:
-            raise ValueError(f"{where}: shards were tokenized with tokenizer {self.manifest['tokenizer_hash']}, "
-                             f"not {tokenizer_hash}")
+            raise ValueError(
+                f"{where}: shards were tokenized with tokenizer {self.manifest['tokenizer_hash']}, not {tokenizer_hash}"
+            )
         if split not in self.manifest["splits"]:
             raise ValueError(f"{where}: no split {split!r} (have {sorted(self.manifest['splits'])})")
         self._shards = [open_shard(self.data_dir, e, verify_checksums) for e in self.manifest["splits"][split]]
@@ -55,7 +64,7 @@ class PackedDataset:
     def _rows(self, name: str, indices: np.ndarray) -> np.ndarray:
         shard = np.searchsorted(self._ends, indices, side="right")
         starts = self._ends - np.array([len(s["tokens"]) for s in self._shards])
-        return np.stack([self._shards[k][name][i - starts[k]] for k, i in zip(shard, indices)])
+        return np.stack([self._shards[k][name][i - starts[k]] for k, i in zip(shard, indices, strict=True)])
 
     def get(self, indices: np.ndarray) -> Batch:
         """Rows `indices` as a batch; labels are the next token, ignored on and before padding."""
@@ -69,13 +78,15 @@ class PackedDataset:
 
 
 class DataLoader:
-    def __init__(self, dataset: PackedDataset, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 seed: int = 0):  # fmt: skip
+    def __init__(
+        self, dataset: PackedDataset, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0
+    ):
         if global_batch_size % dp_size:
             raise ValueError(f"global_batch_size {global_batch_size} is not divisible by data-parallel size {dp_size}")
         if len(dataset) < global_batch_size:
-            raise ValueError(f"{dataset.data_dir}: {len(dataset)} sequences, fewer than one global batch "
-                             f"({global_batch_size})")
+            raise ValueError(
+                f"{dataset.data_dir}: {len(dataset)} sequences, fewer than one global batch ({global_batch_size})"
+            )
         self.dataset, self.seed = dataset, seed
         self.global_batch_size, self.dp_rank, self.dp_size = global_batch_size, dp_rank, dp_size
         self.steps_per_epoch = len(dataset) // global_batch_size

@@ -28,8 +28,9 @@ def normalize_ratios(ratios: dict[str, float], available: dict[str, int]) -> dic
         ratios = {family: float(count) for family, count in available.items()}
     for family, value in ratios.items():
         if family not in available:
-            raise ConfigError(f"ratios.{family}: no documents of family {family!r} in the sources "
-                              f"(present: {sorted(available)})")
+            raise ConfigError(
+                f"ratios.{family}: no documents of family {family!r} in the sources (present: {sorted(available)})"
+            )
         if value < 0:
             raise ConfigError(f"ratios.{family}: must be >= 0, got {value}")
     total = sum(ratios.values())
@@ -42,7 +43,8 @@ def draw_documents(
     docs_by_family: dict[str, list[list[int]]], ratios: dict[str, float], total_tokens: int, seed: int
 ) -> tuple[list[tuple[str, list[int]]], list[FamilyDraw]]:
     """Draw whole documents from each family (cycling through it in a seeded order, re-shuffled
-    each epoch) until its token budget `ratio * total_tokens` is reached, then shuffle the mix."""
+    each epoch) until its token budget `ratio * total_tokens` is reached, then shuffle the mix.
+    Token counts include the EOS that packing appends to every document."""
     rng = random.Random(seed)
     mixture: list[tuple[str, list[int]]] = []
     report = []
@@ -57,9 +59,9 @@ def draw_documents(
                 rng.shuffle(order)
             doc = docs[order.pop()]
             mixture.append((family, doc))
-            drawn_tokens += len(doc)
+            drawn_tokens += len(doc) + 1
             drawn_docs += 1
-        available = sum(len(d) for d in docs)
+        available = sum(len(d) + 1 for d in docs)
         report.append(FamilyDraw(family, ratios[family], available, drawn_tokens, drawn_docs))
     rng.shuffle(mixture)
     return mixture, report

@@ -27,9 +27,7 @@ class PackedSequences:
         return int((self.doc_ids < 0).sum())
 
 
-def pack_documents(
-    docs: list[tuple[int, list[int]]], seq_len: int, eos_id: int, pad_id: int
-) -> PackedSequences:
+def pack_documents(docs: list[tuple[int, list[int]]], seq_len: int, eos_id: int, pad_id: int) -> PackedSequences:
     """`docs` is a list of (family index, token ids without EOS)."""
     lengths = np.array([len(tokens) + 1 for _, tokens in docs], dtype=np.int64)
     total = int(lengths.sum())
@@ -38,7 +36,7 @@ def pack_documents(
     family = np.repeat(np.array([f for f, _ in docs], dtype=np.int8), lengths)
     ends = np.cumsum(lengths)
     starts = ends - lengths
-    for (_, tokens), start, end in zip(docs, starts, ends):
+    for (_, tokens), start, end in zip(docs, starts, ends, strict=True):
         stream[start : end - 1] = tokens
         stream[end - 1] = eos_id
 

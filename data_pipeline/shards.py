@@ -54,12 +54,14 @@ def write_shards(out_dir: Path, split: str, packed: PackedSequences, sequences_p
             writer.write_table(table)
         os.replace(tmp, out_dir / rel)
         doc_ids = packed.doc_ids[rows]
-        entries.append({
-            "file": rel,
-            "sequences": table.num_rows,
-            "tokens": int((doc_ids >= 0).sum()),
-            "sha256": sha256_file(out_dir / rel),
-        })  # fmt: skip
+        entries.append(
+            {
+                "file": rel,
+                "sequences": table.num_rows,
+                "tokens": int((doc_ids >= 0).sum()),
+                "sha256": sha256_file(out_dir / rel),
+            }
+        )
     return entries
 
 
@@ -70,8 +72,10 @@ def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST} in {data_dir}: build the dataset first "
-                                f"(python -m data_pipeline build configs/data/default.yaml)")
+        raise FileNotFoundError(
+            f"no {MANIFEST} in {data_dir}: build the dataset first "
+            f"(python -m data_pipeline build configs/data/default.yaml)"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:

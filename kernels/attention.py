@@ -14,9 +14,13 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: t
     """PyTorch SDPA (flash / memory-efficient / math, chosen by PyTorch); GQA without repeating K/V."""
     mask = None if doc_ids is None else document_causal_mask(doc_ids, q.shape[1], q.device)
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask, is_causal=mask is None, enable_gqa=True,
-    )  # fmt: skip
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        is_causal=mask is None,
+        enable_gqa=True,
+    )
     return out.transpose(1, 2)
 
 

@@ -17,9 +17,13 @@ def document_causal_mask(doc_ids: torch.Tensor | None, seq_len: int, device=None
 
 
 def reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None, return_lse: bool = False,
-):  # fmt: skip
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    doc_ids: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
     """q [b, s, hq, d], k/v [b, s, hkv, d] -> [b, s, hq, d] (and log-sum-exp [b, hq, s]).
 
     Causal within documents unless an explicit boolean `mask` [b|1, hq|1, s, s] is given. K/V heads

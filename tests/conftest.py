@@ -21,9 +21,15 @@ def corpus_dir(tmp_path_factory):
 def small_dataset(corpus_dir, tmp_path_factory):
     """A small built dataset of the bundled corpus: seq_len 32, vocab 512."""
     out = tmp_path_factory.mktemp("data") / "small"
-    build(BuildConfig(
-        output_dir=str(out), sources=[SourceConfig(paths=[str(corpus_dir / "*.jsonl")])], seq_len=SMALL_SEQ_LEN,
-        total_tokens=60_000, valid_docs_per_family=5, sequences_per_shard=500,
-        tokenizer=TokenizerConfig(vocab_size=SMALL_VOCAB),
-    ))  # fmt: skip
+    build(
+        BuildConfig(
+            output_dir=str(out),
+            sources=[SourceConfig(paths=[str(corpus_dir / "*.jsonl")])],
+            seq_len=SMALL_SEQ_LEN,
+            total_tokens=60_000,
+            valid_docs_per_family=5,
+            sequences_per_shard=500,
+            tokenizer=TokenizerConfig(vocab_size=SMALL_VOCAB),
+        )
+    )
     return out

@@ -20,13 +20,17 @@ GRAD_ATOL, GRAD_RTOL = 2e-6, 1e-4
 
 def small_config(data_path, out_dir, tp=1, pp=1, dp=-1) -> TrainConfig:
     return TrainConfig(
-        name="parity", out_dir=str(out_dir), steps=STEPS, log_every=1,
-        model=PhiConfig(vocab_size=SMALL_VOCAB, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128,
-                        max_seq_len=SMALL_SEQ_LEN),
+        name="parity",
+        out_dir=str(out_dir),
+        steps=STEPS,
+        log_every=1,
+        model=PhiConfig(
+            vocab_size=SMALL_VOCAB, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=SMALL_SEQ_LEN
+        ),
         parallel=ParallelConfig(tp=tp, pp=pp, dp=dp, micro_batch_size=2),
         data=DataConfig(path=str(data_path), global_batch_size=8),
         checkpoint=CheckpointConfig(resume="none"),
-    )  # fmt: skip
+    )
 
 
 def grads_and_history(config: TrainConfig):
@@ -47,9 +51,17 @@ def reference(small_dataset, tmp_path_factory):
     return grads_and_history(small_config(small_dataset, tmp_path_factory.mktemp("ref")))
 
 
-@pytest.mark.parametrize("layout", [
-    dict(tp=2), dict(pp=2), dict(tp=2, pp=2), dict(dp=2), dict(dp=2, tp=2),
-], ids=lambda d: "-".join(f"{k}{v}" for k, v in d.items()))  # fmt: skip
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(tp=2),
+        dict(pp=2),
+        dict(tp=2, pp=2),
+        dict(dp=2),
+        dict(dp=2, tp=2),
+    ],
+    ids=lambda d: "-".join(f"{k}{v}" for k, v in d.items()),
+)
 def test_layout_matches_single_process(layout, reference, small_dataset, tmp_path):
     ref_grads, ref_history = reference
     world = layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1)
@@ -59,7 +71,7 @@ def test_layout_matches_single_process(layout, reference, small_dataset, tmp_pat
     for name, ref in ref_grads.items():
         torch.testing.assert_close(grads[name], ref, atol=GRAD_ATOL, rtol=GRAD_RTOL, msg=lambda m: f"{name}: {m}")
     for rank_history in (h for _, h in results):
-        for step, (got, want) in enumerate(zip(rank_history, ref_history)):
+        for step, (got, want) in enumerate(zip(rank_history, ref_history, strict=True)):
             for key in ("loss", "grad_norm"):
                 assert got[key] == pytest.approx(want[key], rel=LOSS_RTOL), f"step {step} {key}"
             for family in (k for k in want if k.startswith("loss/")):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from data_pipeline.shards import atomic_write_text
 
@@ -25,6 +25,9 @@ TRAINER_STATE = "trainer_state.json"
 
 # A single-process run saves without a process group, which is what we want.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+# Optimizer state keyed per parameter name (not by group index), so each pipeline stage saves and loads
+# only its own parameters' state and a checkpoint can be loaded under another layout.
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def _barrier() -> None:
@@ -36,10 +39,16 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict, keep_last: int = 2) -> Path:  # fmt: skip
+def save_checkpoint(
+    ckpt_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict,
+    keep_last: int = 2,
+) -> Path:
     path = ckpt_dir / f"step_{step:08d}"
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
     if _is_main():
         atomic_write_text(path / TRAINER_STATE, json.dumps({"step": step, **trainer_state}, indent=2))
@@ -62,14 +71,15 @@ def resolve_checkpoint(resume: str, ckpt_dir: Path) -> Path | None:
         return ckpt_dir / pointer.read_text().strip() if pointer.is_file() else None
     path = Path(resume)
     if not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(f"checkpoint.resume={resume!r}: no complete checkpoint there "
-                                f"(expected {path / TRAINER_STATE})")
+        raise FileNotFoundError(
+            f"checkpoint.resume={resume!r}: no complete checkpoint there (expected {path / TRAINER_STATE})"
+        )
     return path
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=OPTIONS)
     return json.loads((path / TRAINER_STATE).read_text())

@@ -51,13 +51,16 @@ class MetricsLogger:
                 self.writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
         self.jsonl.write(json.dumps(metrics) + "\n")
         self.jsonl.flush()
-        self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}",
-                             tok_s=f"{metrics['tokens_per_s']:.0f}")  # fmt: skip
+        self.bar.set_postfix(
+            loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}", tok_s=f"{metrics['tokens_per_s']:.0f}"
+        )
         self.bar.update(1)
         if console:
             families = " ".join(f"{f}={metrics[f'loss/{f}']:.2f}" for f in self.families if f"loss/{f}" in metrics)
-            self.note(f"step {step:5d} | loss {metrics['loss']:.4f} | grad_norm {metrics['grad_norm']:.3f} | "
-                      f"lr {metrics['lr']:.2e} | {metrics['tokens_per_s']:.0f} tok/s | {families}")
+            self.note(
+                f"step {step:5d} | loss {metrics['loss']:.4f} | grad_norm {metrics['grad_norm']:.3f} | "
+                f"lr {metrics['lr']:.2e} | {metrics['tokens_per_s']:.0f} tok/s | {families}"
+            )
 
     def close(self) -> None:
         if self.enabled and self.writer is not None:

@@ -53,9 +53,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, config: 
 
 
 def clip_grad_norm(
-    parameters: list[torch.nn.Parameter], max_norm: float,
-    tp_group: dist.ProcessGroup | None = None, pp_group: dist.ProcessGroup | None = None,
-) -> torch.Tensor:  # fmt: skip
+    parameters: list[torch.nn.Parameter],
+    max_norm: float,
+    tp_group: dist.ProcessGroup | None = None,
+    pp_group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
     """Global L2 norm over every rank's shard of every parameter, then scale grads if above max_norm.
 
     Tensor-parallel shards add up over the TP group (replicated params are counted once); pipeline

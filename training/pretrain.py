@@ -38,8 +38,9 @@ def limit_cpu_threads() -> None:
 
 
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m training.pretrain", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m training.pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("config_path", nargs="?", help="YAML config (or use --config)")
     parser.add_argument("--config", dest="config_flag")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)

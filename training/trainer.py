@@ -80,14 +80,18 @@ class Trainer:
         local_batch, rem = divmod(config.data.global_batch_size, self.dims.dp)
         self.n_microbatches, rem2 = divmod(local_batch, config.parallel.micro_batch_size)
         if rem or rem2 or self.n_microbatches == 0:
-            raise ValueError(f"data.global_batch_size={config.data.global_batch_size} must be a multiple of "
-                             f"dp ({self.dims.dp}) x parallel.micro_batch_size ({config.parallel.micro_batch_size})")
+            raise ValueError(
+                f"data.global_batch_size={config.data.global_batch_size} must be a multiple of "
+                f"dp ({self.dims.dp}) x parallel.micro_batch_size ({config.parallel.micro_batch_size})"
+            )
 
         data_dir = Path(config.data.path)
         dataset = PackedDataset(data_dir, "train", tokenizer_hash=tokenizer_hash(load_tokenizer(data_dir)))
         if dataset.manifest["seq_len"] > mc.max_seq_len or dataset.manifest["vocab_size"] > mc.vocab_size:
-            raise ValueError(f"{data_dir}: seq_len {dataset.manifest['seq_len']} / vocab {dataset.manifest['vocab_size']}"
-                             f" exceed model.max_seq_len {mc.max_seq_len} / model.vocab_size {mc.vocab_size}")
+            raise ValueError(
+                f"{data_dir}: seq_len {dataset.manifest['seq_len']} / vocab {dataset.manifest['vocab_size']}"
+                f" exceed model.max_seq_len {mc.max_seq_len} / model.vocab_size {mc.vocab_size}"
+            )
         self.families = dataset.families
         self.loader = DataLoader(dataset, config.data.global_batch_size, self.dp_rank, self.dims.dp, config.data.seed)
 
@@ -104,11 +108,17 @@ class Trainer:
         self.schedule = None
         if self.dims.pp > 1:
             self.schedule = build_schedule(
-                self.model, self.pp_rank, self.dims.pp, self.mesh["pp"].get_group(), self.device,
-                self.n_microbatches, self._pipeline_loss, config.parallel.pp_schedule,
-            )  # fmt: skip
+                self.model,
+                self.pp_rank,
+                self.dims.pp,
+                self.mesh["pp"].get_group(),
+                self.device,
+                self.n_microbatches,
+                self._pipeline_loss,
+                config.parallel.pp_schedule,
+            )
         self._token_count = torch.ones((), device=self.device)
-        self._family_stats = torch.zeros(2, len(self.families) + 1, device=self.device)
+        self._microbatch_stats: list[torch.Tensor] = []
         self.step = 0
         self.metrics = MetricsLogger(config.run_dir, self.families, self.flops_per_token, enabled=self.is_main)
 
@@ -122,8 +132,10 @@ class Trainer:
             per_token = per_token.to_local()
         valid = labels.flatten() != IGNORE_INDEX
         family = torch.where(valid, family_ids.flatten(), len(self.families))
-        self._family_stats[0].index_add_(0, family, per_token.detach().float())
-        self._family_stats[1].index_add_(0, family, valid.float())
+        stats = torch.zeros(2, len(self.families) + 1, device=per_token.device)
+        stats[0].index_add_(0, family, per_token.detach().float())
+        stats[1].index_add_(0, family, valid.float())
+        self._microbatch_stats.append(stats)
         return per_token.sum() / self._token_count
 
     def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -136,7 +148,7 @@ class Trainer:
     def forward_backward(self, batch: Batch) -> None:
         """Gradients of the global-batch mean loss, summed over data-parallel replicas."""
         batch = Batch(*(t.to(self.device) for t in (batch.tokens, batch.labels, batch.doc_ids, batch.family_ids)))
-        self._family_stats.zero_()
+        self._microbatch_stats.clear()
         self._token_count = (batch.labels != IGNORE_INDEX).sum().float()
         if self.dims.dp > 1:
             dist.all_reduce(self._token_count, group=self.mesh["dp"].get_group())
@@ -144,8 +156,9 @@ class Trainer:
             if self.schedule is not None:
                 target = torch.stack([batch.labels, batch.family_ids], dim=-1)
                 args = (batch.tokens,) if self.is_first_stage else ()
-                self.schedule.step(*args, target=target if self.is_last_stage else None,
-                                   doc_ids=batch.doc_ids, return_outputs=False)  # fmt: skip
+                self.schedule.step(
+                    *args, target=target if self.is_last_stage else None, doc_ids=batch.doc_ids, return_outputs=False
+                )
             else:
                 for mb in batch.split(self.n_microbatches):
                     self._loss(self.model(mb.tokens, doc_ids=mb.doc_ids), mb.labels, mb.family_ids).backward()
@@ -155,10 +168,11 @@ class Trainer:
     def train_step(self, batch: Batch) -> dict[str, float]:
         self.forward_backward(batch)
         grad_norm = clip_grad_norm(
-            list(self.model.parameters()), self.config.optim.grad_clip,
+            list(self.model.parameters()),
+            self.config.optim.grad_clip,
             tp_group=self.mesh["tp"].get_group() if self.dims.tp > 1 else None,
             pp_group=self.mesh["pp"].get_group() if self.dims.pp > 1 else None,
-        )  # fmt: skip
+        )
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -166,14 +180,22 @@ class Trainer:
         return self._reduce_metrics(grad_norm, lr)
 
     def _reduce_metrics(self, grad_norm: torch.Tensor, lr: float) -> dict[str, float]:
-        """Per-family loss over the global batch, counted once per replica (TP rank 0, last stage)."""
-        stats = self._family_stats if (self.is_last_stage and self.tp_rank == 0) else torch.zeros_like(
-            self._family_stats)
+        """Per-family loss over the global batch, counted once per replica (TP rank 0, last stage).
+
+        Only the last `n_microbatches` loss calls count: on its first step a pipeline schedule also
+        calls the loss once on placeholder activations to infer shapes."""
+        stats = torch.zeros(2, len(self.families) + 1, device=self.device)
+        if self.is_last_stage and self.tp_rank == 0:
+            stats += torch.stack(self._microbatch_stats[-self.n_microbatches :]).sum(0)
         if dist.is_initialized():
             dist.all_reduce(stats)
         sums, counts = stats[0, :-1].cpu(), stats[1, :-1].cpu()
-        out = {"loss": float(sums.sum() / counts.sum()), "grad_norm": float(grad_norm), "lr": lr,
-               "tokens": float(counts.sum())}  # fmt: skip
+        out = {
+            "loss": float(sums.sum() / counts.sum()),
+            "grad_norm": float(grad_norm),
+            "lr": lr,
+            "tokens": float(counts.sum()),
+        }
         for i, family in enumerate(self.families):
             if counts[i] > 0:
                 out[f"loss/{family}"] = float(sums[i] / counts[i])
@@ -190,11 +212,20 @@ class Trainer:
         self.metrics.note(f"resumed from {path} at step {self.step}")
 
     def save(self) -> Path:
-        state = {"data": self.loader.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "config": to_dict(self.config),
-                 "layout": {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp}}  # fmt: skip
-        return save_checkpoint(self.config.run_dir / "checkpoints", self.step, self.model, self.optimizer, state,
-                               self.config.checkpoint.keep_last)  # fmt: skip
+        state = {
+            "data": self.loader.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "config": to_dict(self.config),
+            "layout": {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp},
+        }
+        return save_checkpoint(
+            self.config.run_dir / "checkpoints",
+            self.step,
+            self.model,
+            self.optimizer,
+            state,
+            self.config.checkpoint.keep_last,
+        )
 
     def fit(self) -> list[dict[str, float]]:
         config = self.config

@@ -26,11 +26,29 @@ from kernels.attention import BACKENDS, attention
 class PhiConfig:
     PRESETS: ClassVar[dict[str, dict]] = {
         "tiny": dict(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384, max_seq_len=128),
-        "phi-3-mini": dict(vocab_size=32064, dim=3072, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=8192,
-                           max_seq_len=4096, rope_theta=10000.0),
-        "phi-4-mini": dict(vocab_size=200064, dim=3072, n_layers=32, n_heads=24, n_kv_heads=8, ffn_dim=8192,
-                           max_seq_len=4096, rope_theta=10000.0, rope_fraction=0.75, tie_embeddings=True),
-    }  # fmt: skip
+        "phi-3-mini": dict(
+            vocab_size=32064,
+            dim=3072,
+            n_layers=32,
+            n_heads=32,
+            n_kv_heads=32,
+            ffn_dim=8192,
+            max_seq_len=4096,
+            rope_theta=10000.0,
+        ),
+        "phi-4-mini": dict(
+            vocab_size=200064,
+            dim=3072,
+            n_layers=32,
+            n_heads=24,
+            n_kv_heads=8,
+            ffn_dim=8192,
+            max_seq_len=4096,
+            rope_theta=10000.0,
+            rope_fraction=0.75,
+            tie_embeddings=True,
+        ),
+    }
 
     preset: str | None = None  # resolved by the config loader / `from_preset`: its values are the defaults
     vocab_size: int = 4096

@@ -37,8 +37,12 @@ class ParallelDims:
                 raise LayoutError(f"parallel.{name} must be >= 1, got {getattr(config, name)}")
         dp = config.dp if config.dp != -1 else world_size // (config.tp * config.pp)
         if dp < 1 or dp * config.tp * config.pp != world_size:
-            raise LayoutError(f"parallel layout tp={config.tp} x pp={config.pp} x dp={config.dp} does not match "
-                              f"the world size {world_size}")
+            raise LayoutError(
+                f"parallel layout tp={config.tp} x pp={config.pp} x dp={config.dp} does not match "
+                f"the world size {world_size}: start tp*pp*dp ranks (deepspeed --num_gpus N, "
+                f"torchrun --nproc_per_node N; on CPU deepspeed starts one rank per NUMA node "
+                f"unless given --num_gpus) or override parallel.tp / parallel.pp"
+            )
         return cls(dp=dp, tp=config.tp, pp=config.pp)
 
     @property

@@ -23,15 +23,17 @@ def apply_tensor_parallel(model: PhiModel, tp_mesh: DeviceMesh) -> None:
         plan["output"] = ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False)
     for name in model.layers:
         prefix = f"layers.{name}"
-        plan.update({
-            f"{prefix}.attention.wq": ColwiseParallel(),
-            f"{prefix}.attention.wk": ColwiseParallel(),
-            f"{prefix}.attention.wv": ColwiseParallel(),
-            f"{prefix}.attention.wo": RowwiseParallel(),
-            f"{prefix}.feed_forward.w1": ColwiseParallel(),
-            f"{prefix}.feed_forward.w3": ColwiseParallel(),
-            f"{prefix}.feed_forward.w2": RowwiseParallel(),
-        })  # fmt: skip
+        plan.update(
+            {
+                f"{prefix}.attention.wq": ColwiseParallel(),
+                f"{prefix}.attention.wk": ColwiseParallel(),
+                f"{prefix}.attention.wv": ColwiseParallel(),
+                f"{prefix}.attention.wo": RowwiseParallel(),
+                f"{prefix}.feed_forward.w1": ColwiseParallel(),
+                f"{prefix}.feed_forward.w3": ColwiseParallel(),
+                f"{prefix}.feed_forward.w2": RowwiseParallel(),
+            }
+        )
     parallelize_module(model, tp_mesh, plan)
     if model.config.tie_embeddings and model.tok_embeddings is not None and model.output is not None:
         model.output.weight = model.tok_embeddings.weight  # both are Shard(0) over the vocabulary

@@ -1,0 +1,48 @@
+# Two commands on a fresh clone: `make pretrain` and `make test`. Both set up .venv first (idempotent).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch is installed on its own, first: other packages that need it must not pull a different build.
+# On a CPU machine whose default wheel is a CUDA build, set TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+NPROC ?= 4
+PYTEST_ARGS ?=
+
+.PHONY: install pretrain data test test-slow lint format clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -c constraints.txt deepspeed
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+data/default/manifest.json: | $(STAMP)
+	test -f data/corpus/math.jsonl || $(PY) -m data_pipeline corpus data/corpus
+	$(PY) -m data_pipeline build configs/data/default.yaml
+
+data: data/default/manifest.json
+
+pretrain: $(STAMP) data/default/manifest.json
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" deepspeed --num_gpus $(NPROC) launch/pretrain.sh --config configs/pretrain/tiny.yaml
+
+test: $(STAMP) lint
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) runs data/default

@@ -1,0 +1,35 @@
+"""polyglot-train: Megatron-class parallel pretraining of multilingual Phi-style models, PyTorch-native.
+
+Install torch first (the CPU wheel on machines without CUDA), then deepspeed without build
+isolation, then this package; `make install` does exactly that, with versions pinned by
+constraints.txt.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="polyglot-train",
+    version="0.1.0",
+    description=__doc__.strip().splitlines()[0],
+    python_requires=">=3.10",
+    packages=find_packages(include=["training*", "kernels*", "data_pipeline*"]),
+    package_data={"data_pipeline": ["*.yaml"]},
+    install_requires=[
+        "torch>=2.6",
+        "deepspeed>=0.19",
+        "numpy",
+        "pyyaml",
+        "pyarrow>=15",
+        "tokenizers>=0.20",
+        "transformers>=4.45",
+        "safetensors",
+        "tensorboard",
+        "tqdm",
+        "faker",
+        "matplotlib",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-timeout", "ruff"],
+        "gpu": ["flash-attn", "megatron-core==0.16.*"],
+    },
+)

@@ -1,0 +1,95 @@
+"""The packer and mixer: nothing lost, nothing crosses a document, ratios met."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline.loader import IGNORE_INDEX, DataLoader, PackedDataset
+from data_pipeline.mixing import draw_documents, normalize_ratios
+from data_pipeline.packing import pack_documents
+from data_pipeline.shards import read_manifest
+from kernels.reference import document_causal_mask
+
+EOS, PAD = 0, 1
+
+
+def random_docs(n: int, seed: int = 0) -> list[tuple[int, list[int]]]:
+    rng = np.random.default_rng(seed)
+    return [(int(rng.integers(0, 3)), rng.integers(2, 500, size=int(rng.integers(1, 90))).tolist()) for _ in range(n)]
+
+
+@pytest.mark.parametrize("seq_len", [7, 32, 128])
+def test_no_token_lost_or_duplicated(seq_len):
+    docs = random_docs(200)
+    packed = pack_documents(docs, seq_len, EOS, PAD)
+    expected = np.concatenate([np.array([*tokens, EOS]) for _, tokens in docs])
+    real = packed.doc_ids.ravel() >= 0
+    np.testing.assert_array_equal(packed.tokens.ravel()[real], expected)
+    assert packed.padding_tokens == packed.tokens.size - len(expected) < seq_len
+    assert (packed.tokens.ravel()[~real] == PAD).all()
+
+
+def test_document_ids_follow_eos_boundaries():
+    docs = random_docs(100, seed=1)
+    packed = pack_documents(docs, 64, EOS, PAD)
+    families = np.concatenate([[f] * (len(t) + 1) for f, t in docs])
+    real = packed.doc_ids.ravel() >= 0
+    np.testing.assert_array_equal(packed.family_ids.ravel()[real], families)
+    for row_tokens, row_ids in zip(packed.tokens, packed.doc_ids, strict=True):
+        valid = row_ids >= 0
+        assert row_ids[0] == 0 and (np.diff(row_ids[valid]) >= 0).all()
+        # A new document starts right after each EOS, and only there.
+        starts = np.flatnonzero(np.diff(row_ids[valid]) == 1) + 1
+        np.testing.assert_array_equal(starts, np.flatnonzero(row_tokens[valid][:-1] == EOS) + 1)
+
+
+def test_attention_mask_never_crosses_documents():
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, -1, -1]])
+    mask = document_causal_mask(doc_ids, 10)[0, 0]
+    for q in range(10):
+        for k in range(10):
+            assert bool(mask[q, k]) == (k <= q and doc_ids[0, q] == doc_ids[0, k]), (q, k)
+
+
+def test_family_ratios_met():
+    rng = np.random.default_rng(0)
+    docs = {
+        f: [rng.integers(2, 100, size=int(rng.integers(20, 300))).tolist() for _ in range(n)]
+        for f, n in [("germanic", 400), ("slavic", 50), ("code", 200)]
+    }
+    available = {f: sum(len(d) for d in ds) for f, ds in docs.items()}
+    ratios = normalize_ratios({"germanic": 5, "slavic": 3, "code": 2}, available)
+    total = 400_000
+    mixture, report = draw_documents(docs, ratios, total, seed=0)
+    drawn = {r.family: r.drawn_tokens for r in report}
+    for family, ratio in ratios.items():
+        # Whole documents are drawn, so a family overshoots its budget by at most one document (<300 tokens).
+        assert drawn[family] / sum(drawn.values()) == pytest.approx(ratio, abs=0.002)
+    slavic = next(r for r in report if r.family == "slavic")
+    assert slavic.epochs > 1, "a scarce family is upsampled to meet its ratio"
+    assert len(mixture) == sum(r.drawn_docs for r in report)
+
+
+def test_built_dataset_ratios_and_loader(small_dataset):
+    manifest = read_manifest(small_dataset)
+    stats = manifest["family_stats"]
+    total = sum(s["tokens"] for s in stats.values())
+    for family, s in stats.items():
+        assert s["tokens"] / total == pytest.approx(s["ratio"], abs=0.02), family
+    dataset = PackedDataset(small_dataset, "train")
+    assert sum(e["tokens"] for e in manifest["splits"]["train"]) == total
+    batch = DataLoader(dataset, global_batch_size=4).batch_at(0)
+    # Labels are the next token, ignored where the next position is padding.
+    real = batch.doc_ids >= 0
+    shifted = torch.where(real[:, 1:] & real[:, :-1], batch.tokens[:, 1:], IGNORE_INDEX)
+    assert torch.equal(batch.labels[:, :-1], shifted) and (batch.labels[:, -1] == IGNORE_INDEX).all()
+
+
+def test_loader_shards_only_over_data_parallel_ranks(small_dataset):
+    dataset = PackedDataset(small_dataset, "train")
+    full = DataLoader(dataset, global_batch_size=8).batch_at(3)
+    halves = [DataLoader(dataset, global_batch_size=8, dp_rank=r, dp_size=2).batch_at(3) for r in range(2)]
+    assert torch.equal(torch.cat([h.tokens for h in halves]).sort(0).values, full.tokens.sort(0).values)
+    assert not torch.equal(halves[0].tokens, halves[1].tokens)

@@ -1,0 +1,33 @@
+"""Train N steps, stop, resume, train M more == N+M steps in one go (exactly, on CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from tests.distributed import run_ranks
+from tests.test_parallel import small_config
+from training.checkpoint import LATEST
+from training.trainer import CheckpointConfig, Trainer
+
+TOTAL, STOP = 6, 3
+
+
+def fit_losses(config) -> list[float]:
+    return [m["loss"] for m in Trainer(config).fit()]
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(tp=2, pp=2)], ids=["single", "tp2-pp2"])
+def test_resume_reproduces_uninterrupted_run(layout, small_dataset, tmp_path):
+    world = layout.get("tp", 1) * layout.get("pp", 1)
+    base = dataclasses.replace(small_config(small_dataset, tmp_path / "a", **layout), steps=TOTAL)
+    split = dataclasses.replace(base, out_dir=str(tmp_path / "b"), checkpoint=CheckpointConfig(resume="auto"))
+
+    uninterrupted = run_ranks(world, fit_losses, base)[0]
+    first = run_ranks(world, fit_losses, dataclasses.replace(split, stop_after=STOP))[0]
+    assert (split.run_dir / "checkpoints" / LATEST).read_text().strip() == f"step_{STOP:08d}"
+    second = run_ranks(world, fit_losses, split)[0]
+
+    assert len(first) == STOP and len(second) == TOTAL - STOP
+    assert first + second == uninterrupted
