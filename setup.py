@@ -27,6 +27,8 @@ setup(
         "tqdm",
         "faker",
         "matplotlib",
+        # Triton kernels; on CPU they run under TRITON_INTERPRET=1 (the tests do).
+        "triton>=3.2; platform_system == 'Linux'",
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "ruff"],

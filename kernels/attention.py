@@ -1,35 +1,75 @@
-"""The one attention entry point the model calls; `backend` picks the implementation."""
+"""The one attention entry point the model calls; `backend` picks the implementation.
+
+| backend      | dense GQA                          | S2 layers                               |
+|--------------|------------------------------------|-----------------------------------------|
+| `triton`     | `flash_gqa` kernel                 | block-sparse kernel (skips masked blocks) |
+| `flash_attn` | flash-attn 2 (varlen for documents)| the Triton kernel                        |
+| `sdpa`       | PyTorch SDPA                       | SDPA with the S2 mask (no speed-up)      |
+| `reference`  | plain PyTorch                      | plain PyTorch with the S2 mask           |
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import document_causal_mask, reference_attention
+from kernels.reference import document_causal_mask, reference_attention, reference_s2_attention, s2_token_mask
+from kernels.s2_attention import S2Heads, s2_attention
 
-BACKENDS = ("sdpa", "reference")
+BACKENDS = ("sdpa", "reference", "triton", "flash_attn")
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+def sdpa_attention(q, k, v, doc_ids: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """PyTorch SDPA (flash / memory-efficient / math, chosen by PyTorch); GQA without repeating K/V."""
-    mask = None if doc_ids is None else document_causal_mask(doc_ids, q.shape[1], q.device)
+    if mask is None and doc_ids is not None:
+        mask = document_causal_mask(doc_ids, q.shape[1], q.device)
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        attn_mask=mask,
-        is_causal=mask is None,
-        enable_gqa=True,
-    )
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=mask, is_causal=mask is None, enable_gqa=True,
+    )  # fmt: skip
     return out.transpose(1, 2)
 
 
+def flash_attn_attention(q, k, v, doc_ids: torch.Tensor | None) -> torch.Tensor:
+    """flash-attn 2; packed documents go through its varlen API with per-document cu_seqlens."""
+    try:
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+    except ImportError as err:
+        raise RuntimeError("attn_backend 'flash_attn' needs the gpu extra: pip install -e .[gpu]") from err
+    if doc_ids is None:
+        return flash_attn_func(q, k, v, causal=True)
+    b, s = doc_ids.shape
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    offsets = starts.flatten().nonzero().flatten()
+    cu_seqlens = torch.cat([offsets, offsets.new_tensor([b * s])]).to(torch.int32)
+    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    flat = [t.reshape(b * s, t.shape[2], t.shape[3]) for t in (q, k, v)]
+    out = flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
+    return out.reshape(q.shape)
+
+
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None = None, backend: str = "sdpa"
-) -> torch.Tensor:
-    """Causal attention inside documents. q [b, s, hq, d], k/v [b, s, hkv, d] -> [b, s, hq, d]."""
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None = None,
+    backend: str = "sdpa", s2: S2Heads | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Causal attention inside documents, dense or S2. q [b, s, hq, d], k/v [b, s, hkv, d] -> [b, s, hq, d]."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if s2 is not None:
+        if backend in ("triton", "flash_attn"):
+            return s2_attention(q, k, v, s2, doc_ids)
+        block = s2.mask(k.shape[2], q.shape[1])
+        if backend == "reference":
+            return reference_s2_attention(q, k, v, block, s2.pattern.block_size, doc_ids)
+        mask = s2_token_mask(block.to(q.device), q.shape[2] // k.shape[2], doc_ids, q.shape[1], s2.pattern.block_size)
+        return sdpa_attention(q, k, v, doc_ids, mask=mask)
     if backend == "sdpa":
         return sdpa_attention(q, k, v, doc_ids)
     if backend == "reference":
         return reference_attention(q, k, v, doc_ids)
-    raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "flash_attn":
+        return flash_attn_attention(q, k, v, doc_ids)
+    from kernels.flash_gqa import flash_attention
+
+    return flash_attention(q, k, v, doc_ids)

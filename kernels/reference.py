@@ -42,3 +42,21 @@ def reference_attention(
     probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # rows with no key read nothing
     out = (probs @ vt).transpose(1, 2).to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def s2_token_mask(
+    block: torch.Tensor, group: int, doc_ids: torch.Tensor | None, seq_len: int, block_size: int
+) -> torch.Tensor:
+    """Token mask [b|1, hq, s, s] from a per-KV-head block mask [hkv, qb, kb], GQA-expanded."""
+    from kernels.patterns import token_mask
+
+    mask = token_mask(block, seq_len, block_size).to(block.device).repeat_interleave(group, dim=0)[None]
+    if doc_ids is not None:
+        mask = mask & document_causal_mask(doc_ids, seq_len, block.device)
+    return mask
+
+
+def reference_s2_attention(q, k, v, block: torch.Tensor, block_size: int, doc_ids=None, return_lse: bool = False):
+    """S2-Attention by masking dense attention: the ground truth for the sparse kernel."""
+    mask = s2_token_mask(block.to(q.device), q.shape[2] // k.shape[2], doc_ids, q.shape[1], block_size)
+    return reference_attention(q, k, v, mask=mask, return_lse=return_lse)

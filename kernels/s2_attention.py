@@ -1,0 +1,67 @@
+"""S2-Attention: each KV head reads its local window plus its own strided shard of the past.
+
+Training and prefill use the block-sparse Triton kernel (only the allowed key blocks are read);
+decoding with a KV cache gathers only the allowed blocks of the cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from kernels.patterns import S2Pattern, block_mask
+
+
+@dataclass(frozen=True)
+class S2Heads:
+    """A pattern plus which global KV heads this module holds (tensor parallel keeps a slice)."""
+
+    pattern: S2Pattern
+    num_kv_heads: int  # in the whole model, which sets the heads' shard offsets
+    head_start: int = 0
+
+    def mask(self, num_local_heads: int, seq_len: int) -> torch.Tensor:
+        return _cached_mask(self, num_local_heads, math.ceil(seq_len / self.pattern.block_size))
+
+
+@lru_cache(maxsize=64)
+def _cached_mask(heads: S2Heads, num_local_heads: int, num_blocks: int) -> torch.Tensor:
+    return block_mask(heads.pattern, heads.num_kv_heads, num_blocks, heads.head_start, num_local_heads)
+
+
+@lru_cache(maxsize=64)
+def _cached_lists(heads: S2Heads, num_local_heads: int, num_blocks: int, device: torch.device):
+    from kernels.flash_gqa import SparsityLists
+
+    return SparsityLists(_cached_mask(heads, num_local_heads, num_blocks), device)
+
+
+def s2_attention(q, k, v, heads: S2Heads, doc_ids: torch.Tensor | None = None, return_lse: bool = False):
+    """Block-sparse causal GQA attention (Triton). q [b, s, hq, d], k/v [b, s, hkv, d]."""
+    from kernels.flash_gqa import flash_attention
+
+    num_blocks = math.ceil(q.shape[1] / heads.pattern.block_size)
+    lists = _cached_lists(heads, k.shape[2], num_blocks, q.device)
+    return flash_attention(q, k, v, doc_ids, lists=lists, block=heads.pattern.block_size, return_lse=return_lse)
+
+
+def s2_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: S2Heads) -> torch.Tensor:
+    """One new token per sequence attending to a KV cache [b, t, hkv, d] (its own K/V included, at
+    position t - 1). Reads only the key blocks the pattern allows for the token's query block."""
+    b, t, hkv, d = k_cache.shape
+    group = q.shape[2] // hkv
+    block = heads.pattern.block_size
+    row = heads.mask(hkv, t)[:, (t - 1) // block]  # [hkv, key blocks]
+    out = torch.empty_like(q)
+    for h in range(hkv):
+        blocks = row[h].nonzero().flatten()
+        pos = (blocks[:, None] * block + torch.arange(block)).flatten()
+        pos = pos[pos < t].to(k_cache.device)
+        keys, values = k_cache[:, pos, h].float(), v_cache[:, pos, h].float()  # [b, n, d]
+        queries = q[:, 0, h * group : (h + 1) * group].float()  # [b, group, d]
+        probs = torch.softmax(queries @ keys.transpose(1, 2) / math.sqrt(d), dim=-1)
+        out[:, 0, h * group : (h + 1) * group] = (probs @ values).to(q.dtype)
+    return out
