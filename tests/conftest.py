@@ -1,10 +1,17 @@
 from __future__ import annotations
 
-import pytest
+import os
+import shutil
 
-from data_pipeline.build import BuildConfig, TokenizerConfig, build
-from data_pipeline.corpus import write_default_corpus
-from data_pipeline.sources import SourceConfig
+# Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before triton loads.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from data_pipeline.build import BuildConfig, TokenizerConfig, build  # noqa: E402
+from data_pipeline.corpus import write_default_corpus  # noqa: E402
+from data_pipeline.sources import SourceConfig  # noqa: E402
 
 SMALL_SEQ_LEN = 32
 SMALL_VOCAB = 512

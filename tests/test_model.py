@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kernels.attention import attention
+from kernels.patterns import S2Pattern
 from kernels.reference import reference_attention
 from training.models.phi import PhiConfig, PhiModel, apply_rope, count_params_and_flops, rope_tables
 
@@ -65,3 +66,30 @@ def test_param_count_matches_module():
     config = PhiConfig.from_preset("tiny", tie_embeddings=True)
     model = PhiModel(config)
     assert count_params_and_flops(config, 128)[0] == sum(p.numel() for p in model.parameters())
+
+
+def s2_model(backend: str) -> PhiModel:
+    torch.manual_seed(0)
+    config = PhiConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64,
+                       attn_backend=backend, s2=S2Pattern(block_size=16, local_blocks=1, vert_stride=2))  # fmt: skip
+    return PhiModel(config)
+
+
+def test_s2_layers_alternate_with_dense_layers():
+    model = s2_model("reference")
+    assert model.layers["0"].attention.s2 is None and model.layers["1"].attention.s2 is not None
+
+
+def test_model_with_s2_layers_triton_matches_reference():
+    tokens = torch.randint(0, 64, (2, 64))
+    doc_ids = torch.tensor([[0] * 40 + [1] * 24, [0] * 64])
+    outputs, grads = [], []
+    for backend in ("triton", "reference"):
+        model = s2_model(backend)
+        logits = model(tokens, doc_ids)
+        logits.square().mean().backward()
+        outputs.append(logits)
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(outputs[0], outputs[1], atol=2e-5, rtol=1e-4)
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=2e-6, rtol=1e-3, msg=lambda m: f"{name}: {m}")

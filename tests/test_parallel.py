@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
+from kernels.patterns import S2Pattern
 from tests.conftest import SMALL_SEQ_LEN, SMALL_VOCAB
 from tests.distributed import run_ranks
 from training.models.phi import PhiConfig
@@ -18,14 +19,21 @@ LOSS_RTOL = 1e-5
 GRAD_ATOL, GRAD_RTOL = 2e-6, 1e-4
 
 
-def small_config(data_path, out_dir, tp=1, pp=1, dp=-1) -> TrainConfig:
+def small_config(data_path, out_dir, tp=1, pp=1, dp=-1, **model) -> TrainConfig:
     return TrainConfig(
         name="parity",
         out_dir=str(out_dir),
         steps=STEPS,
         log_every=1,
         model=PhiConfig(
-            vocab_size=SMALL_VOCAB, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=SMALL_SEQ_LEN
+            vocab_size=SMALL_VOCAB,
+            dim=64,
+            n_layers=4,
+            n_heads=4,
+            n_kv_heads=2,
+            ffn_dim=128,
+            max_seq_len=SMALL_SEQ_LEN,
+            **model,
         ),
         parallel=ParallelConfig(tp=tp, pp=pp, dp=dp, micro_batch_size=2),
         data=DataConfig(path=str(data_path), global_batch_size=8),
@@ -76,3 +84,21 @@ def test_layout_matches_single_process(layout, reference, small_dataset, tmp_pat
                 assert got[key] == pytest.approx(want[key], rel=LOSS_RTOL), f"step {step} {key}"
             for family in (k for k in want if k.startswith("loss/")):
                 assert got[family] == pytest.approx(want[family], rel=1e-4), f"step {step} {family}"
+
+
+def assert_same_training(results, ref_grads, ref_history):
+    grads = {name: g for rank_grads, _ in results for name, g in rank_grads.items()}
+    assert set(grads) == set(ref_grads)
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, atol=GRAD_ATOL, rtol=GRAD_RTOL, msg=lambda m: f"{name}: {m}")
+    for step, (got, want) in enumerate(zip(results[0][1], ref_history, strict=True)):
+        assert got["loss"] == pytest.approx(want["loss"], rel=LOSS_RTOL), f"step {step}"
+
+
+def test_tensor_parallel_keeps_each_ranks_s2_head_patterns(small_dataset, tmp_path):
+    """With vert_stride 2 and 2 KV heads the two heads read different blocks: a rank that used the
+    wrong head's pattern would change the loss."""
+    s2 = dict(s2=S2Pattern(block_size=16, local_blocks=1, vert_stride=2), dense_every=2)
+    ref_grads, ref_history = grads_and_history(small_config(small_dataset, tmp_path / "ref", **s2))
+    results = run_ranks(2, grads_and_history, small_config(small_dataset, tmp_path / "tp", tp=2, **s2))
+    assert_same_training(results, ref_grads, ref_history)

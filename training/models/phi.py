@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.attention import BACKENDS, attention
+from kernels.patterns import S2Pattern
+from kernels.s2_attention import S2Heads
 
 
 @dataclass
@@ -63,8 +65,13 @@ class PhiConfig:
     rope_fraction: float = 1.0  # share of each head's dims that is rotated (phi-4-mini: 0.75)
     max_seq_len: int = 128
     tie_embeddings: bool = False
-    attn_backend: str = "sdpa"
+    attn_backend: str = "sdpa"  # triton | flash_attn | sdpa | reference
+    s2: S2Pattern | None = None  # S2-Attention pattern for the sparse layers; None: all layers dense
+    dense_every: int = 2  # with s2: layers 0, k, 2k, ... stay dense (Phi-3-small alternates, k=2)
     init_std: float = 0.02
+
+    def is_sparse(self, layer: int) -> bool:
+        return self.s2 is not None and layer % self.dense_every != 0
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> PhiConfig:
@@ -77,6 +84,8 @@ class PhiConfig:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.attn_backend not in BACKENDS:
             raise ValueError(f"attn_backend {self.attn_backend!r} is not one of {BACKENDS}")
+        if self.dense_every < 1:
+            raise ValueError(f"dense_every must be >= 1, got {self.dense_every}")
         if int(self.head_dim * self.rope_fraction) % 2:
             raise ValueError(f"rope_fraction {self.rope_fraction} x head_dim {self.head_dim} must be even")
 
@@ -100,9 +109,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, config: PhiConfig):
+    def __init__(self, config: PhiConfig, sparse: bool = False):
         super().__init__()
         self.head_dim, self.backend = config.head_dim, config.attn_backend
+        # Which global KV heads this module holds decides each head's S2 shard; tensor parallel
+        # moves `head_start` to its rank's first head.
+        self.s2 = S2Heads(config.s2, config.n_kv_heads) if sparse else None
         self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
         self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
@@ -113,7 +125,7 @@ class Attention(nn.Module):
         q = apply_rope(self.wq(x).view(b, s, -1, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(b, s, -1, self.head_dim), cos, sin)
         v = self.wv(x).view(b, s, -1, self.head_dim)
-        out = attention(q, k, v, doc_ids=doc_ids, backend=self.backend)
+        out = attention(q, k, v, doc_ids=doc_ids, backend=self.backend, s2=self.s2)
         return self.wo(out.reshape(b, s, -1))
 
 
@@ -131,10 +143,10 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: PhiConfig):
+    def __init__(self, config: PhiConfig, sparse: bool = False):
         super().__init__()
         self.attention_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
-        self.attention = Attention(config)
+        self.attention = Attention(config, sparse)
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.feed_forward = FeedForward(config)
 
@@ -148,7 +160,7 @@ class PhiModel(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleDict({str(i): Block(config) for i in range(config.n_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(config, config.is_sparse(i)) for i in range(config.n_layers)})
         self.norm: nn.RMSNorm | None = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.output: nn.Linear | None = nn.Linear(config.dim, config.vocab_size, bias=False)
         cos, sin = rope_tables(config)

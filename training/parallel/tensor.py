@@ -3,10 +3,12 @@
 QKV and FFN-up/gate are column-parallel, attention-out and FFN-down row-parallel; the embedding is
 vocab-parallel (rows of the table split) and the LM head too, leaving logits sharded over the
 vocabulary for the vocab-parallel cross-entropy (`loss_parallel`). KV heads are split across
-ranks, so each rank keeps whole GQA groups.
+ranks, so each rank keeps whole GQA groups, and S2 layers keep their own heads' sparsity patterns.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
@@ -35,5 +37,10 @@ def apply_tensor_parallel(model: PhiModel, tp_mesh: DeviceMesh) -> None:
             }
         )
     parallelize_module(model, tp_mesh, plan)
+    local_kv_heads = model.config.n_kv_heads // tp_mesh.size()
+    for layer in model.layers.values():
+        if layer.attention.s2 is not None:  # keep this rank's heads' S2 shards
+            head_start = tp_mesh.get_local_rank() * local_kv_heads
+            layer.attention.s2 = dataclasses.replace(layer.attention.s2, head_start=head_start)
     if model.config.tie_embeddings and model.tok_embeddings is not None and model.output is not None:
         model.output.weight = model.tok_embeddings.weight  # both are Shard(0) over the vocabulary

@@ -1,0 +1,156 @@
+"""Triton kernels against the PyTorch reference: outputs, log-sum-exp and gradients of q, k, v.
+
+On CPU they run under TRITON_INTERPRET=1 (set in conftest), in fp32 with small shapes; the GPU
+tests repeat the comparison in bf16 at realistic shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.attention import attention
+from kernels.flash_gqa import flash_attention, segment_bounds
+from kernels.patterns import S2Pattern, block_lists, block_mask, density
+from kernels.reference import reference_attention, reference_s2_attention
+from kernels.s2_attention import S2Heads, s2_attention, s2_decode_attention
+
+# fp32 in the interpreter: differences are summation order only.
+ATOL, RTOL = 2e-5, 1e-4
+GPU = torch.cuda.is_available()
+
+
+def inputs(b, s, hq, hkv, d, docs, seed=0, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, s, h, d, generator=g).to(device, dtype).requires_grad_() for h in (hq, hkv, hkv))
+    doc_ids = None
+    if docs:
+        doc_ids = (torch.rand(b, s, generator=g) < 4 / s).int().cumsum(1).int()
+        doc_ids[:, -3:] = -1  # trailing padding, as the packer writes it
+        doc_ids = doc_ids.to(device)
+    return q, k, v, doc_ids
+
+
+def compare(out, lse, ref, ref_lse, q, k, v, atol=ATOL, rtol=RTOL):
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(lse, ref_lse, atol=atol, rtol=rtol)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for name, g, w in zip("qkv", got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=atol * 5, rtol=rtol * 5, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize(
+    "hq,hkv,d,docs",
+    [(4, 4, 64, False), (4, 2, 64, True), (6, 2, 96, True), (4, 1, 128, False)],
+    ids=["mha-d64", "gqa2-d64-docs", "gqa3-d96-docs", "mqa-d128"],
+)
+def test_flash_gqa_matches_reference(hq, hkv, d, docs):
+    q, k, v, doc_ids = inputs(2, 80, hq, hkv, d, docs)
+    out, lse = flash_attention(q, k, v, doc_ids, block=16, return_lse=True)
+    ref, ref_lse = reference_attention(q, k, v, doc_ids, return_lse=True)
+    compare(out, lse, ref, ref_lse, q, k, v)
+
+
+PATTERNS = {
+    "local1-stride4": S2Pattern(block_size=16, local_blocks=1, vert_stride=4),
+    "local2-stride2-offset1": S2Pattern(block_size=16, local_blocks=2, vert_stride=2, head_offset=1),
+    "homogeneous": S2Pattern(block_size=16, local_blocks=1, vert_stride=3, homogeneous=True),
+    "dense-head1": S2Pattern(block_size=16, local_blocks=1, vert_stride=4, dense_heads=(1,)),
+}
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+@pytest.mark.parametrize("hq,hkv,docs", [(4, 4, False), (4, 2, True)], ids=["mha", "gqa-docs"])
+def test_s2_matches_reference(name, hq, hkv, docs):
+    heads = S2Heads(PATTERNS[name], num_kv_heads=hkv)
+    q, k, v, doc_ids = inputs(1, 128, hq, hkv, 32, docs, seed=1)
+    out, lse = s2_attention(q, k, v, heads, doc_ids, return_lse=True)
+    ref, ref_lse = reference_s2_attention(q, k, v, heads.mask(hkv, 128), 16, doc_ids, return_lse=True)
+    compare(out, lse, ref, ref_lse, q, k, v)
+
+
+def test_s2_tensor_parallel_slice_keeps_its_heads_patterns():
+    pattern = S2Pattern(block_size=16, local_blocks=1, vert_stride=4)
+    full = block_mask(pattern, num_kv_heads=4, num_blocks=8)
+    for rank in range(2):
+        part = S2Heads(pattern, num_kv_heads=4, head_start=2 * rank).mask(2, 128)
+        assert torch.equal(part, full[2 * rank : 2 * rank + 2])
+
+
+@pytest.mark.parametrize("hkv,stride", [(4, 4), (8, 4), (8, 8), (16, 8)])
+def test_union_of_heads_covers_every_causal_block(hkv, stride):
+    """The sharding property, which holds when there are at least as many KV heads as the stride."""
+    mask = block_mask(S2Pattern(local_blocks=1, vert_stride=stride), num_kv_heads=hkv, num_blocks=40)
+    causal = torch.ones(40, 40, dtype=torch.bool).tril()
+    assert torch.equal(mask.any(0), causal)
+    assert density(mask) < 0.5, "each head alone stays sparse"
+
+
+def test_union_leaves_gaps_with_fewer_heads_than_stride():
+    mask = block_mask(S2Pattern(local_blocks=1, vert_stride=8), num_kv_heads=2, num_blocks=40)
+    assert not torch.equal(mask.any(0), torch.ones(40, 40, dtype=torch.bool).tril())
+
+
+def test_block_lists_equal_the_dense_mask():
+    mask = block_mask(S2Pattern(local_blocks=2, vert_stride=4, head_offset=1), num_kv_heads=4, num_blocks=33)
+    for m in (mask, mask.transpose(1, 2)):
+        index, count = block_lists(m)
+        rebuilt = torch.zeros_like(m)
+        for h in range(m.shape[0]):
+            for row in range(m.shape[1]):
+                cols = index[h, row, : count[h, row]]
+                assert (cols[1:] > cols[:-1]).all(), "ascending, no repeats"
+                rebuilt[h, row, cols.long()] = True
+        assert torch.equal(rebuilt, m)
+
+
+def test_sparse_work_falls_with_density():
+    """The kernel's loop count is the list length: the measured share of blocks it computes."""
+    for stride, expected_max in [(4, 0.35), (16, 0.12)]:
+        mask = block_mask(S2Pattern(local_blocks=2, vert_stride=stride), num_kv_heads=8, num_blocks=256)
+        _, count = block_lists(mask)
+        assert int(count.sum()) == int(mask.sum())
+        assert density(mask) < expected_max
+
+
+def test_decode_with_kv_cache_matches_last_row_of_prefill():
+    heads = S2Heads(S2Pattern(block_size=16, local_blocks=1, vert_stride=3), num_kv_heads=2)
+    q, k, v, _ = inputs(2, 100, 4, 2, 32, docs=False, seed=2)
+    with torch.no_grad():
+        full = reference_s2_attention(q, k, v, heads.mask(2, 100), 16)
+        for t in (17, 64, 100):
+            step = s2_decode_attention(q[:, t - 1 : t], k[:, :t], v[:, :t], heads)
+            torch.testing.assert_close(step, full[:, t - 1 : t], atol=1e-5, rtol=1e-5)
+
+
+def test_segment_bounds():
+    doc_ids = torch.tensor([[0, 0, 1, 1, 1, 2, -1, -1]])
+    start, end = segment_bounds(doc_ids)
+    assert start.tolist() == [[0, 0, 2, 2, 2, 5, 6, 6]]
+    assert end.tolist() == [[2, 2, 5, 5, 5, 6, 8, 8]]
+
+
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "reference"])
+def test_backends_agree_on_dense_and_s2(backend):
+    heads = S2Heads(S2Pattern(block_size=16, local_blocks=1, vert_stride=2), num_kv_heads=2)
+    q, k, v, doc_ids = inputs(1, 64, 4, 2, 32, docs=True, seed=3)
+    with torch.no_grad():
+        for s2 in (None, heads):
+            want = attention(q, k, v, doc_ids, backend="reference", s2=s2)
+            torch.testing.assert_close(attention(q, k, v, doc_ids, backend=backend, s2=s2), want, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.skipif(not GPU, reason="needs CUDA")
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("docs", [False, True])
+def test_gpu_bf16_realistic_shapes(d, docs):
+    q, k, v, doc_ids = inputs(2, 4096, 16, 4, d, docs, device="cuda", dtype=torch.bfloat16)
+    out, lse = flash_attention(q, k, v, doc_ids, block=64, return_lse=True)
+    ref, ref_lse = reference_attention(q, k, v, doc_ids, return_lse=True)
+    compare(out, lse, ref, ref_lse, q, k, v, atol=2e-2, rtol=2e-2)
+    heads = S2Heads(S2Pattern(block_size=64, local_blocks=4, vert_stride=4), num_kv_heads=4)
+    out, lse = s2_attention(q, k, v, heads, doc_ids, return_lse=True)
+    ref, ref_lse = reference_s2_attention(q, k, v, heads.mask(4, 4096), 64, doc_ids, return_lse=True)
+    compare(out, lse, ref, ref_lse, q, k, v, atol=2e-2, rtol=2e-2)
