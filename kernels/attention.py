@@ -24,9 +24,13 @@ def sdpa_attention(q, k, v, doc_ids: torch.Tensor | None, mask: torch.Tensor | N
     if mask is None and doc_ids is not None:
         mask = document_causal_mask(doc_ids, q.shape[1], q.device)
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask, is_causal=mask is None, enable_gqa=True,
-    )  # fmt: skip
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        is_causal=mask is None,
+        enable_gqa=True,
+    )
     return out.transpose(1, 2)
 
 
@@ -50,9 +54,13 @@ def flash_attn_attention(q, k, v, doc_ids: torch.Tensor | None) -> torch.Tensor:
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None = None,
-    backend: str = "sdpa", s2: S2Heads | None = None,
-) -> torch.Tensor:  # fmt: skip
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    doc_ids: torch.Tensor | None = None,
+    backend: str = "sdpa",
+    s2: S2Heads | None = None,
+) -> torch.Tensor:
     """Causal attention inside documents, dense or S2. q [b, s, hq, d], k/v [b, s, hkv, d] -> [b, s, hq, d]."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")

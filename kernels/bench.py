@@ -42,8 +42,15 @@ def flop_table(seq_lens: list[int]) -> list[dict]:
     for s in seq_lens:
         for name, pattern in S2_SETTINGS.items():
             dens = counted_density(pattern, s)
-            rows.append({"seq_len": s, "kernel": name, "computed_share": dens, "flops_skipped": 1 - dens,
-                         "ideal_speedup": 1 / dens})  # fmt: skip
+            rows.append(
+                {
+                    "seq_len": s,
+                    "kernel": name,
+                    "computed_share": dens,
+                    "flops_skipped": 1 - dens,
+                    "ideal_speedup": 1 / dens,
+                }
+            )
     return rows
 
 
@@ -70,8 +77,10 @@ def gpu_table(seq_lens: list[int]) -> list[dict]:
     rows = []
     for s in seq_lens:
         q = torch.randn(1, s, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        k, v = (torch.randn(1, s, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                for _ in range(2))  # fmt: skip
+        k, v = (
+            torch.randn(1, s, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2)
+        )
         for name, fn in kernels.items():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -84,10 +93,17 @@ def gpu_table(seq_lens: list[int]) -> list[dict]:
                 rows.append({"seq_len": s, "kernel": name, "error": "out of memory"})
                 continue
             flops = causal_flops(s)  # backward is 2.5x the forward's matmul FLOPs
-            rows.append({"seq_len": s, "kernel": name, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd,
-                         "fwd_tflops_dense_equiv": flops / fwd / 1e9,
-                         "fwd_bwd_tflops_dense_equiv": 3.5 * flops / fwd_bwd / 1e9,
-                         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30})  # fmt: skip
+            rows.append(
+                {
+                    "seq_len": s,
+                    "kernel": name,
+                    "fwd_ms": fwd,
+                    "fwd_bwd_ms": fwd_bwd,
+                    "fwd_tflops_dense_equiv": flops / fwd / 1e9,
+                    "fwd_bwd_tflops_dense_equiv": 3.5 * flops / fwd_bwd / 1e9,
+                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+                }
+            )
         base = {r["kernel"]: r for r in rows if r["seq_len"] == s and "fwd_ms" in r}
         ref = base.get("flash-attn2") or base.get("sdpa")
         for r in rows:
@@ -115,8 +131,19 @@ def main(argv: list[str] | None = None) -> None:
     print_table(rows)
     device = torch.cuda.get_device_name() if gpu else "cpu (FLOP counts only; timings need a GPU)"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"device": device, "heads": HEADS, "kv_heads": KV_HEADS,
-                                          "head_dim": HEAD_DIM, "block": BLOCK, "rows": rows}, indent=2))  # fmt: skip
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "device": device,
+                "heads": HEADS,
+                "kv_heads": KV_HEADS,
+                "head_dim": HEAD_DIM,
+                "block": BLOCK,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.out} ({device})")
 
 

@@ -34,13 +34,43 @@ def _block_mask(offs_m, offs_n, seq_len, doc_q, DOC_K, HAS_DOC: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, OUT, LSE, DOC, SEG_START, BLOCK_IDX, BLOCK_CNT,
-    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
-    s_lb, s_lh, s_db, s_ih, s_iq, s_ch,
-    seq_len, head_dim, num_q_heads, sm_scale,
-    GROUP: tl.constexpr, HAS_DOC: tl.constexpr, SPARSE: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    OUT,
+    LSE,
+    DOC,
+    SEG_START,
+    BLOCK_IDX,
+    BLOCK_CNT,
+    s_qb,
+    s_qs,
+    s_qh,
+    s_kb,
+    s_ks,
+    s_kh,
+    s_vb,
+    s_vs,
+    s_vh,
+    s_ob,
+    s_os,
+    s_oh,
+    s_lb,
+    s_lh,
+    s_db,
+    s_ih,
+    s_iq,
+    s_ch,
+    seq_len,
+    head_dim,
+    num_q_heads,
+    sm_scale,
+    GROUP: tl.constexpr,
+    HAS_DOC: tl.constexpr,
+    SPARSE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_q_heads
@@ -50,8 +80,11 @@ def _fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_j = tl.arange(0, BLOCK)
     d_ok = offs_d[None, :] < head_dim
-    q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qs + hq * s_qh + offs_d[None, :],
-                mask=(offs_m[:, None] < seq_len) & d_ok, other=0.0)  # fmt: skip
+    q = tl.load(
+        Q + b * s_qb + offs_m[:, None] * s_qs + hq * s_qh + offs_d[None, :],
+        mask=(offs_m[:, None] < seq_len) & d_ok,
+        other=0.0,
+    )
     doc_q = tl.zeros([BLOCK], dtype=tl.int32)
     if HAS_DOC:
         doc_q = tl.load(DOC + b * s_db + offs_m, mask=offs_m < seq_len, other=-2)
@@ -94,20 +127,59 @@ def _fwd_kernel(
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     lse = tl.where(l_i > 0, (m_safe + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     row_ok = offs_m < seq_len
-    tl.store(OUT + b * s_ob + offs_m[:, None] * s_os + hq * s_oh + offs_d[None, :], out.to(OUT.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok)  # fmt: skip
+    tl.store(
+        OUT + b * s_ob + offs_m[:, None] * s_os + hq * s_oh + offs_d[None, :],
+        out.to(OUT.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok,
+    )
     tl.store(LSE + b * s_lb + hq * s_lh + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DOC, SEG_END, BLOCK_IDX, BLOCK_CNT,
-    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
-    s_lb, s_lh, s_db, s_ih, s_iq, s_ch, s_dkb, s_dks, s_dkh,
-    seq_len, head_dim, num_kv_heads, sm_scale,
-    GROUP: tl.constexpr, HAS_DOC: tl.constexpr, SPARSE: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    DOC,
+    SEG_END,
+    BLOCK_IDX,
+    BLOCK_CNT,
+    s_qb,
+    s_qs,
+    s_qh,
+    s_kb,
+    s_ks,
+    s_kh,
+    s_vb,
+    s_vs,
+    s_vh,
+    s_ob,
+    s_os,
+    s_oh,
+    s_lb,
+    s_lh,
+    s_db,
+    s_ih,
+    s_iq,
+    s_ch,
+    s_dkb,
+    s_dks,
+    s_dkh,
+    seq_len,
+    head_dim,
+    num_kv_heads,
+    sm_scale,
+    GROUP: tl.constexpr,
+    HAS_DOC: tl.constexpr,
+    SPARSE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """One program per (key block, KV head); loops over the query heads of its group."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -141,10 +213,16 @@ def _bwd_dkdv_kernel(
                 qb = pid_n + i
             offs_m = qb * BLOCK + offs_i
             row_ok = offs_m < seq_len
-            q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qs + hq * s_qh + offs_d[None, :],
-                        mask=row_ok[:, None] & d_ok, other=0.0)  # fmt: skip
-            do = tl.load(DO + b * s_ob + offs_m[:, None] * s_os + hq * s_oh + offs_d[None, :],
-                         mask=row_ok[:, None] & d_ok, other=0.0)  # fmt: skip
+            q = tl.load(
+                Q + b * s_qb + offs_m[:, None] * s_qs + hq * s_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok,
+                other=0.0,
+            )
+            do = tl.load(
+                DO + b * s_ob + offs_m[:, None] * s_os + hq * s_oh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok,
+                other=0.0,
+            )
             lse = tl.load(LSE + b * s_lb + hq * s_lh + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + b * s_lb + hq * s_lh + offs_m, mask=row_ok, other=0.0)
             doc_q = tl.zeros([BLOCK], dtype=tl.int32)
@@ -158,21 +236,58 @@ def _bwd_dkdv_kernel(
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     dk = dk * sm_scale
-    tl.store(DK + b * s_dkb + offs_n[:, None] * s_dks + hk * s_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=kv_ok)  # fmt: skip
-    tl.store(DV + b * s_dkb + offs_n[:, None] * s_dks + hk * s_dkh + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=kv_ok)  # fmt: skip
+    tl.store(
+        DK + b * s_dkb + offs_n[:, None] * s_dks + hk * s_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_ok
+    )
+    tl.store(
+        DV + b * s_dkb + offs_n[:, None] * s_dks + hk * s_dkh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_ok
+    )
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DOC, SEG_START, BLOCK_IDX, BLOCK_CNT,
-    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
-    s_lb, s_lh, s_db, s_ih, s_iq, s_ch, s_dqb, s_dqs, s_dqh,
-    seq_len, head_dim, num_q_heads, sm_scale,
-    GROUP: tl.constexpr, HAS_DOC: tl.constexpr, SPARSE: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    DOC,
+    SEG_START,
+    BLOCK_IDX,
+    BLOCK_CNT,
+    s_qb,
+    s_qs,
+    s_qh,
+    s_kb,
+    s_ks,
+    s_kh,
+    s_vb,
+    s_vs,
+    s_vh,
+    s_ob,
+    s_os,
+    s_oh,
+    s_lb,
+    s_lh,
+    s_db,
+    s_ih,
+    s_iq,
+    s_ch,
+    s_dqb,
+    s_dqs,
+    s_dqh,
+    seq_len,
+    head_dim,
+    num_q_heads,
+    sm_scale,
+    GROUP: tl.constexpr,
+    HAS_DOC: tl.constexpr,
+    SPARSE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """One program per (query block, query head); walks the same key blocks as the forward pass."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -184,10 +299,12 @@ def _bwd_dq_kernel(
     offs_j = tl.arange(0, BLOCK)
     d_ok = offs_d[None, :] < head_dim
     row_ok = offs_m < seq_len
-    q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qs + hq * s_qh + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok, other=0.0)  # fmt: skip
-    do = tl.load(DO + b * s_ob + offs_m[:, None] * s_os + hq * s_oh + offs_d[None, :],
-                 mask=row_ok[:, None] & d_ok, other=0.0)  # fmt: skip
+    q = tl.load(
+        Q + b * s_qb + offs_m[:, None] * s_qs + hq * s_qh + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0
+    )
+    do = tl.load(
+        DO + b * s_ob + offs_m[:, None] * s_os + hq * s_oh + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0
+    )
     lse = tl.load(LSE + b * s_lb + hq * s_lh + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + b * s_lb + hq * s_lh + offs_m, mask=row_ok, other=0.0)
     doc_q = tl.zeros([BLOCK], dtype=tl.int32)
@@ -219,8 +336,11 @@ def _bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
     dq = dq * sm_scale
-    tl.store(DQ + b * s_dqb + offs_m[:, None] * s_dqs + hq * s_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok)  # fmt: skip
+    tl.store(
+        DQ + b * s_dqb + offs_m[:, None] * s_dqs + hq * s_dqh + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok,
+    )
 
 
 def segment_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,12 +395,35 @@ class _FlashAttention(torch.autograd.Function):
         index, count, s_ih, s_iq, s_ch = _launch_args(doc, lists, backward=False)
         grid = (triton.cdiv(s, block), b * hq)
         _fwd_kernel[grid](
-            q, k, v, o, lse, doc, seg_start, index, count,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            lse.stride(0), lse.stride(1), doc.stride(0), s_ih, s_iq, s_ch,
-            s, d, hq, sm_scale,
-            GROUP=hq // hkv, HAS_DOC=has_doc, SPARSE=lists is not None, BLOCK=block, BLOCK_D=triton.next_power_of_2(d),
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            o,
+            lse,
+            doc,
+            seg_start,
+            index,
+            count,
+            *_strides(q),
+            *_strides(k),
+            *_strides(v),
+            *_strides(o),
+            lse.stride(0),
+            lse.stride(1),
+            doc.stride(0),
+            s_ih,
+            s_iq,
+            s_ch,
+            s,
+            d,
+            hq,
+            sm_scale,
+            GROUP=hq // hkv,
+            HAS_DOC=has_doc,
+            SPARSE=lists is not None,
+            BLOCK=block,
+            BLOCK_D=triton.next_power_of_2(d),
+        )
         ctx.save_for_backward(q, k, v, o, lse, doc, seg_start, seg_end)
         ctx.lists, ctx.block, ctx.has_doc, ctx.sm_scale = lists, block, has_doc, sm_scale
         ctx.mark_non_differentiable(lse)
@@ -294,26 +437,75 @@ class _FlashAttention(torch.autograd.Function):
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        common = dict(GROUP=hq // hkv, HAS_DOC=ctx.has_doc, SPARSE=ctx.lists is not None, BLOCK=ctx.block,
-                      BLOCK_D=triton.next_power_of_2(d))  # fmt: skip
+        common = dict(
+            GROUP=hq // hkv,
+            HAS_DOC=ctx.has_doc,
+            SPARSE=ctx.lists is not None,
+            BLOCK=ctx.block,
+            BLOCK_D=triton.next_power_of_2(d),
+        )
         strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), lse.stride(0), lse.stride(1), doc.stride(0))
         index, count, s_ih, s_iq, s_ch = _launch_args(doc, ctx.lists, backward=True)
         _bwd_dkdv_kernel[(triton.cdiv(s, ctx.block), b * hkv)](
-            q, k, v, do, lse, delta, dk, dv, doc, seg_end, index, count,
-            *strides, s_ih, s_iq, s_ch, *_strides(dk), s, d, hkv, ctx.sm_scale, **common,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            dk,
+            dv,
+            doc,
+            seg_end,
+            index,
+            count,
+            *strides,
+            s_ih,
+            s_iq,
+            s_ch,
+            *_strides(dk),
+            s,
+            d,
+            hkv,
+            ctx.sm_scale,
+            **common,
+        )
         index, count, s_ih, s_iq, s_ch = _launch_args(doc, ctx.lists, backward=False)
         _bwd_dq_kernel[(triton.cdiv(s, ctx.block), b * hq)](
-            q, k, v, do, lse, delta, dq, doc, seg_start, index, count,
-            *strides, s_ih, s_iq, s_ch, *_strides(dq), s, d, hq, ctx.sm_scale, **common,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            dq,
+            doc,
+            seg_start,
+            index,
+            count,
+            *strides,
+            s_ih,
+            s_iq,
+            s_ch,
+            *_strides(dq),
+            s,
+            d,
+            hq,
+            ctx.sm_scale,
+            **common,
+        )
         return dq, dk, dv, None, None, None
 
 
 def flash_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None = None,
-    lists: SparsityLists | None = None, block: int = 64, return_lse: bool = False,
-):  # fmt: skip
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    doc_ids: torch.Tensor | None = None,
+    lists: SparsityLists | None = None,
+    block: int = 64,
+    return_lse: bool = False,
+):
     """Causal GQA attention; with `lists`, only the listed key blocks (block size `block`) are read."""
     if q.shape[-1] not in (16, 32, 64, 96, 128, 256) and q.shape[-1] % 16:
         raise ValueError(f"head_dim {q.shape[-1]} is not supported (multiples of 16)")

@@ -31,8 +31,9 @@ class S2Pattern:
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError(f"s2.block_size must be a power of two >= 16, got {self.block_size}")
         if self.local_blocks < 1 or self.vert_stride < 1:
-            raise ValueError(f"s2.local_blocks and s2.vert_stride must be >= 1, got "
-                             f"{self.local_blocks}, {self.vert_stride}")  # fmt: skip
+            raise ValueError(
+                f"s2.local_blocks and s2.vert_stride must be >= 1, got {self.local_blocks}, {self.vert_stride}"
+            )
 
 
 def block_mask(

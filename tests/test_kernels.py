@@ -71,6 +71,14 @@ def test_s2_matches_reference(name, hq, hkv, docs):
     compare(out, lse, ref, ref_lse, q, k, v)
 
 
+def test_flash_gqa_fp16_accumulates_in_fp32():
+    """fp16 inputs, fp32 accumulation (bf16 runs only on GPU: the interpreter does not emulate it)."""
+    q, k, v, doc_ids = inputs(1, 64, 4, 2, 64, docs=True, dtype=torch.float16)
+    out, lse = flash_attention(q, k, v, doc_ids, block=16, return_lse=True)
+    ref, ref_lse = reference_attention(q, k, v, doc_ids, return_lse=True)
+    compare(out, lse, ref, ref_lse, q, k, v, atol=4e-3, rtol=4e-3)
+
+
 def test_s2_tensor_parallel_slice_keeps_its_heads_patterns():
     pattern = S2Pattern(block_size=16, local_blocks=1, vert_stride=4)
     full = block_mask(pattern, num_kv_heads=4, num_blocks=8)

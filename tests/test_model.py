@@ -70,8 +70,17 @@ def test_param_count_matches_module():
 
 def s2_model(backend: str) -> PhiModel:
     torch.manual_seed(0)
-    config = PhiConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64,
-                       attn_backend=backend, s2=S2Pattern(block_size=16, local_blocks=1, vert_stride=2))  # fmt: skip
+    config = PhiConfig(
+        vocab_size=64,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=64,
+        max_seq_len=64,
+        attn_backend=backend,
+        s2=S2Pattern(block_size=16, local_blocks=1, vert_stride=2),
+    )
     return PhiModel(config)
 
 

@@ -19,7 +19,7 @@ LOSS_RTOL = 1e-5
 GRAD_ATOL, GRAD_RTOL = 2e-6, 1e-4
 
 
-def small_config(data_path, out_dir, tp=1, pp=1, dp=-1, **model) -> TrainConfig:
+def small_config(data_path, out_dir, tp=1, pp=1, dp=-1, sp=False, **model) -> TrainConfig:
     return TrainConfig(
         name="parity",
         out_dir=str(out_dir),
@@ -35,7 +35,7 @@ def small_config(data_path, out_dir, tp=1, pp=1, dp=-1, **model) -> TrainConfig:
             max_seq_len=SMALL_SEQ_LEN,
             **model,
         ),
-        parallel=ParallelConfig(tp=tp, pp=pp, dp=dp, micro_batch_size=2),
+        parallel=ParallelConfig(tp=tp, pp=pp, dp=dp, micro_batch_size=2, sequence_parallel=sp),
         data=DataConfig(path=str(data_path), global_batch_size=8),
         checkpoint=CheckpointConfig(resume="none"),
     )
@@ -50,6 +50,7 @@ def grads_and_history(config: TrainConfig):
         grads[name] = g.detach().clone()
     trainer.optimizer.zero_grad(set_to_none=True)
     history = [trainer.train_step(trainer.loader.batch_at(step)) for step in range(STEPS)]
+    history.append(trainer.evaluate())  # per-family loss on the valid split after the steps
     keep = trainer.tp_rank == 0 and trainer.dp_rank == 0
     return (grads if keep else {}), history
 
@@ -67,6 +68,8 @@ def reference(small_dataset, tmp_path_factory):
         dict(tp=2, pp=2),
         dict(dp=2),
         dict(dp=2, tp=2),
+        dict(tp=2, sp=True),
+        dict(tp=2, pp=2, sp=True),
     ],
     ids=lambda d: "-".join(f"{k}{v}" for k, v in d.items()),
 )
@@ -79,11 +82,15 @@ def test_layout_matches_single_process(layout, reference, small_dataset, tmp_pat
     for name, ref in ref_grads.items():
         torch.testing.assert_close(grads[name], ref, atol=GRAD_ATOL, rtol=GRAD_RTOL, msg=lambda m: f"{name}: {m}")
     for rank_history in (h for _, h in results):
-        for step, (got, want) in enumerate(zip(rank_history, ref_history, strict=True)):
+        for step, (got, want) in enumerate(zip(rank_history[:-1], ref_history[:-1], strict=True)):
             for key in ("loss", "grad_norm"):
                 assert got[key] == pytest.approx(want[key], rel=LOSS_RTOL), f"step {step} {key}"
             for family in (k for k in want if k.startswith("loss/")):
                 assert got[family] == pytest.approx(want[family], rel=1e-4), f"step {step} {family}"
+        got_eval, want_eval = rank_history[-1], ref_history[-1]
+        assert set(got_eval) == set(want_eval) and "val/loss/synthetic" in want_eval
+        for key, value in want_eval.items():
+            assert got_eval[key] == pytest.approx(value, rel=1e-4), key
 
 
 def assert_same_training(results, ref_grads, ref_history):
@@ -91,7 +98,7 @@ def assert_same_training(results, ref_grads, ref_history):
     assert set(grads) == set(ref_grads)
     for name, ref in ref_grads.items():
         torch.testing.assert_close(grads[name], ref, atol=GRAD_ATOL, rtol=GRAD_RTOL, msg=lambda m: f"{name}: {m}")
-    for step, (got, want) in enumerate(zip(results[0][1], ref_history, strict=True)):
+    for step, (got, want) in enumerate(zip(results[0][1][:-1], ref_history[:-1], strict=True)):
         assert got["loss"] == pytest.approx(want["loss"], rel=LOSS_RTOL), f"step {step}"
 
 

@@ -31,3 +31,24 @@ def test_resume_reproduces_uninterrupted_run(layout, small_dataset, tmp_path):
 
     assert len(first) == STOP and len(second) == TOTAL - STOP
     assert first + second == uninterrupted
+
+
+@pytest.mark.parametrize(
+    "save,load", [(dict(tp=2, pp=2), dict()), (dict(), dict(tp=2, pp=2))], ids=["tp2pp2-to-single", "single-to-tp2pp2"]
+)
+def test_resume_under_another_layout(save, load, small_dataset, tmp_path):
+    """Checkpoints are keyed by full-model names, so any layout loads any other's."""
+    base = dataclasses.replace(small_config(small_dataset, tmp_path / "a", **save), steps=TOTAL)
+    uninterrupted = run_ranks(save.get("tp", 1) * save.get("pp", 1), fit_losses, base)[0]
+    first = dataclasses.replace(
+        base, out_dir=str(tmp_path / "b"), stop_after=STOP, checkpoint=CheckpointConfig(resume="auto")
+    )
+    run_ranks(save.get("tp", 1) * save.get("pp", 1), fit_losses, first)
+    checkpoint = first.run_dir / "checkpoints" / f"step_{STOP:08d}"
+    resumed = dataclasses.replace(
+        small_config(small_dataset, tmp_path / "c", **load),
+        steps=TOTAL,
+        checkpoint=CheckpointConfig(resume=str(checkpoint)),
+    )
+    second = run_ranks(load.get("tp", 1) * load.get("pp", 1), fit_losses, resumed)[0]
+    assert second == pytest.approx(uninterrupted[STOP:], rel=1e-5)

@@ -62,6 +62,17 @@ class MetricsLogger:
                 f"lr {metrics['lr']:.2e} | {metrics['tokens_per_s']:.0f} tok/s | {families}"
             )
 
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled or not metrics:
+            return
+        evals = {k: v for k, v in metrics.items() if k.startswith("val/")}
+        for key, value in evals.items():
+            self.writer.add_scalar(key, value, step)
+        with open(self.run_dir / "eval.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **evals}) + "\n")
+        families = " ".join(f"{k[9:]}={v:.2f}" for k, v in evals.items() if k.startswith("val/loss/"))
+        self.note(f"eval {step:5d} | val loss {evals['val/loss']:.4f} | {families}")
+
     def close(self) -> None:
         if self.enabled and self.writer is not None:
             self.bar.close()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -12,10 +14,12 @@ from torch.distributed.tensor import DTensor
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
+    lr: float | str = 3e-3  # peak LR, or "auto": from the fitted LR law in `lr_law` for this run's N and D
+    lr_law: str | None = None  # JSON written by `python -m training.scaling_laws fit-lr`
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     warmup_steps: int = 20
-    schedule: str = "cosine"  # cosine | linear | constant
+    schedule: str = "cosine"  # cosine | linear | wsd (warmup-stable-decay) | constant
+    decay_fraction: float = 0.2  # wsd: share of the steps spent decaying at the end
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -23,13 +27,41 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 disables clipping
 
 
-def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.AdamW:
+def lr_from_law(path: str | Path, nparams: int, tokens: int) -> tuple[float, str]:
+    """Peak LR from a fitted token-horizon law: LR = C * N^-alpha * D^-beta (or B * D^-beta)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"optim.lr_law: no LR law file at {path}")
+    law = json.loads(path.read_text())
+    try:
+        if "C" in law:
+            lr = law["C"] * nparams ** -law["alpha"] * tokens ** -law["beta"]
+            why = f"C={law['C']:.4g} * N^-{law['alpha']:.4g} * D^-{law['beta']:.4g}"
+        else:
+            lr = law["B"] * tokens ** -law["beta"]
+            why = f"B={law['B']:.4g} * D^-{law['beta']:.4g}"
+    except KeyError as err:
+        raise ValueError(f"{path}: LR law lacks field {err.args[0]!r} (need C, alpha, beta or B, beta)") from None
+    return lr, f"lr=auto: {lr:.3e} from {path} ({why}) at N={nparams:.3e} params, D={tokens:.3e} tokens"
+
+
+def resolve_lr(config: OptimConfig, nparams: int, tokens: int) -> tuple[float, str | None]:
+    if config.lr == "auto":
+        if not config.lr_law:
+            raise ValueError("optim.lr=auto needs optim.lr_law (a JSON fit from the scaling-laws tool)")
+        return lr_from_law(config.lr_law, nparams, tokens)
+    if isinstance(config.lr, str):
+        raise ValueError(f"optim.lr must be a number or 'auto', got {config.lr!r}")
+    return config.lr, None
+
+
+def build_optimizer(model: torch.nn.Module, config: OptimConfig, lr: float) -> torch.optim.AdamW:
     """No weight decay on norms and embeddings, as in Megatron-LM and torchtitan."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         (no_decay if param.ndim < 2 or "embeddings" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=(config.beta1, config.beta2), eps=config.eps)
 
 
 def lr_multiplier(step: int, total_steps: int, config: OptimConfig) -> float:
@@ -42,9 +74,14 @@ def lr_multiplier(step: int, total_steps: int, config: OptimConfig) -> float:
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     if config.schedule == "linear":
         return floor + (1 - floor) * (1 - progress)
+    if config.schedule == "wsd":
+        decay_start = total_steps - int(config.decay_fraction * total_steps)
+        if step < decay_start:
+            return 1.0
+        return floor + (1 - floor) * (1 - min(1.0, (step - decay_start) / max(1, total_steps - decay_start)))
     if config.schedule == "constant":
         return 1.0
-    raise ValueError(f"optim.schedule {config.schedule!r} is not one of cosine, linear, constant")
+    raise ValueError(f"optim.schedule {config.schedule!r} is not one of cosine, linear, wsd, constant")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, config: OptimConfig):

@@ -21,11 +21,11 @@ from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 from training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from training.metrics import MetricsLogger
 from training.models.phi import PhiConfig, PhiModel, count_params_and_flops
-from training.optim import OptimConfig, build_optimizer, build_scheduler, clip_grad_norm
+from training.optim import OptimConfig, build_optimizer, build_scheduler, clip_grad_norm, resolve_lr
 from training.parallel.data import allreduce_gradients
 from training.parallel.mesh import ParallelConfig, ParallelDims, device_type
 from training.parallel.pipeline import build_schedule, keep_stage
-from training.parallel.tensor import apply_tensor_parallel
+from training.parallel.tensor import apply_tensor_parallel, reduce_partial_grads
 
 
 @dataclass
@@ -50,7 +50,10 @@ class TrainConfig:
     stop_after: int | None = None  # stop (and save) at this step, e.g. to split a run into jobs
     seed: int = 0
     log_every: int = 10
+    eval_every: int = 0  # steps between evaluations on the `valid` split; 0: only at the end
+    eval_batches: int = 0  # global batches per evaluation; 0: the whole split
     dist_timeout_s: int = 600
+    init_from: str | None = None  # start from weights: an HF Phi3 folder or a consolidated .pt file
     model: PhiConfig = field(default_factory=PhiConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -60,6 +63,17 @@ class TrainConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
+
+
+def load_initial_weights(path: str) -> dict[str, torch.Tensor]:
+    """Full-model weights from an HF Phi3 folder or a `python -m training.export ... torch` file."""
+    if Path(path, "config.json").is_file():
+        from training.models.hf import import_hf
+
+        return import_hf(path)[1]
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"init_from: {path} is neither an HF folder nor a weights file")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class Trainer:
@@ -94,16 +108,24 @@ class Trainer:
             )
         self.families = dataset.families
         self.loader = DataLoader(dataset, config.data.global_batch_size, self.dp_rank, self.dims.dp, config.data.seed)
+        valid = PackedDataset(data_dir, "valid", tokenizer_hash=dataset.manifest["tokenizer_hash"])
+        self.valid_loader = None  # a split smaller than one global batch is not evaluated
+        if len(valid) >= config.data.global_batch_size:
+            self.valid_loader = DataLoader(valid, config.data.global_batch_size, self.dp_rank, self.dims.dp, seed=0)
 
         torch.manual_seed(config.seed)  # every layout starts from the same full model
         model = PhiModel(mc)
+        if config.init_from:
+            model.load_state_dict(load_initial_weights(config.init_from), strict=True)
         if self.dims.pp > 1:
             keep_stage(model, self.pp_rank, self.dims.pp)
         if self.dims.tp > 1:
-            apply_tensor_parallel(model, self.mesh["tp"])
+            apply_tensor_parallel(model, self.mesh["tp"], config.parallel.sequence_parallel)
         self.model = model.to(self.device)
         self.nparams, self.flops_per_token = count_params_and_flops(mc, dataset.manifest["seq_len"])
-        self.optimizer = build_optimizer(self.model, config.optim)
+        tokens = config.steps * config.data.global_batch_size * dataset.manifest["seq_len"]
+        peak_lr, lr_note = resolve_lr(config.optim, self.nparams, tokens)
+        self.optimizer = build_optimizer(self.model, config.optim, peak_lr)
         self.scheduler = build_scheduler(self.optimizer, config.steps, config.optim)
         self.schedule = None
         if self.dims.pp > 1:
@@ -121,6 +143,8 @@ class Trainer:
         self._microbatch_stats: list[torch.Tensor] = []
         self.step = 0
         self.metrics = MetricsLogger(config.run_dir, self.families, self.flops_per_token, enabled=self.is_main)
+        if lr_note:
+            self.metrics.note(lr_note)
 
     # ---- loss -------------------------------------------------------------------------------
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, family_ids: torch.Tensor) -> torch.Tensor:
@@ -145,25 +169,50 @@ class Trainer:
         return loss_parallel() if self.dims.tp > 1 else contextlib.nullcontext()
 
     # ---- one step ---------------------------------------------------------------------------
-    def forward_backward(self, batch: Batch) -> None:
-        """Gradients of the global-batch mean loss, summed over data-parallel replicas."""
+    def _run_batch(self, batch: Batch, backward: bool) -> None:
+        """Loss (and with `backward`, gradients) of the global-batch mean over micro-batches."""
         batch = Batch(*(t.to(self.device) for t in (batch.tokens, batch.labels, batch.doc_ids, batch.family_ids)))
         self._microbatch_stats.clear()
         self._token_count = (batch.labels != IGNORE_INDEX).sum().float()
         if self.dims.dp > 1:
             dist.all_reduce(self._token_count, group=self.mesh["dp"].get_group())
-        with self._loss_context():
+        with self._loss_context(), torch.set_grad_enabled(backward):
             if self.schedule is not None:
                 target = torch.stack([batch.labels, batch.family_ids], dim=-1)
                 args = (batch.tokens,) if self.is_first_stage else ()
-                self.schedule.step(
-                    *args, target=target if self.is_last_stage else None, doc_ids=batch.doc_ids, return_outputs=False
-                )
+                kwargs = dict(target=target if self.is_last_stage else None, doc_ids=batch.doc_ids)
+                if backward:
+                    self.schedule.step(*args, **kwargs, return_outputs=False)
+                else:
+                    self.schedule.eval(*args, **kwargs)
             else:
                 for mb in batch.split(self.n_microbatches):
-                    self._loss(self.model(mb.tokens, doc_ids=mb.doc_ids), mb.labels, mb.family_ids).backward()
+                    loss = self._loss(self.model(mb.tokens, doc_ids=mb.doc_ids), mb.labels, mb.family_ids)
+                    if backward:
+                        loss.backward()
+
+    def forward_backward(self, batch: Batch) -> None:
+        """Gradients of the global-batch mean loss, summed over data-parallel replicas."""
+        self._run_batch(batch, backward=True)
+        if self.config.parallel.sequence_parallel:
+            reduce_partial_grads(self.model.parameters())
         if self.dims.dp > 1:
             allreduce_gradients(self.model.parameters(), self.mesh["dp"].get_group())
+
+    def evaluate(self) -> dict[str, float]:
+        """Loss per family on the held-out `valid` split (`eval_batches` global batches, 0 = all)."""
+        if self.valid_loader is None:
+            return {}
+        n = self.valid_loader.steps_per_epoch
+        n = min(n, self.config.eval_batches) if self.config.eval_batches else n
+        totals = torch.zeros(2, len(self.families) + 1, device=self.device)
+        for i in range(n):
+            self._run_batch(self.valid_loader.batch_at(i), backward=False)
+            totals += self._replica_stats()
+        sums, counts = totals[0, :-1].cpu(), totals[1, :-1].cpu()
+        out = {"val/loss": float(sums.sum() / counts.sum())}
+        out.update({f"val/loss/{f}": float(sums[i] / counts[i]) for i, f in enumerate(self.families) if counts[i]})
+        return out
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         self.forward_backward(batch)
@@ -179,16 +228,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return self._reduce_metrics(grad_norm, lr)
 
-    def _reduce_metrics(self, grad_norm: torch.Tensor, lr: float) -> dict[str, float]:
-        """Per-family loss over the global batch, counted once per replica (TP rank 0, last stage).
-
-        Only the last `n_microbatches` loss calls count: on its first step a pipeline schedule also
-        calls the loss once on placeholder activations to infer shapes."""
+    def _replica_stats(self) -> torch.Tensor:
+        """Per-family [loss sum, token count] of the global batch, counted once per replica (TP rank 0,
+        last stage) and summed over replicas. Only the last `n_microbatches` loss calls count: on its
+        first step a pipeline schedule also calls the loss once on placeholder activations."""
         stats = torch.zeros(2, len(self.families) + 1, device=self.device)
         if self.is_last_stage and self.tp_rank == 0:
             stats += torch.stack(self._microbatch_stats[-self.n_microbatches :]).sum(0)
         if dist.is_initialized():
             dist.all_reduce(stats)
+        return stats
+
+    def _reduce_metrics(self, grad_norm: torch.Tensor, lr: float) -> dict[str, float]:
+        stats = self._replica_stats()
         sums, counts = stats[0, :-1].cpu(), stats[1, :-1].cpu()
         out = {
             "loss": float(sums.sum() / counts.sum()),
@@ -245,9 +297,13 @@ class Trainer:
             metrics.update(step=self.step, step_time_s=seconds, tokens_per_s=metrics["tokens"] / seconds)
             history.append(metrics)
             self.metrics.log(metrics, console=self.step % config.log_every == 0 or self.step == end)
+            if config.eval_every and self.step % config.eval_every == 0 and self.step < end:
+                self.metrics.log_eval(self.step, self.evaluate())
             if config.checkpoint.save_every and self.step % config.checkpoint.save_every == 0 and self.step < end:
                 self.save()
         if history:
+            history[-1].update(self.evaluate())
+            self.metrics.log_eval(self.step, history[-1])
             path = self.save()
             self.metrics.note(f"saved checkpoint {path}")
         self.metrics.close()

@@ -122,6 +122,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, doc_ids):
         b, s, _ = x.shape
+        cos, sin = cos[:s], sin[:s]
         q = apply_rope(self.wq(x).view(b, s, -1, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(b, s, -1, self.head_dim), cos, sin)
         v = self.wv(x).view(b, s, -1, self.head_dim)
@@ -185,10 +186,8 @@ class PhiModel(nn.Module):
         """`inputs`: token ids [b, s] (or hidden states when this is a later pipeline stage).
         `doc_ids` [b, s]: attention stays inside each packed document. Returns logits or hidden."""
         h = self.tok_embeddings(inputs) if self.tok_embeddings is not None else inputs
-        seq_len = h.shape[1]
-        cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
         for layer in self.layers.values():
-            h = layer(h, cos, sin, doc_ids)
+            h = layer(h, self.rope_cos, self.rope_sin, doc_ids)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h

@@ -18,6 +18,7 @@ class ParallelConfig:
     dp: int = -1  # -1: whatever the world size leaves after tp * pp
     pp_schedule: str = "1F1B"  # any torch.distributed.pipelining schedule class name, minus "Schedule"
     micro_batch_size: int = 4  # sequences per forward; the local batch is split into these
+    sequence_parallel: bool = False  # with tp > 1: shard norms and the residual stream over the sequence
 
 
 class LayoutError(ValueError):

@@ -11,18 +11,29 @@ from __future__ import annotations
 import dataclasses
 
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
 from training.models.phi import PhiModel
 
 
-def apply_tensor_parallel(model: PhiModel, tp_mesh: DeviceMesh) -> None:
+def apply_tensor_parallel(model: PhiModel, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
+    """With `sequence_parallel`, the residual stream between blocks (and each norm) is sharded over the
+    sequence: all-gather before the column-parallel layers, reduce-scatter after the row-parallel ones."""
+    between_blocks = Shard(1) if sequence_parallel else Replicate()
     plan = {}
     if model.tok_embeddings is not None:
-        plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+        plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=between_blocks)
+    if model.norm is not None and sequence_parallel:
+        plan["norm"] = SequenceParallel()
     if model.output is not None:
-        plan["output"] = ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False)
+        plan["output"] = ColwiseParallel(input_layouts=between_blocks, output_layouts=Shard(-1), use_local_output=False)
     for name in model.layers:
         prefix = f"layers.{name}"
         plan.update(
@@ -30,12 +41,27 @@ def apply_tensor_parallel(model: PhiModel, tp_mesh: DeviceMesh) -> None:
                 f"{prefix}.attention.wq": ColwiseParallel(),
                 f"{prefix}.attention.wk": ColwiseParallel(),
                 f"{prefix}.attention.wv": ColwiseParallel(),
-                f"{prefix}.attention.wo": RowwiseParallel(),
+                f"{prefix}.attention.wo": RowwiseParallel(output_layouts=between_blocks),
                 f"{prefix}.feed_forward.w1": ColwiseParallel(),
                 f"{prefix}.feed_forward.w3": ColwiseParallel(),
-                f"{prefix}.feed_forward.w2": RowwiseParallel(),
+                f"{prefix}.feed_forward.w2": RowwiseParallel(output_layouts=between_blocks),
             }
         )
+        if sequence_parallel:
+            plan.update(
+                {
+                    f"{prefix}.attention_norm": SequenceParallel(),
+                    f"{prefix}.ffn_norm": SequenceParallel(),
+                    # attention(x, cos, sin, doc_ids) and feed_forward(x) gather the sequence first
+                    f"{prefix}.attention": PrepareModuleInput(
+                        input_layouts=(Shard(1), None, None, None),
+                        desired_input_layouts=(Replicate(), None, None, None),
+                    ),
+                    f"{prefix}.feed_forward": PrepareModuleInput(
+                        input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+                    ),
+                }
+            )
     parallelize_module(model, tp_mesh, plan)
     local_kv_heads = model.config.n_kv_heads // tp_mesh.size()
     for layer in model.layers.values():
@@ -44,3 +70,13 @@ def apply_tensor_parallel(model: PhiModel, tp_mesh: DeviceMesh) -> None:
             layer.attention.s2 = dataclasses.replace(layer.attention.s2, head_start=head_start)
     if model.config.tie_embeddings and model.tok_embeddings is not None and model.output is not None:
         model.output.weight = model.tok_embeddings.weight  # both are Shard(0) over the vocabulary
+
+
+def reduce_partial_grads(parameters) -> None:
+    """Replicated parameters used on sequence-sharded activations (norm weights under sequence
+    parallel) get partial-sum gradients; sum them over the TP group so every rank holds the full one."""
+    for param in parameters:
+        grad = param.grad
+        if isinstance(grad, DTensor) and any(pl.is_partial() for pl in grad.placements):
+            placements = [Replicate() if pl.is_partial() else pl for pl in grad.placements]
+            param.grad = grad.redistribute(grad.device_mesh, placements)
