@@ -18,11 +18,15 @@ def fit_losses(config) -> list[float]:
     return [m["loss"] for m in Trainer(config).fit()]
 
 
-@pytest.mark.parametrize("layout", [dict(), dict(tp=2, pp=2)], ids=["single", "tp2-pp2"])
-def test_resume_reproduces_uninterrupted_run(layout, small_dataset, tmp_path):
+@pytest.mark.parametrize(
+    "layout,async_save", [(dict(), False), (dict(tp=2, pp=2), True)], ids=["single", "tp2-pp2-async-save"]
+)
+def test_resume_reproduces_uninterrupted_run(layout, async_save, small_dataset, tmp_path):
     world = layout.get("tp", 1) * layout.get("pp", 1)
     base = dataclasses.replace(small_config(small_dataset, tmp_path / "a", **layout), steps=TOTAL)
-    split = dataclasses.replace(base, out_dir=str(tmp_path / "b"), checkpoint=CheckpointConfig(resume="auto"))
+    # A save every 2 steps, so with async_save the step-2 save is still in flight when step 3 trains.
+    checkpoint = CheckpointConfig(resume="auto", save_every=2, async_save=async_save)
+    split = dataclasses.replace(base, out_dir=str(tmp_path / "b"), checkpoint=checkpoint)
 
     uninterrupted = run_ranks(world, fit_losses, base)[0]
     first = run_ranks(world, fit_losses, dataclasses.replace(split, stop_after=STOP))[0]
@@ -33,22 +37,28 @@ def test_resume_reproduces_uninterrupted_run(layout, small_dataset, tmp_path):
     assert first + second == uninterrupted
 
 
+def world(layout: dict) -> int:
+    return layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1)
+
+
 @pytest.mark.parametrize(
-    "save,load", [(dict(tp=2, pp=2), dict()), (dict(), dict(tp=2, pp=2))], ids=["tp2pp2-to-single", "single-to-tp2pp2"]
+    "save,load",
+    [(dict(tp=2, pp=2), dict()), (dict(), dict(tp=2, pp=2)), (dict(dp=2, tp=2, dp_mode="fsdp"), dict(pp=2))],
+    ids=["tp2pp2-to-single", "single-to-tp2pp2", "fsdp-dp2tp2-to-pp2"],
 )
 def test_resume_under_another_layout(save, load, small_dataset, tmp_path):
     """Checkpoints are keyed by full-model names, so any layout loads any other's."""
     base = dataclasses.replace(small_config(small_dataset, tmp_path / "a", **save), steps=TOTAL)
-    uninterrupted = run_ranks(save.get("tp", 1) * save.get("pp", 1), fit_losses, base)[0]
+    uninterrupted = run_ranks(world(save), fit_losses, base)[0]
     first = dataclasses.replace(
         base, out_dir=str(tmp_path / "b"), stop_after=STOP, checkpoint=CheckpointConfig(resume="auto")
     )
-    run_ranks(save.get("tp", 1) * save.get("pp", 1), fit_losses, first)
+    run_ranks(world(save), fit_losses, first)
     checkpoint = first.run_dir / "checkpoints" / f"step_{STOP:08d}"
     resumed = dataclasses.replace(
         small_config(small_dataset, tmp_path / "c", **load),
         steps=TOTAL,
         checkpoint=CheckpointConfig(resume=str(checkpoint)),
     )
-    second = run_ranks(load.get("tp", 1) * load.get("pp", 1), fit_losses, resumed)[0]
+    second = run_ranks(world(load), fit_losses, resumed)[0]
     assert second == pytest.approx(uninterrupted[STOP:], rel=1e-5)

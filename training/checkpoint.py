@@ -39,27 +39,47 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def save_checkpoint(
-    ckpt_dir: Path,
-    step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    trainer_state: dict,
-    keep_last: int = 2,
-) -> Path:
-    path = ckpt_dir / f"step_{step:08d}"
-    model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
-    if _is_main():
-        atomic_write_text(path / TRAINER_STATE, json.dumps({"step": step, **trainer_state}, indent=2))
-    _barrier()
-    if _is_main():
-        atomic_write_text(ckpt_dir / LATEST, path.name + "\n")
-        complete = sorted(p for p in ckpt_dir.glob("step_*") if (p / TRAINER_STATE).is_file())
-        for old in complete[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return path
+class Checkpointer:
+    """Saves `step_XXXXXXXX/` folders and moves `latest` once a save is complete on every rank.
+
+    With `async_save`, DCP stages the state and writes it in the background while training goes on;
+    the save is finalised (trainer state, `latest`, pruning) by the next `save` or by `wait`."""
+
+    def __init__(self, ckpt_dir: Path, keep_last: int = 2, async_save: bool = False):
+        self.ckpt_dir, self.keep_last = ckpt_dir, keep_last
+        self.async_save = async_save and dist.is_initialized()  # one process has nothing to overlap with
+        self._pending = None
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
+        self.wait()
+        path = self.ckpt_dir / f"step_{step:08d}"
+        model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
+        state = {"model": model_state, "optim": optim_state}
+        if self.async_save:
+            future = dcp.async_save(state, checkpoint_id=str(path))
+            self._pending = (future, path, {"step": step, **trainer_state})
+        else:
+            dcp.save(state, checkpoint_id=str(path))
+            self._finalize(path, {"step": step, **trainer_state})
+        return path
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            future, path, trainer_state = self._pending
+            self._pending = None
+            future.result()
+            self._finalize(path, trainer_state)
+
+    def _finalize(self, path: Path, trainer_state: dict) -> None:
+        if _is_main():
+            atomic_write_text(path / TRAINER_STATE, json.dumps(trainer_state, indent=2))
+        _barrier()  # every rank's shards are on disk before `latest` moves
+        if _is_main():
+            atomic_write_text(self.ckpt_dir / LATEST, path.name + "\n")
+            complete = sorted(p for p in self.ckpt_dir.glob("step_*") if (p / TRAINER_STATE).is_file())
+            for old in complete[: -self.keep_last] if self.keep_last > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
 
 
 def resolve_checkpoint(resume: str, ckpt_dir: Path) -> Path | None:

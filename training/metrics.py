@@ -12,6 +12,15 @@ from tqdm import tqdm
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
+def peak_memory_gib() -> float:
+    """Peak GPU memory allocated, or the process's peak resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def device_peak_tflops() -> float | None:
     if not torch.cuda.is_available():
         return None
@@ -44,6 +53,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         step = int(metrics["step"])
+        metrics["memory_gib"] = peak_memory_gib()
         if self.peak:
             metrics["mfu"] = self.flops_per_token * metrics["tokens_per_s"] / (self.peak * 1e12)
         for key, value in metrics.items():

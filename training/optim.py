@@ -61,7 +61,9 @@ def build_optimizer(model: torch.nn.Module, config: OptimConfig, lr: float) -> t
     for name, param in model.named_parameters():
         (no_decay if param.ndim < 2 or "embeddings" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(config.beta1, config.beta2), eps=config.eps)
+    # The fused kernel (CPU and CUDA) takes plain tensors; tensor-parallel DTensors use the default path.
+    fused = not any(isinstance(p, DTensor) for p in model.parameters())
+    return torch.optim.AdamW(groups, lr=lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=fused or None)
 
 
 def lr_multiplier(step: int, total_steps: int, config: OptimConfig) -> float:
@@ -90,35 +92,32 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, config: 
 
 
 def clip_grad_norm(
-    parameters: list[torch.nn.Parameter],
-    max_norm: float,
-    tp_group: dist.ProcessGroup | None = None,
-    pp_group: dist.ProcessGroup | None = None,
+    parameters: list[torch.nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None = None
 ) -> torch.Tensor:
-    """Global L2 norm over every rank's shard of every parameter, then scale grads if above max_norm.
+    """Global L2 norm over every rank's piece of every gradient, then scale grads if above max_norm.
 
-    Tensor-parallel shards add up over the TP group (replicated params are counted once); pipeline
-    stages add up over the PP group. Data-parallel replicas hold identical grads after all-reduce.
-    """
+    A DTensor gradient's squared norm is summed over the mesh dims it is sharded on (TP, and DP under
+    FSDP) and counted once over the dims it is replicated on; pipeline stages add up over the PP group."""
     device = next(iter(parameters)).device
-    sharded = torch.zeros((), dtype=torch.float32, device=device)
-    replicated = torch.zeros((), dtype=torch.float32, device=device)
+    squares: dict[tuple[str, ...], torch.Tensor] = {}
+    groups: dict[tuple[str, ...], list[dist.ProcessGroup]] = {}
     grads = []
     for p in parameters:
         if p.grad is None:
             continue
-        g = p.grad
-        is_sharded = isinstance(g, DTensor) and any(pl.is_shard() for pl in g.placements)
-        local = g.to_local() if isinstance(g, DTensor) else g
-        grads.append(local)
-        square = local.detach().float().pow(2).sum()
-        if is_sharded:
-            sharded += square
-        else:
-            replicated += square
-    if tp_group is not None:
-        dist.all_reduce(sharded, group=tp_group)
-    total = sharded + replicated
+        g, key = p.grad, ()
+        if isinstance(g, DTensor):
+            dims = [i for i, pl in enumerate(g.placements) if not (pl.is_replicate() or pl.is_partial())]
+            key = tuple(g.device_mesh.mesh_dim_names[i] for i in dims)
+            groups[key] = [g.device_mesh.get_group(i) for i in dims]
+            g = g.to_local()
+        grads.append(g)
+        squares[key] = squares.get(key, torch.zeros((), device=device)) + g.detach().float().pow(2).sum()
+    total = torch.zeros((), device=device)
+    for key in sorted(squares):  # the same order on every rank of a stage
+        for group in groups.get(key, []):
+            dist.all_reduce(squares[key], group=group)
+        total = total + squares[key]
     if pp_group is not None:
         dist.all_reduce(total, group=pp_group)
     norm = total.sqrt()

@@ -18,14 +18,16 @@ from torch.distributed.tensor.parallel import loss_parallel
 from data_pipeline.config import to_dict
 from data_pipeline.loader import IGNORE_INDEX, Batch, DataLoader, PackedDataset
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
-from training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from training.checkpoint import Checkpointer, load_checkpoint, resolve_checkpoint
 from training.metrics import MetricsLogger
 from training.models.phi import PhiConfig, PhiModel, count_params_and_flops
 from training.optim import OptimConfig, build_optimizer, build_scheduler, clip_grad_norm, resolve_lr
-from training.parallel.data import allreduce_gradients
+from training.parallel.data import allreduce_gradients, apply_fsdp
 from training.parallel.mesh import ParallelConfig, ParallelDims, device_type
-from training.parallel.pipeline import build_schedule, keep_stage
+from training.parallel.pipeline import V_SHAPE_SCHEDULES, build_schedule, keep_stages, stages_of_rank
 from training.parallel.tensor import apply_tensor_parallel, reduce_partial_grads
+from training.precision import LossScaler, autocast
+from training.transforms import apply_activation_checkpointing, apply_compile
 
 
 @dataclass
@@ -40,6 +42,7 @@ class CheckpointConfig:
     save_every: int = 0  # steps between saves; 0 saves only at the end
     keep_last: int = 2
     resume: str = "auto"  # auto (latest in this run's folder, if any) | none | a step_* folder
+    async_save: bool = False  # write in the background while training continues (multi-rank runs)
 
 
 @dataclass
@@ -54,6 +57,9 @@ class TrainConfig:
     eval_batches: int = 0  # global batches per evaluation; 0: the whole split
     dist_timeout_s: int = 600
     init_from: str | None = None  # start from weights: an HF Phi3 folder or a consolidated .pt file
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast over fp32 master weights; fp16 adds loss scaling)
+    activation_checkpointing: str = "none"  # none | full (every block) | selective (core attention)
+    compile: bool = False  # torch.compile each block
     model: PhiConfig = field(default_factory=PhiConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -88,7 +94,6 @@ class Trainer:
         self.mesh = self.dims.build_mesh(self.device.type)
         coords = self.mesh.get_coordinate() if self.mesh is not None else [0, 0, 0]
         self.pp_rank, self.dp_rank, self.tp_rank = coords
-        self.is_first_stage, self.is_last_stage = self.pp_rank == 0, self.pp_rank == self.dims.pp - 1
         self.is_main = rank == 0
 
         local_batch, rem = divmod(config.data.global_batch_size, self.dims.dp)
@@ -117,10 +122,28 @@ class Trainer:
         model = PhiModel(mc)
         if config.init_from:
             model.load_state_dict(load_initial_weights(config.init_from), strict=True)
+        pc = config.parallel
+        self.stages = stages_of_rank(self.pp_rank, self.dims.pp, pc.virtual_stages, pc.pp_schedule)
+        num_stages = self.dims.pp * pc.virtual_stages
+        self.is_first_stage, self.is_last_stage = 0 in self.stages, num_stages - 1 in self.stages
         if self.dims.pp > 1:
-            keep_stage(model, self.pp_rank, self.dims.pp)
+            keep_stages(model, self.stages, num_stages)
         if self.dims.tp > 1:
             apply_tensor_parallel(model, self.mesh["tp"], config.parallel.sequence_parallel)
+        apply_activation_checkpointing(model, config.activation_checkpointing)
+        if config.compile:
+            apply_compile(model)
+        self.fsdp = self.dims.dp > 1 and pc.dp_mode == "fsdp"
+        if pc.dp_mode not in ("allreduce", "fsdp"):
+            raise ValueError(f"parallel.dp_mode {pc.dp_mode!r} is not one of allreduce, fsdp")
+        self._replica_factor = self.dims.dp if self.fsdp else 1  # FSDP averages over replicas; we need the sum
+        if self.fsdp:
+            if len(self.stages) > 1:
+                raise ValueError("parallel.dp_mode=fsdp with virtual pipeline stages is not supported yet")
+            # Pipelines run many micro-batches per step: keep gathered weights between them.
+            apply_fsdp(model, self.mesh["dp"], reshard_after_forward=self.dims.pp == 1)
+        autocast(config.precision, self.device.type)  # refuses an unknown precision before training
+        self.scaler = LossScaler(enabled=config.precision == "fp16")
         self.model = model.to(self.device)
         self.nparams, self.flops_per_token = count_params_and_flops(mc, dataset.manifest["seq_len"])
         tokens = config.steps * config.data.global_batch_size * dataset.manifest["seq_len"]
@@ -131,8 +154,8 @@ class Trainer:
         if self.dims.pp > 1:
             self.schedule = build_schedule(
                 self.model,
-                self.pp_rank,
-                self.dims.pp,
+                self.stages,
+                num_stages,
                 self.mesh["pp"].get_group(),
                 self.device,
                 self.n_microbatches,
@@ -142,6 +165,8 @@ class Trainer:
         self._token_count = torch.ones((), device=self.device)
         self._microbatch_stats: list[torch.Tensor] = []
         self.step = 0
+        ckpt = config.checkpoint
+        self.checkpointer = Checkpointer(config.run_dir / "checkpoints", ckpt.keep_last, ckpt.async_save)
         self.metrics = MetricsLogger(config.run_dir, self.families, self.flops_per_token, enabled=self.is_main)
         if lr_note:
             self.metrics.note(lr_note)
@@ -160,7 +185,7 @@ class Trainer:
         stats[0].index_add_(0, family, per_token.detach().float())
         stats[1].index_add_(0, family, valid.float())
         self._microbatch_stats.append(stats)
-        return per_token.sum() / self._token_count
+        return per_token.sum() * self.scaler.scale * self._replica_factor / self._token_count
 
     def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self._loss(output, target[..., 0], target[..., 1])
@@ -176,7 +201,7 @@ class Trainer:
         self._token_count = (batch.labels != IGNORE_INDEX).sum().float()
         if self.dims.dp > 1:
             dist.all_reduce(self._token_count, group=self.mesh["dp"].get_group())
-        with self._loss_context(), torch.set_grad_enabled(backward):
+        with self._loss_context(), torch.set_grad_enabled(backward), autocast(self.config.precision, self.device.type):
             if self.schedule is not None:
                 target = torch.stack([batch.labels, batch.family_ids], dim=-1)
                 args = (batch.tokens,) if self.is_first_stage else ()
@@ -186,7 +211,10 @@ class Trainer:
                 else:
                     self.schedule.eval(*args, **kwargs)
             else:
-                for mb in batch.split(self.n_microbatches):
+                micro = batch.split(self.n_microbatches)
+                for i, mb in enumerate(micro):
+                    if self.fsdp and backward:  # reduce-scatter gradients once, after the last micro-batch
+                        self.model.set_requires_gradient_sync(i == len(micro) - 1)
                     loss = self._loss(self.model(mb.tokens, doc_ids=mb.doc_ids), mb.labels, mb.family_ids)
                     if backward:
                         loss.backward()
@@ -196,12 +224,16 @@ class Trainer:
         self._run_batch(batch, backward=True)
         if self.config.parallel.sequence_parallel:
             reduce_partial_grads(self.model.parameters())
-        if self.dims.dp > 1:
+        if self.dims.dp > 1 and not self.fsdp:
             allreduce_gradients(self.model.parameters(), self.mesh["dp"].get_group())
 
     def evaluate(self) -> dict[str, float]:
         """Loss per family on the held-out `valid` split (`eval_batches` global batches, 0 = all)."""
         if self.valid_loader is None:
+            return {}
+        if self.config.parallel.pp_schedule in V_SHAPE_SCHEDULES and self.dims.pp > 1:
+            # torch's pipelining cannot run V-shaped schedules forward-only (eval) yet.
+            self.metrics.note(f"evaluation skipped: not available with pp_schedule={self.config.parallel.pp_schedule}")
             return {}
         n = self.valid_loader.steps_per_epoch
         n = min(n, self.config.eval_batches) if self.config.eval_batches else n
@@ -216,17 +248,20 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         self.forward_backward(batch)
-        grad_norm = clip_grad_norm(
-            list(self.model.parameters()),
-            self.config.optim.grad_clip,
-            tp_group=self.mesh["tp"].get_group() if self.dims.tp > 1 else None,
-            pp_group=self.mesh["pp"].get_group() if self.dims.pp > 1 else None,
-        )
+        params = list(self.model.parameters())
+        overflow = self.scaler.unscale_and_check(params)
+        pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
+        grad_norm = clip_grad_norm(params, self.config.optim.grad_clip, pp_group=pp_group)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        if not overflow:
+            self.optimizer.step()
         self.scheduler.step()
+        self.scaler.update(overflow)
         self.optimizer.zero_grad(set_to_none=True)
-        return self._reduce_metrics(grad_norm, lr)
+        metrics = self._reduce_metrics(grad_norm, lr)
+        if self.scaler.enabled:
+            metrics.update(loss_scale=self.scaler.scale, skipped=float(overflow))
+        return metrics
 
     def _replica_stats(self) -> torch.Tensor:
         """Per-family [loss sum, token count] of the global batch, counted once per replica (TP rank 0,
@@ -261,23 +296,18 @@ class Trainer:
         state = load_checkpoint(path, self.model, self.optimizer)
         self.step = state["step"]
         self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["loss_scaler"])
         self.metrics.note(f"resumed from {path} at step {self.step}")
 
     def save(self) -> Path:
         state = {
             "data": self.loader.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "loss_scaler": self.scaler.state_dict(),
             "config": to_dict(self.config),
             "layout": {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp},
         }
-        return save_checkpoint(
-            self.config.run_dir / "checkpoints",
-            self.step,
-            self.model,
-            self.optimizer,
-            state,
-            self.config.checkpoint.keep_last,
-        )
+        return self.checkpointer.save(self.step, self.model, self.optimizer, state)
 
     def fit(self) -> list[dict[str, float]]:
         config = self.config
@@ -305,6 +335,7 @@ class Trainer:
             history[-1].update(self.evaluate())
             self.metrics.log_eval(self.step, history[-1])
             path = self.save()
+            self.checkpointer.wait()
             self.metrics.note(f"saved checkpoint {path}")
         self.metrics.close()
         return history

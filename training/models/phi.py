@@ -67,11 +67,11 @@ class PhiConfig:
     tie_embeddings: bool = False
     attn_backend: str = "sdpa"  # triton | flash_attn | sdpa | reference
     s2: S2Pattern | None = None  # S2-Attention pattern for the sparse layers; None: all layers dense
-    dense_every: int = 2  # with s2: layers 0, k, 2k, ... stay dense (Phi-3-small alternates, k=2)
+    dense_every: int = 2  # with s2: layers 0, k, 2k, ... stay dense (Phi-3-small alternates, k=2); 0: none
     init_std: float = 0.02
 
     def is_sparse(self, layer: int) -> bool:
-        return self.s2 is not None and layer % self.dense_every != 0
+        return self.s2 is not None and (self.dense_every == 0 or layer % self.dense_every != 0)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> PhiConfig:
@@ -84,8 +84,8 @@ class PhiConfig:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.attn_backend not in BACKENDS:
             raise ValueError(f"attn_backend {self.attn_backend!r} is not one of {BACKENDS}")
-        if self.dense_every < 1:
-            raise ValueError(f"dense_every must be >= 1, got {self.dense_every}")
+        if self.dense_every < 0:
+            raise ValueError(f"dense_every must be >= 0, got {self.dense_every}")
         if int(self.head_dim * self.rope_fraction) % 2:
             raise ValueError(f"rope_fraction {self.rope_fraction} x head_dim {self.head_dim} must be even")
 
@@ -126,8 +126,12 @@ class Attention(nn.Module):
         q = apply_rope(self.wq(x).view(b, s, -1, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(b, s, -1, self.head_dim), cos, sin)
         v = self.wv(x).view(b, s, -1, self.head_dim)
-        out = attention(q, k, v, doc_ids=doc_ids, backend=self.backend, s2=self.s2)
+        out = self.core_attention(q, k, v, doc_ids)
         return self.wo(out.reshape(b, s, -1))
+
+    def core_attention(self, q, k, v, doc_ids):
+        """Scores, softmax and weighted sum: the part selective activation checkpointing recomputes."""
+        return attention(q, k, v, doc_ids=doc_ids, backend=self.backend, s2=self.s2)
 
 
 class FeedForward(nn.Module):

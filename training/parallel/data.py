@@ -1,4 +1,5 @@
-"""Data parallelism: sum gradients over data-parallel replicas in one flat all-reduce.
+"""Data parallelism, two ways: replicas that sum gradients in one flat all-reduce (`allreduce`), or
+FSDP2 sharding of parameters, gradients and optimizer state (`fsdp`).
 
 The loss is normalised by the global token count, so a sum (not a mean) gives the exact gradient of
 the global batch whatever the DP size.
@@ -25,3 +26,17 @@ def allreduce_gradients(parameters, group: dist.ProcessGroup) -> None:
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def apply_fsdp(model: torch.nn.Module, dp_mesh, reshard_after_forward: bool) -> None:
+    """FSDP2 over the data-parallel mesh: parameters, gradients and optimizer state sharded (ZeRO-3).
+
+    Each block is its own unit (all-gathered just before use), the rest goes with the root.
+    FSDP averages gradients over replicas; the trainer multiplies its loss by the DP size to get the
+    sum (gloo has no pre-multiplied reduction to ask FSDP for a sum directly). Composes with tensor
+    parallel (2-D DTensors) and pipeline stages."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.layers.values():
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)

@@ -1,18 +1,53 @@
-"""Pipeline parallelism: cut the model into stages and run a torch.distributed.pipelining schedule."""
+"""Pipeline parallelism: cut the model into stages and run a torch.distributed.pipelining schedule.
+
+A rank owns one stage (1F1B, GPipe) or several virtual stages (Interleaved1F1B, LoopedBFS,
+InterleavedZeroBubble: stages rank, rank + pp, ...; ZBVZeroBubble: the V shape rank, 2 pp - 1 - rank).
+The rank keeps one `PhiModel` holding all its layers under their full-model names (what the
+optimizer and checkpoints see), and each stage runs a view of it that shares those modules.
+"""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.pipelining import PipelineStage, schedules
 
 from training.models.phi import PhiModel
 
+V_SHAPE_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")
+
+
+def schedule_class(name: str) -> type:
+    cls = getattr(schedules, f"Schedule{name}", None)
+    if cls is None or not issubclass(cls, (schedules.PipelineScheduleSingle, schedules.PipelineScheduleMulti)):
+        raise ValueError(
+            f"parallel.pp_schedule {name!r} is not a torch.distributed.pipelining schedule "
+            "(1F1B, GPipe, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble)"
+        )
+    return cls
+
+
+def stages_of_rank(pp_rank: int, pp: int, virtual_stages: int, schedule: str) -> list[int]:
+    cls = schedule_class(schedule)
+    if issubclass(cls, schedules.PipelineScheduleSingle):
+        if virtual_stages != 1:
+            raise ValueError(f"parallel.pp_schedule {schedule} runs one stage per rank; set virtual_stages=1")
+        return [pp_rank]
+    if schedule in V_SHAPE_SCHEDULES:
+        if virtual_stages != 2:
+            raise ValueError(f"parallel.pp_schedule {schedule} needs virtual_stages=2 (a V of two stages per rank)")
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + k * pp for k in range(virtual_stages)]
+
 
 def stage_layers(n_layers: int, num_stages: int) -> list[list[int]]:
     """Even split; the first stages take one extra layer each when it does not divide."""
+    if n_layers < num_stages:
+        raise ValueError(f"{num_stages} pipeline stages need at least as many layers, the model has {n_layers}")
     base, extra = divmod(n_layers, num_stages)
     bounds, start = [], 0
     for stage in range(num_stages):
@@ -22,29 +57,45 @@ def stage_layers(n_layers: int, num_stages: int) -> list[list[int]]:
     return bounds
 
 
-def keep_stage(model: PhiModel, stage: int, num_stages: int) -> PhiModel:
-    """Remove what other stages own, in place: the embedding lives on the first stage, norm and head on
-    the last. Remaining parameters keep their full-model names."""
+def keep_stages(model: PhiModel, stages: list[int], num_stages: int) -> PhiModel:
+    """Remove, in place, what other ranks' stages own: the embedding lives on stage 0, norm and head on
+    the last stage. Remaining parameters keep their full-model names."""
     if model.config.tie_embeddings and num_stages > 1:
         raise ValueError(
             "tie_embeddings=true with pipeline parallel is not supported yet: the embedding "
             "and the head live on different stages"
         )
-    keep = {str(i) for i in stage_layers(model.config.n_layers, num_stages)[stage]}
+    split = stage_layers(model.config.n_layers, num_stages)
+    keep = {str(i) for s in stages for i in split[s]}
     for name in list(model.layers):
         if name not in keep:
             del model.layers[name]
-    if stage != 0:
+    if 0 not in stages:
         model.tok_embeddings = None
-    if stage != num_stages - 1:
+    if num_stages - 1 not in stages:
         model.norm = None
         model.output = None
     return model
 
 
+def stage_view(model: PhiModel, stage: int, num_stages: int) -> PhiModel:
+    """The same model restricted to one stage's layers, sharing every module with `model`."""
+    view = copy.copy(model)
+    view._modules = dict(model._modules)
+    view.layers = nn.ModuleDict(
+        {str(i): model.layers[str(i)] for i in stage_layers(model.config.n_layers, num_stages)[stage]}
+    )
+    if stage != 0:
+        view.tok_embeddings = None
+    if stage != num_stages - 1:
+        view.norm = None
+        view.output = None
+    return view
+
+
 def build_schedule(
-    stage_module: PhiModel,
-    stage: int,
+    model: PhiModel,
+    stages: list[int],
     num_stages: int,
     group: dist.ProcessGroup,
     device: torch.device,
@@ -52,11 +103,13 @@ def build_schedule(
     loss_fn: Callable,
     schedule: str = "1F1B",
 ):
-    schedule_cls = getattr(schedules, f"Schedule{schedule}", None)
-    if schedule_cls is None or not issubclass(schedule_cls, schedules.PipelineScheduleSingle):
-        raise ValueError(
-            f"parallel.pp_schedule {schedule!r} is not a single-stage pipelining schedule (e.g. 1F1B, GPipe)"
+    cls = schedule_class(schedule)
+    pipeline_stages = [
+        PipelineStage(
+            stage_view(model, s, num_stages) if len(stages) > 1 else model, s, num_stages, device, group=group
         )
-    pipeline_stage = PipelineStage(stage_module, stage, num_stages, device, group=group)
+        for s in stages
+    ]
     # The loss is already normalised by the global token count: no extra 1/n_microbatches scaling.
-    return schedule_cls(pipeline_stage, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    first = pipeline_stages[0] if issubclass(cls, schedules.PipelineScheduleSingle) else pipeline_stages
+    return cls(first, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
