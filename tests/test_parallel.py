@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.distributed.tensor import DTensor
@@ -21,7 +23,17 @@ GRAD_ATOL, GRAD_RTOL = 2e-6, 1e-4
 
 
 def small_config(
-    data_path, out_dir, tp=1, pp=1, dp=-1, sp=False, schedule="1F1B", virtual=1, dp_mode="allreduce", **model
+    data_path,
+    out_dir,
+    tp=1,
+    pp=1,
+    dp=-1,
+    sp=False,
+    schedule="1F1B",
+    virtual=1,
+    dp_mode="allreduce",
+    pp_layers=None,
+    **model,
 ) -> TrainConfig:
     return TrainConfig(
         name="parity",
@@ -47,6 +59,7 @@ def small_config(
             pp_schedule=schedule,
             virtual_stages=virtual,
             dp_mode=dp_mode,
+            pp_layers=pp_layers,
         ),
         data=DataConfig(path=str(data_path), global_batch_size=8),
         checkpoint=CheckpointConfig(resume="none"),
@@ -80,11 +93,13 @@ def reference(small_dataset, tmp_path_factory):
         dict(tp=2, pp=2),
         dict(dp=2),
         dict(dp=2, tp=2),
+        dict(dp=2, pp=2),
         dict(dp=2, dp_mode="fsdp"),
         dict(dp=2, tp=2, dp_mode="fsdp"),
         dict(dp=2, pp=2, dp_mode="fsdp"),
         dict(tp=2, sp=True),
         dict(tp=2, pp=2, sp=True),
+        dict(pp=2, pp_layers=[1, 3]),
         dict(pp=2, schedule="Interleaved1F1B", virtual=2),
         dict(tp=2, pp=2, schedule="Interleaved1F1B", virtual=2),
         dict(pp=2, schedule="InterleavedZeroBubble", virtual=2),
@@ -131,3 +146,26 @@ def test_tensor_parallel_keeps_each_ranks_s2_head_patterns(small_dataset, tmp_pa
     ref_grads, ref_history = grads_and_history(small_config(small_dataset, tmp_path / "ref", **s2))
     results = run_ranks(2, grads_and_history, small_config(small_dataset, tmp_path / "tp", tp=2, **s2))
     assert_same_training(results, ref_grads, ref_history)
+
+
+@pytest.mark.parametrize(
+    "layout,model,message",
+    [
+        (dict(tp=3), {}, "does not match the world size 4"),
+        (dict(tp=4), {}, "does not divide n_kv_heads=2"),
+        (dict(tp=2, pp=2), dict(n_layers=1), "exceeds n_layers=1"),
+        (dict(pp=2, pp_layers=[1, 1]), {}, "summing to n_layers=4"),
+    ],
+)
+def test_layouts_that_do_not_fit_are_refused(layout, model, message, small_dataset, tmp_path):
+    config = small_config(small_dataset, tmp_path, **layout)
+    config.model = dataclasses.replace(config.model, **model)
+    world = 4
+    with pytest.raises(Exception, match=message):
+        # Checks run before any collective, so one process stands in for the world.
+        from training.parallel.mesh import ParallelDims
+        from training.parallel.pipeline import stage_layers
+
+        dims = ParallelDims.from_config(config.parallel, world)
+        dims.check_model(config.model.n_heads, config.model.n_kv_heads, config.model.n_layers, config.model.vocab_size)
+        stage_layers(config.model.n_layers, dims.pp, config.parallel.pp_layers)

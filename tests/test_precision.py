@@ -54,3 +54,11 @@ def test_loss_scaler_skips_overflow_and_adapts():
     scaler.update(False)
     scaler.update(False)
     assert scaler.scale == 1024.0, "doubles after growth_interval clean steps"
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager(small_dataset, tmp_path):
+    eager = [h["loss"] for h in grads_and_history(small_config(small_dataset, tmp_path / "a"))[1][:-1]]
+    config = dataclasses.replace(small_config(small_dataset, tmp_path / "b"), compile=True)
+    compiled = [h["loss"] for h in grads_and_history(config)[1][:-1]]
+    assert compiled == pytest.approx(eager, rel=1e-4)

@@ -97,9 +97,17 @@ def resolve_checkpoint(resume: str, ckpt_dir: Path) -> Path | None:
     return path
 
 
+# Optimizer options that describe this run's implementation (which kernel), not the training state:
+# a checkpoint written by another layout must not switch them.
+IMPLEMENTATION_OPTIONS = ("fused", "foreach", "capturable", "differentiable")
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(path))
+    implementation = [{k: g[k] for k in IMPLEMENTATION_OPTIONS if k in g} for g in optimizer.param_groups]
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=OPTIONS)
+    for group, options in zip(optimizer.param_groups, implementation, strict=True):
+        group.update(options)
     return json.loads((path / TRAINER_STATE).read_text())

@@ -127,7 +127,7 @@ class Trainer:
         num_stages = self.dims.pp * pc.virtual_stages
         self.is_first_stage, self.is_last_stage = 0 in self.stages, num_stages - 1 in self.stages
         if self.dims.pp > 1:
-            keep_stages(model, self.stages, num_stages)
+            keep_stages(model, self.stages, num_stages, pc.pp_layers)
         if self.dims.tp > 1:
             apply_tensor_parallel(model, self.mesh["tp"], config.parallel.sequence_parallel)
         apply_activation_checkpointing(model, config.activation_checkpointing)
@@ -161,6 +161,7 @@ class Trainer:
                 self.n_microbatches,
                 self._pipeline_loss,
                 config.parallel.pp_schedule,
+                config.parallel.pp_layers,
             )
         self._token_count = torch.ones((), device=self.device)
         self._microbatch_stats: list[torch.Tensor] = []

@@ -18,6 +18,7 @@ class ParallelConfig:
     dp: int = -1  # -1: whatever the world size leaves after tp * pp
     pp_schedule: str = "1F1B"  # 1F1B, GPipe, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble
     virtual_stages: int = 1  # pipeline stages per rank (interleaved and zero-bubble schedules)
+    pp_layers: list[int] | None = None  # layers per stage, e.g. [3, 5]; default an even split
     micro_batch_size: int = 4  # sequences per forward; the local batch is split into these
     dp_mode: str = "allreduce"  # allreduce (replicated, DDP-like) | fsdp (FSDP2: params, grads, optimizer sharded)
     sequence_parallel: bool = False  # with tp > 1: shard norms and the residual stream over the sequence

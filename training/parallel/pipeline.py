@@ -44,20 +44,26 @@ def stages_of_rank(pp_rank: int, pp: int, virtual_stages: int, schedule: str) ->
     return [pp_rank + k * pp for k in range(virtual_stages)]
 
 
-def stage_layers(n_layers: int, num_stages: int) -> list[list[int]]:
-    """Even split; the first stages take one extra layer each when it does not divide."""
-    if n_layers < num_stages:
+def stage_layers(n_layers: int, num_stages: int, sizes: list[int] | None = None) -> list[list[int]]:
+    """Layers of each stage: `sizes` when given (uneven splits, e.g. fewer layers next to the
+    embedding and head), otherwise even, the first stages taking one extra when it does not divide."""
+    if sizes:
+        if len(sizes) != num_stages or sum(sizes) != n_layers or min(sizes) < 1:
+            raise ValueError(f"parallel.pp_layers {sizes} must give {num_stages} stages >= 1 layer summing to "
+                             f"n_layers={n_layers}")  # fmt: skip
+    elif n_layers < num_stages:
         raise ValueError(f"{num_stages} pipeline stages need at least as many layers, the model has {n_layers}")
-    base, extra = divmod(n_layers, num_stages)
+    else:
+        base, extra = divmod(n_layers, num_stages)
+        sizes = [base + (stage < extra) for stage in range(num_stages)]
     bounds, start = [], 0
-    for stage in range(num_stages):
-        size = base + (stage < extra)
+    for size in sizes:
         bounds.append(list(range(start, start + size)))
         start += size
     return bounds
 
 
-def keep_stages(model: PhiModel, stages: list[int], num_stages: int) -> PhiModel:
+def keep_stages(model: PhiModel, stages: list[int], num_stages: int, sizes: list[int] | None = None) -> PhiModel:
     """Remove, in place, what other ranks' stages own: the embedding lives on stage 0, norm and head on
     the last stage. Remaining parameters keep their full-model names."""
     if model.config.tie_embeddings and num_stages > 1:
@@ -65,7 +71,7 @@ def keep_stages(model: PhiModel, stages: list[int], num_stages: int) -> PhiModel
             "tie_embeddings=true with pipeline parallel is not supported yet: the embedding "
             "and the head live on different stages"
         )
-    split = stage_layers(model.config.n_layers, num_stages)
+    split = stage_layers(model.config.n_layers, num_stages, sizes)
     keep = {str(i) for s in stages for i in split[s]}
     for name in list(model.layers):
         if name not in keep:
@@ -78,13 +84,12 @@ def keep_stages(model: PhiModel, stages: list[int], num_stages: int) -> PhiModel
     return model
 
 
-def stage_view(model: PhiModel, stage: int, num_stages: int) -> PhiModel:
+def stage_view(model: PhiModel, stage: int, num_stages: int, sizes: list[int] | None = None) -> PhiModel:
     """The same model restricted to one stage's layers, sharing every module with `model`."""
     view = copy.copy(model)
     view._modules = dict(model._modules)
-    view.layers = nn.ModuleDict(
-        {str(i): model.layers[str(i)] for i in stage_layers(model.config.n_layers, num_stages)[stage]}
-    )
+    layers = stage_layers(model.config.n_layers, num_stages, sizes)[stage]
+    view.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layers})
     if stage != 0:
         view.tok_embeddings = None
     if stage != num_stages - 1:
@@ -102,11 +107,12 @@ def build_schedule(
     n_microbatches: int,
     loss_fn: Callable,
     schedule: str = "1F1B",
+    sizes: list[int] | None = None,
 ):
     cls = schedule_class(schedule)
     pipeline_stages = [
         PipelineStage(
-            stage_view(model, s, num_stages) if len(stages) > 1 else model, s, num_stages, device, group=group
+            stage_view(model, s, num_stages, sizes) if len(stages) > 1 else model, s, num_stages, device, group=group
         )
         for s in stages
     ]
