@@ -95,10 +95,14 @@ class DataLoader:
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
 
-    def batch_at(self, step: int) -> Batch:
+    def global_rows(self, step: int) -> np.ndarray:
+        """Dataset rows of the whole global batch of `step` (all replicas)."""
         epoch, position = divmod(step, self.steps_per_epoch)
         start = position * self.global_batch_size
-        rows = self._order(epoch)[start : start + self.global_batch_size]
+        return self._order(epoch)[start : start + self.global_batch_size]
+
+    def batch_at(self, step: int) -> Batch:
+        rows = self.global_rows(step)
         local = self.global_batch_size // self.dp_size
         return self.dataset.get(np.sort(rows[self.dp_rank * local : (self.dp_rank + 1) * local]))
 

@@ -39,6 +39,10 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+class CheckpointError(RuntimeError):
+    """A save that could not complete; the previous checkpoint and `latest` are untouched."""
+
+
 class Checkpointer:
     """Saves `step_XXXXXXXX/` folders and moves `latest` once a save is complete on every rank.
 
@@ -55,20 +59,36 @@ class Checkpointer:
         path = self.ckpt_dir / f"step_{step:08d}"
         model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
         state = {"model": model_state, "optim": optim_state}
-        if self.async_save:
-            future = dcp.async_save(state, checkpoint_id=str(path))
-            self._pending = (future, path, {"step": step, **trainer_state})
-        else:
-            dcp.save(state, checkpoint_id=str(path))
-            self._finalize(path, {"step": step, **trainer_state})
+        try:
+            if self.async_save:
+                future = dcp.async_save(state, checkpoint_id=str(path))
+                self._pending = (future, path, {"step": step, **trainer_state})
+            else:
+                dcp.save(state, checkpoint_id=str(path))
+                self._finalize(path, {"step": step, **trainer_state})
+        except Exception as err:
+            self._fail(path, err)
         return path
 
     def wait(self) -> None:
         if self._pending is not None:
             future, path, trainer_state = self._pending
             self._pending = None
-            future.result()
-            self._finalize(path, trainer_state)
+            try:
+                future.result()
+                self._finalize(path, trainer_state)
+            except Exception as err:
+                self._fail(path, err)
+
+    def _fail(self, path: Path, err: Exception) -> None:
+        """Remove the half-written folder (it never had `trainer_state.json`, so nothing points to it)."""
+        if _is_main():
+            shutil.rmtree(path, ignore_errors=True)
+        pointer = self.ckpt_dir / LATEST
+        previous = pointer.read_text().strip() if pointer.is_file() else "none"
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {err}. The previous checkpoint ({previous}) and `latest` are intact"
+        ) from err
 
     def _finalize(self, path: Path, trainer_state: dict) -> None:
         if _is_main():

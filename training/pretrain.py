@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.config import ConfigError, load_config
+from training.checkpoint import CheckpointError
 from training.parallel.mesh import LayoutError
-from training.trainer import TrainConfig, Trainer
+from training.trainer import NonFiniteLossError, TrainConfig, Trainer
 
 
 def init_distributed(timeout_s: int) -> None:
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except (LayoutError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (NonFiniteLossError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -60,6 +60,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast over fp32 master weights; fp16 adds loss scaling)
     activation_checkpointing: str = "none"  # none | full (every block) | selective (core attention)
     compile: bool = False  # torch.compile each block
+    nonfinite: str = "stop"  # on a NaN/inf loss or gradient: stop (report step and batch) | skip (and count)
+    loss_spike_factor: float = 3.0  # log a spike when the loss exceeds this multiple of its running mean
     model: PhiConfig = field(default_factory=PhiConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -80,6 +82,10 @@ def load_initial_weights(path: str) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"init_from: {path} is neither an HF folder nor a weights file")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A step produced NaN/inf under `nonfinite: stop`; the message names the step and the batch."""
 
 
 class Trainer:
@@ -165,7 +171,11 @@ class Trainer:
             )
         self._token_count = torch.ones((), device=self.device)
         self._microbatch_stats: list[torch.Tensor] = []
+        if config.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite {config.nonfinite!r} is not one of stop, skip")
         self.step = 0
+        self.skipped_steps = 0
+        self.loss_ema: float | None = None
         ckpt = config.checkpoint
         self.checkpointer = Checkpointer(config.run_dir / "checkpoints", ckpt.keep_last, ckpt.async_save)
         self.metrics = MetricsLogger(config.run_dir, self.families, self.flops_per_token, enabled=self.is_main)
@@ -253,15 +263,25 @@ class Trainer:
         overflow = self.scaler.unscale_and_check(params)
         pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
         grad_norm = clip_grad_norm(params, self.config.optim.grad_clip, pp_group=pp_group)
+        # The norm is global, so every rank takes the same branch: nobody waits in a collective alone.
+        nonfinite = not overflow and not torch.isfinite(grad_norm).item()
+        if nonfinite and self.config.nonfinite == "stop":
+            rows = self.loader.global_rows(self.step).tolist()
+            raise NonFiniteLossError(
+                f"non-finite loss or gradients at step {self.step + 1} (global batch rows {rows} of "
+                f"{self.loader.dataset.data_dir}); set nonfinite=skip to skip such steps"
+            )
         lr = self.scheduler.get_last_lr()[0]
-        if not overflow:
+        if not (overflow or nonfinite):
             self.optimizer.step()
         self.scheduler.step()
         self.scaler.update(overflow)
         self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += int(overflow or nonfinite)
         metrics = self._reduce_metrics(grad_norm, lr)
+        metrics.update(skipped=float(overflow or nonfinite), skipped_total=float(self.skipped_steps))
         if self.scaler.enabled:
-            metrics.update(loss_scale=self.scaler.scale, skipped=float(overflow))
+            metrics.update(loss_scale=self.scaler.scale)
         return metrics
 
     def _replica_stats(self) -> torch.Tensor:
@@ -310,6 +330,19 @@ class Trainer:
         }
         return self.checkpointer.save(self.step, self.model, self.optimizer, state)
 
+    def _watch_for_spike(self, metrics: dict[str, float]) -> None:
+        """Flag a loss far above its running mean (a spike), without changing the training."""
+        loss = metrics["loss"]
+        if (
+            not metrics["skipped"]
+            and self.loss_ema is not None
+            and loss > self.config.loss_spike_factor * self.loss_ema
+        ):
+            metrics["loss_spike"] = 1.0
+            self.metrics.note(f"loss spike at step {self.step}: {loss:.4f} vs running mean {self.loss_ema:.4f}")
+        if not metrics["skipped"] and loss == loss:
+            self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
+
     def fit(self) -> list[dict[str, float]]:
         config = self.config
         self.maybe_resume()
@@ -327,6 +360,7 @@ class Trainer:
             seconds = time.perf_counter() - t0
             metrics.update(step=self.step, step_time_s=seconds, tokens_per_s=metrics["tokens"] / seconds)
             history.append(metrics)
+            self._watch_for_spike(metrics)
             self.metrics.log(metrics, console=self.step % config.log_every == 0 or self.step == end)
             if config.eval_every and self.step % config.eval_every == 0 and self.step < end:
                 self.metrics.log_eval(self.step, self.evaluate())
