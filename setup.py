@@ -33,5 +33,7 @@ setup(
     extras_require={
         "dev": ["pytest", "pytest-timeout", "ruff"],
         "gpu": ["flash-attn", "megatron-core==0.16.*"],
+        # mpirun launches: Open MPI (its mpirun) and mpi4py for rank discovery
+        "mpi": ["openmpi", "mpi4py"],
     },
 )

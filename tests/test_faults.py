@@ -72,3 +72,53 @@ def test_failed_save_keeps_the_previous_checkpoint(error, small_dataset, tmp_pat
     resumed = Trainer(config)
     resumed.maybe_resume()
     assert resumed.step == 2 and (ckpt_dir / "step_00000002" / TRAINER_STATE).is_file()
+
+
+def copy_dataset(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncate", "delete"])
+def test_damaged_shard_is_named(damage, small_dataset, tmp_path):
+    from data_pipeline.loader import PackedDataset
+
+    data = copy_dataset(small_dataset, tmp_path / "data")
+    shard = data / "train" / "shard_00000.arrow"
+    if damage == "corrupt":
+        raw = bytearray(shard.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        shard.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:100])
+    else:
+        shard.unlink()
+    expected = "is missing" if damage == "delete" else "is corrupt"
+    with pytest.raises((ValueError, FileNotFoundError), match=rf"shard_00000\.arrow.*{expected}"):
+        PackedDataset(data, "train")
+
+
+def test_tokenizer_and_sequence_length_mismatches_are_refused(small_dataset, tmp_path):
+    from data_pipeline.loader import PackedDataset
+    from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
+
+    with pytest.raises(ValueError, match="sequences of 32 tokens, but the model is configured for 64"):
+        PackedDataset(small_dataset, "train", seq_len=64)
+    with pytest.raises(ValueError, match="tokenized with tokenizer .* not deadbeef"):
+        PackedDataset(small_dataset, "train", tokenizer_hash="deadbeef")
+    data = copy_dataset(small_dataset, tmp_path / "data")
+    tokenizer = load_tokenizer(data)
+    tokenizer.add_tokens(["<|extra|>"])  # a different tokenizer file next to the shards
+    tokenizer.save(str(data / "tokenizer.json"))
+    with pytest.raises(ValueError, match=f"not {tokenizer_hash(tokenizer)}"):
+        Trainer(small_config(data, tmp_path / "run"))
+
+
+def test_missing_checkpoint_is_refused(small_dataset, tmp_path):
+    config = dataclasses.replace(
+        small_config(small_dataset, tmp_path), checkpoint=CheckpointConfig(resume=str(tmp_path / "nope"))
+    )
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint there"):
+        Trainer(config).fit()

@@ -1,41 +1,22 @@
 """python -m training.pretrain CONFIG [key=value ...]
 
-Runs under any launcher that sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (deepspeed,
-torchrun), or alone as a single process. `--local_rank=N`, which the deepspeed launcher appends,
-is accepted and LOCAL_RANK from the environment is used.
+Runs under deepspeed, torchrun, srun or mpirun (see `training.parallel.world`), or alone as a single
+process. `--local_rank=N`, which the deepspeed launcher appends, is accepted and LOCAL_RANK from the
+environment is used.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import sys
 
-import torch
 import torch.distributed as dist
 
 from data_pipeline.config import ConfigError, load_config
 from training.checkpoint import CheckpointError
 from training.parallel.mesh import LayoutError
+from training.parallel.world import init_distributed, limit_cpu_threads
 from training.trainer import NonFiniteLossError, TrainConfig, Trainer
-
-
-def init_distributed(timeout_s: int) -> None:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 or dist.is_initialized():
-        return
-    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-
-
-def limit_cpu_threads() -> None:
-    """Ranks sharing a CPU split its cores instead of each spawning one thread per core."""
-    if not torch.cuda.is_available():
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
 
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:

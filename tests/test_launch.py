@@ -1,0 +1,147 @@
+"""Launch and recovery through real launchers on loopback.
+
+- Two DeepSpeed `--no_ssh` launchers (one per simulated node, 2 ranks each), torchrun and mpirun
+  all train exactly like one 4-rank DeepSpeed node.
+- kill -9 of one rank: every other rank is gone within the timeout, and `resume=auto` continues
+  from the last complete checkpoint with the uninterrupted run's losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from data_pipeline.build import BuildConfig, build
+from data_pipeline.config import load_config
+from tests.distributed import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 8
+EXIT_TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="module")
+def tiny_data(corpus_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("launch") / "data"
+    overrides = [f"output_dir={out}", f"sources=[{{paths: ['{corpus_dir}/*.jsonl']}}]", "total_tokens=150000"]
+    build(load_config(BuildConfig, ROOT / "configs/data/default.yaml", overrides))
+    return out
+
+
+def launcher(args: list[str], data: Path, out_dir: Path, *extra: str, program: str = "deepspeed") -> list[str]:
+    train = ["--config", "configs/pretrain/tiny.yaml", f"data.path={data}", f"out_dir={out_dir}", f"steps={STEPS}"]
+    return [program, *args, "launch/pretrain.sh", *train, "log_every=1", "checkpoint.save_every=2", *extra]
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Step -> loss; a later line for the same step (after a restart) wins."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def wait_for_step(proc: subprocess.Popen, metrics: Path, step: int) -> None:
+    deadline = time.time() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= step):
+        assert proc.poll() is None and time.time() < deadline, f"training did not reach step {step}"
+        time.sleep(0.2)
+
+
+def run(cmd: list[str]) -> None:
+    proc = start(cmd)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data, tmp_path_factory) -> dict[int, float]:
+    """Losses of one 4-rank DeepSpeed node (TP=2 x PP=2)."""
+    out = tmp_path_factory.mktemp("reference")
+    run(launcher(["--num_gpus", "4", "--master_port", str(free_port())], tiny_data, out))
+    return losses(out / "tiny")
+
+
+def test_two_no_ssh_nodes_equal_one_node(tiny_data, reference, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=2\nnode1 slots=2\n")
+    port = str(free_port())
+    nodes = [
+        start(
+            launcher(
+                [
+                    "--hostfile",
+                    str(hostfile),
+                    "--no_ssh",
+                    "--node_rank",
+                    str(rank),
+                    "--master_addr",
+                    "127.0.0.1",
+                    "--master_port",
+                    port,
+                ],
+                tiny_data,
+                tmp_path / "multi",
+            )
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        out, _ = node.communicate(timeout=600)
+        assert node.returncode == 0, out[-4000:]
+    assert losses(tmp_path / "multi" / "tiny") == reference
+
+
+@pytest.mark.parametrize("program", ["torchrun", "mpirun"])
+def test_torchrun_and_mpirun_equal_deepspeed(program, tiny_data, reference, tmp_path):
+    if program == "torchrun":
+        args = ["--nproc_per_node", "4", "--master_port", str(free_port())]
+    else:  # ranks found from Open MPI's variables, the rendezvous address broadcast with mpi4py
+        args = ["--allow-run-as-root", "--oversubscribe", "-np", "4", "-x", f"MASTER_PORT={free_port()}", "python"]
+    run(launcher(args, tiny_data, tmp_path, program=program))
+    assert losses(tmp_path / "tiny") == reference
+
+
+def test_kill_9_of_one_rank_stops_all_and_resume_reproduces(tiny_data, reference, tmp_path):
+    crashed = tmp_path / "crashed"
+    proc = start(launcher(["--num_gpus", "4", "--master_port", str(free_port())], tiny_data, crashed,
+                          "dist_timeout_s=30"))  # fmt: skip
+    wait_for_step(proc, crashed / "tiny" / "metrics.jsonl", 5)
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=2" in p.cmdline()]
+    assert ranks, "rank 2 not found among the launcher's children"
+    survivors = [p for p in psutil.Process(proc.pid).children(recursive=True) if "pretrain.sh" in " ".join(p.cmdline())]
+    os.kill(ranks[0].pid, signal.SIGKILL)
+    killed_at = time.time()
+    proc.communicate(timeout=EXIT_TIMEOUT_S + 30)
+    gone, alive = psutil.wait_procs(survivors, timeout=max(1, EXIT_TIMEOUT_S - (time.time() - killed_at)))
+    assert not alive, f"ranks still running {time.time() - killed_at:.0f}s after the kill: {alive}"
+    assert proc.returncode != 0
+
+    run(launcher(["--num_gpus", "4", "--master_port", str(free_port())], tiny_data, crashed))
+    assert losses(crashed / "tiny") == reference
+
+
+def test_rank_discovery_from_scheduler_variables():
+    from training.parallel.world import rank_env
+
+    assert rank_env({"RANK": "3", "WORLD_SIZE": "4"}) == {}, "torchrun / deepspeed already set everything"
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "4(x2)",
+             "MASTER_ADDR": "node001"}  # fmt: skip
+    assert rank_env(slurm) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+                               "MASTER_ADDR": "node001", "MASTER_PORT": "29500"}  # fmt: skip
+    ompi = {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "2"}
+    found = rank_env(ompi)
+    assert (found["RANK"], found["WORLD_SIZE"], found["LOCAL_RANK"]) == ("2", "4", "2")
+    assert found["MASTER_ADDR"] == "", "left for mpi4py to broadcast"
+    assert rank_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == {}, "a one-task job is not distributed"

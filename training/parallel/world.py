@@ -1,0 +1,75 @@
+"""Who am I: rank discovery for every launcher, and process-group start-up.
+
+torchrun and the DeepSpeed launcher set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT.
+Under SLURM (`srun`) and MPI (`mpirun`) they are derived from the scheduler's variables, or from
+mpi4py when only MPI knows (the rank-0 host is broadcast as the rendezvous address).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_PORT = "29500"
+
+
+def rank_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The torch.distributed variables implied by a launcher's environment ({} when not distributed)."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return {}
+    if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+        return {
+            "RANK": environ["SLURM_PROCID"],
+            "WORLD_SIZE": environ["SLURM_NTASKS"],
+            "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+            "LOCAL_WORLD_SIZE": environ.get("SLURM_NTASKS_PER_NODE", environ["SLURM_NTASKS"]).split("(")[0],
+            "MASTER_ADDR": environ.get("MASTER_ADDR", environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")),
+            "MASTER_PORT": environ.get("MASTER_PORT", DEFAULT_PORT),
+        }
+    for prefix in ("OMPI_COMM_WORLD_", "PMI_", "PMIX_"):
+        if f"{prefix}RANK" in environ and int(environ.get(f"{prefix}SIZE", "1")) > 1:
+            return {
+                "RANK": environ[f"{prefix}RANK"],
+                "WORLD_SIZE": environ[f"{prefix}SIZE"],
+                "LOCAL_RANK": environ.get(f"{prefix}LOCAL_RANK", "0"),
+                "LOCAL_WORLD_SIZE": environ.get(f"{prefix}LOCAL_SIZE", environ[f"{prefix}SIZE"]),
+                "MASTER_ADDR": environ.get("MASTER_ADDR", ""),
+                "MASTER_PORT": environ.get("MASTER_PORT", DEFAULT_PORT),
+            }
+    return {}
+
+
+def master_from_mpi() -> str:
+    """Rank 0's address, broadcast over MPI (mpirun sets no rendezvous address of its own)."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    address = socket.gethostbyname(socket.gethostname()) if comm.Get_rank() == 0 else None
+    return comm.bcast(address, root=0)
+
+
+def init_distributed(timeout_s: int) -> None:
+    """Start the default process group when more than one rank runs (gloo on CPU, NCCL on GPUs)."""
+    found = rank_env(os.environ)
+    if found and not found["MASTER_ADDR"]:
+        found["MASTER_ADDR"] = master_from_mpi()
+    os.environ.update(found)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
+        return
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def limit_cpu_threads() -> None:
+    """Ranks sharing a CPU split its cores instead of each spawning one thread per core."""
+    if not torch.cuda.is_available():
+        found = {**os.environ, **rank_env(os.environ)}
+        local_world = int(found.get("LOCAL_WORLD_SIZE", found.get("WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
