@@ -19,101 +19,86 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+
+@triton.jit
+def _tile(PTR, b, h, offs, offs_d, seq_len, head_dim, s_b, s_s, s_h):
+    """Rows `offs` of head `h` of sequence `b` as a [rows, BLOCK_D] tile (zeros past the ends)."""
+    mask = (offs[:, None] < seq_len) & (offs_d[None, :] < head_dim)
+    return tl.load(PTR + b * s_b + offs[:, None] * s_s + h * s_h + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _block_mask(offs_m, offs_n, seq_len, doc_q, DOC_K, HAS_DOC: tl.constexpr):
-    mask = (offs_m[:, None] >= offs_n[None, :]) & (offs_n[None, :] < seq_len)
+def _store_tile(PTR, value, b, h, offs, offs_d, seq_len, head_dim, s_b, s_s, s_h):
+    mask = (offs[:, None] < seq_len) & (offs_d[None, :] < head_dim)
+    tl.store(PTR + b * s_b + offs[:, None] * s_s + h * s_h + offs_d[None, :], value.to(PTR.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _doc_ids(DOC, b, offs, seq_len, s_db, HAS_DOC: tl.constexpr, BLOCK: tl.constexpr):
+    ids = tl.zeros([BLOCK], dtype=tl.int32)
     if HAS_DOC:
-        doc_k = tl.load(DOC_K + offs_n, mask=offs_n < seq_len, other=-3)
-        mask = mask & (doc_q[:, None] == doc_k[None, :])
-    return mask
+        ids = tl.load(DOC + b * s_db + offs, mask=offs < seq_len, other=-2)
+    return ids
+
+
+@triton.jit
+def _allowed(offs_m, offs_n, seq_len, doc_q, doc_k):
+    """Causal, inside the sequence, same document (doc ids are zeros without documents)."""
+    return (offs_m[:, None] >= offs_n[None, :]) & (offs_n[None, :] < seq_len) & (doc_q[:, None] == doc_k[None, :])
+
+
+@triton.jit
+def _key_blocks(pid_m, b, hk, SEG_START, BLOCK_CNT, s_db, s_ch, HAS_DOC: tl.constexpr, SPARSE: tl.constexpr,
+                BLOCK: tl.constexpr):  # fmt: skip
+    """(first, count) of the key blocks query block `pid_m` reads: its list (sparse), or from the
+    start of its first query's document to the diagonal (dense)."""
+    lo = 0
+    if SPARSE:
+        n_iter = tl.load(BLOCK_CNT + hk * s_ch + pid_m)
+    else:
+        if HAS_DOC:
+            lo = tl.load(SEG_START + b * s_db + pid_m * BLOCK) // BLOCK
+        n_iter = pid_m + 1 - lo
+    return lo, n_iter
+
+
+@triton.jit
+def _list_entry(i, lo, row, h, BLOCK_IDX, s_ih, s_iq, SPARSE: tl.constexpr):
+    """The i-th block to visit: entry i of the row's list (sparse), or lo + i (dense)."""
+    entry = lo + i
+    if SPARSE:
+        entry = tl.load(BLOCK_IDX + h * s_ih + row * s_iq + i)
+    return entry
 
 
 @triton.jit
 def _fwd_kernel(
-    Q,
-    K,
-    V,
-    OUT,
-    LSE,
-    DOC,
-    SEG_START,
-    BLOCK_IDX,
-    BLOCK_CNT,
-    s_qb,
-    s_qs,
-    s_qh,
-    s_kb,
-    s_ks,
-    s_kh,
-    s_vb,
-    s_vs,
-    s_vh,
-    s_ob,
-    s_os,
-    s_oh,
-    s_lb,
-    s_lh,
-    s_db,
-    s_ih,
-    s_iq,
-    s_ch,
-    seq_len,
-    head_dim,
-    num_q_heads,
-    sm_scale,
-    GROUP: tl.constexpr,
-    HAS_DOC: tl.constexpr,
-    SPARSE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_q_heads
-    hq = pid_bh % num_q_heads
+    Q, K, V, OUT, LSE, DOC, SEG_START, BLOCK_IDX, BLOCK_CNT,
+    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
+    s_lb, s_lh, s_db, s_ih, s_iq, s_ch,
+    seq_len, head_dim, num_q_heads, sm_scale,
+    GROUP: tl.constexpr, HAS_DOC: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One program per (query block, query head): online softmax over the visited key blocks."""
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, hq = pid_bh // num_q_heads, pid_bh % num_q_heads
     hk = hq // GROUP
     offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_j = tl.arange(0, BLOCK)
-    d_ok = offs_d[None, :] < head_dim
-    q = tl.load(
-        Q + b * s_qb + offs_m[:, None] * s_qs + hq * s_qh + offs_d[None, :],
-        mask=(offs_m[:, None] < seq_len) & d_ok,
-        other=0.0,
-    )
-    doc_q = tl.zeros([BLOCK], dtype=tl.int32)
-    if HAS_DOC:
-        doc_q = tl.load(DOC + b * s_db + offs_m, mask=offs_m < seq_len, other=-2)
-
+    q = _tile(Q, b, hq, offs_m, offs_d, seq_len, head_dim, s_qb, s_qs, s_qh)
+    doc_q = _doc_ids(DOC, b, offs_m, seq_len, s_db, HAS_DOC, BLOCK)
     m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
     acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
-
-    if SPARSE:
-        n_iter = tl.load(BLOCK_CNT + hk * s_ch + pid_m)
-        lo = 0
-    else:
-        lo = 0
-        if HAS_DOC:
-            lo = tl.load(SEG_START + b * s_db + pid_m * BLOCK) // BLOCK
-        n_iter = pid_m + 1 - lo
+    qk_scale = sm_scale * 1.4426950408889634  # exp2 instead of exp
+    lo, n_iter = _key_blocks(pid_m, b, hk, SEG_START, BLOCK_CNT, s_db, s_ch, HAS_DOC, SPARSE, BLOCK)
     for i in range(0, n_iter):
-        if SPARSE:
-            kb = tl.load(BLOCK_IDX + hk * s_ih + pid_m * s_iq + i)
-        else:
-            kb = lo + i
-        offs_n = kb * BLOCK + offs_j
-        kv_ok = (offs_n[:, None] < seq_len) & d_ok
-        k = tl.load(K + b * s_kb + offs_n[:, None] * s_ks + hk * s_kh + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(V + b * s_vb + offs_n[:, None] * s_vs + hk * s_vh + offs_d[None, :], mask=kv_ok, other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        mask = _block_mask(offs_m, offs_n, seq_len, doc_q, DOC + b * s_db, HAS_DOC)
-        qk = tl.where(mask, qk, float("-inf"))
+        kb = _list_entry(i, lo, pid_m, hk, BLOCK_IDX, s_ih, s_iq, SPARSE)
+        offs_n = kb * BLOCK + tl.arange(0, BLOCK)
+        k = _tile(K, b, hk, offs_n, offs_d, seq_len, head_dim, s_kb, s_ks, s_kh)
+        v = _tile(V, b, hk, offs_n, offs_d, seq_len, head_dim, s_vb, s_vs, s_vh)
+        doc_k = _doc_ids(DOC, b, offs_n, seq_len, s_db, HAS_DOC, BLOCK)
+        qk = tl.where(_allowed(offs_m, offs_n, seq_len, doc_q, doc_k), tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(qk - m_safe[:, None])
@@ -121,85 +106,44 @@ def _fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out = acc / l_safe[:, None]
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     lse = tl.where(l_i > 0, (m_safe + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    row_ok = offs_m < seq_len
-    tl.store(
-        OUT + b * s_ob + offs_m[:, None] * s_os + hq * s_oh + offs_d[None, :],
-        out.to(OUT.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok,
-    )
-    tl.store(LSE + b * s_lb + hq * s_lh + offs_m, lse, mask=row_ok)
+    _store_tile(OUT, acc / l_safe[:, None], b, hq, offs_m, offs_d, seq_len, head_dim, s_ob, s_os, s_oh)
+    tl.store(LSE + b * s_lb + hq * s_lh + offs_m, lse, mask=offs_m < seq_len)
+
+
+@triton.jit
+def _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, seq_len, doc_q, doc_k, sm_scale):
+    """Recomputed probabilities P and score gradients dS = P * (dO V^T - delta) of one tile pair."""
+    s = tl.dot(q, tl.trans(k)) * sm_scale
+    p = tl.where(_allowed(offs_m, offs_n, seq_len, doc_q, doc_k), tl.exp(s - lse[:, None]), 0.0)
+    return p, p * (tl.dot(do, tl.trans(v)) - delta[:, None])
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DK,
-    DV,
-    DOC,
-    SEG_END,
-    BLOCK_IDX,
-    BLOCK_CNT,
-    s_qb,
-    s_qs,
-    s_qh,
-    s_kb,
-    s_ks,
-    s_kh,
-    s_vb,
-    s_vs,
-    s_vh,
-    s_ob,
-    s_os,
-    s_oh,
-    s_lb,
-    s_lh,
-    s_db,
-    s_ih,
-    s_iq,
-    s_ch,
-    s_dkb,
-    s_dks,
-    s_dkh,
-    seq_len,
-    head_dim,
-    num_kv_heads,
-    sm_scale,
-    GROUP: tl.constexpr,
-    HAS_DOC: tl.constexpr,
-    SPARSE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """One program per (key block, KV head); loops over the query heads of its group."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_kv_heads
-    hk = pid_bh % num_kv_heads
+    Q, K, V, DO, LSE, DELTA, DK, DV, DOC, SEG_END, BLOCK_IDX, BLOCK_CNT,
+    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
+    s_lb, s_lh, s_db, s_ih, s_iq, s_ch, s_dkb, s_dks, s_dkh,
+    seq_len, head_dim, num_kv_heads, sm_scale,
+    GROUP: tl.constexpr, HAS_DOC: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One program per (key block, KV head); loops over the query heads of its group and the query
+    blocks that read this key block (the transposed list, or the diagonal to the document's end)."""
+    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, hk = pid_bh // num_kv_heads, pid_bh % num_kv_heads
     offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_i = tl.arange(0, BLOCK)
-    d_ok = offs_d[None, :] < head_dim
-    kv_ok = (offs_n[:, None] < seq_len) & d_ok
-    k = tl.load(K + b * s_kb + offs_n[:, None] * s_ks + hk * s_kh + offs_d[None, :], mask=kv_ok, other=0.0)
-    v = tl.load(V + b * s_vb + offs_n[:, None] * s_vs + hk * s_vh + offs_d[None, :], mask=kv_ok, other=0.0)
+    k = _tile(K, b, hk, offs_n, offs_d, seq_len, head_dim, s_kb, s_ks, s_kh)
+    v = _tile(V, b, hk, offs_n, offs_d, seq_len, head_dim, s_vb, s_vs, s_vh)
+    doc_k = _doc_ids(DOC, b, offs_n, seq_len, s_db, HAS_DOC, BLOCK)
     dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    num_blocks = tl.cdiv(seq_len, BLOCK)
-
     if SPARSE:
         n_iter = tl.load(BLOCK_CNT + hk * s_ch + pid_n)
     else:
-        hi = num_blocks
+        hi = tl.cdiv(seq_len, BLOCK)
         if HAS_DOC:
             last = tl.minimum(pid_n * BLOCK + BLOCK, seq_len) - 1
             hi = tl.cdiv(tl.load(SEG_END + b * s_db + last), BLOCK)
@@ -207,140 +151,50 @@ def _bwd_dkdv_kernel(
     for g in range(0, GROUP):
         hq = hk * GROUP + g
         for i in range(0, n_iter):
-            if SPARSE:
-                qb = tl.load(BLOCK_IDX + hk * s_ih + pid_n * s_iq + i)
-            else:
-                qb = pid_n + i
-            offs_m = qb * BLOCK + offs_i
-            row_ok = offs_m < seq_len
-            q = tl.load(
-                Q + b * s_qb + offs_m[:, None] * s_qs + hq * s_qh + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok,
-                other=0.0,
-            )
-            do = tl.load(
-                DO + b * s_ob + offs_m[:, None] * s_os + hq * s_oh + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok,
-                other=0.0,
-            )
-            lse = tl.load(LSE + b * s_lb + hq * s_lh + offs_m, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + b * s_lb + hq * s_lh + offs_m, mask=row_ok, other=0.0)
-            doc_q = tl.zeros([BLOCK], dtype=tl.int32)
-            if HAS_DOC:
-                doc_q = tl.load(DOC + b * s_db + offs_m, mask=row_ok, other=-2)
-            mask = _block_mask(offs_m, offs_n, seq_len, doc_q, DOC + b * s_db, HAS_DOC)
-            s = tl.dot(q, tl.trans(k)) * sm_scale
-            p = tl.where(mask, tl.exp(s - lse[:, None]), 0.0)
+            qb = _list_entry(i, pid_n, pid_n, hk, BLOCK_IDX, s_ih, s_iq, SPARSE)
+            offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+            q = _tile(Q, b, hq, offs_m, offs_d, seq_len, head_dim, s_qb, s_qs, s_qh)
+            do = _tile(DO, b, hq, offs_m, offs_d, seq_len, head_dim, s_ob, s_os, s_oh)
+            lse = tl.load(LSE + b * s_lb + hq * s_lh + offs_m, mask=offs_m < seq_len, other=0.0)
+            delta = tl.load(DELTA + b * s_lb + hq * s_lh + offs_m, mask=offs_m < seq_len, other=0.0)
+            doc_q = _doc_ids(DOC, b, offs_m, seq_len, s_db, HAS_DOC, BLOCK)
+            p, ds = _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, seq_len, doc_q, doc_k, sm_scale)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    dk = dk * sm_scale
-    tl.store(
-        DK + b * s_dkb + offs_n[:, None] * s_dks + hk * s_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_ok
-    )
-    tl.store(
-        DV + b * s_dkb + offs_n[:, None] * s_dks + hk * s_dkh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_ok
-    )
+    _store_tile(DK, dk * sm_scale, b, hk, offs_n, offs_d, seq_len, head_dim, s_dkb, s_dks, s_dkh)
+    _store_tile(DV, dv, b, hk, offs_n, offs_d, seq_len, head_dim, s_dkb, s_dks, s_dkh)
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    DOC,
-    SEG_START,
-    BLOCK_IDX,
-    BLOCK_CNT,
-    s_qb,
-    s_qs,
-    s_qh,
-    s_kb,
-    s_ks,
-    s_kh,
-    s_vb,
-    s_vs,
-    s_vh,
-    s_ob,
-    s_os,
-    s_oh,
-    s_lb,
-    s_lh,
-    s_db,
-    s_ih,
-    s_iq,
-    s_ch,
-    s_dqb,
-    s_dqs,
-    s_dqh,
-    seq_len,
-    head_dim,
-    num_q_heads,
-    sm_scale,
-    GROUP: tl.constexpr,
-    HAS_DOC: tl.constexpr,
-    SPARSE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+    Q, K, V, DO, LSE, DELTA, DQ, DOC, SEG_START, BLOCK_IDX, BLOCK_CNT,
+    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
+    s_lb, s_lh, s_db, s_ih, s_iq, s_ch, s_dqb, s_dqs, s_dqh,
+    seq_len, head_dim, num_q_heads, sm_scale,
+    GROUP: tl.constexpr, HAS_DOC: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
     """One program per (query block, query head); walks the same key blocks as the forward pass."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_q_heads
-    hq = pid_bh % num_q_heads
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, hq = pid_bh // num_q_heads, pid_bh % num_q_heads
     hk = hq // GROUP
     offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_j = tl.arange(0, BLOCK)
-    d_ok = offs_d[None, :] < head_dim
-    row_ok = offs_m < seq_len
-    q = tl.load(
-        Q + b * s_qb + offs_m[:, None] * s_qs + hq * s_qh + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0
-    )
-    do = tl.load(
-        DO + b * s_ob + offs_m[:, None] * s_os + hq * s_oh + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0
-    )
-    lse = tl.load(LSE + b * s_lb + hq * s_lh + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + b * s_lb + hq * s_lh + offs_m, mask=row_ok, other=0.0)
-    doc_q = tl.zeros([BLOCK], dtype=tl.int32)
-    if HAS_DOC:
-        doc_q = tl.load(DOC + b * s_db + offs_m, mask=row_ok, other=-2)
+    q = _tile(Q, b, hq, offs_m, offs_d, seq_len, head_dim, s_qb, s_qs, s_qh)
+    do = _tile(DO, b, hq, offs_m, offs_d, seq_len, head_dim, s_ob, s_os, s_oh)
+    lse = tl.load(LSE + b * s_lb + hq * s_lh + offs_m, mask=offs_m < seq_len, other=0.0)
+    delta = tl.load(DELTA + b * s_lb + hq * s_lh + offs_m, mask=offs_m < seq_len, other=0.0)
+    doc_q = _doc_ids(DOC, b, offs_m, seq_len, s_db, HAS_DOC, BLOCK)
     dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-
-    if SPARSE:
-        n_iter = tl.load(BLOCK_CNT + hk * s_ch + pid_m)
-        lo = 0
-    else:
-        lo = 0
-        if HAS_DOC:
-            lo = tl.load(SEG_START + b * s_db + pid_m * BLOCK) // BLOCK
-        n_iter = pid_m + 1 - lo
+    lo, n_iter = _key_blocks(pid_m, b, hk, SEG_START, BLOCK_CNT, s_db, s_ch, HAS_DOC, SPARSE, BLOCK)
     for i in range(0, n_iter):
-        if SPARSE:
-            kb = tl.load(BLOCK_IDX + hk * s_ih + pid_m * s_iq + i)
-        else:
-            kb = lo + i
-        offs_n = kb * BLOCK + offs_j
-        kv_ok = (offs_n[:, None] < seq_len) & d_ok
-        k = tl.load(K + b * s_kb + offs_n[:, None] * s_ks + hk * s_kh + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(V + b * s_vb + offs_n[:, None] * s_vs + hk * s_vh + offs_d[None, :], mask=kv_ok, other=0.0)
-        mask = _block_mask(offs_m, offs_n, seq_len, doc_q, DOC + b * s_db, HAS_DOC)
-        s = tl.dot(q, tl.trans(k)) * sm_scale
-        p = tl.where(mask, tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
+        kb = _list_entry(i, lo, pid_m, hk, BLOCK_IDX, s_ih, s_iq, SPARSE)
+        offs_n = kb * BLOCK + tl.arange(0, BLOCK)
+        k = _tile(K, b, hk, offs_n, offs_d, seq_len, head_dim, s_kb, s_ks, s_kh)
+        v = _tile(V, b, hk, offs_n, offs_d, seq_len, head_dim, s_vb, s_vs, s_vh)
+        doc_k = _doc_ids(DOC, b, offs_n, seq_len, s_db, HAS_DOC, BLOCK)
+        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, seq_len, doc_q, doc_k, sm_scale)
         dq += tl.dot(ds.to(k.dtype), k)
-    dq = dq * sm_scale
-    tl.store(
-        DQ + b * s_dqb + offs_m[:, None] * s_dqs + hq * s_dqh + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok,
-    )
+    _store_tile(DQ, dq * sm_scale, b, hq, offs_m, offs_d, seq_len, head_dim, s_dqb, s_dqs, s_dqh)
 
 
 def segment_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
