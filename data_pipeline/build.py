@@ -8,6 +8,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from tqdm import tqdm
 
 from data_pipeline.config import ConfigError, to_dict
@@ -32,7 +33,9 @@ class BuildConfig:
     sources: list[SourceConfig]
     seq_len: int = 256
     total_tokens: int = 1_000_000  # training tokens in the mixture, drawn by `ratios`
-    ratios: dict[str, float] = field(default_factory=dict)  # family -> weight; empty = natural
+    # family -> weight; empty = natural proportions; "from FILE": a YAML/JSON mapping, e.g. the one
+    # `python -m training.scaling_laws optimal-mix` writes
+    ratios: dict[str, float] | str = field(default_factory=dict)
     valid_docs_per_family: int = 20  # held out before mixing, packed into the `valid` split
     sequences_per_shard: int = 1024
     families_file: str | None = None
@@ -44,6 +47,20 @@ class BuildConfig:
             raise ConfigError(f"seq_len must be >= 2, got {self.seq_len}")
         if self.total_tokens <= 0 or self.sequences_per_shard <= 0:
             raise ConfigError("total_tokens and sequences_per_shard must be positive")
+
+
+def read_ratios(ratios: dict[str, float] | str) -> dict[str, float]:
+    if isinstance(ratios, dict):
+        return ratios
+    if not ratios.startswith("from "):
+        raise ConfigError(f"ratios: {ratios!r} is neither a mapping nor 'from FILE'")
+    path = Path(ratios[5:].strip())
+    if not path.is_file():
+        raise ConfigError(f"ratios: file {path} not found")
+    loaded = yaml.safe_load(path.read_text())
+    if not isinstance(loaded, dict) or not all(isinstance(v, (int, float)) for v in loaded.values()):
+        raise ConfigError(f"ratios: {path} must map family names to numbers")
+    return {str(k): float(v) for k, v in loaded.items()}
 
 
 def build(config: BuildConfig) -> dict:
@@ -76,7 +93,9 @@ def build(config: BuildConfig) -> dict:
         return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     train_tokens = {f: encode(train_texts[f]) for f in tqdm(families, desc="tokenize", unit="family")}
-    ratios = normalize_ratios(config.ratios, {f: sum(len(d) + 1 for d in train_tokens[f]) for f in families})
+    ratios = normalize_ratios(
+        read_ratios(config.ratios), {f: sum(len(d) + 1 for d in train_tokens[f]) for f in families}
+    )
     mixture, draws = draw_documents(train_tokens, ratios, config.total_tokens, config.seed)
     family_index = {f: i for i, f in enumerate(families)}
     train = pack_documents([(family_index[f], d) for f, d in mixture], config.seq_len, eos, pad)

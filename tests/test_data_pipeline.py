@@ -130,3 +130,13 @@ def test_cli_build_and_inspect(tmp_path, capsys):
     assert read_manifest(tmp_path / "out")["family_stats"]["germanic"]["ratio"] == 0.5
     assert cli(["build", str(config), "ratios={tamil: 1}"]) == 2
     assert "ratios.tamil" in capsys.readouterr().err
+
+
+def test_ratios_from_a_file(tmp_path):
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS))
+    (tmp_path / "ratios.yaml").write_text("germanic: 0.6\nromance: 0.3\nslavic: 0.1\n")
+    config = small_build(tmp_path, [str(tmp_path / "docs.jsonl")], ratios=f"from {tmp_path / 'ratios.yaml'}")
+    manifest = build(config)
+    assert manifest["family_stats"]["germanic"]["ratio"] == pytest.approx(0.6)
+    with pytest.raises(ConfigError, match="not found"):
+        build(small_build(tmp_path, [str(tmp_path / "docs.jsonl")], ratios="from /no/such.yaml"))

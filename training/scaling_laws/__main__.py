@@ -1,0 +1,213 @@
+"""python -m training.scaling_laws {sweep,fit-lr,fit-multilingual,optimal-mix} ...
+
+  sweep SPEC.yaml [--slurm]                run (or write a SLURM array for) a grid, collect results.csv
+  fit-lr RESULTS.csv [--out DIR]          columns N, D, lr, loss
+  fit-multilingual RESULTS.csv [--out DIR] columns N, D, ratio/<family>, loss/<family>
+  optimal-mix FIT.json --params N --tokens D [--weights f=w ...] [--normalize]
+              [--min f=p ...] [--max f=p ...] [--manifest DATA_DIR --max-epochs E] [--out ratios.yaml]
+
+Each fit writes JSON and PNG plots; optimal-mix writes a ratios file for `ratios: from FILE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from data_pipeline.shards import atomic_write_text, read_manifest
+from training.scaling_laws.lr_law import fit_lr_law, optimal_lr
+from training.scaling_laws.multilingual import PARAMS, FamilyLaw, fit_family, optimal_mix
+
+
+def read_rows(path: str | Path) -> list[dict[str, float]]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    out = []
+    for i, row in enumerate(rows, 2):
+        try:
+            out.append({k: float(v) for k, v in row.items() if v not in ("", None)})
+        except ValueError as err:
+            raise ValueError(f"{path}:{i}: not a number ({err})") from None
+    return out
+
+
+def _plot(path: Path, draw) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    draw(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_fit_lr(results: str, out: Path) -> dict:
+    rows = read_rows(results)
+    for key in ("N", "D", "lr", "loss"):
+        if key not in rows[0]:
+            raise ValueError(f"{results}: missing column {key!r}")
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["N"], r["D"])].append((r["lr"], r["loss"]))
+    optima = [
+        optimal_lr([lr for lr, _ in pts], [loss for _, loss in pts], n, d) for (n, d), pts in sorted(groups.items())
+    ]
+    law = fit_lr_law(optima)
+    law["optima"] = [{"N": o.n, "D": o.d, "lr": o.lr, "log_lr_stderr": o.log_lr_stderr} for o in optima]
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "lr_law.json", json.dumps(law, indent=2))
+
+    def loss_vs_lr(ax):
+        for (n, d), pts in sorted(groups.items()):
+            pts = sorted(pts)
+            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"N={n:.2g}, D={d:.2g}")[0]
+            best = next(o for o in optima if (o.n, o.d) == (n, d))
+            ax.axvline(best.lr, color=line.get_color(), ls=":")
+        ax.set(xscale="log", xlabel="peak LR", ylabel="final loss", title="loss vs LR (dotted: fitted LR*)")
+        ax.legend(fontsize=7)
+
+    def law_plot(ax):
+        ds = np.array([o.d for o in optima])
+        ax.errorbar(ds, [o.lr for o in optima], yerr=[o.lr * o.log_lr_stderr for o in optima], fmt="o", label="LR*")
+        grid = np.geomspace(ds.min() / 2, ds.max() * 4, 50)
+        ax.plot(grid, law["B"] * grid ** -law["beta"], label=f"B D^-beta, beta={law['beta']:.3f}")
+        ax.set(xscale="log", yscale="log", xlabel="tokens D", ylabel="LR*", title="token-horizon LR law")
+        ax.legend(fontsize=8)
+
+    _plot(out / "loss_vs_lr.png", loss_vs_lr)
+    _plot(out / "lr_law.png", law_plot)
+    return law
+
+
+def cmd_fit_multilingual(results: str, out: Path) -> dict:
+    rows = read_rows(results)
+    families = sorted(k.split("/", 1)[1] for k in rows[0] if k.startswith("loss/"))
+    if not families:
+        raise ValueError(f"{results}: no loss/<family> columns")
+    fit = {}
+    for family in families:
+        use = [r for r in rows if f"loss/{family}" in r and r.get(f"ratio/{family}", 0) > 0]
+        cols = [np.array([r[k] for r in use]) for k in ("N", "D", f"ratio/{family}", f"loss/{family}")]
+        law, rmse = fit_family(*cols)
+        residual = np.log(law.loss(*cols[:3])) - np.log(cols[3])
+        others = {o: np.array([r.get(f"ratio/{o}", 0.0) for r in use]) for o in families if o != family}
+        # The hypothesis: at fixed p_i the loss does not depend on the other families' ratios.
+        independence = {o: float(np.corrcoef(residual, v)[0, 1]) if v.std() > 0 and residual.std() > 0 else 0.0
+                        for o, v in others.items()}  # fmt: skip
+        fit[family] = {**{k: getattr(law, k) for k in PARAMS}, "rmse_log_loss": rmse,
+                       "residual_corr_with_other_ratios": independence, "points": len(use)}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "multilingual_law.json", json.dumps(fit, indent=2))
+
+    def draw(ax):
+        for family in families:
+            law = FamilyLaw(**{k: fit[family][k] for k in PARAMS})
+            use = [r for r in rows if f"loss/{family}" in r and r.get(f"ratio/{family}", 0) > 0]
+            ps = np.array([r[f"ratio/{family}"] for r in use])
+            line = ax.plot(ps, [r[f"loss/{family}"] for r in use], "o", ms=3)[0]
+            n, d = max(r["N"] for r in use), max(r["D"] for r in use)
+            grid = np.linspace(ps.min(), ps.max(), 50)
+            ax.plot(grid, law.loss(n, d, grid), color=line.get_color(), label=f"{family} gamma={law.gamma:.2f}")
+        ax.set(xlabel="sampling ratio p", ylabel="family validation loss", title="L_i(p_i) at the largest N, D")
+        ax.legend(fontsize=7)
+
+    _plot(out / "multilingual_law.png", draw)
+    return fit
+
+
+def _pairs(items: list[str] | None, what: str) -> dict[str, float]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--{what} {item!r}: use family=value")
+        key, value = item.split("=", 1)
+        out[key] = float(value)
+    return out
+
+
+def cmd_optimal_mix(args) -> dict[str, float]:
+    fit = json.loads(Path(args.fit).read_text())
+    laws = {f: FamilyLaw(**{k: v[k] for k in PARAMS}) for f, v in fit.items()}
+    max_ratio = _pairs(args.max, "max")
+    if args.manifest:
+        stats = read_manifest(args.manifest)["family_stats"]
+        for family, s in stats.items():  # at most max_epochs passes over a family's data
+            cap = args.max_epochs * s["available_tokens"] / args.tokens
+            max_ratio[family] = min(max_ratio.get(family, 1.0), cap)
+    ratios = optimal_mix(laws, args.params, args.tokens, _pairs(args.weights, "weights"), args.normalize,
+                         _pairs(args.min, "min"), max_ratio)  # fmt: skip
+    atomic_write_text(args.out, yaml.safe_dump({k: round(v, 6) for k, v in ratios.items()}))
+    return ratios
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.scaling_laws", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True)
+    sweep = sub.add_parser("sweep")
+    sweep.add_argument("spec")
+    sweep.add_argument("--slurm", action="store_true", help="write a SLURM job array instead of running locally")
+    for name in ("fit-lr", "fit-multilingual"):
+        p = sub.add_parser(name)
+        p.add_argument("results")
+        p.add_argument("--out", default="runs/scaling_laws")
+    mix = sub.add_parser("optimal-mix")
+    mix.add_argument("fit")
+    mix.add_argument("--params", type=float, required=True)
+    mix.add_argument("--tokens", type=float, required=True)
+    mix.add_argument("--weights", nargs="*")
+    mix.add_argument("--normalize", action="store_true", help="weight each family by 1 / its loss at ratio 1")
+    mix.add_argument("--min", nargs="*")
+    mix.add_argument("--max", nargs="*")
+    mix.add_argument("--manifest", help="a built dataset: caps each family at --max-epochs passes over its data")
+    mix.add_argument("--max-epochs", type=float, default=4.0)
+    mix.add_argument("--out", default="ratios.yaml")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "sweep":
+            from data_pipeline.config import load_config
+            from training.scaling_laws.sweep import SweepSpec, collect, execute, write_slurm_array
+
+            spec = load_config(SweepSpec, args.spec)
+            if args.slurm:
+                print(
+                    f"wrote {write_slurm_array(spec)}; after it ran: python -m training.scaling_laws sweep {args.spec}"
+                )
+                return 0
+            failed = execute(spec)
+            print(f"results: {collect(spec)}" + (f"; failed runs: {[r.name for r in failed]}" if failed else ""))
+            return 1 if failed else 0
+        if args.command == "fit-lr":
+            law = cmd_fit_lr(args.results, Path(args.out))
+            print(f"LR*(D) = {law['B']:.4g} * D^-{law['beta']:.4f}  (95% CI beta {law['beta_ci95']})")
+            if "C" in law:
+                print(f"LR*(N, D) = {law['C']:.4g} * N^-{law['alpha']:.4f} * D^-{law['beta']:.4f}")
+            print(f"wrote {args.out}/lr_law.json, loss_vs_lr.png, lr_law.png")
+        elif args.command == "fit-multilingual":
+            fit = cmd_fit_multilingual(args.results, Path(args.out))
+            for family, f in fit.items():
+                print(f"{family:14s} gamma={f['gamma']:.3f} E={f['E']:.3f} rmse(log)={f['rmse_log_loss']:.4f}")
+            print(f"wrote {args.out}/multilingual_law.json, multilingual_law.png")
+        else:
+            ratios = cmd_optimal_mix(args)
+            print(" ".join(f"{k}={v:.3f}" for k, v in ratios.items()), f"-> {args.out}")
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Sweeps: expand a grid of overrides into training runs, run them (locally, or as a SLURM job array),
+skip finished runs, and collect one results table (CSV) for the fits.
+
+Spec (YAML):
+    base: configs/pretrain/tiny.yaml
+    out_dir: runs/sweeps/lr
+    overrides: [parallel.tp=1, parallel.pp=1]      # for every run
+    grid: {steps: [50, 100, 200], optim.lr: [1e-3, 3e-3, 1e-2], model.dim: [64, 128]}
+    parallel: 1                                    # local runs at a time
+Each run is `python -m training.pretrain BASE overrides...`, resumable (`checkpoint.resume=auto`),
+so an interrupted sweep picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data_pipeline.config import load_config
+from data_pipeline.shards import atomic_write_text, read_manifest
+from training.models.phi import count_params_and_flops
+from training.trainer import TrainConfig
+
+
+@dataclass
+class SweepSpec:
+    base: str
+    out_dir: str
+    grid: dict[str, list] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    parallel: int = 1
+
+
+@dataclass
+class Run:
+    name: str
+    overrides: list[str]
+
+    def command(self, spec: SweepSpec) -> list[str]:
+        return [sys.executable, "-m", "training.pretrain", spec.base, *spec.overrides, *self.overrides,
+                f"name={self.name}", f"out_dir={spec.out_dir}/runs", "checkpoint.resume=auto"]  # fmt: skip
+
+
+def expand(spec: SweepSpec) -> list[Run]:
+    keys = sorted(spec.grid)
+    runs = []
+    for values in itertools.product(*(spec.grid[k] for k in keys)):
+        overrides = [f"{k}={v}" for k, v in zip(keys, values, strict=True)]
+        name = "-".join(f"{k.split('.')[-1]}{v}" for k, v in zip(keys, values, strict=True)).replace("/", "_")
+        runs.append(Run(name, overrides))
+    return runs
+
+
+def run_config(spec: SweepSpec, run: Run) -> TrainConfig:
+    return load_config(TrainConfig, spec.base, [*spec.overrides, *run.overrides, f"name={run.name}",
+                                                f"out_dir={spec.out_dir}/runs"])  # fmt: skip
+
+
+def final_eval(config: TrainConfig) -> dict | None:
+    """The evaluation written at the run's last step, if the run finished."""
+    path = config.run_dir / "eval.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    done = [r for r in rows if r["step"] == config.steps]
+    return done[-1] if done else None
+
+
+def execute(spec: SweepSpec) -> list[Run]:
+    """Run every unfinished run, `parallel` at a time; returns the runs that failed."""
+    todo = [r for r in expand(spec) if final_eval(run_config(spec, r)) is None]
+    failed = []
+    bar = tqdm(total=len(expand(spec)), initial=len(expand(spec)) - len(todo), desc="sweep", unit="run")
+    Path(spec.out_dir, "logs").mkdir(parents=True, exist_ok=True)
+    running: list[tuple[Run, subprocess.Popen]] = []
+    while todo or running:
+        while todo and len(running) < spec.parallel:
+            run = todo.pop(0)
+            log = open(Path(spec.out_dir, "logs", f"{run.name}.log"), "w")
+            running.append((run, subprocess.Popen(run.command(spec), stdout=log, stderr=subprocess.STDOUT)))
+        run, proc = running.pop(0)
+        if proc.wait() != 0:
+            failed.append(run)
+        bar.update(1)
+    bar.close()
+    return failed
+
+
+def collect(spec: SweepSpec) -> Path:
+    """One row per finished run: N, D, lr, seed, ratio/<family>, loss (validation), loss/<family>."""
+    rows = []
+    for run in expand(spec):
+        config = run_config(spec, run)
+        evaluation = final_eval(config)
+        if evaluation is None:
+            continue
+        manifest = read_manifest(config.data.path)
+        nparams, _ = count_params_and_flops(config.model, manifest["seq_len"])
+        row = {"run": run.name, "N": nparams, "D": config.steps * config.data.global_batch_size * manifest["seq_len"],
+               "lr": config.optim.lr, "seed": config.seed, "loss": evaluation["val/loss"]}  # fmt: skip
+        row.update({f"ratio/{f}": s["ratio"] for f, s in manifest["family_stats"].items()})
+        row.update({f"loss/{k[9:]}": v for k, v in evaluation.items() if k.startswith("val/loss/")})
+        rows.append(row)
+    out = Path(spec.out_dir) / "results.csv"
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out, buffer.getvalue())
+    return out
+
+
+def write_slurm_array(spec: SweepSpec) -> Path:
+    """A job array, one task per unfinished run (same commands as the local executor)."""
+    runs = [r for r in expand(spec) if final_eval(run_config(spec, r)) is None]
+    if not runs:
+        raise ValueError(f"every run of the sweep in {spec.out_dir} has finished: nothing to submit")
+    commands = Path(spec.out_dir) / "commands.txt"
+    commands.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(commands, "".join(" ".join(r.command(spec)) + "\n" for r in runs))
+    script = Path(spec.out_dir) / "sweep.sbatch"
+    atomic_write_text(
+        script,
+        f"""#!/usr/bin/env bash
+#SBATCH --job-name=sweep
+#SBATCH --array=0-{len(runs) - 1}
+#SBATCH --ntasks=1
+#SBATCH --output={spec.out_dir}/logs/%A_%a.log
+set -euo pipefail
+eval "$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {commands})"
+""",
+    )
+    return script
