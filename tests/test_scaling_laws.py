@@ -153,3 +153,20 @@ def test_sweep_runs_skips_finished_and_collects(small_dataset, tmp_path):
     assert "--array=0-3" in write_slurm_array(fresh).read_text()
     commands = (tmp_path / "cluster" / "commands.txt").read_text().splitlines()
     assert len(commands) == 4 and all("-m training.pretrain" in c for c in commands)
+
+
+@pytest.mark.slow
+def test_end_to_end_sweep_fit_and_plots(small_dataset, tmp_path):
+    """A real (tiny) sweep on the bundled corpus: 2 model sizes x 3 horizons x 4 LRs, then both fits."""
+    spec_file = tmp_path / "sweep.yaml"
+    grid = {"model.dim": [32, 64], "steps": [8, 16, 32], "optim.lr": [0.001, 0.003, 0.01, 0.03]}
+    sweep_spec(spec_file, small_dataset, tmp_path / "sweep", grid)
+    assert cli(["sweep", str(spec_file)]) == 0
+    results = tmp_path / "sweep" / "results.csv"
+    assert len(list(csv.DictReader(open(results)))) == 24
+    # The fit may or may not find a clean optimum on so little training; it must run and say which.
+    code = cli(["fit-lr", str(results), "--out", str(tmp_path / "fit")])
+    if code == 0:
+        assert (tmp_path / "fit" / "lr_law.png").is_file() and (tmp_path / "fit" / "loss_vs_lr.png").is_file()
+    else:
+        assert code == 2

@@ -34,7 +34,7 @@ def read_rows(path: str | Path) -> list[dict[str, float]]:
     out = []
     for i, row in enumerate(rows, 2):
         try:
-            out.append({k: float(v) for k, v in row.items() if v not in ("", None)})
+            out.append({k: float(v) for k, v in row.items() if v not in ("", None) and k != "run"})
         except ValueError as err:
             raise ValueError(f"{path}:{i}: not a number ({err})") from None
     return out
