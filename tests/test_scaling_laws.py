@@ -164,9 +164,8 @@ def test_end_to_end_sweep_fit_and_plots(small_dataset, tmp_path):
     assert cli(["sweep", str(spec_file)]) == 0
     results = tmp_path / "sweep" / "results.csv"
     assert len(list(csv.DictReader(open(results)))) == 24
-    # The fit may or may not find a clean optimum on so little training; it must run and say which.
-    code = cli(["fit-lr", str(results), "--out", str(tmp_path / "fit")])
-    if code == 0:
-        assert (tmp_path / "fit" / "lr_law.png").is_file() and (tmp_path / "fit" / "loss_vs_lr.png").is_file()
-    else:
-        assert code == 2
+    # 8-32 steps of a 2-layer model say nothing about real exponents; the loop must run end to end.
+    assert cli(["fit-lr", str(results), "--out", str(tmp_path / "fit")]) == 0
+    law = json.loads((tmp_path / "fit" / "lr_law.json").read_text())
+    assert {"C", "alpha", "beta", "beta_ci95"} <= set(law) and len(law["optima"]) == 6
+    assert (tmp_path / "fit" / "lr_law.png").is_file() and (tmp_path / "fit" / "loss_vs_lr.png").is_file()
