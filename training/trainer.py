@@ -134,6 +134,7 @@ class Trainer:
         self.is_first_stage, self.is_last_stage = 0 in self.stages, num_stages - 1 in self.stages
         if self.dims.pp > 1:
             keep_stages(model, self.stages, num_stages, pc.pp_layers)
+        model.to(self.device)  # only this rank's stages; TP and FSDP then shard on the mesh's device
         if self.dims.tp > 1:
             apply_tensor_parallel(model, self.mesh["tp"], config.parallel.sequence_parallel)
         apply_activation_checkpointing(model, config.activation_checkpointing)
@@ -150,7 +151,7 @@ class Trainer:
             apply_fsdp(model, self.mesh["dp"], reshard_after_forward=self.dims.pp == 1)
         autocast(config.precision, self.device.type)  # refuses an unknown precision before training
         self.scaler = LossScaler(enabled=config.precision == "fp16")
-        self.model = model.to(self.device)
+        self.model = model
         self.nparams, self.flops_per_token = count_params_and_flops(mc, dataset.manifest["seq_len"])
         tokens = config.steps * config.data.global_batch_size * dataset.manifest["seq_len"]
         peak_lr, lr_note = resolve_lr(config.optim, self.nparams, tokens)
