@@ -27,6 +27,7 @@ setup(
         "tqdm",
         "faker",
         "matplotlib",
+        "scipy",  # robust least squares for the scaling-law fits
         # Triton kernels; on CPU they run under TRITON_INTERPRET=1 (the tests do).
         "triton>=3.2; platform_system == 'Linux'",
     ],

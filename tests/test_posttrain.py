@@ -1,0 +1,69 @@
+"""Loss masks of chat formatting and the DPO / LN-DPO losses against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from training.posttrain.chat import END, encode_conversation, render
+from training.posttrain.dpo import dpo_loss, sequence_logprobs
+
+
+def byte_tokenizer() -> Tokenizer:
+    """One token per byte, so token counts can be computed by hand."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tokenizer = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(alphabet))}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def test_only_assistant_tokens_are_trained():
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "and 3+3?"},
+        {"role": "assistant", "content": "Step 1: 3 + 3 = 6\nAnswer: 6"},
+    ]
+    tokenizer = byte_tokenizer()
+    encoded = encode_conversation(tokenizer, messages)
+    trained = sum(len((m["content"] + END).encode()) for m in messages if m["role"] == "assistant")
+    assert sum(encoded.loss_mask) == trained  # exact: content + <|end|> of both assistant turns
+    assert len(encoded.ids) == sum(len(text.encode()) for text, _ in render(messages))
+    # The trained tokens decode back to exactly the assistant turns.
+    picked = [i for i, m in zip(encoded.ids, encoded.loss_mask, strict=True) if m]
+    assert tokenizer.decode(picked) == "4" + END + "Step 1: 3 + 3 = 6\nAnswer: 6" + END
+    with pytest.raises(ValueError, match="message 0"):
+        render([{"role": "robot", "content": "hi"}])
+
+
+def test_dpo_matches_a_hand_computed_example():
+    pc, pr, rc, rr = (torch.tensor([v]) for v in (-10.0, -14.0, -11.0, -12.0))
+    loss, reward_c, reward_r = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    # margin = 0.5 * ((-10 + 11) - (-14 + 12)) = 1.5
+    assert float(loss) == pytest.approx(-math.log(1 / (1 + math.exp(-1.5))))
+    assert float(reward_c) == pytest.approx(0.5) and float(reward_r) == pytest.approx(-1.0)
+
+
+def test_ln_dpo_is_dpo_on_length_normalised_ratios():
+    pc, pr, rc, rr = (torch.tensor([v]) for v in (-30.0, -14.0, -33.0, -12.0))
+    lc, lr = torch.tensor([30.0]), torch.tensor([7.0])
+    ln, *_ = dpo_loss(pc, pr, rc, rr, beta=2.0, chosen_lengths=lc, rejected_lengths=lr, length_normalized=True)
+    # margin = 2 * ((3 / 30) - (-2 / 7))
+    margin = 2 * (0.1 + 2 / 7)
+    assert float(ln) == pytest.approx(math.log1p(math.exp(-margin)))
+    plain, *_ = dpo_loss(pc / lc, pr / lr, rc / lc, rr / lr, beta=2.0)
+    assert float(ln) == pytest.approx(float(plain))
+    with pytest.raises(ValueError, match="lengths"):
+        dpo_loss(pc, pr, rc, rr, length_normalized=True)
+
+
+def test_sequence_logprobs_sum_only_masked_tokens():
+    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]]]))
+    labels = torch.tensor([[0, 1, 1]])
+    total, count = sequence_logprobs(logits, labels, torch.tensor([[False, True, True]]))
+    assert float(total) == pytest.approx(math.log(0.75) + math.log(0.1)) and float(count) == 2

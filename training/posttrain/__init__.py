@@ -1,0 +1,1 @@
+"""Continue-training a reasoning variant: chat formatting with loss masks, SFT packing, DPO / LN-DPO."""
