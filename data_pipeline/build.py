@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import shutil
 from collections import defaultdict
@@ -36,6 +37,8 @@ class BuildConfig:
     # family -> weight; empty = natural proportions; "from FILE": a YAML/JSON mapping, e.g. the one
     # `python -m training.scaling_laws optimal-mix` writes
     ratios: dict[str, float] | str = field(default_factory=dict)
+    temperature: float | None = None  # with no ratios: sample families with p ~ tokens^(1/T)
+    dedup: bool = True  # drop exact duplicate documents (by content hash)
     valid_docs_per_family: int = 20  # held out before mixing, packed into the `valid` split
     sequences_per_shard: int = 1024
     families_file: str | None = None
@@ -67,8 +70,16 @@ def build(config: BuildConfig) -> dict:
     out = Path(config.output_dir)
     table = language_table(config.families_file)
     docs_by_family: dict[str, list[str]] = defaultdict(list)
+    seen: set[bytes] = set()
+    duplicates = 0
     for source in config.sources:
         for doc in tqdm(read_documents(source, table), desc=f"read {source.paths[0]}", unit="doc", leave=False):
+            if config.dedup:
+                key = hashlib.blake2b(doc.text.encode(), digest_size=16).digest()
+                if key in seen:
+                    duplicates += 1
+                    continue
+                seen.add(key)
             docs_by_family[doc.family].append(doc.text)
     if not docs_by_family:
         raise ConfigError("sources: no documents found")
@@ -94,7 +105,7 @@ def build(config: BuildConfig) -> dict:
 
     train_tokens = {f: encode(train_texts[f]) for f in tqdm(families, desc="tokenize", unit="family")}
     ratios = normalize_ratios(
-        read_ratios(config.ratios), {f: sum(len(d) + 1 for d in train_tokens[f]) for f in families}
+        read_ratios(config.ratios), {f: sum(len(d) + 1 for d in train_tokens[f]) for f in families}, config.temperature
     )
     mixture, draws = draw_documents(train_tokens, ratios, config.total_tokens, config.seed)
     family_index = {f: i for i, f in enumerate(families)}
@@ -127,6 +138,7 @@ def build(config: BuildConfig) -> dict:
             for d in draws
         },
         "padding_tokens": {"train": train.padding_tokens, "valid": valid.padding_tokens},
+        "duplicates_removed": duplicates,
         "splits": {
             "train": write_shards(staging, "train", train, config.sequences_per_shard),
             "valid": write_shards(staging, "valid", valid, config.sequences_per_shard),

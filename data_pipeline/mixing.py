@@ -22,10 +22,18 @@ class FamilyDraw:
         return self.drawn_tokens / max(1, self.available_tokens)
 
 
-def normalize_ratios(ratios: dict[str, float], available: dict[str, int]) -> dict[str, float]:
-    """Ratios over the families present; an empty mapping means natural proportions."""
+def normalize_ratios(
+    ratios: dict[str, float], available: dict[str, int], temperature: float | None = None
+) -> dict[str, float]:
+    """Ratios over the families present. An empty mapping means proportions to the data, or with a
+    `temperature` T, p ~ n^(1/T) (T > 1 flattens towards scarce families, as in mT5 / XLM-R)."""
+    if temperature is not None and temperature <= 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
+    if ratios and temperature is not None:
+        raise ConfigError("give either ratios or temperature, not both")
     if not ratios:
-        ratios = {family: float(count) for family, count in available.items()}
+        power = 1.0 / (temperature or 1.0)
+        ratios = {family: float(count) ** power for family, count in available.items()}
     for family, value in ratios.items():
         if family not in available:
             raise ConfigError(

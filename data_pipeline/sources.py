@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import io
 import json
 import unicodedata
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ class SourceConfig:
     text_field: str = "text"
     lang_field: str | None = "lang"
     lang: str | None = None  # a fixed language for every record, when the files carry none
+    min_chars: int = 1  # shorter documents (after normalisation) are dropped
 
 
 @dataclass(frozen=True)
@@ -41,10 +43,13 @@ def expand_paths(patterns: list[str]) -> list[Path]:
     return files
 
 
+JSONL_SUFFIXES = tuple(f".{ext}{comp}" for ext in ("jsonl", "json") for comp in ("", ".gz", ".zst", ".bz2"))
+
+
 def _records(path: Path) -> Iterator[dict]:
     name = path.name
-    if name.endswith(".jsonl") or name.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
+    if name.endswith(JSONL_SUFFIXES):  # compression detected from the suffix
+        with pa.input_stream(str(path), compression="detect") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
                 if line.strip():
                     try:
@@ -65,7 +70,7 @@ def _records(path: Path) -> Iterator[dict]:
             for batch in batches:
                 yield from batch.to_pylist()
     else:
-        raise ConfigError(f"{path}: unsupported file type (use .jsonl, .parquet or .arrow)")
+        raise ConfigError(f"{path}: unsupported file type (use .jsonl[.gz|.zst|.bz2], .parquet or .arrow)")
 
 
 def read_documents(source: SourceConfig, table: dict[str, str]) -> Iterator[Document]:
@@ -80,7 +85,7 @@ def read_documents(source: SourceConfig, table: dict[str, str]) -> Iterator[Docu
             if not lang:
                 raise ConfigError(f"{path}: record {i} has no language in field {source.lang_field!r}")
             text = unicodedata.normalize("NFC", record[source.text_field] or "").strip()
-            if text:
+            if len(text) >= max(1, source.min_chars):
                 try:
                     yield Document(text=text, lang=lang, family=family_of(lang, table))
                 except KeyError as err:

@@ -140,3 +140,30 @@ def test_ratios_from_a_file(tmp_path):
     assert manifest["family_stats"]["germanic"]["ratio"] == pytest.approx(0.6)
     with pytest.raises(ConfigError, match="not found"):
         build(small_build(tmp_path, [str(tmp_path / "docs.jsonl")], ratios="from /no/such.yaml"))
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_compressed_jsonl_dedup_and_min_chars(compression, tmp_path):
+    suffix = {"gzip": "gz", "zstd": "zst"}[compression]
+    path = tmp_path / f"docs.jsonl.{suffix}"
+    records = RECORDS + RECORDS[:10] + [{"text": "tiny", "lang": "en"}]  # 10 exact duplicates, 1 short doc
+    with pa.output_stream(str(path), compression=compression) as out:
+        out.write("\n".join(json.dumps(r) for r in records).encode())
+    config = small_build(tmp_path, [str(path)])
+    config.sources[0].min_chars = 10
+    manifest = build(config)
+    assert manifest["duplicates_removed"] == 10
+    kept = sum(s["available_tokens"] > 0 for s in manifest["family_stats"].values())
+    assert kept == 3
+
+
+def test_temperature_sampling_flattens_the_mixture():
+    from data_pipeline.mixing import normalize_ratios
+
+    available = {"germanic": 900, "slavic": 100}
+    natural = normalize_ratios({}, available)
+    flat = normalize_ratios({}, available, temperature=2.0)
+    assert natural["germanic"] == pytest.approx(0.9)
+    assert flat["germanic"] == pytest.approx(30 / 40)  # 900^0.5 : 100^0.5 = 30 : 10
+    with pytest.raises(ConfigError, match="temperature must be > 0"):
+        normalize_ratios({}, available, temperature=0)
