@@ -55,7 +55,9 @@ class PackedDataset:
         if split not in self.manifest["splits"]:
             raise ValueError(f"{where}: no split {split!r} (have {sorted(self.manifest['splits'])})")
         self._shards = [open_shard(self.data_dir, e, verify_checksums) for e in self.manifest["splits"][split]]
-        self._ends = np.cumsum([len(s["tokens"]) for s in self._shards])
+        sizes = [len(s["tokens"]) for s in self._shards]
+        self._ends = np.cumsum(sizes)
+        self._starts = self._ends - np.array(sizes)
         self.families: list[str] = self.manifest["families"]
 
     def __len__(self) -> int:
@@ -63,8 +65,7 @@ class PackedDataset:
 
     def _rows(self, name: str, indices: np.ndarray) -> np.ndarray:
         shard = np.searchsorted(self._ends, indices, side="right")
-        starts = self._ends - np.array([len(s["tokens"]) for s in self._shards])
-        return np.stack([self._shards[k][name][i - starts[k]] for k, i in zip(shard, indices, strict=True)])
+        return np.stack([self._shards[k][name][i - self._starts[k]] for k, i in zip(shard, indices, strict=True)])
 
     def get(self, indices: np.ndarray) -> Batch:
         """Rows `indices` as a batch; labels are the next token, ignored on and before padding."""
@@ -90,7 +91,6 @@ class DataLoader:
         self.dataset, self.seed = dataset, seed
         self.global_batch_size, self.dp_rank, self.dp_size = global_batch_size, dp_rank, dp_size
         self.steps_per_epoch = len(dataset) // global_batch_size
-        self.step = 0
 
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
@@ -106,16 +106,6 @@ class DataLoader:
         local = self.global_batch_size // self.dp_size
         return self.dataset.get(np.sort(rows[self.dp_rank * local : (self.dp_rank + 1) * local]))
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Batch:
-        batch = self.batch_at(self.step)
-        self.step += 1
-        return batch
-
     def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed, "global_batch_size": self.global_batch_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = state["step"]
+        """What fixes the order; the position is the trainer's step."""
+        return {"seed": self.seed, "global_batch_size": self.global_batch_size, "dp_size": self.dp_size}

@@ -357,7 +357,6 @@ class Trainer:
             t0 = time.perf_counter()
             metrics = self.train_step(self.loader.batch_at(self.step))
             self.step += 1
-            self.loader.step = self.step
             seconds = time.perf_counter() - t0
             metrics.update(step=self.step, step_time_s=seconds, tokens_per_s=metrics["tokens"] / seconds)
             history.append(metrics)
