@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +15,9 @@ from data_pipeline.config import ConfigError, to_dict
 from data_pipeline.languages import language_table
 from data_pipeline.mixing import draw_documents, normalize_ratios
 from data_pipeline.packing import pack_documents
-from data_pipeline.shards import write_manifest, write_shards
+from data_pipeline.shards import write_dataset
 from data_pipeline.sources import SourceConfig, read_documents
-from data_pipeline.tokenizer import TOKENIZER_FILE, load_tokenizer, special_ids, tokenizer_hash, train_bpe
+from data_pipeline.tokenizer import load_tokenizer, special_ids, train_bpe
 
 
 @dataclass
@@ -113,40 +112,24 @@ def build(config: BuildConfig) -> dict:
     valid_docs = [(family_index[f], d) for f in families for d in encode(valid_texts[f])]
     valid = pack_documents(valid_docs, config.seq_len, eos, pad)
 
-    # Replace any earlier build only once the new shards are complete.
-    staging = out.with_name(out.name + ".building")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    tokenizer.save(str(staging / TOKENIZER_FILE))
-    manifest = {
-        "format": 1,
-        "seq_len": config.seq_len,
-        "tokenizer_hash": tokenizer_hash(tokenizer),
-        "tokenizer_file": TOKENIZER_FILE,
-        "vocab_size": tokenizer.get_vocab_size(),
-        "eos_id": eos,
-        "pad_id": pad,
-        "families": families,
-        "family_stats": {
-            d.family: {
-                "ratio": round(d.ratio, 6),
-                "available_tokens": d.available_tokens,
-                "tokens": d.drawn_tokens,
-                "documents": d.drawn_docs,
-                "epochs": round(d.epochs, 4),
-            }
-            for d in draws
-        },
-        "padding_tokens": {"train": train.padding_tokens, "valid": valid.padding_tokens},
-        "duplicates_removed": duplicates,
-        "splits": {
-            "train": write_shards(staging, "train", train, config.sequences_per_shard),
-            "valid": write_shards(staging, "valid", valid, config.sequences_per_shard),
-        },
-        "config": to_dict(config),
+    stats = {
+        d.family: {
+            "ratio": round(d.ratio, 6),
+            "available_tokens": d.available_tokens,
+            "tokens": d.drawn_tokens,
+            "documents": d.drawn_docs,
+            "epochs": round(d.epochs, 4),
+        }
+        for d in draws
     }
-    write_manifest(staging, manifest)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    manifest = write_dataset(
+        out,
+        tokenizer,
+        {"train": train, "valid": valid},
+        families,
+        config.sequences_per_shard,
+        family_stats=stats,
+        duplicates_removed=duplicates,
+        config=to_dict(config),
+    )
     return manifest

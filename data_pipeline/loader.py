@@ -23,10 +23,17 @@ class Batch:
     labels: torch.Tensor  # [b, s] int64 next tokens, IGNORE_INDEX where nothing to predict
     doc_ids: torch.Tensor  # [b, s] int32
     family_ids: torch.Tensor  # [b, s] int64, -1 on padding
+    rows: torch.Tensor  # [b] int64, the dataset rows (DPO looks up their reference log-probs)
 
     def split(self, chunks: int) -> list[Batch]:
-        parts = zip(*(t.chunk(chunks) for t in (self.tokens, self.labels, self.doc_ids, self.family_ids)), strict=True)
+        parts = zip(*(t.chunk(chunks) for t in self.tensors()), strict=True)
         return [Batch(*p) for p in parts]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.tokens, self.labels, self.doc_ids, self.family_ids, self.rows)
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(*(t.to(device) for t in self.tensors()))
 
 
 class PackedDataset:
@@ -59,6 +66,7 @@ class PackedDataset:
         self._ends = np.cumsum(sizes)
         self._starts = self._ends - np.array(sizes)
         self.families: list[str] = self.manifest["families"]
+        self.has_loss_mask = all("loss_mask" in shard for shard in self._shards)
 
     def __len__(self) -> int:
         return int(self._ends[-1])
@@ -73,27 +81,45 @@ class PackedDataset:
         doc_ids = torch.from_numpy(self._rows("doc_ids", indices))
         families = torch.from_numpy(self._rows("family_ids", indices).astype(np.int64))
         labels = torch.full_like(tokens, IGNORE_INDEX)
-        real = doc_ids >= 0
-        labels[:, :-1] = torch.where(real[:, 1:] & real[:, :-1], tokens[:, 1:], IGNORE_INDEX)
-        return Batch(tokens=tokens, labels=labels, doc_ids=doc_ids, family_ids=families)
+        target = (doc_ids >= 0)[:, 1:] & (doc_ids >= 0)[:, :-1]
+        if self.has_loss_mask:  # SFT / DPO: only the masked tokens (assistant turns) are targets
+            target &= torch.from_numpy(self._rows("loss_mask", indices)[:, 1:] > 0)
+        labels[:, :-1] = torch.where(target, tokens[:, 1:], IGNORE_INDEX)
+        rows = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+        return Batch(tokens=tokens, labels=labels, doc_ids=doc_ids, family_ids=families, rows=rows)
 
 
 class DataLoader:
+    """`group_size` > 1 keeps consecutive rows together (DPO: chosen, rejected) in the order, in one
+    replica's share and, with an even micro-batch size, in one micro-batch."""
+
     def __init__(
-        self, dataset: PackedDataset, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0
+        self,
+        dataset: PackedDataset,
+        global_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        group_size: int = 1,
     ):
-        if global_batch_size % dp_size:
-            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by data-parallel size {dp_size}")
+        if global_batch_size % (dp_size * group_size):
+            raise ValueError(
+                f"global_batch_size {global_batch_size} is not divisible by data-parallel size {dp_size}"
+                + (f" x group size {group_size}" if group_size > 1 else "")
+            )
         if len(dataset) < global_batch_size:
             raise ValueError(
                 f"{dataset.data_dir}: {len(dataset)} sequences, fewer than one global batch ({global_batch_size})"
             )
-        self.dataset, self.seed = dataset, seed
+        if len(dataset) % group_size:
+            raise ValueError(f"{dataset.data_dir}: {len(dataset)} rows do not form groups of {group_size}")
+        self.dataset, self.seed, self.group_size = dataset, seed, group_size
         self.global_batch_size, self.dp_rank, self.dp_size = global_batch_size, dp_rank, dp_size
         self.steps_per_epoch = len(dataset) // global_batch_size
 
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+        groups = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset) // self.group_size)
+        return (groups[:, None] * self.group_size + np.arange(self.group_size)).ravel()
 
     def global_rows(self, step: int) -> np.ndarray:
         """Dataset rows of the whole global batch of `step` (all replicas)."""

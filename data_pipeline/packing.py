@@ -1,13 +1,18 @@
 """Pack tokenized documents into fixed-length sequences with per-token document ids.
 
-Each document ends with EOS. Documents are concatenated and cut every `seq_len` tokens; a document
-cut at a boundary continues in the next sequence. Document ids restart at 0 in every sequence and
-padding (only in the last sequence) has document id -1, so attention masks built from ids never
-cross a document and never read padding.
+Each document ends with EOS. Two strategies:
+- `pack_documents` (pretraining): documents are concatenated and cut every `seq_len` tokens; a
+  document cut at a boundary continues in the next sequence. No padding except at the very end.
+- `pack_best_fit` (SFT, or `packing: best_fit`): whole documents go into the fullest sequence they
+  still fit (best-fit decreasing), so none is split; longer ones are truncated and counted.
+Document ids restart at 0 in every sequence and padding has document id -1, so attention masks built
+from ids never cross a document and never read padding. An optional per-token loss mask (SFT: the
+assistant turns) travels with the tokens.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +23,8 @@ class PackedSequences:
     tokens: np.ndarray  # [n, seq_len] int32
     doc_ids: np.ndarray  # [n, seq_len] int32, -1 on padding
     family_ids: np.ndarray  # [n, seq_len] int8, -1 on padding
+    loss_mask: np.ndarray | None = None  # [n, seq_len] int8, 1 where the token is a training target
+    truncated_docs: int = 0
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -27,25 +34,110 @@ class PackedSequences:
         return int((self.doc_ids < 0).sum())
 
 
-def pack_documents(docs: list[tuple[int, list[int]]], seq_len: int, eos_id: int, pad_id: int) -> PackedSequences:
-    """`docs` is a list of (family index, token ids without EOS)."""
+def _stream(docs, eos_id: int, masks):
+    """Documents laid end to end with EOS: tokens, document index, family and loss mask per token."""
     lengths = np.array([len(tokens) + 1 for _, tokens in docs], dtype=np.int64)
     total = int(lengths.sum())
     stream = np.empty(total, dtype=np.int32)
+    mask = np.ones(total, dtype=np.int8)
     doc_index = np.repeat(np.arange(len(docs), dtype=np.int64), lengths)
     family = np.repeat(np.array([f for f, _ in docs], dtype=np.int8), lengths)
     ends = np.cumsum(lengths)
-    starts = ends - lengths
-    for (_, tokens), start, end in zip(docs, starts, ends, strict=True):
+    for i, ((_, tokens), end) in enumerate(zip(docs, ends, strict=True)):
+        start = end - lengths[i]
         stream[start : end - 1] = tokens
         stream[end - 1] = eos_id
+        if masks is not None:
+            mask[start : end - 1] = masks[i]
+            mask[end - 1] = 0  # the chat template's end marker is the target; EOS only separates
+    return stream, doc_index, family, mask
 
+
+def _renumber(doc_index: np.ndarray) -> np.ndarray:
+    """Document ids from 0 inside each sequence, -1 on padding."""
+    first = np.where(doc_index[:, :1] >= 0, doc_index[:, :1], 0)
+    return np.where(doc_index >= 0, doc_index - first, -1).astype(np.int32)
+
+
+def pack_documents(
+    docs: list[tuple[int, list[int]]],
+    seq_len: int,
+    eos_id: int,
+    pad_id: int,
+    masks: list[list[bool]] | None = None,
+) -> PackedSequences:
+    """`docs` is a list of (family index, token ids without EOS); `masks` the loss mask per document."""
+    stream, doc_index, family, mask = _stream(docs, eos_id, masks)
+    total = len(stream)
     n = -(-total // seq_len)
     pad = n * seq_len - total
-    tokens = np.concatenate([stream, np.full(pad, pad_id, np.int32)]).reshape(n, seq_len)
-    doc_index = np.concatenate([doc_index, np.full(pad, -1, np.int64)]).reshape(n, seq_len)
-    family = np.concatenate([family, np.full(pad, -1, np.int8)]).reshape(n, seq_len)
-    # Renumber documents from 0 inside each sequence.
-    first = np.where(doc_index[:, :1] >= 0, doc_index[:, :1], 0)
-    doc_ids = np.where(doc_index >= 0, doc_index - first, -1).astype(np.int32)
-    return PackedSequences(tokens=tokens, doc_ids=doc_ids, family_ids=family)
+
+    def fill(values, value, dtype):
+        return np.concatenate([values.astype(dtype), np.full(pad, value, dtype)]).reshape(n, seq_len)
+
+    return PackedSequences(
+        tokens=fill(stream, pad_id, np.int32),
+        doc_ids=_renumber(fill(doc_index, -1, np.int64)),
+        family_ids=fill(family, -1, np.int8),
+        loss_mask=fill(mask, 0, np.int8) if masks is not None else None,
+    )
+
+
+def best_fit_bins(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: document indices per bin, each bin's total length <= capacity."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    free: list[int] = []  # room left per bin, kept in step with `bins`
+    by_room: list[tuple[int, int]] = []  # (room, bin) sorted, for a binary search of the tightest fit
+    for i in order:
+        size = min(lengths[i], capacity)
+        k = bisect.bisect_left(by_room, (size, -1))
+        if k == len(by_room):
+            bins.append([i])
+            free.append(capacity - size)
+            bisect.insort(by_room, (free[-1], len(bins) - 1))
+            continue
+        room, b = by_room.pop(k)
+        bins[b].append(i)
+        free[b] = room - size
+        bisect.insort(by_room, (free[b], b))
+    return bins
+
+
+def pack_best_fit(
+    docs: list[tuple[int, list[int]]],
+    seq_len: int,
+    eos_id: int,
+    pad_id: int,
+    masks: list[list[bool]] | None = None,
+) -> PackedSequences:
+    """Whole documents per sequence (best-fit decreasing); a document longer than `seq_len` - 1 keeps
+    its first tokens and is counted in `truncated_docs`. Order of sequences follows the bins."""
+    if not docs:
+        raise ValueError("no documents to pack")
+    limit = seq_len - 1
+    truncated = sum(len(t) > limit for _, t in docs)
+    docs = [(f, t[:limit]) for f, t in docs]
+    masks = [m[:limit] for m in masks] if masks is not None else None
+    bins = best_fit_bins([len(t) + 1 for _, t in docs], seq_len)
+    rows = []
+    for members in bins:
+        sub_masks = [masks[i] for i in members] if masks is not None else None
+        stream, doc_index, family, mask = _stream([docs[i] for i in members], eos_id, sub_masks)
+        pad = seq_len - len(stream)
+        rows.append(
+            (
+                np.concatenate([stream, np.full(pad, pad_id, np.int32)]),
+                np.concatenate([doc_index, np.full(pad, -1, np.int64)]),
+                np.concatenate([family, np.full(pad, -1, np.int8)]),
+                np.concatenate([mask, np.zeros(pad, np.int8)]),
+            )
+        )
+    tokens, doc_index, family, mask = (np.stack(column) for column in zip(*rows, strict=True))
+    return PackedSequences(
+        tokens=tokens.astype(np.int32),
+        doc_ids=_renumber(doc_index),
+        family_ids=family.astype(np.int8),
+        loss_mask=mask.astype(np.int8) if masks is not None else None,
+        truncated_docs=truncated,
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from data_pipeline.packing import PackedSequences
 
 MANIFEST = "manifest.json"
 COLUMNS = {"tokens": pa.int32(), "doc_ids": pa.int32(), "family_ids": pa.int8()}
+OPTIONAL_COLUMNS = {"loss_mask": pa.int8()}  # SFT / DPO: 1 where the token is a training target
 
 
 def sha256_file(path: str | Path) -> str:
@@ -43,11 +45,12 @@ def write_shards(out_dir: Path, split: str, packed: PackedSequences, sequences_p
     entries = []
     for index, start in enumerate(range(0, len(packed), sequences_per_shard)):
         rows = slice(start, start + sequences_per_shard)
+        columns = {**COLUMNS, **{k: v for k, v in OPTIONAL_COLUMNS.items() if getattr(packed, k) is not None}}
         arrays = [
             pa.FixedSizeListArray.from_arrays(pa.array(getattr(packed, name)[rows].ravel(), dtype), seq_len)
-            for name, dtype in COLUMNS.items()
+            for name, dtype in columns.items()
         ]
-        table = pa.Table.from_arrays(arrays, names=list(COLUMNS))
+        table = pa.Table.from_arrays(arrays, names=list(columns))
         rel = f"{split}/shard_{index:05d}.arrow"
         tmp = out_dir / (rel + ".tmp")
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
@@ -63,6 +66,46 @@ def write_shards(out_dir: Path, split: str, packed: PackedSequences, sequences_p
             }
         )
     return entries
+
+
+def write_dataset(
+    out_dir: str | Path,
+    tokenizer,
+    splits: dict[str, PackedSequences],
+    families: list[str],
+    sequences_per_shard: int,
+    **fields: Any,
+) -> dict[str, Any]:
+    """Shards of every split, the tokenizer and `manifest.json` (plus `fields`) in `out_dir`.
+
+    Everything is written to `<out_dir>.building` and swapped in at the end, so an earlier dataset
+    at `out_dir` stays whole until the new one is complete."""
+    from data_pipeline.tokenizer import TOKENIZER_FILE, special_ids, tokenizer_hash
+
+    out = Path(out_dir)
+    staging = out.with_name(out.name + ".building")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    tokenizer.save(str(staging / TOKENIZER_FILE))
+    eos, pad = special_ids(tokenizer)
+    manifest = {
+        "format": 1,
+        "seq_len": int(next(iter(splits.values())).tokens.shape[1]),
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "tokenizer_file": TOKENIZER_FILE,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "eos_id": eos,
+        "pad_id": pad,
+        "families": families,
+        "padding_tokens": {split: packed.padding_tokens for split, packed in splits.items()},
+        **fields,
+        "splits": {name: write_shards(staging, name, packed, sequences_per_shard) for name, packed in splits.items()},
+    }
+    write_manifest(staging, manifest)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return manifest
 
 
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
@@ -94,7 +137,7 @@ def open_shard(data_dir: Path, entry: dict, verify: bool = True) -> dict[str, np
     except pa.ArrowInvalid as err:
         raise ValueError(f"shard {path} is not a readable Arrow file: {err}") from err
     out = {}
-    for name in COLUMNS:
+    for name in [*COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in table.column_names)]:
         column = table.column(name).combine_chunks()
         out[name] = column.flatten().to_numpy().reshape(len(column), column.type.list_size)
     return out

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.reference import document_causal_mask, reference_attention, reference_s2_attention, s2_token_mask
-from kernels.s2_attention import S2Heads, s2_attention
+from kernels.s2_attention import S2Heads, s2_attention, s2_decode_attention
 
 BACKENDS = ("sdpa", "reference", "triton", "flash_attn")
 
@@ -81,3 +81,14 @@ def attention(
     from kernels.flash_gqa import flash_attention
 
     return flash_attention(q, k, v, doc_ids)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, s2: S2Heads | None = None):
+    """One new token per sequence, q [b, 1, hq, d], attending to the whole cache [b, t, hkv, d] (its
+    own K/V last). S2 layers read only the blocks their pattern allows."""
+    if s2 is not None:
+        return s2_decode_attention(q, k_cache, v_cache, s2)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), enable_gqa=True
+    )
+    return out.transpose(1, 2)

@@ -28,6 +28,9 @@ def device_peak_tflops() -> float | None:
     return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
+PREFERENCE_METRICS = ("reward_accuracy", "reward_margin")  # DPO's, shown on the console next to the loss
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, families: list[str], flops_per_token: int, enabled: bool = True):
         self.run_dir, self.families, self.enabled = run_dir, families, enabled
@@ -67,6 +70,7 @@ class MetricsLogger:
         self.bar.update(1)
         if console:
             families = " ".join(f"{f}={metrics[f'loss/{f}']:.2f}" for f in self.families if f"loss/{f}" in metrics)
+            families += " ".join(f"{k}={metrics[k]:.3f}" for k in PREFERENCE_METRICS if k in metrics)
             self.note(
                 f"step {step:5d} | loss {metrics['loss']:.4f} | grad_norm {metrics['grad_norm']:.3f} | "
                 f"lr {metrics['lr']:.2e} | {metrics['tokens_per_s']:.0f} tok/s | {families}"
@@ -81,6 +85,7 @@ class MetricsLogger:
         with open(self.run_dir / "eval.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **evals}) + "\n")
         families = " ".join(f"{k[9:]}={v:.2f}" for k, v in evals.items() if k.startswith("val/loss/"))
+        families += " ".join(f"{k}={evals['val/' + k]:.3f}" for k in PREFERENCE_METRICS if "val/" + k in evals)
         self.note(f"eval {step:5d} | val loss {evals['val/loss']:.4f} | {families}")
 
     def close(self) -> None:

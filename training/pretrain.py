@@ -38,6 +38,17 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
     return path, overrides
 
 
+def build_trainer(config: TrainConfig) -> Trainer:
+    """The trainer for `config.objective`: language modelling or DPO on preference pairs."""
+    if config.objective == "lm":
+        return Trainer(config)
+    if config.objective == "dpo":
+        from training.posttrain.dpo_trainer import DPOTrainer
+
+        return DPOTrainer(config)
+    raise ValueError(f"objective {config.objective!r} is not one of lm, dpo")
+
+
 def main(argv: list[str] | None = None) -> int:
     path, overrides = parse_args(argv)
     try:
@@ -48,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     limit_cpu_threads()
     init_distributed(config.dist_timeout_s)
     try:
-        Trainer(config).fit()
+        build_trainer(config).fit()
     except (LayoutError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

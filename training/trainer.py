@@ -26,6 +26,7 @@ from training.parallel.data import allreduce_gradients, apply_fsdp
 from training.parallel.mesh import ParallelConfig, ParallelDims, device_type
 from training.parallel.pipeline import V_SHAPE_SCHEDULES, build_schedule, keep_stages, stages_of_rank
 from training.parallel.tensor import apply_tensor_parallel, reduce_partial_grads
+from training.posttrain.dpo import DPOConfig
 from training.precision import LossScaler, autocast
 from training.transforms import apply_activation_checkpointing, apply_compile
 
@@ -62,6 +63,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block
     nonfinite: str = "stop"  # on a NaN/inf loss or gradient: stop (report step and batch) | skip (and count)
     loss_spike_factor: float = 3.0  # log a spike when the loss exceeds this multiple of its running mean
+    objective: str = "lm"  # lm (pretraining, CoT mid-training, SFT) | dpo (pairs, needs `dpo`)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     model: PhiConfig = field(default_factory=PhiConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -89,6 +92,10 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Trainer:
+    """Language-model training (pretraining, CoT mid-training, SFT); `DPOTrainer` changes the loss."""
+
+    rows_per_sample = 1  # DPO: 2 (chosen, rejected) rows that stay together
+
     def __init__(self, config: TrainConfig):
         self.config = config
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -118,11 +125,12 @@ class Trainer:
                 f" exceed model.max_seq_len {mc.max_seq_len} / model.vocab_size {mc.vocab_size}"
             )
         self.families = dataset.families
-        self.loader = DataLoader(dataset, config.data.global_batch_size, self.dp_rank, self.dims.dp, config.data.seed)
+        batch_size, group = config.data.global_batch_size, self.rows_per_sample
+        self.loader = DataLoader(dataset, batch_size, self.dp_rank, self.dims.dp, config.data.seed, group)
         valid = PackedDataset(data_dir, "valid", tokenizer_hash=dataset.manifest["tokenizer_hash"])
         self.valid_loader = None  # a split smaller than one global batch is not evaluated
-        if len(valid) >= config.data.global_batch_size:
-            self.valid_loader = DataLoader(valid, config.data.global_batch_size, self.dp_rank, self.dims.dp, seed=0)
+        if len(valid) >= batch_size:
+            self.valid_loader = DataLoader(valid, batch_size, self.dp_rank, self.dims.dp, 0, group)
 
         torch.manual_seed(config.seed)  # every layout starts from the same full model
         model = PhiModel(mc)
@@ -166,11 +174,11 @@ class Trainer:
                 self.mesh["pp"].get_group(),
                 self.device,
                 self.n_microbatches,
-                self._pipeline_loss,
+                self._loss,
                 config.parallel.pp_schedule,
                 config.parallel.pp_layers,
             )
-        self._token_count = torch.ones((), device=self.device)
+        self._denominator = torch.ones((), device=self.device)
         self._microbatch_stats: list[torch.Tensor] = []
         if config.nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite {config.nonfinite!r} is not one of stop, skip")
@@ -184,23 +192,49 @@ class Trainer:
             self.metrics.note(lr_note)
 
     # ---- loss -------------------------------------------------------------------------------
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, family_ids: torch.Tensor) -> torch.Tensor:
+    # Subclasses with another objective (DPO) override the four methods below; the step, the
+    # pipeline schedule and the metric reduction are shared.
+    def _targets(self, batch: Batch) -> torch.Tensor:
+        """What the loss needs besides the logits, as one tensor [b, s, k] that pipeline schedules
+        split into micro-batches with the inputs."""
+        return torch.stack([batch.labels, batch.family_ids], dim=-1)
+
+    def _loss_denominator(self, batch: Batch) -> torch.Tensor:
+        """This replica's share of what the global-batch loss is averaged over: target tokens."""
+        return (batch.labels != IGNORE_INDEX).sum().float()
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Sum of token cross-entropies / tokens in the global batch; also accumulates per-family sums.
         Under TP the logits are vocab-sharded and `loss_parallel` never gathers them."""
-        flat_logits = logits.flatten(0, 1)
-        per_token = F.cross_entropy(flat_logits, labels.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
-        if isinstance(per_token, DTensor):
-            per_token = per_token.to_local()
+        labels, family_ids = target[..., 0], target[..., 1]
+        per_token = self._token_nll(logits, labels)
         valid = labels.flatten() != IGNORE_INDEX
         family = torch.where(valid, family_ids.flatten(), len(self.families))
-        stats = torch.zeros(2, len(self.families) + 1, device=per_token.device)
+        stats = torch.zeros(self._stats_shape(), device=per_token.device)
         stats[0].index_add_(0, family, per_token.detach().float())
         stats[1].index_add_(0, family, valid.float())
         self._microbatch_stats.append(stats)
-        return per_token.sum() * self.scaler.scale * self._replica_factor / self._token_count
+        return per_token.sum() * self.scaler.scale * self._replica_factor / self._denominator
 
-    def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self._loss(output, target[..., 0], target[..., 1])
+    def _stats_shape(self) -> tuple[int, ...]:
+        """Per-family [loss sum, token count], plus a column for ignored tokens."""
+        return (2, len(self.families) + 1)
+
+    def _summarize(self, stats: torch.Tensor, prefix: str = "") -> dict[str, float]:
+        sums, counts = stats[0, :-1].cpu(), stats[1, :-1].cpu()
+        out = {f"{prefix}loss": float(sums.sum() / counts.sum()), f"{prefix}tokens": float(counts.sum())}
+        for i, family in enumerate(self.families):
+            if counts[i] > 0:
+                out[f"{prefix}loss/{family}"] = float(sums[i] / counts[i])
+        return out
+
+    @staticmethod
+    def _token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token negative log-likelihood, flat, 0 where the label is ignored (works on TP-sharded logits)."""
+        per_token = F.cross_entropy(
+            logits.flatten(0, 1), labels.flatten().long(), reduction="none", ignore_index=IGNORE_INDEX
+        )
+        return per_token.to_local() if isinstance(per_token, DTensor) else per_token
 
     def _loss_context(self):
         return loss_parallel() if self.dims.tp > 1 else contextlib.nullcontext()
@@ -208,14 +242,14 @@ class Trainer:
     # ---- one step ---------------------------------------------------------------------------
     def _run_batch(self, batch: Batch, backward: bool) -> None:
         """Loss (and with `backward`, gradients) of the global-batch mean over micro-batches."""
-        batch = Batch(*(t.to(self.device) for t in (batch.tokens, batch.labels, batch.doc_ids, batch.family_ids)))
+        batch = batch.to(self.device)
         self._microbatch_stats.clear()
-        self._token_count = (batch.labels != IGNORE_INDEX).sum().float()
+        target = self._targets(batch)
+        self._denominator = self._loss_denominator(batch)
         if self.dims.dp > 1:
-            dist.all_reduce(self._token_count, group=self.mesh["dp"].get_group())
+            dist.all_reduce(self._denominator, group=self.mesh["dp"].get_group())
         with self._loss_context(), torch.set_grad_enabled(backward), autocast(self.config.precision, self.device.type):
             if self.schedule is not None:
-                target = torch.stack([batch.labels, batch.family_ids], dim=-1)
                 args = (batch.tokens,) if self.is_first_stage else ()
                 kwargs = dict(target=target if self.is_last_stage else None, doc_ids=batch.doc_ids)
                 if backward:
@@ -223,11 +257,11 @@ class Trainer:
                 else:
                     self.schedule.eval(*args, **kwargs)
             else:
-                micro = batch.split(self.n_microbatches)
-                for i, mb in enumerate(micro):
+                micro = zip(batch.split(self.n_microbatches), target.chunk(self.n_microbatches), strict=True)
+                for i, (mb, mb_target) in enumerate(micro):
                     if self.fsdp and backward:  # reduce-scatter gradients once, after the last micro-batch
-                        self.model.set_requires_gradient_sync(i == len(micro) - 1)
-                    loss = self._loss(self.model(mb.tokens, doc_ids=mb.doc_ids), mb.labels, mb.family_ids)
+                        self.model.set_requires_gradient_sync(i == self.n_microbatches - 1)
+                    loss = self._loss(self.model(mb.tokens, doc_ids=mb.doc_ids), mb_target)
                     if backward:
                         loss.backward()
 
@@ -249,14 +283,11 @@ class Trainer:
             return {}
         n = self.valid_loader.steps_per_epoch
         n = min(n, self.config.eval_batches) if self.config.eval_batches else n
-        totals = torch.zeros(2, len(self.families) + 1, device=self.device)
+        totals = torch.zeros(self._stats_shape(), device=self.device)
         for i in range(n):
             self._run_batch(self.valid_loader.batch_at(i), backward=False)
             totals += self._replica_stats()
-        sums, counts = totals[0, :-1].cpu(), totals[1, :-1].cpu()
-        out = {"val/loss": float(sums.sum() / counts.sum())}
-        out.update({f"val/loss/{f}": float(sums[i] / counts[i]) for i, f in enumerate(self.families) if counts[i]})
-        return out
+        return self._summarize(totals, prefix="val/")
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         self.forward_backward(batch)
@@ -289,7 +320,7 @@ class Trainer:
         """Per-family [loss sum, token count] of the global batch, counted once per replica (TP rank 0,
         last stage) and summed over replicas. Only the last `n_microbatches` loss calls count: on its
         first step a pipeline schedule also calls the loss once on placeholder activations."""
-        stats = torch.zeros(2, len(self.families) + 1, device=self.device)
+        stats = torch.zeros(self._stats_shape(), device=self.device)
         if self.is_last_stage and self.tp_rank == 0:
             stats += torch.stack(self._microbatch_stats[-self.n_microbatches :]).sum(0)
         if dist.is_initialized():
@@ -297,18 +328,7 @@ class Trainer:
         return stats
 
     def _reduce_metrics(self, grad_norm: torch.Tensor, lr: float) -> dict[str, float]:
-        stats = self._replica_stats()
-        sums, counts = stats[0, :-1].cpu(), stats[1, :-1].cpu()
-        out = {
-            "loss": float(sums.sum() / counts.sum()),
-            "grad_norm": float(grad_norm),
-            "lr": lr,
-            "tokens": float(counts.sum()),
-        }
-        for i, family in enumerate(self.families):
-            if counts[i] > 0:
-                out[f"loss/{family}"] = float(sums[i] / counts[i])
-        return out
+        return {**self._summarize(self._replica_stats()), "grad_norm": float(grad_norm), "lr": lr}
 
     # ---- the loop ---------------------------------------------------------------------------
     def maybe_resume(self) -> None:

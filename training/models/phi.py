@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import BACKENDS, attention
+from kernels.attention import BACKENDS, attention, decode_attention
 from kernels.patterns import S2Pattern
 from kernels.s2_attention import S2Heads
 
@@ -108,6 +108,37 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([(x_rot * cos + rotated * sin).type_as(x), x_pass], dim=-1)
 
 
+class LayerCache:
+    """Keys and values of one layer's past tokens, preallocated for `max_len` positions."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, device, dtype):
+        self.keys = torch.zeros(batch, max_len, n_kv_heads, head_dim, device=device, dtype=dtype)
+        self.values = torch.zeros_like(self.keys)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[1]
+        if end > self.keys.shape[1]:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.keys.shape[1]}")
+        self.keys[:, self.length : end] = k
+        self.values[:, self.length : end] = v
+        self.length = end
+        return self.keys[:, :end], self.values[:, :end]
+
+
+class KVCache:
+    """One `LayerCache` per layer, keyed like `PhiModel.layers`."""
+
+    def __init__(self, model: PhiModel, batch: int, max_len: int | None = None):
+        c = model.config
+        param = next(model.parameters())
+        max_len = max_len or c.max_seq_len
+        self.layers = {
+            name: LayerCache(batch, max_len, c.n_kv_heads, c.head_dim, param.device, param.dtype)
+            for name in model.layers
+        }
+
+
 class Attention(nn.Module):
     def __init__(self, config: PhiConfig, sparse: bool = False):
         super().__init__()
@@ -120,13 +151,22 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
-    def forward(self, x, cos, sin, doc_ids):
+    def forward(self, x, cos, sin, doc_ids, cache: LayerCache | None = None):
         b, s, _ = x.shape
-        cos, sin = cos[:s], sin[:s]
+        start = cache.length if cache is not None else 0
+        cos, sin = cos[start : start + s], sin[start : start + s]
         q = apply_rope(self.wq(x).view(b, s, -1, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(b, s, -1, self.head_dim), cos, sin)
         v = self.wv(x).view(b, s, -1, self.head_dim)
-        out = self.core_attention(q, k, v, doc_ids)
+        if cache is not None and start > 0:  # decoding: one token against everything cached
+            if s != 1:
+                raise ValueError(f"after the prompt, decode one token at a time (got {s})")
+            k_all, v_all = cache.append(k, v)
+            out = decode_attention(q, k_all, v_all, self.s2)
+        else:
+            if cache is not None:
+                cache.append(k, v)
+            out = self.core_attention(q, k, v, doc_ids)
         return self.wo(out.reshape(b, s, -1))
 
     def core_attention(self, q, k, v, doc_ids):
@@ -155,8 +195,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x, cos, sin, doc_ids):
-        x = x + self.attention(self.attention_norm(x), cos, sin, doc_ids)
+    def forward(self, x, cos, sin, doc_ids, cache: LayerCache | None = None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, doc_ids, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -186,12 +226,15 @@ class PhiModel(nn.Module):
             else:
                 nn.init.normal_(param, std=std)
 
-    def forward(self, inputs: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, inputs: torch.Tensor, doc_ids: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
         """`inputs`: token ids [b, s] (or hidden states when this is a later pipeline stage).
-        `doc_ids` [b, s]: attention stays inside each packed document. Returns logits or hidden."""
+        `doc_ids` [b, s]: attention stays inside each packed document. `cache`: generation, which
+        feeds the prompt first and then one token at a time. Returns logits or hidden states."""
         h = self.tok_embeddings(inputs) if self.tok_embeddings is not None else inputs
-        for layer in self.layers.values():
-            h = layer(h, self.rope_cos, self.rope_sin, doc_ids)
+        for name, layer in self.layers.items():
+            h = layer(h, self.rope_cos, self.rope_sin, doc_ids, cache.layers[name] if cache is not None else None)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h

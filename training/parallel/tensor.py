@@ -54,8 +54,8 @@ def apply_tensor_parallel(model: PhiModel, tp_mesh: DeviceMesh, sequence_paralle
                     f"{prefix}.ffn_norm": SequenceParallel(),
                     # attention(x, cos, sin, doc_ids) and feed_forward(x) gather the sequence first
                     f"{prefix}.attention": PrepareModuleInput(
-                        input_layouts=(Shard(1), None, None, None),
-                        desired_input_layouts=(Replicate(), None, None, None),
+                        input_layouts=(Shard(1), None, None, None, None),  # x, cos, sin, doc_ids, cache
+                        desired_input_layouts=(Replicate(), None, None, None, None),
                     ),
                     f"{prefix}.feed_forward": PrepareModuleInput(
                         input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)

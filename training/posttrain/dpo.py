@@ -8,8 +8,16 @@ finds more robust to hyperparameters out of distribution.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    length_normalized: bool = False  # LN-DPO: divide each log-likelihood ratio by the response length
 
 
 def sequence_logprobs(

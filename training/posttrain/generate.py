@@ -1,0 +1,68 @@
+"""Batched generation with a KV cache: greedy (evaluation) or sampled (rollouts for DPO pairs).
+
+Runs on one process with the full model (consolidate a sharded checkpoint with `training.export`
+first). Prompts are grouped by token length, so a batch needs no padding and every row's positions
+(and its S2 blocks) are the same as in training.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from training.models.phi import KVCache, PhiModel
+
+
+@torch.no_grad()
+def generate(
+    model: PhiModel,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: set[int],
+    temperature: float = 0.0,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> list[list[int]]:
+    """New tokens for each prompt (stop token excluded), greedy when `temperature` is 0."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {i} is empty")
+        by_length[len(prompt)].append(i)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for length, indices in sorted(by_length.items()):
+        budget = min(max_new_tokens, model.config.max_seq_len - length)
+        for start in range(0, len(indices), batch_size):
+            rows = indices[start : start + batch_size]
+            tokens = torch.tensor([prompts[i] for i in rows], device=device)
+            new = _generate_batch(model, tokens, budget, stop_ids, temperature, generator)
+            for row, completion in zip(rows, new, strict=True):
+                outputs[row] = completion
+    model.train(was_training)
+    return outputs
+
+
+def _generate_batch(model, tokens, budget, stop_ids, temperature, generator) -> list[list[int]]:
+    cache = KVCache(model, tokens.shape[0], tokens.shape[1] + budget)
+    logits = model(tokens, cache=cache)[:, -1]
+    done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    stop = torch.tensor(sorted(stop_ids), device=tokens.device)
+    new_tokens = []
+    for step in range(budget):
+        if temperature > 0:
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            next_token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            next_token = logits.argmax(-1)
+        new_tokens.append(torch.where(done, -1, next_token))
+        done |= torch.isin(next_token, stop)
+        if done.all() or step == budget - 1:
+            break
+        logits = model(next_token[:, None], cache=cache)[:, -1]
+    out = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in range(tokens.shape[0])]
+    return [[t for t in row if t >= 0 and t not in stop_ids] for row in out]
