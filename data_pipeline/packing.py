@@ -111,15 +111,26 @@ def pack_best_fit(
     pad_id: int,
     masks: list[list[bool]] | None = None,
 ) -> PackedSequences:
-    """Whole documents per sequence (best-fit decreasing); a document longer than `seq_len` - 1 keeps
-    its first tokens and is counted in `truncated_docs`. Order of sequences follows the bins."""
+    """Whole documents per sequence (best-fit decreasing)."""
+    return pack_bins(docs, seq_len, eos_id, pad_id, best_fit_bins([len(t) + 1 for _, t in docs], seq_len), masks)
+
+
+def pack_bins(
+    docs: list[tuple[int, list[int]]],
+    seq_len: int,
+    eos_id: int,
+    pad_id: int,
+    bins: list[list[int]],
+    masks: list[list[bool]] | None = None,
+) -> PackedSequences:
+    """One sequence per bin of document indices, padded; a document longer than `seq_len` - 1 keeps
+    its first tokens and is counted in `truncated_docs`. DPO uses one document per bin."""
     if not docs:
         raise ValueError("no documents to pack")
     limit = seq_len - 1
     truncated = sum(len(t) > limit for _, t in docs)
     docs = [(f, t[:limit]) for f, t in docs]
     masks = [m[:limit] for m in masks] if masks is not None else None
-    bins = best_fit_bins([len(t) + 1 for _, t in docs], seq_len)
     rows = []
     for members in bins:
         sub_masks = [masks[i] for i in members] if masks is not None else None

@@ -131,3 +131,33 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     for group, options in zip(optimizer.param_groups, implementation, strict=True):
         group.update(options)
     return json.loads((path / TRAINER_STATE).read_text())
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """A complete checkpoint folder: `path` itself, or the `latest` one of a checkpoints folder."""
+    path = Path(path)
+    if (path / TRAINER_STATE).is_file():
+        return path
+    if (path / LATEST).is_file():
+        return path / (path / LATEST).read_text().strip()
+    return None
+
+
+def load_model_weights(path: str | Path, model_config) -> dict[str, torch.Tensor]:
+    """Full-model weights from a checkpoint (any layout), a run's `checkpoints/` folder, an HF Phi3
+    folder or a `python -m training.export ... torch` file; `model_config` (a `PhiConfig`) gives the
+    shapes a sharded checkpoint is consolidated into."""
+    from training.models.phi import PhiModel
+
+    checkpoint = find_checkpoint(path)
+    if checkpoint is not None:
+        state = PhiModel(model_config).state_dict()
+        dcp.load({"model": state}, checkpoint_id=str(checkpoint), no_dist=True)
+        return state
+    if Path(path, "config.json").is_file():
+        from training.models.hf import import_hf
+
+        return import_hf(path)[1]
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: neither a checkpoint, a checkpoints folder, an HF folder nor a weights file")
+    return torch.load(path, map_location="cpu", weights_only=True)

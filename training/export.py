@@ -13,31 +13,28 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from data_pipeline.config import from_dict
 from data_pipeline.tokenizer import TOKENIZER_FILE
-from training.checkpoint import TRAINER_STATE
+from training.checkpoint import LATEST, TRAINER_STATE, find_checkpoint, load_model_weights
 from training.models.hf import export_hf
-from training.models.phi import PhiModel
 from training.trainer import TrainConfig
 
 
 def load_consolidated(checkpoint: str | Path) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
-    """The full model's weights from a checkpoint folder, whatever layout wrote it."""
-    checkpoint = Path(checkpoint)
-    state_file = checkpoint / TRAINER_STATE
-    if not state_file.is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no {TRAINER_STATE})")
+    """The run config and full model's weights of a checkpoint folder (or a run's `checkpoints/`,
+    meaning its latest), whatever layout wrote it."""
+    found = find_checkpoint(checkpoint)
+    if found is None:
+        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no {TRAINER_STATE} or {LATEST})")
+    state_file = found / TRAINER_STATE
     config = from_dict(TrainConfig, json.loads(state_file.read_text())["config"], where=str(state_file))
-    state = PhiModel(config.model).state_dict()
-    dcp.load({"model": state}, checkpoint_id=str(checkpoint))
-    return config, state
+    return config, load_model_weights(found, config.model)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__)
-    parser.add_argument("checkpoint", help="a step_XXXXXXXX folder")
+    parser.add_argument("checkpoint", help="a step_XXXXXXXX folder, or a checkpoints folder (its latest)")
     parser.add_argument("format", choices=["torch", "hf"])
     parser.add_argument("out", help="a .pt file (torch) or a folder (hf)")
     args = parser.parse_args(argv)

@@ -18,7 +18,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from data_pipeline.config import to_dict
 from data_pipeline.loader import IGNORE_INDEX, Batch, DataLoader, PackedDataset
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
-from training.checkpoint import Checkpointer, load_checkpoint, resolve_checkpoint
+from training.checkpoint import Checkpointer, load_checkpoint, load_model_weights, resolve_checkpoint
 from training.metrics import MetricsLogger
 from training.models.phi import PhiConfig, PhiModel, count_params_and_flops
 from training.optim import OptimConfig, build_optimizer, build_scheduler, clip_grad_norm, resolve_lr
@@ -57,7 +57,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between evaluations on the `valid` split; 0: only at the end
     eval_batches: int = 0  # global batches per evaluation; 0: the whole split
     dist_timeout_s: int = 600
-    init_from: str | None = None  # start from weights: an HF Phi3 folder or a consolidated .pt file
+    init_from: str | None = None  # start from weights: a checkpoint (or run's checkpoints/), HF Phi3 folder or .pt
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast over fp32 master weights; fp16 adds loss scaling)
     activation_checkpointing: str = "none"  # none | full (every block) | selective (core attention)
     compile: bool = False  # torch.compile each block
@@ -74,17 +74,6 @@ class TrainConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
-
-
-def load_initial_weights(path: str) -> dict[str, torch.Tensor]:
-    """Full-model weights from an HF Phi3 folder or a `python -m training.export ... torch` file."""
-    if Path(path, "config.json").is_file():
-        from training.models.hf import import_hf
-
-        return import_hf(path)[1]
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"init_from: {path} is neither an HF folder nor a weights file")
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -135,7 +124,7 @@ class Trainer:
         torch.manual_seed(config.seed)  # every layout starts from the same full model
         model = PhiModel(mc)
         if config.init_from:
-            model.load_state_dict(load_initial_weights(config.init_from), strict=True)
+            model.load_state_dict(load_model_weights(config.init_from, mc), strict=True)
         pc = config.parallel
         self.stages = stages_of_rank(self.pp_rank, self.dims.pp, pc.virtual_stages, pc.pp_schedule)
         num_stages = self.dims.pp * pc.virtual_stages

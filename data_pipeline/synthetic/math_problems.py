@@ -88,9 +88,9 @@ def verify_solution(solution: str, expected: int) -> bool:
     return extract_answer(solution) == expected
 
 
-def generate_problems(count: int, seed: int) -> list[MathProblem]:
+def generate_problems(count: int, seed: int, max_steps: int = 3) -> list[MathProblem]:
     """`count` verified problems; problem i uses seed `seed * 1_000_003 + i` so sets never overlap."""
-    problems = [generate_problem(seed * 1_000_003 + i) for i in range(count)]
+    problems = [generate_problem(seed * 1_000_003 + i, max_steps) for i in range(count)]
     for problem in problems:
         if not verify_solution(problem.solution, problem.answer):
             raise AssertionError(f"generator produced an unverifiable problem (seed {problem.seed})")

@@ -18,6 +18,9 @@ import torch.nn.functional as F
 class DPOConfig:
     beta: float = 0.1
     length_normalized: bool = False  # LN-DPO: divide each log-likelihood ratio by the response length
+    # RPO (Pang et al. 2024): add this weight x the chosen responses' per-token NLL, which keeps DPO
+    # from lowering the likelihood of correct solutions along with the wrong ones
+    sft_weight: float = 0.0
 
 
 def sequence_logprobs(

@@ -113,6 +113,8 @@ class DPOTrainer(Trainer):
             length_normalized=dpo.length_normalized,
         )
         pairs = len(chosen)
+        if dpo.sft_weight:
+            loss = loss + dpo.sft_weight * (-logps[0::2] / lengths[0::2]).mean()
         stats = torch.stack(
             [
                 loss.detach() * pairs,

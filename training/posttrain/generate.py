@@ -19,12 +19,13 @@ def generate(
     model: PhiModel,
     prompts: list[list[int]],
     max_new_tokens: int,
-    stop_ids: set[int],
+    stop: list[list[int]],
     temperature: float = 0.0,
     batch_size: int = 64,
     seed: int = 0,
 ) -> list[list[int]]:
-    """New tokens for each prompt (stop token excluded), greedy when `temperature` is 0."""
+    """New tokens for each prompt, up to (not including) the first of the `stop` token sequences;
+    greedy when `temperature` is 0, sampled otherwise."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -40,29 +41,34 @@ def generate(
         for start in range(0, len(indices), batch_size):
             rows = indices[start : start + batch_size]
             tokens = torch.tensor([prompts[i] for i in rows], device=device)
-            new = _generate_batch(model, tokens, budget, stop_ids, temperature, generator)
+            new = _generate_batch(model, tokens, budget, stop, temperature, generator)
             for row, completion in zip(rows, new, strict=True):
                 outputs[row] = completion
     model.train(was_training)
     return outputs
 
 
-def _generate_batch(model, tokens, budget, stop_ids, temperature, generator) -> list[list[int]]:
+def _generate_batch(model, tokens, budget, stop, temperature, generator) -> list[list[int]]:
     cache = KVCache(model, tokens.shape[0], tokens.shape[1] + budget)
     logits = model(tokens, cache=cache)[:, -1]
     done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-    stop = torch.tensor(sorted(stop_ids), device=tokens.device)
-    new_tokens = []
+    new_tokens = torch.empty(tokens.shape[0], 0, dtype=torch.long, device=tokens.device)
+    ends = [budget] * tokens.shape[0]  # where each row's output stops
     for step in range(budget):
         if temperature > 0:
             probs = torch.softmax(logits.float() / temperature, dim=-1)
             next_token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
             next_token = logits.argmax(-1)
-        new_tokens.append(torch.where(done, -1, next_token))
-        done |= torch.isin(next_token, stop)
+        new_tokens = torch.cat([new_tokens, next_token[:, None]], dim=1)
+        for sequence in stop:
+            if step + 1 < len(sequence):
+                continue
+            hit = (new_tokens[:, -len(sequence) :] == new_tokens.new_tensor(sequence)).all(1) & ~done
+            for row in hit.nonzero().flatten().tolist():
+                ends[row] = step + 1 - len(sequence)
+            done |= hit
         if done.all() or step == budget - 1:
             break
         logits = model(next_token[:, None], cache=cache)[:, -1]
-    out = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in range(tokens.shape[0])]
-    return [[t for t in row if t >= 0 and t not in stop_ids] for row in out]
+    return [row[:end] for row, end in zip(new_tokens.tolist(), ends, strict=True)]

@@ -1,0 +1,122 @@
+"""Verifier-checked math accuracy of greedy generations, and sampled rollouts turned into DPO pairs.
+
+Prompts come in two formats: `plain` is how the base corpus writes a problem ("Question: ...
+Solution:"), the fair format for a base model; `chat` is the template the SFT and DPO stages train on.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from data_pipeline.shards import atomic_write_text
+from data_pipeline.synthetic.math_problems import MathProblem, generate_problems, verify_solution
+from data_pipeline.tokenizer import EOS, load_tokenizer
+from training.export import load_consolidated
+from training.models.phi import PhiModel
+from training.posttrain.chat import END, encode_conversation
+from training.posttrain.data import chat_prompt
+from training.posttrain.generate import generate
+
+FORMATS = ("plain", "chat")
+
+
+@dataclass
+class Policy:
+    model: PhiModel
+    tokenizer: Tokenizer
+
+
+def load_policy(checkpoint: str, tokenizer: str | None = None) -> Policy:
+    """A run's checkpoint (or its `checkpoints/` folder) as a single-process model, with the tokenizer
+    of the dataset it trained on unless `tokenizer` is given."""
+    config, state = load_consolidated(checkpoint)
+    model = PhiModel(config.model)
+    model.load_state_dict(state)
+    return Policy(model.eval(), load_tokenizer(tokenizer or config.data.path))
+
+
+def prompt_ids(tokenizer: Tokenizer, question: str, fmt: str) -> list[int]:
+    if fmt == "plain":
+        return tokenizer.encode(f"Question: {question}\nSolution:\n", add_special_tokens=False).ids
+    if fmt == "chat":
+        return (
+            encode_conversation(tokenizer, chat_prompt(question)).ids
+            + tokenizer.encode("<|assistant|>\n", add_special_tokens=False).ids
+        )
+    raise ValueError(f"prompt format {fmt!r} is not one of {FORMATS}")
+
+
+def stop_sequences(tokenizer: Tokenizer, fmt: str) -> list[list[int]]:
+    stops = [[tokenizer.token_to_id(EOS)]]
+    if fmt == "chat":
+        stops.append(tokenizer.encode(END, add_special_tokens=False).ids)
+    return stops
+
+
+def complete(
+    policy: Policy,
+    problems: list[MathProblem],
+    fmt: str,
+    max_new_tokens: int = 96,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> list[str]:
+    tok = policy.tokenizer
+    prompts = [prompt_ids(tok, p.question, fmt) for p in problems]
+    out = generate(policy.model, prompts, max_new_tokens, stop_sequences(tok, fmt), temperature, seed=seed)
+    return [tok.decode(ids) for ids in out]
+
+
+def math_accuracy(policy: Policy, count: int, fmt: str, seed: int, max_steps: int = 3) -> dict:
+    """Greedy accuracy on `count` held-out generated problems, checked by the verifier."""
+    problems = generate_problems(count, seed, max_steps)
+    completions = complete(policy, problems, fmt)
+    correct = [verify_solution(c, p.answer) for c, p in zip(completions, problems, strict=True)]
+    return {
+        "format": fmt,
+        "problems": count,
+        "accuracy": sum(correct) / count,
+        "answered": sum("Answer:" in c for c in completions) / count,
+        "examples": [
+            {"question": p.question, "completion": c, "answer": p.answer, "correct": ok}
+            for p, c, ok in list(zip(problems, completions, correct, strict=True))[:5]
+        ],
+    }
+
+
+def rollout_pairs(
+    policy: Policy,
+    count: int,
+    samples: int,
+    temperature: float,
+    seed: int,
+    gold_fallback: bool = False,
+    max_steps: int = 3,
+) -> tuple[list[dict], dict]:
+    """DPO pairs from `samples` sampled chat completions per problem: one of the policy's own
+    verified-correct completions against an incorrect one (on-policy, as rollout DPO does). With
+    `gold_fallback`, problems it never solves pair the reference solution with a wrong completion."""
+    problems = generate_problems(count, seed, max_steps)
+    repeated = [p for p in problems for _ in range(samples)]
+    completions = complete(policy, repeated, "chat", temperature=temperature, seed=seed)
+    rng = random.Random(seed)
+    pairs, solved = [], 0
+    for i, problem in enumerate(problems):
+        mine = completions[i * samples : (i + 1) * samples]
+        right = [c for c in mine if verify_solution(c, problem.answer)]
+        wrong = [c for c in mine if not verify_solution(c, problem.answer)]
+        solved += bool(right)
+        if wrong and (right or gold_fallback):
+            chosen = rng.choice(right) if right else problem.solution
+            pairs.append({"prompt": problem.question, "chosen": chosen, "rejected": rng.choice(wrong)})
+    stats = {"problems": count, "samples": samples, "pairs": len(pairs), "solved_at_least_once": solved / count}
+    return pairs, stats
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
