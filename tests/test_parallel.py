@@ -66,8 +66,8 @@ def small_config(
     )
 
 
-def grads_and_history(config: TrainConfig):
-    trainer = Trainer(config)
+def grads_and_history(config: TrainConfig, trainer_class: type[Trainer] = Trainer):
+    trainer = trainer_class(config)
     trainer.forward_backward(trainer.loader.batch_at(0))
     grads = {}
     for name, p in trainer.model.named_parameters():

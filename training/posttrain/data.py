@@ -171,14 +171,20 @@ def build_reasoning_data(config: ReasoningDataConfig) -> dict:
     else:
         splits = {}
         for name, pairs in zip(("train", "valid"), _split(dpo_pairs(config), *split), strict=True):
-            encoded = [
-                encode_conversation(tokenizer, prompt + [{"role": "assistant", "content": response}])
-                for prompt, chosen, rejected in pairs
-                for response in (chosen, rejected)
-            ]
+            encoded = []
+            for prompt, chosen, rejected in pairs:  # a cut response would compare the wrong thing
+                both = [
+                    encode_conversation(tokenizer, prompt + [{"role": "assistant", "content": r}])
+                    for r in (chosen, rejected)
+                ]
+                if all(len(e.ids) < seq_len for e in both):
+                    encoded.extend(both)
+            if not encoded:
+                raise ConfigError(f"{config.jsonl}: no {name} pair fits in seq_len {seq_len}")
             docs, masks = [(family, e.ids) for e in encoded], [e.loss_mask for e in encoded]
             splits[name] = pack_bins(docs, seq_len, eos, pad, [[i] for i in range(len(docs))], masks)
-            stats[f"{name}_pairs"] = len(pairs)
+            stats[f"{name}_pairs"] = len(encoded) // 2
+            stats[f"{name}_pairs_too_long"] = len(pairs) - len(encoded) // 2
     stats["truncated_docs"] = {name: packed.truncated_docs for name, packed in splits.items()}
     return write_dataset(
         config.output_dir,

@@ -1,9 +1,9 @@
 """DPO / LN-DPO training on the pretraining machinery: same layouts (TP, PP, DP), step and checkpoints.
 
 The dataset holds pairs as consecutive rows (chosen, rejected) with a loss mask on the responses.
-The frozen reference is the starting policy itself: before the first step, one forward-only pass
-records every row's reference log-probability (saved next to the checkpoints, so a resumed run
-reuses it), and no second model is kept in memory.
+The frozen reference is the starting policy itself (`init_from`): when the trainer is built, before
+any checkpoint is resumed, one forward-only pass records every row's reference log-probability, so
+no second model is kept in memory. The values are cached in the run folder for resumed runs.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from training.posttrain.dpo import dpo_loss
 from training.trainer import Trainer
 
 REFERENCE_FILE = "reference_logps.pt"
-# Per micro-batch sums: loss, pairs, pairs ranked right, reward margin, chosen and rejected rewards, tokens.
-STATS = ("loss", "pairs", "correct", "margin", "chosen", "rejected", "tokens")
+# Per micro-batch sums: loss, pairs, pairs ranked right, reward margin, chosen and rejected rewards,
+# chosen responses' per-token NLL, response tokens.
+STATS = ("loss", "pairs", "correct", "margin", "chosen", "rejected", "chosen_nll", "tokens")
 
 
 class DPOTrainer(Trainer):
@@ -50,8 +51,6 @@ class DPOTrainer(Trainer):
             if {k: len(v) for k, v in saved.items()} == sizes:
                 self.metrics.note(f"reference log-probs from {path}")
                 return {k: v.to(self.device) for k, v in saved.items()}
-        if (self.config.run_dir / "checkpoints" / "latest").is_file():
-            raise FileNotFoundError(f"{path} is missing or stale, and the policy has already moved: start a new run")
         reference = {split: self._record_logps(loaders[split].dataset) for split in sizes}
         if self.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,8 +112,9 @@ class DPOTrainer(Trainer):
             length_normalized=dpo.length_normalized,
         )
         pairs = len(chosen)
+        chosen_nll = -logps[0::2] / lengths[0::2]
         if dpo.sft_weight:
-            loss = loss + dpo.sft_weight * (-logps[0::2] / lengths[0::2]).mean()
+            loss = loss + dpo.sft_weight * chosen_nll.mean()
         stats = torch.stack(
             [
                 loss.detach() * pairs,
@@ -123,6 +123,7 @@ class DPOTrainer(Trainer):
                 (chosen - rejected).sum(),
                 chosen.sum(),
                 rejected.sum(),
+                chosen_nll.detach().sum(),
                 lengths.sum(),
             ]
         ).float()
@@ -141,6 +142,7 @@ class DPOTrainer(Trainer):
             f"{prefix}reward_margin": s["margin"] / pairs,
             f"{prefix}chosen_reward": s["chosen"] / pairs,
             f"{prefix}rejected_reward": s["rejected"] / pairs,
+            f"{prefix}chosen_nll": s["chosen_nll"] / pairs,
             f"{prefix}tokens": s["tokens"],
         }
 

@@ -1,0 +1,227 @@
+"""The reasoning stages: generation with a KV cache, stage datasets, DPO under every layout, end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline.config import ConfigError
+from data_pipeline.loader import IGNORE_INDEX, DataLoader, PackedDataset
+from data_pipeline.packing import pack_documents
+from data_pipeline.shards import write_dataset
+from data_pipeline.synthetic.math_problems import generate_problems
+from data_pipeline.tokenizer import load_tokenizer
+from kernels.patterns import S2Pattern
+from tests.distributed import run_ranks
+from tests.test_parallel import GRAD_ATOL, GRAD_RTOL, LOSS_RTOL, grads_and_history, small_config
+from training.models.phi import PhiConfig, PhiModel
+from training.posttrain.chat import encode_conversation
+from training.posttrain.data import GeneratedProblems, ReasoningDataConfig, build_reasoning_data, chat_prompt
+from training.posttrain.generate import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+LONG_SEQ_LEN = 256
+
+
+def tiny_model(**overrides) -> PhiModel:
+    torch.manual_seed(0)
+    config = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=96)
+    return PhiModel(PhiConfig(**{**config, "attn_backend": "reference", **overrides}))
+
+
+@pytest.mark.parametrize("s2", [None, S2Pattern(block_size=16, local_blocks=1, vert_stride=2)], ids=["dense", "s2"])
+def test_cached_generation_equals_recomputing_the_whole_sequence(s2):
+    model = tiny_model(s2=s2, dense_every=2)
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [3, 3], [5] * 20]
+    out = generate(model, prompts, max_new_tokens=60, stop=[[63]])
+    for prompt, new in zip(prompts, out, strict=True):
+        sequence = list(prompt)
+        with torch.no_grad():
+            for _ in range(len(new)):
+                sequence.append(int(model(torch.tensor([sequence]))[0, -1].argmax()))
+        assert sequence[len(prompt) :] == new
+    if s2 is not None:  # past the local window the sparse layer must actually skip blocks
+        tokens = torch.tensor([[5] * 20 + out[3]])
+        with torch.no_grad():
+            assert not torch.allclose(model(tokens), tiny_model()(tokens))
+
+
+def test_generation_stops_at_a_stop_sequence_and_excludes_it():
+    model = tiny_model()
+    free = generate(model, [[1, 2, 3]], max_new_tokens=12, stop=[])[0]
+    stop = free[4:6]
+    first = next(i for i in range(len(free) - 1) if free[i : i + 2] == stop)
+    assert generate(model, [[1, 2, 3]], max_new_tokens=12, stop=[stop])[0] == free[:first]
+
+
+def sft_config(base: Path, out: Path, **overrides) -> ReasoningDataConfig:
+    fields = dict(kind="sft", output_dir=str(out), base_data=str(base), generated=GeneratedProblems(40, seed=5))
+    return ReasoningDataConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def long_base(small_dataset, tmp_path_factory):
+    """The small dataset's tokens repacked at 256: its 32-token rows are too short for conversations."""
+    base = tmp_path_factory.mktemp("long") / "base"
+    manifest = json.loads((small_dataset / "manifest.json").read_text())
+    batch = PackedDataset(small_dataset, "train").get(np.arange(64))
+    stream = batch.tokens[batch.doc_ids >= 0].tolist()
+    docs = [(0, stream[i : i + 50]) for i in range(0, len(stream), 50)]
+    packed = pack_documents(docs, LONG_SEQ_LEN, manifest["eos_id"], manifest["pad_id"])
+    write_dataset(base, load_tokenizer(small_dataset), {"train": packed, "valid": packed}, manifest["families"], 100)
+    return base
+
+
+def test_sft_samples_stay_whole_and_only_assistant_tokens_are_targets(long_base, tmp_path):
+    tokenizer = load_tokenizer(long_base)
+    config = sft_config(long_base, tmp_path / "sft", valid_fraction=0.1)
+    built = build_reasoning_data(config)
+    assert built["reasoning_stats"]["truncated_docs"] == {"train": 0, "valid": 0}
+    problems = generate_problems(40, 5)
+    encoded = [
+        encode_conversation(tokenizer, chat_prompt(p.question) + [{"role": "assistant", "content": p.solution}])
+        for p in problems
+    ]
+    dataset = {split: PackedDataset(tmp_path / "sft", split) for split in ("train", "valid")}
+    batches = {split: d.get(np.arange(len(d))) for split, d in dataset.items()}
+    # Every conversation is one whole document; the targets are exactly the assistant tokens.
+    documents = sum(int((b.doc_ids.max(1).values + 1).sum()) for b in batches.values())
+    assert documents == len(problems)
+    targets = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches.values())
+    assert targets == sum(sum(e.loss_mask) for e in encoded)
+    for b in batches.values():  # a target never crosses into another document
+        position = (b.labels != IGNORE_INDEX).nonzero()
+        assert (b.doc_ids[position[:, 0], position[:, 1]] == b.doc_ids[position[:, 0], position[:, 1] + 1]).all()
+
+
+def test_cot_replays_the_configured_share_of_base_sequences(small_dataset, tmp_path):
+    config = sft_config(small_dataset, tmp_path / "cot", kind="cot", replay_ratio=0.25)
+    built = build_reasoning_data(config)
+    stats = built["reasoning_stats"]
+    total = stats["cot_sequences"] + stats["replay_sequences"]
+    assert stats["replay_sequences"] / total == pytest.approx(0.25, abs=0.02)
+    train = PackedDataset(tmp_path / "cot", "train")
+    families = train.get(np.arange(len(train))).family_ids
+    synthetic = train.families.index("synthetic")
+    # CoT rows are all `synthetic`; replayed rows carry the base mixture's families.
+    assert len(set(families.unique().tolist()) - {-1, synthetic}) >= 5
+
+
+def test_bad_stage_data_is_reported_by_file_and_line(small_dataset, tmp_path):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a"}\n')
+    config = sft_config(small_dataset, tmp_path / "dpo", kind="dpo", jsonl=str(bad))
+    with pytest.raises(ConfigError, match=r"pairs.jsonl:2: missing field\(s\) \['rejected'\]"):
+        build_reasoning_data(config)
+    assert not (tmp_path / "dpo").exists() and not (tmp_path / "dpo.building").exists()
+    with pytest.raises(ConfigError, match="replay_ratio applies to kind=cot"):
+        sft_config(small_dataset, tmp_path / "x", replay_ratio=0.1)
+
+
+@pytest.fixture(scope="module")
+def dpo_dataset(long_base, tmp_path_factory):
+    """Pairs of short answers, one response per row, in the tokenizer of the small dataset."""
+    out = tmp_path_factory.mktemp("dpo")
+    pairs = out / "pairs.jsonl"
+    with open(pairs, "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"prompt": f"{i} + 1?", "chosen": f"= {i + 1}", "rejected": f"= {i + 7} no"}) + "\n")
+    config = ReasoningDataConfig(
+        kind="dpo", output_dir=str(out / "data"), base_data=str(long_base), jsonl=str(pairs), valid_fraction=0.34
+    )
+    stats = build_reasoning_data(config)["reasoning_stats"]
+    assert stats["train_pairs_too_long"] == stats["valid_pairs_too_long"] == 0
+    return out / "data"
+
+
+def dpo_config(data, out_dir, sft_weight=0.5, **layout):
+    config = small_config(data, out_dir, **layout)
+    model = dataclasses.replace(config.model, max_seq_len=LONG_SEQ_LEN)
+    return dataclasses.replace(
+        config, model=model, objective="dpo", dpo=dataclasses.replace(config.dpo, sft_weight=sft_weight)
+    )
+
+
+def _dpo_run(data, out_dir, layout):
+    from training.posttrain.dpo_trainer import DPOTrainer
+
+    return grads_and_history(dpo_config(data, out_dir, **layout), trainer_class=DPOTrainer)
+
+
+def test_dpo_pairs_stay_together_in_batches_and_micro_batches(dpo_dataset):
+    dataset = PackedDataset(dpo_dataset, "train")
+    loader = DataLoader(dataset, global_batch_size=8, dp_rank=1, dp_size=2, seed=3, group_size=2)
+    for step in range(3):
+        rows = loader.batch_at(step).rows
+        assert (rows[0::2] % 2 == 0).all() and (rows[1::2] == rows[0::2] + 1).all()
+
+
+@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2), dict(dp=2)], ids=["tp2", "pp2", "dp2"])
+def test_dpo_layouts_match_single_process(dpo_dataset, tmp_path, layout):
+    ref_grads, ref_history = run_ranks(1, _dpo_run, dpo_dataset, tmp_path / "single", {})[0]
+    results = run_ranks(2, _dpo_run, dpo_dataset, tmp_path / "par", layout)
+    grads = {k: v for r in results for k, v in r[0].items()}
+    history = results[0][1] if layout.get("pp") is None else results[-1][1]
+    assert set(grads) == set(ref_grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=GRAD_ATOL, rtol=GRAD_RTOL, msg=name)
+    for ours, ref in zip(history, ref_history, strict=True):
+        for key in ("loss", "reward_accuracy", "reward_margin", "val/loss", "val/reward_margin"):
+            if key in ref:
+                assert ours[key] == pytest.approx(ref[key], rel=LOSS_RTOL, abs=1e-6), key
+    # Before any update the policy is the reference: DPO's term is log 2, plus the NLL term.
+    assert ref_history[0]["loss"] == pytest.approx(np.log(2) + 0.5 * ref_history[0]["chosen_nll"], rel=1e-5)
+    assert ref_history[-2]["reward_margin"] > 0  # three steps on the same pairs separate them
+
+
+def test_ln_dpo_reference_is_the_initial_policy_even_when_resuming(dpo_dataset, tmp_path):
+    from training.posttrain.dpo_trainer import REFERENCE_FILE, DPOTrainer
+
+    config = dpo_config(dpo_dataset, tmp_path, sft_weight=0.0)
+    config.dpo.length_normalized = True
+    config.checkpoint.resume = "auto"
+    trainer = DPOTrainer(config)
+    first = trainer.train_step(trainer.loader.batch_at(0))
+    assert first["loss"] == pytest.approx(np.log(2), rel=1e-6)  # policy == reference at step 0
+    assert first["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    trainer.step = 1
+    trainer.save()
+    trainer.checkpointer.wait()
+    recorded = trainer.reference["train"].clone()
+    (tmp_path / config.name / REFERENCE_FILE).unlink()  # recomputed from init weights, not the checkpoint
+    resumed = DPOTrainer(config)
+    resumed.maybe_resume()
+    assert resumed.step == 1
+    torch.testing.assert_close(resumed.reference["train"], recorded)
+
+
+@pytest.mark.slow
+def test_reasoning_stages_improve_verifier_accuracy_over_the_base(tmp_path):
+    """Pretrain a tiny model on the bundled corpus, then CoT -> SFT -> rollouts -> LN-DPO (launch script)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    python = sys.executable
+
+    def run(*args, cwd=tmp_path):
+        subprocess.run(args, cwd=cwd, env=env, check=True)
+
+    run(python, "-m", "data_pipeline", "corpus", "data/corpus")
+    run(python, "-m", "data_pipeline", "build", str(ROOT / "configs/data/default.yaml"))
+    run(python, "-m", "training.pretrain", str(ROOT / "configs/pretrain/tiny.yaml"), "parallel.tp=1", "parallel.pp=1")
+    for name in ("launch", "configs"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    single = "parallel.tp=1 parallel.pp=1 parallel.micro_batch_size=16"
+    stage_env = dict(PYTHON=python, LAUNCH=f"{python} -m training.pretrain", OVERRIDES=single, EVAL_COUNT="200")
+    env.update(stage_env)
+    run("bash", str(ROOT / "launch/continue_train.sh"), "runs/tiny/checkpoints")
+    results = {s: json.loads((tmp_path / f"runs/reasoning/eval_{s}.json").read_text()) for s in ("base", "sft", "dpo")}
+    assert results["sft"]["accuracy"] > results["base"]["accuracy"] + 0.1
+    assert results["dpo"]["accuracy"] > results["base"]["accuracy"] + 0.1
+    assert (tmp_path / "runs/reasoning/accuracy.png").stat().st_size > 0
