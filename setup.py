@@ -28,6 +28,9 @@ setup(
         "faker",
         "matplotlib",
         "scipy",  # robust least squares for the scaling-law fits
+        "datasets",  # Hugging Face dataset sources (save_to_disk folders, load_dataset on local files)
+        "py3langid",  # offline language identification for sources without a language field
+        "datasketch",  # MinHash near-duplicate removal
         # Triton kernels; on CPU they run under TRITON_INTERPRET=1 (the tests do).
         "triton>=3.2; platform_system == 'Linux'",
     ],

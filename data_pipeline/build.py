@@ -1,30 +1,61 @@
-"""`build`: sources -> families -> tokenizer -> mixture -> packed sequences -> Arrow shards + manifest."""
+"""`build`: sources -> families -> tokenizer -> mixture -> packed sequences -> Arrow shards + manifest.
+
+Streaming and resumable, in three passes over `<output_dir>.building/`:
+1. tokenize: every source file is one work unit, tokenized by a pool of processes into
+   `tokenized/unit_XXXXX.arrow` (family, token ids, content hash, MinHash); a finished unit is
+   renamed into place, so an interrupted build redoes only the unfinished ones;
+2. select: one pass over the tokenized units drops exact and (optionally) near duplicates and
+   holds out validation documents per family, keeping only document references in memory;
+3. mix and pack: documents are drawn per family by ratio and streamed through the packer into
+   shards, each written under a temp name and recorded in `progress.json` as it completes.
+The finished folder replaces `output_dir` in one rename. Memory is bounded by one tokenization
+batch per worker, one shard, and a few integers per document (references, lengths, hashes).
+"""
 
 from __future__ import annotations
 
 import hashlib
-import random
+import json
+import os
+import shutil
+import time
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import yaml
 from tqdm import tqdm
 
 from data_pipeline.config import ConfigError, to_dict
 from data_pipeline.languages import language_table
 from data_pipeline.mixing import draw_documents, normalize_ratios
-from data_pipeline.packing import pack_documents
-from data_pipeline.shards import write_dataset
-from data_pipeline.sources import SourceConfig, read_documents
-from data_pipeline.tokenizer import load_tokenizer, special_ids, train_bpe
+from data_pipeline.packing import PackedSequences, StreamPacker, best_fit_bins, pack_bins, pack_documents
+from data_pipeline.shards import atomic_write_text, write_manifest, write_shard
+from data_pipeline.sources import LanguageIdentifier, SourceConfig, read_file, source_files
+from data_pipeline.tokenizer import TOKENIZER_FILE, load_tokenizer, special_ids, tokenizer_hash, train_bpe
+
+PACKINGS = ("concat", "best_fit")
 
 
 @dataclass
 class TokenizerConfig:
     vocab_size: int = 4096
     path: str | None = None  # an existing tokenizer.json or HF tokenizer folder; trained when unset
-    sample_docs_per_family: int = 400
+    sample_docs_per_family: int = 400  # training sample: the first documents of every source file
+
+
+@dataclass
+class NearDedupConfig:
+    """MinHash near-duplicate removal (datasketch LSH): a document whose estimated Jaccard
+    similarity of word 5-grams with an earlier kept one is at least `threshold` is dropped."""
+
+    threshold: float = 0.8
+    num_perm: int = 64
+    ngram: int = 5
 
 
 @dataclass
@@ -38,10 +69,14 @@ class BuildConfig:
     ratios: dict[str, float] | str = field(default_factory=dict)
     temperature: float | None = None  # with no ratios: sample families with p ~ tokens^(1/T)
     dedup: bool = True  # drop exact duplicate documents (by content hash)
-    valid_docs_per_family: int = 20  # held out before mixing, packed into the `valid` split
+    near_dedup: NearDedupConfig | None = None
+    packing: str = "concat"  # concat (cut documents at sequence ends, no padding) | best_fit (whole documents)
+    valid_docs_per_family: int = 20  # held out before mixing, packed into per-family `valid` shards
     sequences_per_shard: int = 1024
     families_file: str | None = None
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    workers: int = 0  # tokenizer processes; 0 = every core, 1 = in this process
+    batch_docs: int = 256  # documents per tokenizer call in a worker (bounds its memory)
     seed: int = 0
 
     def __post_init__(self):
@@ -49,6 +84,8 @@ class BuildConfig:
             raise ConfigError(f"seq_len must be >= 2, got {self.seq_len}")
         if self.total_tokens <= 0 or self.sequences_per_shard <= 0:
             raise ConfigError("total_tokens and sequences_per_shard must be positive")
+        if self.packing not in PACKINGS:
+            raise ConfigError(f"packing {self.packing!r} is not one of {PACKINGS}")
 
 
 def read_ratios(ratios: dict[str, float] | str) -> dict[str, float]:
@@ -65,71 +102,357 @@ def read_ratios(ratios: dict[str, float] | str) -> dict[str, float]:
     return {str(k): float(v) for k, v in loaded.items()}
 
 
-def build(config: BuildConfig) -> dict:
-    out = Path(config.output_dir)
-    table = language_table(config.families_file)
-    docs_by_family: dict[str, list[str]] = defaultdict(list)
+# ---- pass 1: tokenize -------------------------------------------------------------------------
+@dataclass
+class Unit:
+    index: int
+    source: SourceConfig
+    path: Path
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer_file: str, families_file: str | None, near_dedup: NearDedupConfig | None) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    _WORKER.update(tokenizer=load_tokenizer(tokenizer_file), table=language_table(families_file), near=near_dedup)
+    _WORKER["identify"] = None
+
+
+def _minhash(text: str, near: NearDedupConfig) -> np.ndarray:
+    from datasketch import MinHash
+
+    words = text.split()
+    grams = {" ".join(words[i : i + near.ngram]) for i in range(max(1, len(words) - near.ngram + 1))}
+    signature = MinHash(num_perm=near.num_perm, seed=1)
+    signature.update_batch([g.encode() for g in grams])
+    return signature.hashvalues.astype(np.uint64)
+
+
+def tokenize_unit(unit: Unit, out_file: str, batch_docs: int) -> dict:
+    """Tokenize one source file into an Arrow file of documents; returns its statistics."""
+    tokenizer, table, near = _WORKER["tokenizer"], _WORKER["table"], _WORKER["near"]
+    if unit.source.lang == "auto" and _WORKER["identify"] is None:
+        _WORKER["identify"] = LanguageIdentifier(table)
+    columns = defaultdict(list)
+    tokens = 0
+
+    def flush(docs):
+        nonlocal tokens
+        for doc, encoding in zip(
+            docs, tokenizer.encode_batch([d.text for d in docs], add_special_tokens=False), strict=True
+        ):
+            columns["family"].append(doc.family)
+            columns["tokens"].append(np.asarray(encoding.ids, np.int32))
+            columns["key"].append(hashlib.blake2b(doc.text.encode(), digest_size=16).digest())
+            if near is not None:
+                columns["minhash"].append(_minhash(doc.text, near))
+            tokens += len(encoding.ids)
+
+    batch = []
+    for doc in read_file(unit.path, unit.source, table, _WORKER["identify"]):
+        batch.append(doc)
+        if len(batch) == batch_docs:
+            flush(batch)
+            batch = []
+    flush(batch)
+    arrays = {
+        "family": pa.array(columns["family"], pa.string()).dictionary_encode(),
+        "tokens": pa.array(columns["tokens"], pa.list_(pa.int32())),
+        "key": pa.array(columns["key"], pa.binary(16)),
+    }
+    if near is not None:
+        arrays["minhash"] = pa.array(columns["minhash"], pa.list_(pa.uint64(), near.num_perm))
+    table_ = pa.table(arrays)
+    tmp = out_file + ".tmp"
+    with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table_.schema) as writer:
+        writer.write_table(table_)
+    os.replace(tmp, out_file)
+    return {"documents": table_.num_rows, "tokens": tokens}
+
+
+def _sample_texts(units: list[Unit], table: dict[str, str], per_family: int) -> list[str]:
+    """Tokenizer training sample: the first documents of every file, up to `per_family` per family."""
+    counts: dict[str, int] = defaultdict(int)
+    texts = []
+    identify = None
+    for unit in units:
+        if unit.source.lang == "auto" and identify is None:
+            identify = LanguageIdentifier(table)
+        taken = 0
+        for doc in read_file(unit.path, unit.source, table, identify):
+            if counts[doc.family] < per_family:
+                counts[doc.family] += 1
+                texts.append(doc.text)
+            taken += 1
+            if taken >= per_family:
+                break
+    if not texts:
+        raise ConfigError("sources: no documents found")
+    return texts
+
+
+def tokenize_all(config: BuildConfig, units: list[Unit], staging: Path, tokenizer_file: Path) -> list[Path]:
+    out_dir = staging / "tokenized"
+    out_dir.mkdir(exist_ok=True)
+    outputs = [out_dir / f"unit_{u.index:05d}.arrow" for u in units]
+    todo = [(u, o) for u, o in zip(units, outputs, strict=True) if not o.is_file()]
+    if len(todo) < len(units):
+        tqdm.write(f"resuming: {len(units) - len(todo)} of {len(units)} source files already tokenized")
+    workers = config.workers or os.cpu_count() or 1
+    init = (str(tokenizer_file), config.families_file, config.near_dedup)
+    bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="tokenize", unit="file")
+    start, tokens = time.perf_counter(), 0
+
+    def done(stats):
+        nonlocal tokens
+        tokens += stats["tokens"]
+        bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):,.0f}")
+        bar.update(1)
+
+    if workers == 1 or len(todo) <= 1:
+        _init_worker(*init)
+        for unit, out in todo:
+            done(tokenize_unit(unit, str(out), config.batch_docs))
+    else:
+        # spawn, not fork: the parent may hold threads (tokenizers, torch) that fork would copy mid-state
+        with ProcessPoolExecutor(min(workers, len(todo)), get_context("spawn"), _init_worker, init) as pool:
+            futures = [pool.submit(tokenize_unit, u, str(o), config.batch_docs) for u, o in todo]
+            for future in as_completed(futures):
+                done(future.result())
+    bar.close()
+    return outputs
+
+
+# ---- pass 2: select ---------------------------------------------------------------------------
+@dataclass
+class Selection:
+    """Per family: (unit, row) references and token counts of the training and validation documents."""
+
+    train: dict[str, np.ndarray]
+    train_lengths: dict[str, np.ndarray]
+    valid: dict[str, np.ndarray]
+    duplicates: int
+    near_duplicates: int
+
+
+def select_documents(config: BuildConfig, unit_files: list[Path]) -> Selection:
     seen: set[bytes] = set()
-    duplicates = 0
-    for source in config.sources:
-        for doc in tqdm(read_documents(source, table), desc=f"read {source.paths[0]}", unit="doc", leave=False):
+    lsh = None
+    if config.near_dedup is not None:
+        from datasketch import LeanMinHash, MinHashLSH
+
+        lsh = MinHashLSH(threshold=config.near_dedup.threshold, num_perm=config.near_dedup.num_perm)
+    refs: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
+    duplicates = near = 0
+    for u, path in enumerate(tqdm(unit_files, desc="deduplicate", unit="file", leave=False)):
+        table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+        families = table.column("family").to_pylist()
+        keys = table.column("key").to_pylist()
+        lengths = table.column("tokens").combine_chunks().value_lengths().to_numpy()
+        signatures = table.column("minhash").to_pylist() if lsh is not None else None
+        for row, (family, key) in enumerate(zip(families, keys, strict=True)):
             if config.dedup:
-                key = hashlib.blake2b(doc.text.encode(), digest_size=16).digest()
                 if key in seen:
                     duplicates += 1
                     continue
                 seen.add(key)
-            docs_by_family[doc.family].append(doc.text)
-    if not docs_by_family:
+            if lsh is not None:
+                signature = LeanMinHash(seed=1, hashvalues=np.asarray(signatures[row], np.uint64))
+                if lsh.query(signature):
+                    near += 1
+                    continue
+                lsh.insert(f"{u}:{row}", signature)
+            refs[family].append((u, row, int(lengths[row])))
+    if not refs:
         raise ConfigError("sources: no documents found")
-    families = sorted(docs_by_family)
+    train, train_lengths, valid = {}, {}, {}
+    for position, family in enumerate(sorted(refs)):
+        array = np.array(refs[family], dtype=np.int64)
+        order = np.random.default_rng([config.seed, position]).permutation(len(array))
+        held = min(config.valid_docs_per_family, len(array) // 5)
+        valid[family] = array[order[:held], :2]
+        kept = array[np.sort(order[held:])]
+        train[family], train_lengths[family] = kept[:, :2], kept[:, 2]
+    return Selection(train, train_lengths, valid, duplicates, near)
 
-    rng = random.Random(config.seed)
-    valid_texts, train_texts = {}, {}
-    for family in families:
-        texts = docs_by_family[family][:]
-        rng.shuffle(texts)
-        held = min(config.valid_docs_per_family, len(texts) // 5)
-        valid_texts[family], train_texts[family] = texts[:held], texts[held:]
 
-    if config.tokenizer.path:
-        tokenizer = load_tokenizer(config.tokenizer.path)
-    else:
-        sample = [t for f in families for t in train_texts[f][: config.tokenizer.sample_docs_per_family]]
-        tokenizer = train_bpe(sample, config.tokenizer.vocab_size)
+# ---- pass 3: mix and pack ---------------------------------------------------------------------
+class TokenStore:
+    """Zero-copy access to the tokenized documents: memory-mapped token values and offsets per unit."""
+
+    def __init__(self, unit_files: list[Path]):
+        self._values, self._offsets = [], []
+        for path in unit_files:
+            column = pa.ipc.open_file(pa.memory_map(str(path))).read_all().column("tokens").combine_chunks()
+            self._values.append(column.values.to_numpy())
+            self._offsets.append(column.offsets.to_numpy())
+
+    def get(self, unit: int, row: int) -> np.ndarray:
+        offsets = self._offsets[unit]
+        return self._values[unit][offsets[row] : offsets[row + 1]]
+
+
+class ShardWriter:
+    """Writes a split's shards as blocks arrive; shards already in `progress.json` are skipped, so a
+    resumed build rewrites nothing it finished."""
+
+    def __init__(self, staging: Path, split: str, progress: dict, family: str | None = None):
+        self.staging, self.split, self.progress, self.family = staging, split, progress, family
+        self.key = split if family is None else f"{split}/{family}"
+        self.entries: list[dict] = progress.setdefault(self.key, [])
+        self.index = 0
+        self.padding = 0
+
+    def write(self, packed: PackedSequences) -> None:
+        self.padding += packed.padding_tokens
+        if self.index < len(self.entries):  # written before an interruption
+            self.index += 1
+            return
+        name = f"shard_{self.index:05d}" if self.family is None else f"{self.family}_{self.index:05d}"
+        entry = write_shard(self.staging, self.split, name, packed)
+        if self.family is not None:
+            entry["family"] = self.family
+        self.entries.append(entry)
+        self.index += 1
+        atomic_write_text(self.staging / "progress.json", json.dumps(self.progress))
+
+
+def pack_train(config, selection, ratios, store, families, eos, pad, writer) -> tuple[list, int]:
+    lengths = {f: selection.train_lengths[f] for f in ratios}
+    mixture, draws = draw_documents(lengths, ratios, config.total_tokens, config.seed)
+    drawn_families = sorted(ratios)
+    family_index = {f: families.index(f) for f in drawn_families}
+    rows = config.sequences_per_shard
+    truncated = 0
+    bar = tqdm(total=sum(d.drawn_tokens for d in draws), desc="pack", unit="tok", unit_scale=True)
+    if config.packing == "concat":
+        packer = StreamPacker(config.seq_len, eos, pad, rows)
+        for position, doc in mixture:
+            family = drawn_families[position]
+            unit, row = selection.train[family][doc]
+            tokens = store.get(unit, row)
+            for block in packer.add(family_index[family], tokens):
+                writer.write(block)
+            bar.update(len(tokens) + 1)
+        last = packer.finish()
+        if last is not None:
+            writer.write(last)
+    else:  # best fit inside windows of documents, so memory stays bounded
+        window = max(1, rows * config.seq_len // 64)
+        for start in range(0, len(mixture), window):
+            docs = []
+            for position, doc in mixture[start : start + window]:
+                family = drawn_families[position]
+                unit, row = selection.train[family][doc]
+                docs.append((family_index[family], store.get(unit, row)))
+            bins = best_fit_bins([len(t) + 1 for _, t in docs], config.seq_len)
+            packed = pack_bins(docs, config.seq_len, eos, pad, bins)
+            truncated += packed.truncated_docs
+            for block_start in range(0, len(packed), rows):
+                writer.write(_rows(packed, slice(block_start, block_start + rows)))
+            bar.update(sum(len(t) + 1 for _, t in docs))
+    bar.close()
+    return draws, truncated
+
+
+def _rows(packed: PackedSequences, rows: slice) -> PackedSequences:
+    return PackedSequences(tokens=packed.tokens[rows], doc_ids=packed.doc_ids[rows], family_ids=packed.family_ids[rows])
+
+
+def _config_key(config: BuildConfig) -> str:
+    """What decides the output: the config without the knobs that only change speed."""
+    relevant = {k: v for k, v in to_dict(config).items() if k not in ("workers", "output_dir")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build(config: BuildConfig) -> dict:
+    out = Path(config.output_dir)
+    staging = out.with_name(out.name + ".building")
+    key = _config_key(config)
+    progress_file = staging / "progress.json"
+    progress = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
+    if progress.get("config_key") != key:  # a different (or no) build was interrupted: start over
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        progress = {"config_key": key}
+        atomic_write_text(progress_file, json.dumps(progress))
+
+    table = language_table(config.families_file)
+    units = [Unit(i, s, p) for i, (s, p) in enumerate((s, p) for s in config.sources for p in source_files(s))]
+    if not units:
+        raise ConfigError("sources: no files")
+    tokenizer_file = staging / TOKENIZER_FILE
+    if not tokenizer_file.is_file():
+        if config.tokenizer.path:
+            tokenizer = load_tokenizer(config.tokenizer.path)
+        else:
+            tokenizer = train_bpe(
+                _sample_texts(units, table, config.tokenizer.sample_docs_per_family), config.tokenizer.vocab_size
+            )
+        tmp = tokenizer_file.with_name(TOKENIZER_FILE + ".tmp")
+        tokenizer.save(str(tmp))
+        os.replace(tmp, tokenizer_file)
+    tokenizer = load_tokenizer(tokenizer_file)
     eos, pad = special_ids(tokenizer)
 
-    def encode(texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    unit_files = tokenize_all(config, units, staging, tokenizer_file)
+    selection = select_documents(config, unit_files)
+    families = sorted(set(selection.train) | set(selection.valid))
+    available = {f: int(selection.train_lengths[f].sum() + len(selection.train_lengths[f])) for f in selection.train}
+    ratios = normalize_ratios(read_ratios(config.ratios), {f: n for f, n in available.items() if n}, config.temperature)
+    store = TokenStore(unit_files)
 
-    train_tokens = {f: encode(train_texts[f]) for f in tqdm(families, desc="tokenize", unit="family")}
-    ratios = normalize_ratios(
-        read_ratios(config.ratios), {f: sum(len(d) + 1 for d in train_tokens[f]) for f in families}, config.temperature
-    )
-    mixture, draws = draw_documents(train_tokens, ratios, config.total_tokens, config.seed)
-    family_index = {f: i for i, f in enumerate(families)}
-    train = pack_documents([(family_index[f], d) for f, d in mixture], config.seq_len, eos, pad)
-    valid_docs = [(family_index[f], d) for f in families for d in encode(valid_texts[f])]
-    valid = pack_documents(valid_docs, config.seq_len, eos, pad)
+    train_writer = ShardWriter(staging, "train", progress)
+    draws, truncated = pack_train(config, selection, ratios, store, families, eos, pad, train_writer)
+    valid_entries, valid_padding = [], 0
+    for family in families:  # one set of validation shards per family
+        docs = [(families.index(family), store.get(u, r)) for u, r in selection.valid[family]]
+        if not docs:
+            continue
+        writer = ShardWriter(staging, "valid", progress, family)
+        packed = pack_documents(docs, config.seq_len, eos, pad)
+        for start in range(0, len(packed), config.sequences_per_shard):
+            writer.write(_rows(packed, slice(start, start + config.sequences_per_shard)))
+        valid_entries += writer.entries
+        valid_padding += writer.padding
 
-    stats = {
-        d.family: {
-            "ratio": round(d.ratio, 6),
-            "available_tokens": d.available_tokens,
-            "tokens": d.drawn_tokens,
-            "documents": d.drawn_docs,
-            "epochs": round(d.epochs, 4),
-        }
-        for d in draws
+    train_slots = sum(e["sequences"] for e in train_writer.entries) * config.seq_len
+    manifest = {
+        "format": 1,
+        "seq_len": config.seq_len,
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "tokenizer_file": TOKENIZER_FILE,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "eos_id": eos,
+        "pad_id": pad,
+        "families": families,
+        "family_stats": {
+            d.family: {
+                "ratio": round(d.ratio, 6),
+                "available_tokens": d.available_tokens,
+                "tokens": d.drawn_tokens,
+                "documents": d.drawn_docs,
+                "epochs": round(d.epochs, 4),
+                "valid_documents": len(selection.valid[d.family]),
+            }
+            for d in draws
+        },
+        "padding_tokens": {"train": train_writer.padding, "valid": valid_padding},
+        "packing": {
+            "strategy": config.packing,
+            "padding_fraction": round(train_writer.padding / max(1, train_slots), 6),
+            "truncated_docs": truncated,
+        },
+        "duplicates_removed": selection.duplicates,
+        "near_duplicates_removed": selection.near_duplicates,
+        "splits": {"train": train_writer.entries, "valid": valid_entries},
+        "config": to_dict(config),
     }
-    manifest = write_dataset(
-        out,
-        tokenizer,
-        {"train": train, "valid": valid},
-        families,
-        config.sequences_per_shard,
-        family_stats=stats,
-        duplicates_removed=duplicates,
-        config=to_dict(config),
-    )
+    shutil.rmtree(staging / "tokenized")
+    progress_file.unlink()
+    write_manifest(staging, manifest)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
     return manifest

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
+
+import numpy as np
 
 from data_pipeline.config import ConfigError
 
@@ -48,28 +49,28 @@ def normalize_ratios(
 
 
 def draw_documents(
-    docs_by_family: dict[str, list[list[int]]], ratios: dict[str, float], total_tokens: int, seed: int
-) -> tuple[list[tuple[str, list[int]]], list[FamilyDraw]]:
+    lengths_by_family: dict[str, np.ndarray], ratios: dict[str, float], total_tokens: int, seed: int
+) -> tuple[np.ndarray, list[FamilyDraw]]:
     """Draw whole documents from each family (cycling through it in a seeded order, re-shuffled
     each epoch) until its token budget `ratio * total_tokens` is reached, then shuffle the mix.
-    Token counts include the EOS that packing appends to every document."""
-    rng = random.Random(seed)
-    mixture: list[tuple[str, list[int]]] = []
-    report = []
-    for family in sorted(ratios):
-        docs = docs_by_family[family]
+
+    `lengths_by_family` holds each document's token count (EOS excluded; packing appends one).
+    Returns the mixture as rows (family position in sorted(ratios), document index), in order."""
+    parts, report = [], []
+    families = sorted(ratios)
+    for position, family in enumerate(families):
+        sizes = np.asarray(lengths_by_family[family], dtype=np.int64) + 1
+        rng = np.random.default_rng([seed, position])
         budget = ratios[family] * total_tokens
-        drawn_tokens = drawn_docs = 0
-        order: list[int] = []
-        while drawn_tokens < budget:
-            if not order:
-                order = list(range(len(docs)))
-                rng.shuffle(order)
-            doc = docs[order.pop()]
-            mixture.append((family, doc))
-            drawn_tokens += len(doc) + 1
-            drawn_docs += 1
-        available = sum(len(d) + 1 for d in docs)
-        report.append(FamilyDraw(family, ratios[family], available, drawn_tokens, drawn_docs))
-    rng.shuffle(mixture)
-    return mixture, report
+        drawn, picked = 0, []
+        while drawn < budget:
+            order = rng.permutation(len(sizes))
+            cumulative = np.cumsum(sizes[order])
+            take = min(int(np.searchsorted(cumulative, budget - drawn)) + 1, len(order))
+            picked.append(order[:take])
+            drawn += int(cumulative[take - 1])
+        docs = np.concatenate(picked) if picked else np.zeros(0, np.int64)
+        parts.append(np.stack([np.full(len(docs), position), docs], axis=1))
+        report.append(FamilyDraw(family, ratios[family], int(sizes.sum()), drawn, len(docs)))
+    mixture = np.concatenate(parts)
+    return mixture[np.random.default_rng(seed).permutation(len(mixture))], report

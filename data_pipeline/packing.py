@@ -83,6 +83,56 @@ def pack_documents(
     )
 
 
+class StreamPacker:
+    """`pack_documents` over a stream: documents go in one at a time and full blocks of
+    `rows_per_block` sequences come out, so memory stays bounded by one block whatever the corpus
+    size. The sequences are exactly those `pack_documents` makes of the whole stream."""
+
+    def __init__(self, seq_len: int, eos_id: int, pad_id: int, rows_per_block: int):
+        self.seq_len, self.eos_id, self.pad_id, self.rows = seq_len, eos_id, pad_id, rows_per_block
+        self._tokens: list[np.ndarray] = []
+        self._families: list[np.ndarray] = []
+        self._index: list[np.ndarray] = []
+        self._pending = 0
+        self._docs = 0
+
+    def add(self, family: int, tokens: np.ndarray) -> list[PackedSequences]:
+        """Append one document (EOS added); returns the blocks it completed."""
+        n = len(tokens) + 1
+        self._tokens.append(np.append(np.asarray(tokens, np.int32), np.int32(self.eos_id)))
+        self._families.append(np.full(n, family, np.int8))
+        self._index.append(np.full(n, self._docs, np.int64))
+        self._docs += 1
+        self._pending += n
+        blocks = []
+        while self._pending >= self.rows * self.seq_len:
+            blocks.append(self._cut(self.rows * self.seq_len))
+        return blocks
+
+    def finish(self) -> PackedSequences | None:
+        """The last, padded block (None when nothing is left)."""
+        if not self._pending:
+            return None
+        rows = -(-self._pending // self.seq_len)
+        pad = rows * self.seq_len - self._pending
+        self._tokens.append(np.full(pad, self.pad_id, np.int32))
+        self._families.append(np.full(pad, -1, np.int8))
+        self._index.append(np.full(pad, -1, np.int64))
+        self._pending += pad
+        return self._cut(self._pending)
+
+    def _cut(self, size: int) -> PackedSequences:
+        tokens, families, index = (np.concatenate(parts) for parts in (self._tokens, self._families, self._index))
+        self._tokens, self._families, self._index = [tokens[size:]], [families[size:]], [index[size:]]
+        self._pending -= size
+        shape = (size // self.seq_len, self.seq_len)
+        return PackedSequences(
+            tokens=tokens[:size].reshape(shape),
+            doc_ids=_renumber(index[:size].reshape(shape)),
+            family_ids=families[:size].reshape(shape),
+        )
+
+
 def best_fit_bins(lengths: list[int], capacity: int) -> list[list[int]]:
     """Best-fit decreasing: document indices per bin, each bin's total length <= capacity."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])

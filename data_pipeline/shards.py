@@ -38,33 +38,39 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_shards(out_dir: Path, split: str, packed: PackedSequences, sequences_per_shard: int) -> list[dict]:
-    """Write `packed` as `{split}/shard_XXXXX.arrow` files; returns their manifest entries."""
+def write_shard(out_dir: Path, split: str, name: str, packed: PackedSequences) -> dict:
+    """Write `packed` as `{split}/{name}.arrow` (temp name, then rename); returns its manifest entry."""
     (out_dir / split).mkdir(parents=True, exist_ok=True)
     seq_len = packed.tokens.shape[1]
+    columns = {**COLUMNS, **{k: v for k, v in OPTIONAL_COLUMNS.items() if getattr(packed, k) is not None}}
+    arrays = [
+        pa.FixedSizeListArray.from_arrays(pa.array(getattr(packed, column).ravel(), dtype), seq_len)
+        for column, dtype in columns.items()
+    ]
+    table = pa.Table.from_arrays(arrays, names=list(columns))
+    rel = f"{split}/{name}.arrow"
+    tmp = out_dir / (rel + ".tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    os.replace(tmp, out_dir / rel)
+    return {
+        "file": rel,
+        "sequences": table.num_rows,
+        "tokens": int((packed.doc_ids >= 0).sum()),
+        "sha256": sha256_file(out_dir / rel),
+    }
+
+
+def write_shards(out_dir: Path, split: str, packed: PackedSequences, sequences_per_shard: int) -> list[dict]:
+    """Write `packed` as `{split}/shard_XXXXX.arrow` files; returns their manifest entries."""
     entries = []
     for index, start in enumerate(range(0, len(packed), sequences_per_shard)):
         rows = slice(start, start + sequences_per_shard)
-        columns = {**COLUMNS, **{k: v for k, v in OPTIONAL_COLUMNS.items() if getattr(packed, k) is not None}}
-        arrays = [
-            pa.FixedSizeListArray.from_arrays(pa.array(getattr(packed, name)[rows].ravel(), dtype), seq_len)
-            for name, dtype in columns.items()
-        ]
-        table = pa.Table.from_arrays(arrays, names=list(columns))
-        rel = f"{split}/shard_{index:05d}.arrow"
-        tmp = out_dir / (rel + ".tmp")
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-        os.replace(tmp, out_dir / rel)
-        doc_ids = packed.doc_ids[rows]
-        entries.append(
-            {
-                "file": rel,
-                "sequences": table.num_rows,
-                "tokens": int((doc_ids >= 0).sum()),
-                "sha256": sha256_file(out_dir / rel),
-            }
+        part = PackedSequences(
+            *(getattr(packed, f)[rows] for f in ("tokens", "doc_ids", "family_ids")),
+            loss_mask=packed.loss_mask[rows] if packed.loss_mask is not None else None,
         )
+        entries.append(write_shard(out_dir, split, f"shard_{index:05d}", part))
     return entries
 
 

@@ -1,4 +1,8 @@
-"""Read documents (text + language) from JSONL, Parquet or Arrow files."""
+"""Read documents (text + language) from JSONL, Parquet, Arrow files or Hugging Face datasets.
+
+A source is split into work units, one per file, that the build tokenizes in parallel: a
+`save_to_disk` folder contributes its Arrow files and `load_dataset` its cache files.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import io
 import json
 import unicodedata
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,11 +23,32 @@ from data_pipeline.languages import family_of
 
 @dataclass
 class SourceConfig:
-    paths: list[str]
+    paths: list[str] = field(default_factory=list)  # files or globs: .jsonl[.gz|.zst|.bz2], .parquet, .arrow
+    # A Hugging Face dataset instead of paths: a `save_to_disk` folder, or a `load_dataset` name
+    # ("json", "parquet" with hf_data_files, or a hub id when the hub is reachable).
+    hf_dataset: str | None = None
+    hf_data_files: list[str] = field(default_factory=list)
+    hf_config: str | None = None
+    hf_split: str = "train"
     text_field: str = "text"
     lang_field: str | None = "lang"
-    lang: str | None = None  # a fixed language for every record, when the files carry none
+    # A fixed language for every record when the files carry none, or `auto`: identify each
+    # document's language with py3langid's offline model, among the languages of the family table.
+    lang: str | None = None
     min_chars: int = 1  # shorter documents (after normalisation) are dropped
+    max_chars: int | None = None  # longer documents are dropped (quality filter)
+
+    def __post_init__(self):
+        if bool(self.paths) == bool(self.hf_dataset):
+            raise ConfigError(
+                f"a source needs either paths or hf_dataset, got paths={self.paths} hf_dataset={self.hf_dataset}"
+            )
+        if self.lang_field is None and self.lang is None:
+            raise ConfigError(f"source {self.name}: set lang_field, a fixed lang, or lang: auto")
+
+    @property
+    def name(self) -> str:
+        return self.hf_dataset or ",".join(self.paths)
 
 
 @dataclass(frozen=True)
@@ -73,20 +98,68 @@ def _records(path: Path) -> Iterator[dict]:
         raise ConfigError(f"{path}: unsupported file type (use .jsonl[.gz|.zst|.bz2], .parquet or .arrow)")
 
 
-def read_documents(source: SourceConfig, table: dict[str, str]) -> Iterator[Document]:
-    """Yield NFC-normalised, non-empty documents with their language family resolved."""
-    if source.lang_field is None and source.lang is None:
-        raise ConfigError(f"source {source.paths}: set lang_field or a fixed lang")
-    for path in expand_paths(source.paths):
-        for i, record in enumerate(_records(path)):
-            if source.text_field not in record:
-                raise ConfigError(f"{path}: record {i} has no field {source.text_field!r}")
+def source_files(source: SourceConfig) -> list[Path]:
+    """The files a source reads, each one work unit of the build."""
+    if not source.hf_dataset:
+        return expand_paths(source.paths)
+    folder = Path(source.hf_dataset)
+    if (folder / "state.json").is_file():  # Dataset.save_to_disk
+        state = json.loads((folder / "state.json").read_text())
+        return [folder / f["filename"] for f in state["_data_files"]]
+    if (folder / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk: take the split
+        return source_files(SourceConfig(hf_dataset=str(folder / source.hf_split), lang=source.lang or "auto"))
+    import datasets
+
+    data_files = expand_paths(source.hf_data_files) if source.hf_data_files else None
+    try:
+        dataset = datasets.load_dataset(
+            source.hf_dataset,
+            source.hf_config,
+            data_files=[str(f) for f in data_files] if data_files else None,
+            split=source.hf_split,
+        )
+    except Exception as err:  # the hub, a missing builder, a bad file: say which source
+        raise ConfigError(f"hf_dataset {source.hf_dataset!r}: {type(err).__name__}: {err}") from err
+    return [Path(f["filename"]) for f in dataset.cache_files]
+
+
+class LanguageIdentifier:
+    """py3langid's offline model restricted to the languages the family table knows."""
+
+    def __init__(self, table: dict[str, str]):
+        from py3langid.langid import MODEL_FILE
+        from py3langid.langid import LanguageIdentifier as Model
+
+        self.model = Model.from_model_file(MODEL_FILE, norm_probs=False)
+        known = [lang for lang in self.model.nb_classes if lang in table]
+        self.model.set_languages(known)
+
+    def __call__(self, text: str) -> str:
+        return self.model.classify(text[:2000])[0]
+
+
+def read_file(path: Path, source: SourceConfig, table: dict[str, str], identify=None) -> Iterator[Document]:
+    """NFC-normalised documents of one file that pass the length filters, with their family."""
+    for i, record in enumerate(_records(path)):
+        if source.text_field not in record:
+            raise ConfigError(f"{path}: record {i} has no field {source.text_field!r}")
+        text = unicodedata.normalize("NFC", record[source.text_field] or "").strip()
+        if len(text) < max(1, source.min_chars) or (source.max_chars and len(text) > source.max_chars):
+            continue
+        if source.lang == "auto":
+            lang = identify(text)
+        else:
             lang = source.lang or record.get(source.lang_field)
-            if not lang:
-                raise ConfigError(f"{path}: record {i} has no language in field {source.lang_field!r}")
-            text = unicodedata.normalize("NFC", record[source.text_field] or "").strip()
-            if len(text) >= max(1, source.min_chars):
-                try:
-                    yield Document(text=text, lang=lang, family=family_of(lang, table))
-                except KeyError as err:
-                    raise ConfigError(f"{path}: record {i}: {err.args[0]}") from None
+        if not lang:
+            raise ConfigError(f"{path}: record {i} has no language in field {source.lang_field!r}")
+        try:
+            yield Document(text=text, lang=lang, family=family_of(lang, table))
+        except KeyError as err:
+            raise ConfigError(f"{path}: record {i}: {err.args[0]}") from None
+
+
+def read_documents(source: SourceConfig, table: dict[str, str]) -> Iterator[Document]:
+    """Every document of a source, file after file."""
+    identify = LanguageIdentifier(table) if source.lang == "auto" else None
+    for path in source_files(source):
+        yield from read_file(path, source, table, identify)

@@ -62,7 +62,8 @@ def test_family_ratios_met():
     available = {f: sum(len(d) for d in ds) for f, ds in docs.items()}
     ratios = normalize_ratios({"germanic": 5, "slavic": 3, "code": 2}, available)
     total = 400_000
-    mixture, report = draw_documents(docs, ratios, total, seed=0)
+    lengths = {f: np.array([len(d) for d in ds]) for f, ds in docs.items()}
+    mixture, report = draw_documents(lengths, ratios, total, seed=0)
     drawn = {r.family: r.drawn_tokens for r in report}
     for family, ratio in ratios.items():
         # Whole documents are drawn, so a family overshoots its budget by at most one document (<300 tokens).
