@@ -23,9 +23,20 @@ def summarize(data_dir: str | Path) -> str:
             f"  {split:5s}: {len(shards)} shards, {seqs} sequences, {tokens} tokens, "
             f"{manifest['padding_tokens'][split]} padding"
         )
-    lines.append(f"  {'family':14s} {'ratio':>7s} {'tokens':>10s} {'docs':>7s} {'epochs':>7s}")
+    packing = manifest.get("packing")
+    if packing:
+        lines.append(
+            f"  packing {packing['strategy']}: {100 * packing['padding_fraction']:.2f}% of train slots are padding, "
+            f"{packing['truncated_docs']} documents truncated"
+        )
+    removed = (manifest.get("duplicates_removed", 0), manifest.get("near_duplicates_removed", 0))
+    lines.append(f"  removed {removed[0]} exact and {removed[1]} near duplicates")
+    lines.append(f"  {'family':14s} {'ratio':>7s} {'tokens':>10s} {'docs':>7s} {'epochs':>7s} {'valid':>6s}")
     for family, s in manifest["family_stats"].items():
-        lines.append(f"  {family:14s} {s['ratio']:7.3f} {s['tokens']:10d} {s['documents']:7d} {s['epochs']:7.2f}")
+        lines.append(
+            f"  {family:14s} {s['ratio']:7.3f} {s['tokens']:10d} {s['documents']:7d} {s['epochs']:7.2f} "
+            f"{s.get('valid_documents', 0):6d}"
+        )
     return "\n".join(lines)
 
 

@@ -39,6 +39,7 @@ from data_pipeline.sources import LanguageIdentifier, SourceConfig, read_file, s
 from data_pipeline.tokenizer import TOKENIZER_FILE, load_tokenizer, special_ids, tokenizer_hash, train_bpe
 
 PACKINGS = ("concat", "best_fit")
+MINHASH_SCHEME = "affine32"  # datasketch's default; stored signatures are only comparable within one scheme
 
 
 @dataclass
@@ -63,7 +64,7 @@ class BuildConfig:
     output_dir: str
     sources: list[SourceConfig]
     seq_len: int = 256
-    total_tokens: int = 1_000_000  # training tokens in the mixture, drawn by `ratios`
+    total_tokens: int = 1_000_000  # training tokens in the mixture, drawn by `ratios`; 0: all available once
     # family -> weight; empty = natural proportions; "from FILE": a YAML/JSON mapping, e.g. the one
     # `python -m training.scaling_laws optimal-mix` writes
     ratios: dict[str, float] | str = field(default_factory=dict)
@@ -82,8 +83,8 @@ class BuildConfig:
     def __post_init__(self):
         if self.seq_len < 2:
             raise ConfigError(f"seq_len must be >= 2, got {self.seq_len}")
-        if self.total_tokens <= 0 or self.sequences_per_shard <= 0:
-            raise ConfigError("total_tokens and sequences_per_shard must be positive")
+        if self.total_tokens < 0 or self.sequences_per_shard <= 0:
+            raise ConfigError("total_tokens must be >= 0 and sequences_per_shard positive")
         if self.packing not in PACKINGS:
             raise ConfigError(f"packing {self.packing!r} is not one of {PACKINGS}")
 
@@ -124,7 +125,7 @@ def _minhash(text: str, near: NearDedupConfig) -> np.ndarray:
 
     words = text.split()
     grams = {" ".join(words[i : i + near.ngram]) for i in range(max(1, len(words) - near.ngram + 1))}
-    signature = MinHash(num_perm=near.num_perm, seed=1)
+    signature = MinHash(num_perm=near.num_perm, seed=1, scheme=MINHASH_SCHEME)
     signature.update_batch([g.encode() for g in grams])
     return signature.hashvalues.astype(np.uint64)
 
@@ -258,7 +259,9 @@ def select_documents(config: BuildConfig, unit_files: list[Path]) -> Selection:
                     continue
                 seen.add(key)
             if lsh is not None:
-                signature = LeanMinHash(seed=1, hashvalues=np.asarray(signatures[row], np.uint64))
+                signature = LeanMinHash(
+                    seed=1, hashvalues=np.asarray(signatures[row], np.uint64), scheme=MINHASH_SCHEME
+                )
                 if lsh.query(signature):
                     near += 1
                     continue
@@ -320,7 +323,8 @@ class ShardWriter:
 
 def pack_train(config, selection, ratios, store, families, eos, pad, writer) -> tuple[list, int]:
     lengths = {f: selection.train_lengths[f] for f in ratios}
-    mixture, draws = draw_documents(lengths, ratios, config.total_tokens, config.seed)
+    total = config.total_tokens or sum(int(n.sum()) + len(n) for n in lengths.values())
+    mixture, draws = draw_documents(lengths, ratios, total, config.seed)
     drawn_families = sorted(ratios)
     family_index = {f: families.index(f) for f in drawn_families}
     rows = config.sequences_per_shard

@@ -6,7 +6,9 @@ Where the text comes from (recorded in every record's `source` field):
   learn scripts, word shapes and frequencies per family; replace with real corpora for real runs.
 - code: function definitions cut with `ast` from the Python standard library of the running
   interpreter.
-- synthetic: math word problems with checked step-by-step solutions (`synthetic.math_problems`).
+- synthetic: math word problems with checked step-by-step solutions (`synthetic.math_problems`),
+  arithmetic and algebra drills and textbook-style passages (`synthetic.drills`). Each record keeps
+  its generator, seed and verified answer.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from faker import Faker
 from tqdm import tqdm
 
+from data_pipeline.synthetic.drills import GENERATORS, generate_exercises
 from data_pipeline.synthetic.math_problems import generate_problems
 
 # ISO code -> faker locale. 12 languages, 11 families, 9 scripts.
@@ -91,10 +94,17 @@ def code_documents(count: int) -> list[dict]:
 
 
 def math_documents(count: int, seed: int) -> list[dict]:
-    return [
-        {"text": p.text, "lang": "math", "source": f"synthetic.math_problems:seed={p.seed}", "answer": p.answer}
+    """Word problems, and a quarter as many of each drill / textbook generator."""
+    docs = [
+        {"text": p.text, "lang": "math", "generator": "math_problems", "seed": p.seed, "answer": p.answer}
         for p in generate_problems(count, seed)
     ]
+    for kind in GENERATORS:
+        docs += [
+            {"text": e.text, "lang": "math", "generator": e.generator, "seed": e.seed, "answer": e.answer}
+            for e in generate_exercises(kind, count // 4, seed)
+        ]
+    return docs
 
 
 def write_default_corpus(out_dir: str | Path, docs_per_language: int = 600, seed: int = 0) -> list[Path]:

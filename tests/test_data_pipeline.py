@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import unicodedata
+from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -21,10 +24,10 @@ from data_pipeline.synthetic.math_problems import generate_problems, verify_solu
 RECORDS = [{"text": f"document number {i} " * (i % 7 + 1), "lang": ["en", "fr", "ru"][i % 3]} for i in range(60)]
 
 
-def small_build(tmp_path, paths, **kw) -> BuildConfig:
+def small_build(tmp_path, paths=None, sources=None, **kw) -> BuildConfig:
     return BuildConfig(
         output_dir=str(tmp_path / "out"),
-        sources=[SourceConfig(paths=paths)],
+        sources=sources or [SourceConfig(paths=paths)],
         seq_len=16,
         total_tokens=2000,
         valid_docs_per_family=2,
@@ -167,3 +170,136 @@ def test_temperature_sampling_flattens_the_mixture():
     assert flat["germanic"] == pytest.approx(30 / 40)  # 900^0.5 : 100^0.5 = 30 : 10
     with pytest.raises(ConfigError, match="temperature must be > 0"):
         normalize_ratios({}, available, temperature=0)
+
+
+def shard_hashes(out) -> dict[str, str]:
+    manifest = read_manifest(out)
+    return {e["file"]: e["sha256"] for split in manifest["splits"].values() for e in split}
+
+
+def write_jsonl_files(tmp_path, count=4) -> list[str]:
+    paths = []
+    for i in range(count):
+        path = tmp_path / f"part{i}.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in RECORDS[i::count]))
+        paths.append(str(path))
+    return paths
+
+
+def test_parallel_build_equals_single_process_build(tmp_path):
+    paths = write_jsonl_files(tmp_path)
+    one = build(dataclasses.replace(small_build(tmp_path / "a", paths), workers=1))
+    two = build(dataclasses.replace(small_build(tmp_path / "b", paths), workers=2))
+    assert one["tokenizer_hash"] == two["tokenizer_hash"]
+    assert shard_hashes(tmp_path / "a" / "out") == shard_hashes(tmp_path / "b" / "out")
+
+
+def test_interrupted_build_resumes_and_matches_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+    from data_pipeline import build as build_module
+
+    paths = write_jsonl_files(tmp_path)
+    reference = build(dataclasses.replace(small_build(tmp_path / "ref", paths), workers=1, sequences_per_shard=8))
+    config = dataclasses.replace(small_build(tmp_path / "run", paths), workers=1, sequences_per_shard=8)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True)
+    (out / "keep.txt").write_text("the previous dataset")  # must survive a failed build
+    # Interrupt once while tokenizing (the third file is unreadable) ...
+    good = Path(paths[2]).read_text()
+    Path(paths[2]).write_text("{not json\n")
+    with pytest.raises(ValueError, match="part2.jsonl:1: not valid JSON"):
+        build(config)
+    assert (out / "keep.txt").is_file()
+    Path(paths[2]).write_text(good)
+    # ... and once after two training shards are written.
+    original, calls = build_module.ShardWriter.write, []
+
+    def failing_write(self, packed):
+        if self.split == "train" and len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        original(self, packed)
+
+    monkeypatch.setattr(build_module.ShardWriter, "write", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        build(config)
+    assert (out / "keep.txt").is_file()
+    monkeypatch.setattr(build_module.ShardWriter, "write", original)
+    capsys.readouterr()
+    resumed = build(config)
+    assert "4 of 4 source files already tokenized" in capsys.readouterr().out
+    assert shard_hashes(out) == shard_hashes(tmp_path / "ref" / "out")
+    assert resumed["family_stats"] == reference["family_stats"]
+    assert not out.with_name("out.building").exists() and not (out / "keep.txt").exists()
+
+
+def test_hugging_face_datasets_sources(tmp_path):
+    import datasets
+
+    paths = write_jsonl_files(tmp_path, count=1)
+    datasets.Dataset.from_list(RECORDS).save_to_disk(str(tmp_path / "saved"))
+    saved = build(small_build(tmp_path / "a", sources=[SourceConfig(hf_dataset=str(tmp_path / "saved"))]))
+    loaded_source = SourceConfig(hf_dataset="json", hf_data_files=paths)
+    loaded = build(small_build(tmp_path / "b", sources=[loaded_source]))
+    plain = build(small_build(tmp_path / "c", paths))
+    for manifest in (saved, loaded):
+        assert manifest["family_stats"] == plain["family_stats"]
+    with pytest.raises(ConfigError, match="hf_dataset 'no-such-builder-here'"):
+        build(small_build(tmp_path / "d", sources=[SourceConfig(hf_dataset="no-such-builder-here")]))
+
+
+def test_language_identification_when_records_have_no_language(tmp_path):
+    texts = {
+        "en": "The weather today is nice and we are going to walk in the park with the children.",
+        "de": "Das Wetter ist heute schön und wir gehen mit den Kindern im Park spazieren.",
+        "fr": "Il fait beau aujourd'hui et nous allons nous promener dans le parc avec les enfants.",
+        "ru": "Сегодня хорошая погода, и мы пойдём гулять в парк с детьми.",
+        "ja": "今日は天気が良いので、子供たちと公園を散歩します。",
+    }
+    path = tmp_path / "unlabelled.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"{t} {i}"}) for i in range(12) for t in texts.values()))
+    config = small_build(tmp_path, [str(path)])
+    config.sources[0].lang, config.sources[0].lang_field = "auto", None
+    manifest = build(config)
+    assert manifest["families"] == ["germanic", "japonic", "romance", "slavic"]
+    assert (
+        manifest["family_stats"]["germanic"]["available_tokens"]
+        > manifest["family_stats"]["slavic"]["available_tokens"]
+    )
+
+
+def test_minhash_removes_near_duplicates_that_exact_dedup_keeps(tmp_path):
+    from data_pipeline.build import NearDedupConfig
+
+    rng = np.random.default_rng(0)
+    base = [" ".join(f"word{w}" for w in rng.integers(0, 500, size=60)) for _ in range(20)]
+    near_copies = [text.replace("word", "w0rd", 1) for text in base[:8]]  # one token differs
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t, "lang": "en"}) for t in base + near_copies))
+    exact_only = build(small_build(tmp_path / "a", [str(path)]))
+    assert exact_only["duplicates_removed"] == 0 and exact_only["near_duplicates_removed"] == 0
+    near = build(
+        dataclasses.replace(small_build(tmp_path / "b", [str(path)]), near_dedup=NearDedupConfig(threshold=0.8))
+    )
+    assert near["near_duplicates_removed"] == 8
+
+
+def test_validation_shards_per_family_and_best_fit_report(tmp_path):
+    paths = write_jsonl_files(tmp_path)
+    manifest = build(dataclasses.replace(small_build(tmp_path, paths), packing="best_fit", seq_len=64))
+    valid = manifest["splits"]["valid"]
+    assert sorted(e["family"] for e in valid) == manifest["families"]
+    dataset = PackedDataset(tmp_path / "out", "valid")
+    families = dataset.get(np.arange(len(dataset))).family_ids
+    start = 0
+    for entry in valid:  # each family's shard holds only that family
+        rows = families[start : start + entry["sequences"]]
+        assert set(rows.unique().tolist()) - {-1} == {manifest["families"].index(entry["family"])}
+        start += entry["sequences"]
+    packing = manifest["packing"]
+    assert packing["strategy"] == "best_fit" and 0 < packing["padding_fraction"] < 0.5
+    train = PackedDataset(tmp_path / "out", "train")
+    batch = train.get(np.arange(len(train)))
+    eos = manifest["eos_id"]
+    for tokens, ids in zip(batch.tokens, batch.doc_ids, strict=True):  # whole documents: each ends in EOS
+        for d in range(int(ids.max()) + 1):
+            assert tokens[ids == d][-1] == eos

@@ -8,7 +8,7 @@ import torch
 
 from data_pipeline.loader import IGNORE_INDEX, DataLoader, PackedDataset
 from data_pipeline.mixing import draw_documents, normalize_ratios
-from data_pipeline.packing import pack_documents
+from data_pipeline.packing import StreamPacker, pack_best_fit, pack_documents
 from data_pipeline.shards import read_manifest
 from kernels.reference import document_causal_mask
 
@@ -94,3 +94,31 @@ def test_loader_shards_only_over_data_parallel_ranks(small_dataset):
     halves = [DataLoader(dataset, global_batch_size=8, dp_rank=r, dp_size=2).batch_at(3) for r in range(2)]
     assert torch.equal(torch.cat([h.tokens for h in halves]).sort(0).values, full.tokens.sort(0).values)
     assert not torch.equal(halves[0].tokens, halves[1].tokens)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 50])
+def test_stream_packer_equals_packing_the_whole_stream(rows):
+    docs = random_docs(150, seed=2)
+    whole = pack_documents(docs, 32, EOS, PAD)
+    packer = StreamPacker(32, EOS, PAD, rows_per_block=rows)
+    blocks = [b for family, tokens in docs for b in packer.add(family, np.array(tokens))]
+    blocks.append(packer.finish())
+    assert all(len(b) == rows for b in blocks[:-1])
+    for name in ("tokens", "doc_ids", "family_ids"):
+        np.testing.assert_array_equal(np.concatenate([getattr(b, name) for b in blocks]), getattr(whole, name))
+
+
+def test_best_fit_keeps_documents_whole_and_beats_first_come_padding():
+    docs = random_docs(300, seed=3)
+    packed = pack_best_fit(docs, 128, EOS, PAD)
+    # Every document appears exactly once, unsplit, inside one row.
+    rows = []
+    for tokens, ids in zip(packed.tokens, packed.doc_ids, strict=True):
+        for d in range(ids.max() + 1):
+            rows.append(tuple(tokens[ids == d]))
+    assert sorted(rows) == sorted(tuple([*t, EOS]) for _, t in docs)
+    # Fewer rows than one document per row, and within 10% of the token lower bound.
+    total = sum(len(t) + 1 for _, t in docs)
+    assert len(packed) < len(docs) and len(packed) <= 1.1 * -(-total // 128)
+    long = [(0, list(range(2, 300)))]
+    assert pack_best_fit(long, 128, EOS, PAD).truncated_docs == 1

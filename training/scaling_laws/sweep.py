@@ -7,6 +7,10 @@ Spec (YAML):
     overrides: [parallel.tp=1, parallel.pp=1]      # for every run
     grid: {steps: [50, 100, 200], optim.lr: [1e-3, 3e-3, 1e-2], model.dim: [64, 128]}
     parallel: 1                                    # local runs at a time
+    data_config: configs/data/default.yaml         # with `mixes`: one dataset per language mix,
+    mixes: {natural: {}, flat: {temperature: 5}, romance_heavy: {ratios: {romance: 4, ...}}}
+`mixes` maps a name to data-config overrides; each mix is built once into `out_dir/data/<name>` and
+is one more grid axis (`mix`), so the results table has every run's family ratios.
 Each run is `python -m training.pretrain BASE overrides...`, resumable (`checkpoint.resume=auto`),
 so an interrupted sweep picks up where it stopped.
 """
@@ -22,6 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from tqdm import tqdm
 
 from data_pipeline.config import load_config
@@ -37,6 +42,11 @@ class SweepSpec:
     grid: dict[str, list] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
     parallel: int = 1
+    data_config: str | None = None
+    mixes: dict[str, dict] = field(default_factory=dict)
+
+    def mix_dir(self, mix: str) -> Path:
+        return Path(self.out_dir) / "data" / mix
 
 
 @dataclass
@@ -50,10 +60,13 @@ class Run:
 
 
 def expand(spec: SweepSpec) -> list[Run]:
-    keys = sorted(spec.grid)
+    grid = {**spec.grid, **({"mix": sorted(spec.mixes)} if spec.mixes else {})}
+    keys = sorted(grid)
     runs = []
-    for values in itertools.product(*(spec.grid[k] for k in keys)):
-        overrides = [f"{k}={v}" for k, v in zip(keys, values, strict=True)]
+    for values in itertools.product(*(grid[k] for k in keys)):
+        overrides = [
+            f"data.path={spec.mix_dir(v)}" if k == "mix" else f"{k}={v}" for k, v in zip(keys, values, strict=True)
+        ]
         name = "-".join(f"{k.split('.')[-1]}{v}" for k, v in zip(keys, values, strict=True)).replace("/", "_")
         runs.append(Run(name, overrides))
     return runs
@@ -74,8 +87,23 @@ def final_eval(config: TrainConfig) -> dict | None:
     return done[-1] if done else None
 
 
+def build_mixes(spec: SweepSpec) -> None:
+    """Build the dataset of every language mix that has none yet (interrupted builds resume)."""
+    from data_pipeline.build import BuildConfig, build
+
+    if spec.mixes and not spec.data_config:
+        raise ValueError("mixes need data_config: the data config each mix overrides")
+    for mix, changes in sorted(spec.mixes.items()):
+        out = spec.mix_dir(mix)
+        if (out / "manifest.json").is_file():
+            continue
+        overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in changes.items()]
+        build(load_config(BuildConfig, spec.data_config, [*overrides, f"output_dir={out}"]))
+
+
 def execute(spec: SweepSpec) -> list[Run]:
     """Run every unfinished run, `parallel` at a time; returns the runs that failed."""
+    build_mixes(spec)
     todo = [r for r in expand(spec) if final_eval(run_config(spec, r)) is None]
     failed = []
     bar = tqdm(total=len(expand(spec)), initial=len(expand(spec)) - len(todo), desc="sweep", unit="run")

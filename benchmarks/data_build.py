@@ -1,0 +1,206 @@
+"""Data build throughput and memory: `python -m data_pipeline build` against HF `datasets.map`
+tokenisation plus a plain packing loop, on the same generated corpus and tokenizer; and the
+loader's sample rate against the trainer's token rate.
+
+    python benchmarks/data_build.py [--megabytes 200] [--out benchmarks/results/data_build.json]
+
+Each build runs in its own process so its peak memory (the process and its workers) is its own.
+Our build runs at half and at the full corpus size: flat memory means the two peaks are close.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SEQ_LEN = 2048
+FILE_MB = 10
+
+
+def write_corpus(folder: Path, megabytes: int) -> list[Path]:
+    """`megabytes` of JSONL in 10 MB files: documents of random words from faker's word lists of
+    the default corpus's languages (fast to make, same scripts as the bundled corpus)."""
+    from faker import Faker
+
+    from data_pipeline.corpus import LOCALES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = {lang: np.array(Faker(locale).get_words_list()) for lang, locale in LOCALES.items()}
+    langs = sorted(words)
+    paths = []
+    for i in range(megabytes // FILE_MB):
+        path = folder / f"part_{i:04d}.jsonl"
+        paths.append(path)
+        if path.is_file():
+            continue
+        rng = np.random.default_rng(i)
+        size, lines = 0, []
+        while size < FILE_MB * 2**20:
+            lang = langs[rng.integers(len(langs))]
+            text = " ".join(rng.choice(words[lang], size=int(rng.integers(50, 400))))
+            line = json.dumps({"text": text, "lang": lang}, ensure_ascii=False)
+            lines.append(line)
+            size += len(line.encode())
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    return paths
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process plus its largest worker (Linux reports KiB)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + children) / 1024
+
+
+def run_ours(files: list[str], tokenizer: str, out: str) -> dict:
+    from data_pipeline.build import BuildConfig, TokenizerConfig, build
+    from data_pipeline.sources import SourceConfig
+
+    config = BuildConfig(
+        output_dir=out,
+        sources=[SourceConfig(paths=files)],
+        seq_len=SEQ_LEN,
+        total_tokens=0,  # every token once, natural ratios: the same work as the HF pipeline
+        tokenizer=TokenizerConfig(path=tokenizer),
+        sequences_per_shard=2048,
+    )
+    start = time.perf_counter()
+    manifest = build(config)
+    seconds = time.perf_counter() - start
+    tokens = sum(e["tokens"] for e in manifest["splits"]["train"])
+    return {"seconds": seconds, "tokens": tokens, "peak_rss_mib": peak_rss_mib()}
+
+
+def run_hf(files: list[str], tokenizer: str, out: str) -> dict:
+    """The usual hand-written pipeline: load_dataset -> map(tokenize, batched, num_proc) -> pack."""
+    import datasets
+    from transformers import PreTrainedTokenizerFast
+
+    datasets.disable_progress_bars()
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(Path(tokenizer) / "tokenizer.json"))
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    start = time.perf_counter()
+    cache = Path(out) / "cache"
+    dataset = datasets.load_dataset("json", data_files=files, split="train", cache_dir=str(cache))
+    tokenized = dataset.map(
+        lambda batch: {"input_ids": [ids + [eos] for ids in tok(batch["text"])["input_ids"]]},
+        batched=True,
+        num_proc=os.cpu_count(),
+        remove_columns=dataset.column_names,
+    )
+    sequences, buffer = [], []
+    for ids in tokenized["input_ids"]:
+        buffer.extend(ids)
+        while len(buffer) >= SEQ_LEN:
+            sequences.append(buffer[:SEQ_LEN])
+            buffer = buffer[SEQ_LEN:]
+    if buffer:
+        sequences.append(buffer + [eos] * (SEQ_LEN - len(buffer)))
+    datasets.Dataset.from_dict({"input_ids": sequences}).save_to_disk(str(Path(out) / "packed"))
+    seconds = time.perf_counter() - start
+    tokens = sum(len(ids) for ids in tokenized["input_ids"])
+    return {"seconds": seconds, "tokens": tokens, "peak_rss_mib": peak_rss_mib()}
+
+
+def run_loader(data_dir: str, batch_size: int = 16, steps: int = 200) -> dict:
+    from data_pipeline.loader import DataLoader, PackedDataset
+
+    loader = DataLoader(PackedDataset(data_dir, "train"), batch_size)
+    loader.batch_at(0)
+    start = time.perf_counter()
+    for step in range(steps):
+        batch = loader.batch_at(step)
+    seconds = time.perf_counter() - start
+    return {"samples_per_s": steps * batch_size / seconds, "tokens_per_s": steps * batch.tokens.numel() / seconds}
+
+
+def in_subprocess(kind: str, *args) -> dict:
+    code = f"import json, benchmarks.data_build as b; print(json.dumps(b.run_{kind}(*{list(args)!r})))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{kind} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--megabytes", type=int, default=200)
+    parser.add_argument("--work", default="/tmp/data_build_bench")
+    parser.add_argument(
+        "--trainer-tokens-per-s",
+        type=float,
+        default=10_000.0,
+        help="tiny preset, one CPU process (benchmarks/trainer_step.py measures it)",
+    )
+    parser.add_argument("--out", default="benchmarks/results/data_build.json")
+    args = parser.parse_args()
+    work = Path(args.work)
+    files = [str(p) for p in write_corpus(work / "corpus", args.megabytes)]
+    half = files[: len(files) // 2]
+
+    from data_pipeline.build import Unit, _sample_texts
+    from data_pipeline.languages import language_table
+    from data_pipeline.sources import SourceConfig
+    from data_pipeline.tokenizer import train_bpe
+
+    tokenizer_dir = work / "tokenizer"
+    tokenizer_dir.mkdir(exist_ok=True)
+    units = [Unit(i, SourceConfig(paths=[f]), Path(f)) for i, f in enumerate(files)]
+    train_bpe(_sample_texts(units, language_table(), 400), 32000).save(str(tokenizer_dir / "tokenizer.json"))
+
+    results = {}
+    for name, kind, subset in (("ours", "ours", files), ("ours_half", "ours", half), ("hf_datasets_map", "hf", files)):
+        out = work / f"out_{name}"
+        subprocess.run(["rm", "-rf", str(out), str(out) + ".building"], check=True)
+        results[name] = in_subprocess(kind, subset, str(tokenizer_dir), str(out))
+        results[name]["megabytes"] = len(subset) * FILE_MB
+        results[name]["tokens_per_s"] = results[name]["tokens"] / results[name]["seconds"]
+        print(f"{name}: {results[name]}", flush=True)
+    results["loader"] = in_subprocess("loader", str(work / "out_ours"))
+
+    speedup = results["ours"]["tokens_per_s"] / results["hf_datasets_map"]["tokens_per_s"]
+    memory_growth = results["ours"]["peak_rss_mib"] / results["ours_half"]["peak_rss_mib"]
+    loader_ratio = results["loader"]["tokens_per_s"] / args.trainer_tokens_per_s
+    print(f"\n{'build':<18} {'MB':>5} {'tokens':>12} {'seconds':>8} {'tokens/s':>12} {'peak MiB':>9}")
+    for name in ("ours_half", "ours", "hf_datasets_map"):
+        r = results[name]
+        print(
+            f"{name:<18} {r['megabytes']:>5} {r['tokens']:>12,} {r['seconds']:>8.1f} "
+            f"{r['tokens_per_s']:>12,.0f} {r['peak_rss_mib']:>9.0f}"
+        )
+    loader = results["loader"]
+    print(f"\nspeed-up over datasets.map + packing loop: {speedup:.2f}x (target >= 2)")
+    print(f"peak memory, full / half corpus: {memory_growth:.2f} (flat ~ 1)")
+    print(
+        f"loader: {loader['samples_per_s']:,.0f} samples/s, {loader['tokens_per_s']:,.0f} tokens/s = "
+        f"{loader_ratio:,.0f}x the tiny trainer's {args.trainer_tokens_per_s:,.0f} tokens/s (target >= 10)"
+    )
+    summary = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "seq_len": SEQ_LEN,
+        "results": results,
+        "speedup": speedup,
+        "memory_full_over_half": memory_growth,
+        "loader_over_trainer": loader_ratio,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
