@@ -91,6 +91,16 @@ def cmd_fit_lr(results: str, out: Path) -> dict:
     return law
 
 
+def leave_one_out_rmse(cols: list[np.ndarray]) -> float:
+    """RMSE of log-loss on each run when the law is fitted without it (held-out error)."""
+    errors = []
+    for i in range(len(cols[0])):
+        keep = np.arange(len(cols[0])) != i
+        law, _ = fit_family(*(c[keep] for c in cols), starts=4)
+        errors.append(np.log(law.loss(cols[0][i], cols[1][i], cols[2][i])) - np.log(cols[3][i]))
+    return float(np.sqrt(np.mean(np.square(errors))))
+
+
 def cmd_fit_multilingual(results: str, out: Path) -> dict:
     rows = read_rows(results)
     families = sorted(k.split("/", 1)[1] for k in rows[0] if k.startswith("loss/"))
@@ -107,6 +117,7 @@ def cmd_fit_multilingual(results: str, out: Path) -> dict:
         independence = {o: float(np.corrcoef(residual, v)[0, 1]) if v.std() > 0 and residual.std() > 0 else 0.0
                         for o, v in others.items()}  # fmt: skip
         fit[family] = {**{k: getattr(law, k) for k in PARAMS}, "rmse_log_loss": rmse,
+                       "heldout_rmse_log_loss": leave_one_out_rmse(cols),
                        "residual_corr_with_other_ratios": independence, "points": len(use)}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "multilingual_law.json", json.dumps(fit, indent=2))
@@ -198,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "fit-multilingual":
             fit = cmd_fit_multilingual(args.results, Path(args.out))
             for family, f in fit.items():
-                print(f"{family:14s} gamma={f['gamma']:.3f} E={f['E']:.3f} rmse(log)={f['rmse_log_loss']:.4f}")
+                print(
+                    f"{family:14s} gamma={f['gamma']:.3f} E={f['E']:.3f} rmse(log)={f['rmse_log_loss']:.4f} "
+                    f"held-out={f['heldout_rmse_log_loss']:.4f}"
+                )
             print(f"wrote {args.out}/multilingual_law.json, multilingual_law.png")
         else:
             ratios = cmd_optimal_mix(args)
