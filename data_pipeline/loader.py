@@ -132,6 +132,23 @@ class DataLoader:
         local = self.global_batch_size // self.dp_size
         return self.dataset.get(np.sort(rows[self.dp_rank * local : (self.dp_rank + 1) * local]))
 
-    def state_dict(self) -> dict:
-        """What fixes the order; the position is the trainer's step."""
-        return {"seed": self.seed, "global_batch_size": self.global_batch_size, "dp_size": self.dp_size}
+    def state_dict(self, step: int) -> dict:
+        """Where the loader is after `step` steps, and what fixes the order (the step alone resumes it)."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        return {
+            "step": step,
+            "epoch": epoch,
+            "position": position,
+            "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
+            "dp_size": self.dp_size,
+        }
+
+    def check_resume(self, state: dict, where: str) -> None:
+        """Refuse to resume with an order other than the saved run's (the data would differ silently)."""
+        for key in ("seed", "global_batch_size"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"{where}: the run was saved with data {key}={state[key]}, this config has {getattr(self, key)}; "
+                    "resuming would feed different batches (start a new run, or restore the value)"
+                )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -62,3 +63,15 @@ def test_resume_under_another_layout(save, load, small_dataset, tmp_path):
     )
     second = run_ranks(world(load), fit_losses, resumed)[0]
     assert second == pytest.approx(uninterrupted[STOP:], rel=1e-5)
+
+
+def test_resume_refuses_a_different_data_order(small_dataset, tmp_path):
+    config = dataclasses.replace(
+        small_config(small_dataset, tmp_path), steps=4, stop_after=2, checkpoint=CheckpointConfig(resume="auto")
+    )
+    Trainer(config).fit()
+    state = json.loads((config.run_dir / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    assert state["data"] == {"step": 2, "epoch": 0, "position": 2, "seed": 0, "global_batch_size": 8, "dp_size": 1}
+    reseeded = dataclasses.replace(config, data=dataclasses.replace(config.data, seed=7))
+    with pytest.raises(ValueError, match="saved with data seed=0, this config has 7"):
+        Trainer(reseeded).fit()

@@ -325,6 +325,7 @@ class Trainer:
         if path is None:
             return
         state = load_checkpoint(path, self.model, self.optimizer)
+        self.loader.check_resume(state.get("data", {}), str(path))
         self.step = state["step"]
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["loss_scaler"])
@@ -332,7 +333,7 @@ class Trainer:
 
     def save(self) -> Path:
         state = {
-            "data": self.loader.state_dict(),
+            "data": self.loader.state_dict(self.step),
             "scheduler": self.scheduler.state_dict(),
             "loss_scaler": self.scaler.state_dict(),
             "config": to_dict(self.config),
