@@ -34,9 +34,9 @@ from data_pipeline.config import ConfigError, to_dict
 from data_pipeline.languages import language_table
 from data_pipeline.mixing import draw_documents, normalize_ratios
 from data_pipeline.packing import PackedSequences, StreamPacker, best_fit_bins, pack_bins, pack_documents
-from data_pipeline.shards import atomic_write_text, write_manifest, write_shard
+from data_pipeline.shards import atomic_write_text, finish_dataset, manifest_header, write_shard
 from data_pipeline.sources import LanguageIdentifier, SourceConfig, read_file, source_files
-from data_pipeline.tokenizer import TOKENIZER_FILE, load_tokenizer, special_ids, tokenizer_hash, train_bpe
+from data_pipeline.tokenizer import TOKENIZER_FILE, load_tokenizer, special_ids, train_bpe
 
 PACKINGS = ("concat", "best_fit")
 MINHASH_SCHEME = "affine32"  # datasketch's default; stored signatures are only comparable within one scheme
@@ -364,16 +364,21 @@ def _rows(packed: PackedSequences, rows: slice) -> PackedSequences:
     return PackedSequences(tokens=packed.tokens[rows], doc_ids=packed.doc_ids[rows], family_ids=packed.family_ids[rows])
 
 
-def _config_key(config: BuildConfig) -> str:
-    """What decides the output: the config without the knobs that only change speed."""
+def _build_key(config: BuildConfig, units: list[Unit]) -> str:
+    """What decides the output: the config without the knobs that only change speed, and the
+    source files as they are now (a file changed since an interrupted build restarts it)."""
     relevant = {k: v for k, v in to_dict(config).items() if k not in ("workers", "output_dir")}
+    relevant["files"] = [(str(u.path), u.path.stat().st_size, u.path.stat().st_mtime_ns) for u in units]
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def build(config: BuildConfig) -> dict:
     out = Path(config.output_dir)
     staging = out.with_name(out.name + ".building")
-    key = _config_key(config)
+    units = [Unit(i, s, p) for i, (s, p) in enumerate((s, p) for s in config.sources for p in source_files(s))]
+    if not units:
+        raise ConfigError("sources: no files")
+    key = _build_key(config, units)
     progress_file = staging / "progress.json"
     progress = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
     if progress.get("config_key") != key:  # a different (or no) build was interrupted: start over
@@ -383,9 +388,6 @@ def build(config: BuildConfig) -> dict:
         atomic_write_text(progress_file, json.dumps(progress))
 
     table = language_table(config.families_file)
-    units = [Unit(i, s, p) for i, (s, p) in enumerate((s, p) for s in config.sources for p in source_files(s))]
-    if not units:
-        raise ConfigError("sources: no files")
     tokenizer_file = staging / TOKENIZER_FILE
     if not tokenizer_file.is_file():
         if config.tokenizer.path:
@@ -423,14 +425,7 @@ def build(config: BuildConfig) -> dict:
 
     train_slots = sum(e["sequences"] for e in train_writer.entries) * config.seq_len
     manifest = {
-        "format": 1,
-        "seq_len": config.seq_len,
-        "tokenizer_hash": tokenizer_hash(tokenizer),
-        "tokenizer_file": TOKENIZER_FILE,
-        "vocab_size": tokenizer.get_vocab_size(),
-        "eos_id": eos,
-        "pad_id": pad,
-        "families": families,
+        **manifest_header(tokenizer, config.seq_len, families),
         "family_stats": {
             d.family: {
                 "ratio": round(d.ratio, 6),
@@ -455,8 +450,5 @@ def build(config: BuildConfig) -> dict:
     }
     shutil.rmtree(staging / "tokenized")
     progress_file.unlink()
-    write_manifest(staging, manifest)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    finish_dataset(staging, out, manifest)
     return manifest

@@ -86,32 +86,46 @@ def write_dataset(
 
     Everything is written to `<out_dir>.building` and swapped in at the end, so an earlier dataset
     at `out_dir` stays whole until the new one is complete."""
-    from data_pipeline.tokenizer import TOKENIZER_FILE, special_ids, tokenizer_hash
+    from data_pipeline.tokenizer import TOKENIZER_FILE
 
     out = Path(out_dir)
     staging = out.with_name(out.name + ".building")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     tokenizer.save(str(staging / TOKENIZER_FILE))
-    eos, pad = special_ids(tokenizer)
     manifest = {
+        **manifest_header(tokenizer, int(next(iter(splits.values())).tokens.shape[1]), families),
+        "padding_tokens": {split: packed.padding_tokens for split, packed in splits.items()},
+        **fields,
+        "splits": {name: write_shards(staging, name, packed, sequences_per_shard) for name, packed in splits.items()},
+    }
+    finish_dataset(staging, out, manifest)
+    return manifest
+
+
+def manifest_header(tokenizer, seq_len: int, families: list[str]) -> dict[str, Any]:
+    """What the loader checks before reading: format, sequence length, tokenizer, families."""
+    from data_pipeline.tokenizer import TOKENIZER_FILE, special_ids, tokenizer_hash
+
+    eos, pad = special_ids(tokenizer)
+    return {
         "format": 1,
-        "seq_len": int(next(iter(splits.values())).tokens.shape[1]),
+        "seq_len": seq_len,
         "tokenizer_hash": tokenizer_hash(tokenizer),
         "tokenizer_file": TOKENIZER_FILE,
         "vocab_size": tokenizer.get_vocab_size(),
         "eos_id": eos,
         "pad_id": pad,
         "families": families,
-        "padding_tokens": {split: packed.padding_tokens for split, packed in splits.items()},
-        **fields,
-        "splits": {name: write_shards(staging, name, packed, sequences_per_shard) for name, packed in splits.items()},
     }
+
+
+def finish_dataset(staging: Path, out: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest last, then swap the staged folder in for `out` (one rename)."""
     write_manifest(staging, manifest)
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
-    return manifest
 
 
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
