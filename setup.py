@@ -31,6 +31,7 @@ setup(
         "datasets",  # Hugging Face dataset sources (save_to_disk folders, load_dataset on local files)
         "py3langid",  # offline language identification for sources without a language field
         "datasketch",  # MinHash near-duplicate removal
+        "tiktoken",  # a faster encoder for byte-level BPE tokenizers, checked against `tokenizers`
         # Triton kernels; on CPU they run under TRITON_INTERPRET=1 (the tests do).
         "triton>=3.2; platform_system == 'Linux'",
     ],

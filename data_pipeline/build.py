@@ -36,7 +36,7 @@ from data_pipeline.mixing import draw_documents, normalize_ratios
 from data_pipeline.packing import PackedSequences, StreamPacker, best_fit_bins, pack_bins, pack_documents
 from data_pipeline.shards import atomic_write_text, finish_dataset, manifest_header, write_shard
 from data_pipeline.sources import LanguageIdentifier, SourceConfig, read_file, source_files
-from data_pipeline.tokenizer import TOKENIZER_FILE, load_tokenizer, special_ids, train_bpe
+from data_pipeline.tokenizer import TOKENIZER_FILE, encode_batch, fast_encoder, load_tokenizer, special_ids, train_bpe
 
 PACKINGS = ("concat", "best_fit")
 MINHASH_SCHEME = "affine32"  # datasketch's default; stored signatures are only comparable within one scheme
@@ -116,8 +116,9 @@ _WORKER: dict = {}
 
 def _init_worker(tokenizer_file: str, families_file: str | None, near_dedup: NearDedupConfig | None) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
-    _WORKER.update(tokenizer=load_tokenizer(tokenizer_file), table=language_table(families_file), near=near_dedup)
-    _WORKER["identify"] = None
+    tokenizer = load_tokenizer(tokenizer_file)
+    _WORKER.update(tokenizer=tokenizer, fast=fast_encoder(tokenizer), table=language_table(families_file))
+    _WORKER.update(near=near_dedup, identify=None)
 
 
 def _minhash(text: str, near: NearDedupConfig) -> np.ndarray:
@@ -140,15 +141,16 @@ def tokenize_unit(unit: Unit, out_file: str, batch_docs: int) -> dict:
 
     def flush(docs):
         nonlocal tokens
-        for doc, encoding in zip(
-            docs, tokenizer.encode_batch([d.text for d in docs], add_special_tokens=False), strict=True
-        ):
+        encoded, agreed = encode_batch(tokenizer, _WORKER["fast"], [d.text for d in docs])
+        if not agreed:  # tiktoken disagreed with the tokenizer: use the tokenizer itself from now on
+            _WORKER["fast"] = None
+        for doc, ids in zip(docs, encoded, strict=True):
             columns["family"].append(doc.family)
-            columns["tokens"].append(np.asarray(encoding.ids, np.int32))
+            columns["tokens"].append(np.asarray(ids, np.int32))
             columns["key"].append(hashlib.blake2b(doc.text.encode(), digest_size=16).digest())
             if near is not None:
                 columns["minhash"].append(_minhash(doc.text, near))
-            tokens += len(encoding.ids)
+            tokens += len(ids)
 
     batch = []
     for doc in read_file(unit.path, unit.source, table, _WORKER["identify"]):

@@ -303,3 +303,20 @@ def test_validation_shards_per_family_and_best_fit_report(tmp_path):
     for tokens, ids in zip(batch.tokens, batch.doc_ids, strict=True):  # whole documents: each ends in EOS
         for d in range(int(ids.max()) + 1):
             assert tokens[ids == d][-1] == eos
+
+
+def test_fast_encoder_gives_the_tokenizers_ids_or_is_not_used(corpus_dir, small_dataset):
+    from tokenizers import normalizers
+
+    from data_pipeline.tokenizer import encode_batch, fast_encoder, load_tokenizer
+
+    tokenizer = load_tokenizer(small_dataset)
+    texts = [json.loads(line)["text"] for p in sorted(corpus_dir.glob("*.jsonl")) for line in p.open()][::7]
+    texts += ["  spaces\tand\ttabs\n\n", "émojis 🙂 and ünïcödé", "it's we're 12345 x=1;"]
+    fast = fast_encoder(tokenizer)
+    assert fast is not None
+    assert fast.encode_ordinary_batch(texts) == [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    tokenizer.normalizer = normalizers.Lowercase()  # something tiktoken cannot reproduce
+    assert fast_encoder(tokenizer) is None
+    ids, agreed = encode_batch(tokenizer, fast, ["Upper Case"])  # a stale fast encoder is caught
+    assert not agreed and ids == [tokenizer.encode("Upper Case", add_special_tokens=False).ids]
