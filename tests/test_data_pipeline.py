@@ -90,6 +90,9 @@ def test_math_problems_verify():
     wrong = problems[0].solution.replace(f"Answer: {problems[0].answer}", f"Answer: {problems[0].answer + 1}")
     assert not verify_solution(wrong, problems[0].answer)
     assert generate_problems(5, seed=3) == problems[:5], "deterministic by seed"
+    # Model outputs may contain any step; a zero is only a problem when it divides.
+    assert verify_solution("Step 1: 5 + 0 = 5\nAnswer: 5", 5)
+    assert not verify_solution("Step 1: 5 / 0 = 5\nAnswer: 5", 5)
 
 
 def test_unknown_language_names_file_and_record(tmp_path):

@@ -220,7 +220,7 @@ def test_reasoning_stages_improve_verifier_accuracy_over_the_base(tmp_path):
     single = "parallel.tp=1 parallel.pp=1 parallel.micro_batch_size=16"
     stage_env = dict(PYTHON=python, LAUNCH=f"{python} -m training.pretrain", OVERRIDES=single, EVAL_COUNT="200")
     env.update(stage_env)
-    run("bash", str(ROOT / "launch/continue_train.sh"), "runs/tiny/checkpoints")
+    run("bash", "launch/continue_train.sh", "runs/tiny/checkpoints")  # the script works from its folder's parent
     results = {s: json.loads((tmp_path / f"runs/reasoning/eval_{s}.json").read_text()) for s in ("base", "sft", "dpo")}
     assert results["sft"]["accuracy"] > results["base"]["accuracy"] + 0.1
     assert results["dpo"]["accuracy"] > results["base"]["accuracy"] + 0.1

@@ -40,7 +40,13 @@ class MathProblem:
 
 
 def _apply(a: int, op: str, b: int) -> int:
-    return {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    return a // b
 
 
 def generate_problem(seed: int, max_steps: int = 3) -> MathProblem:
