@@ -56,6 +56,8 @@ def test_cached_generation_equals_recomputing_the_whole_sequence(s2):
 
 def test_generation_stops_at_a_stop_sequence_and_excludes_it():
     model = tiny_model()
+    with pytest.raises(ValueError, match="prompt 1 has 96 tokens; it must have 1 to 95"):
+        generate(model, [[1], [2] * 96], max_new_tokens=4, stop=[])
     free = generate(model, [[1, 2, 3]], max_new_tokens=12, stop=[])[0]
     stop = free[4:6]
     first = next(i for i in range(len(free) - 1) if free[i : i + 2] == stop)
@@ -225,3 +227,19 @@ def test_reasoning_stages_improve_verifier_accuracy_over_the_base(tmp_path):
     assert results["sft"]["accuracy"] > results["base"]["accuracy"] + 0.1
     assert results["dpo"]["accuracy"] > results["base"]["accuracy"] + 0.1
     assert (tmp_path / "runs/reasoning/accuracy.png").stat().st_size > 0
+
+
+def test_an_hf_folder_is_evaluated_like_the_model_it_was_exported_from(small_dataset, tmp_path):
+    from training.models.hf import export_hf
+    from training.posttrain.evaluate import Policy, complete, load_policy, math_accuracy
+
+    torch.manual_seed(0)
+    config = PhiConfig(vocab_size=512, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=256)
+    model = PhiModel(config).eval()
+    export_hf(model.state_dict(), config, tmp_path / "hf", small_dataset / "tokenizer.json")
+    problems = generate_problems(4, seed=5)
+    ours = complete(Policy(model, load_tokenizer(small_dataset)), problems, "chat", max_new_tokens=12)
+    imported = load_policy(str(tmp_path / "hf"))
+    assert complete(imported, problems, "chat", max_new_tokens=12) == ours
+    result = math_accuracy(imported, 4, "plain", seed=99)
+    assert result["problems"] == 4 and 0.0 <= result["accuracy"] <= 1.0

@@ -17,6 +17,7 @@ from data_pipeline.shards import atomic_write_text
 from data_pipeline.synthetic.math_problems import MathProblem, generate_problems, verify_solution
 from data_pipeline.tokenizer import EOS, load_tokenizer
 from training.export import load_consolidated
+from training.models.hf import import_hf
 from training.models.phi import PhiModel
 from training.posttrain.chat import END, encode_conversation
 from training.posttrain.data import chat_prompt
@@ -33,11 +34,16 @@ class Policy:
 
 def load_policy(checkpoint: str, tokenizer: str | None = None) -> Policy:
     """A run's checkpoint (or its `checkpoints/` folder) as a single-process model, with the tokenizer
-    of the dataset it trained on unless `tokenizer` is given."""
-    config, state = load_consolidated(checkpoint)
-    model = PhiModel(config.model)
+    of the dataset it trained on; or an HF Phi3 folder with its own tokenizer. `tokenizer` overrides."""
+    if Path(checkpoint, "config.json").is_file():
+        model_config, state = import_hf(checkpoint)
+        tokenizer = tokenizer or checkpoint
+    else:
+        config, state = load_consolidated(checkpoint)
+        model_config, tokenizer = config.model, tokenizer or config.data.path
+    model = PhiModel(model_config)
     model.load_state_dict(state)
-    return Policy(model.eval(), load_tokenizer(tokenizer or config.data.path))
+    return Policy(model.eval(), load_tokenizer(tokenizer))
 
 
 def prompt_ids(tokenizer: Tokenizer, question: str, fmt: str) -> list[int]:

@@ -32,8 +32,11 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(seed)
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, prompt in enumerate(prompts):
-        if not prompt:
-            raise ValueError(f"prompt {i} is empty")
+        if not 0 < len(prompt) < model.config.max_seq_len:
+            raise ValueError(
+                f"prompt {i} has {len(prompt)} tokens; it must have 1 to {model.config.max_seq_len - 1} "
+                f"(model.max_seq_len {model.config.max_seq_len}, one position left to generate)"
+            )
         by_length[len(prompt)].append(i)
     outputs: list[list[int]] = [[] for _ in prompts]
     for length, indices in sorted(by_length.items()):
