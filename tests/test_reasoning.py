@@ -126,6 +126,8 @@ def test_bad_stage_data_is_reported_by_file_and_line(small_dataset, tmp_path):
     assert not (tmp_path / "dpo").exists() and not (tmp_path / "dpo.building").exists()
     with pytest.raises(ConfigError, match="replay_ratio applies to kind=cot"):
         sft_config(small_dataset, tmp_path / "x", replay_ratio=0.1)
+    with pytest.raises(ConfigError, match=r"valid_fraction must be in \(0, 1\)"):
+        sft_config(small_dataset, tmp_path / "x", valid_fraction=0.0)
 
 
 @pytest.fixture(scope="module")

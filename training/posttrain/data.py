@@ -54,6 +54,8 @@ class ReasoningDataConfig:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ConfigError(f"kind {self.kind!r} is not one of {KINDS}")
+        if not 0 < self.valid_fraction < 1:
+            raise ConfigError(f"valid_fraction must be in (0, 1) (a valid split is needed), got {self.valid_fraction}")
         if not 0 <= self.replay_ratio < 1:
             raise ConfigError(f"replay_ratio must be in [0, 1), got {self.replay_ratio}")
         if self.replay_ratio and self.kind != "cot":
