@@ -356,14 +356,10 @@ def pack_train(config, selection, ratios, store, families, eos, pad, writer) -> 
             packed = pack_bins(docs, config.seq_len, eos, pad, bins)
             truncated += packed.truncated_docs
             for block_start in range(0, len(packed), rows):
-                writer.write(_rows(packed, slice(block_start, block_start + rows)))
+                writer.write(packed.take(slice(block_start, block_start + rows)))
             bar.update(sum(len(t) + 1 for _, t in docs))
     bar.close()
     return draws, truncated
-
-
-def _rows(packed: PackedSequences, rows: slice) -> PackedSequences:
-    return PackedSequences(tokens=packed.tokens[rows], doc_ids=packed.doc_ids[rows], family_ids=packed.family_ids[rows])
 
 
 def _build_key(config: BuildConfig, units: list[Unit]) -> str:
@@ -421,7 +417,7 @@ def build(config: BuildConfig) -> dict:
         writer = ShardWriter(staging, "valid", progress, family)
         packed = pack_documents(docs, config.seq_len, eos, pad)
         for start in range(0, len(packed), config.sequences_per_shard):
-            writer.write(_rows(packed, slice(start, start + config.sequences_per_shard)))
+            writer.write(packed.take(slice(start, start + config.sequences_per_shard)))
         valid_entries += writer.entries
         valid_padding += writer.padding
 

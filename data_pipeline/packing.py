@@ -33,6 +33,18 @@ class PackedSequences:
     def padding_tokens(self) -> int:
         return int((self.doc_ids < 0).sum())
 
+    def take(self, rows: slice) -> PackedSequences:
+        """The sequences in `rows` (a shard's worth, say), loss mask included."""
+        mask = self.loss_mask[rows] if self.loss_mask is not None else None
+        return PackedSequences(self.tokens[rows], self.doc_ids[rows], self.family_ids[rows], mask)
+
+    @staticmethod
+    def concatenate(parts: list[PackedSequences]) -> PackedSequences:
+        """Sequences of `parts` one after another (without loss masks: all parts are plain LM data)."""
+        return PackedSequences(
+            *(np.concatenate([getattr(p, name) for p in parts]) for name in ("tokens", "doc_ids", "family_ids"))
+        )
+
 
 def _stream(docs, eos_id: int, masks):
     """Documents laid end to end with EOS: tokens, document index, family and loss mask per token."""

@@ -63,15 +63,10 @@ def write_shard(out_dir: Path, split: str, name: str, packed: PackedSequences) -
 
 def write_shards(out_dir: Path, split: str, packed: PackedSequences, sequences_per_shard: int) -> list[dict]:
     """Write `packed` as `{split}/shard_XXXXX.arrow` files; returns their manifest entries."""
-    entries = []
-    for index, start in enumerate(range(0, len(packed), sequences_per_shard)):
-        rows = slice(start, start + sequences_per_shard)
-        part = PackedSequences(
-            *(getattr(packed, f)[rows] for f in ("tokens", "doc_ids", "family_ids")),
-            loss_mask=packed.loss_mask[rows] if packed.loss_mask is not None else None,
-        )
-        entries.append(write_shard(out_dir, split, f"shard_{index:05d}", part))
-    return entries
+    return [
+        write_shard(out_dir, split, f"shard_{index:05d}", packed.take(slice(start, start + sequences_per_shard)))
+        for index, start in enumerate(range(0, len(packed), sequences_per_shard))
+    ]
 
 
 def write_dataset(

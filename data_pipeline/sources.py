@@ -156,10 +156,3 @@ def read_file(path: Path, source: SourceConfig, table: dict[str, str], identify=
             yield Document(text=text, lang=lang, family=family_of(lang, table))
         except KeyError as err:
             raise ConfigError(f"{path}: record {i}: {err.args[0]}") from None
-
-
-def read_documents(source: SourceConfig, table: dict[str, str]) -> Iterator[Document]:
-    """Every document of a source, file after file."""
-    identify = LanguageIdentifier(table) if source.lang == "auto" else None
-    for path in source_files(source):
-        yield from read_file(path, source, table, identify)

@@ -135,14 +135,6 @@ def replay_rows(base_data: str, count: int, seed: int) -> PackedSequences:
     )
 
 
-def concatenate(parts: list[PackedSequences]) -> PackedSequences:
-    return PackedSequences(
-        tokens=np.concatenate([p.tokens for p in parts]),
-        doc_ids=np.concatenate([p.doc_ids for p in parts]),
-        family_ids=np.concatenate([p.family_ids for p in parts]),
-    )
-
-
 def build_reasoning_data(config: ReasoningDataConfig) -> dict:
     base = read_manifest(config.base_data)
     tokenizer = load_tokenizer(Path(config.base_data) / base["tokenizer_file"])
@@ -159,7 +151,9 @@ def build_reasoning_data(config: ReasoningDataConfig) -> dict:
         cot = pack_documents([(family, d) for d in train], seq_len, eos, pad)
         replay = round(len(cot) * config.replay_ratio / (1 - config.replay_ratio))
         splits = {
-            "train": concatenate([cot, replay_rows(config.base_data, replay, config.seed)]) if replay else cot,
+            "train": PackedSequences.concatenate([cot, replay_rows(config.base_data, replay, config.seed)])
+            if replay
+            else cot,
             "valid": pack_documents([(family, d) for d in valid], seq_len, eos, pad),
         }
         stats = {"cot_sequences": len(cot), "replay_sequences": replay}
