@@ -114,8 +114,9 @@ def rollout_pairs(
     pairs, solved = [], 0
     for i, problem in enumerate(problems):
         mine = completions[i * samples : (i + 1) * samples]
-        right = [c for c in mine if verify_solution(c, problem.answer)]
-        wrong = [c for c in mine if not verify_solution(c, problem.answer)]
+        verdicts = [verify_solution(c, problem.answer) for c in mine]
+        right = [c for c, ok in zip(mine, verdicts, strict=True) if ok]
+        wrong = [c for c, ok in zip(mine, verdicts, strict=True) if not ok]
         solved += bool(right)
         if wrong and (right or gold_fallback):
             chosen = rng.choice(right) if right else problem.solution
