@@ -19,10 +19,12 @@ from kernels.s2_attention import S2Heads, s2_attention, s2_decode_attention
 BACKENDS = ("sdpa", "reference", "triton", "flash_attn")
 
 
-def sdpa_attention(q, k, v, doc_ids: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+def sdpa_attention(
+    q, k, v, doc_ids: torch.Tensor | None, mask: torch.Tensor | None = None, window: int | None = None
+) -> torch.Tensor:
     """PyTorch SDPA (flash / memory-efficient / math, chosen by PyTorch); GQA without repeating K/V."""
-    if mask is None and doc_ids is not None:
-        mask = document_causal_mask(doc_ids, q.shape[1], q.device)
+    if mask is None and (doc_ids is not None or window is not None):
+        mask = document_causal_mask(doc_ids, q.shape[1], q.device, window)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
@@ -34,14 +36,15 @@ def sdpa_attention(q, k, v, doc_ids: torch.Tensor | None, mask: torch.Tensor | N
     return out.transpose(1, 2)
 
 
-def flash_attn_attention(q, k, v, doc_ids: torch.Tensor | None) -> torch.Tensor:
+def flash_attn_attention(q, k, v, doc_ids: torch.Tensor | None, window: int | None = None) -> torch.Tensor:
     """flash-attn 2; packed documents go through its varlen API with per-document cu_seqlens."""
     try:
         from flash_attn import flash_attn_func, flash_attn_varlen_func
     except ImportError as err:
         raise RuntimeError("attn_backend 'flash_attn' needs the gpu extra: pip install -e .[gpu]") from err
+    window_size = (window - 1, 0) if window is not None else (-1, -1)  # keys i - (window - 1) .. i
     if doc_ids is None:
-        return flash_attn_func(q, k, v, causal=True)
+        return flash_attn_func(q, k, v, causal=True, window_size=window_size)
     b, s = doc_ids.shape
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
@@ -49,7 +52,7 @@ def flash_attn_attention(q, k, v, doc_ids: torch.Tensor | None) -> torch.Tensor:
     cu_seqlens = torch.cat([offsets, offsets.new_tensor([b * s])]).to(torch.int32)
     max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     flat = [t.reshape(b * s, t.shape[2], t.shape[3]) for t in (q, k, v)]
-    out = flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
+    out = flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, max_len, max_len, causal=True, window_size=window_size)
     return out.reshape(q.shape)
 
 
@@ -60,34 +63,46 @@ def attention(
     doc_ids: torch.Tensor | None = None,
     backend: str = "sdpa",
     s2: S2Heads | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention inside documents, dense or S2. q [b, s, hq, d], k/v [b, s, hkv, d] -> [b, s, hq, d]."""
+    """Causal attention inside documents, dense or S2, optionally inside a sliding `window` (query i
+    reads keys j with i - j < window). q [b, s, hq, d], k/v [b, s, hkv, d] -> [b, s, hq, d]."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     if s2 is not None:
         if backend in ("triton", "flash_attn"):
-            return s2_attention(q, k, v, s2, doc_ids)
-        block = s2.mask(k.shape[2], q.shape[1])
+            return s2_attention(q, k, v, s2, doc_ids, window=window)
+        block = s2.mask(k.shape[2], q.shape[1], window)
         if backend == "reference":
-            return reference_s2_attention(q, k, v, block, s2.pattern.block_size, doc_ids)
-        mask = s2_token_mask(block.to(q.device), q.shape[2] // k.shape[2], doc_ids, q.shape[1], s2.pattern.block_size)
+            return reference_s2_attention(q, k, v, block, s2.pattern.block_size, doc_ids, window=window)
+        group = q.shape[2] // k.shape[2]
+        mask = s2_token_mask(block.to(q.device), group, doc_ids, q.shape[1], s2.pattern.block_size, window)
         return sdpa_attention(q, k, v, doc_ids, mask=mask)
     if backend == "sdpa":
-        return sdpa_attention(q, k, v, doc_ids)
+        return sdpa_attention(q, k, v, doc_ids, window=window)
     if backend == "reference":
-        return reference_attention(q, k, v, doc_ids)
+        return reference_attention(q, k, v, doc_ids, window=window)
     if backend == "flash_attn":
-        return flash_attn_attention(q, k, v, doc_ids)
+        return flash_attn_attention(q, k, v, doc_ids, window)
     from kernels.flash_gqa import flash_attention
 
-    return flash_attention(q, k, v, doc_ids)
+    return flash_attention(q, k, v, doc_ids, window=window)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, s2: S2Heads | None = None):
-    """One new token per sequence, q [b, 1, hq, d], attending to the whole cache [b, t, hkv, d] (its
-    own K/V last). S2 layers read only the blocks their pattern allows."""
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    s2: S2Heads | None = None,
+    window: int | None = None,
+):
+    """One new token per sequence, q [b, 1, hq, d], attending to the cache [b, t, hkv, d] (its own
+    K/V last): all of it, or its last `window` positions. S2 layers read only the blocks their
+    pattern allows."""
     if s2 is not None:
-        return s2_decode_attention(q, k_cache, v_cache, s2)
+        return s2_decode_attention(q, k_cache, v_cache, s2, window)
+    if window is not None:
+        k_cache, v_cache = k_cache[:, -window:], v_cache[:, -window:]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), enable_gqa=True
     )

@@ -42,22 +42,25 @@ def _doc_ids(DOC, b, offs, seq_len, s_db, HAS_DOC: tl.constexpr, BLOCK: tl.const
 
 
 @triton.jit
-def _allowed(offs_m, offs_n, seq_len, doc_q, doc_k):
-    """Causal, inside the sequence, same document (doc ids are zeros without documents)."""
-    return (offs_m[:, None] >= offs_n[None, :]) & (offs_n[None, :] < seq_len) & (doc_q[:, None] == doc_k[None, :])
+def _allowed(offs_m, offs_n, seq_len, doc_q, doc_k, window):
+    """Causal, inside the sliding window (the sequence length when there is none), inside the
+    sequence, same document (doc ids are zeros without documents)."""
+    distance = offs_m[:, None] - offs_n[None, :]
+    return (distance >= 0) & (distance < window) & (offs_n[None, :] < seq_len) & (doc_q[:, None] == doc_k[None, :])
 
 
 @triton.jit
-def _key_blocks(pid_m, b, hk, SEG_START, BLOCK_CNT, s_db, s_ch, HAS_DOC: tl.constexpr, SPARSE: tl.constexpr,
+def _key_blocks(pid_m, b, hk, SEG_START, BLOCK_CNT, s_db, s_ch, window, HAS_DOC: tl.constexpr, SPARSE: tl.constexpr,
                 BLOCK: tl.constexpr):  # fmt: skip
     """(first, count) of the key blocks query block `pid_m` reads: its list (sparse), or from the
-    start of its first query's document to the diagonal (dense)."""
+    start of its first query's document (or its window) to the diagonal (dense)."""
     lo = 0
     if SPARSE:
         n_iter = tl.load(BLOCK_CNT + hk * s_ch + pid_m)
     else:
         if HAS_DOC:
             lo = tl.load(SEG_START + b * s_db + pid_m * BLOCK) // BLOCK
+        lo = tl.maximum(lo, tl.maximum(pid_m * BLOCK - window + 1, 0) // BLOCK)
         n_iter = pid_m + 1 - lo
     return lo, n_iter
 
@@ -76,7 +79,7 @@ def _fwd_kernel(
     Q, K, V, OUT, LSE, DOC, SEG_START, BLOCK_IDX, BLOCK_CNT,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
     s_lb, s_lh, s_db, s_ih, s_iq, s_ch,
-    seq_len, head_dim, num_q_heads, sm_scale,
+    seq_len, head_dim, num_q_heads, sm_scale, window,
     GROUP: tl.constexpr, HAS_DOC: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """One program per (query block, query head): online softmax over the visited key blocks."""
@@ -91,14 +94,15 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
     acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # exp2 instead of exp
-    lo, n_iter = _key_blocks(pid_m, b, hk, SEG_START, BLOCK_CNT, s_db, s_ch, HAS_DOC, SPARSE, BLOCK)
+    lo, n_iter = _key_blocks(pid_m, b, hk, SEG_START, BLOCK_CNT, s_db, s_ch, window, HAS_DOC, SPARSE, BLOCK)
     for i in range(0, n_iter):
         kb = _list_entry(i, lo, pid_m, hk, BLOCK_IDX, s_ih, s_iq, SPARSE)
         offs_n = kb * BLOCK + tl.arange(0, BLOCK)
         k = _tile(K, b, hk, offs_n, offs_d, seq_len, head_dim, s_kb, s_ks, s_kh)
         v = _tile(V, b, hk, offs_n, offs_d, seq_len, head_dim, s_vb, s_vs, s_vh)
         doc_k = _doc_ids(DOC, b, offs_n, seq_len, s_db, HAS_DOC, BLOCK)
-        qk = tl.where(_allowed(offs_m, offs_n, seq_len, doc_q, doc_k), tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        allowed = _allowed(offs_m, offs_n, seq_len, doc_q, doc_k, window)
+        qk = tl.where(allowed, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(qk - m_safe[:, None])
@@ -114,10 +118,10 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, seq_len, doc_q, doc_k, sm_scale):
+def _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, seq_len, doc_q, doc_k, sm_scale, window):
     """Recomputed probabilities P and score gradients dS = P * (dO V^T - delta) of one tile pair."""
     s = tl.dot(q, tl.trans(k)) * sm_scale
-    p = tl.where(_allowed(offs_m, offs_n, seq_len, doc_q, doc_k), tl.exp(s - lse[:, None]), 0.0)
+    p = tl.where(_allowed(offs_m, offs_n, seq_len, doc_q, doc_k, window), tl.exp(s - lse[:, None]), 0.0)
     return p, p * (tl.dot(do, tl.trans(v)) - delta[:, None])
 
 
@@ -125,12 +129,13 @@ def _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, seq_len, doc_q, 
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DOC, SEG_END, BLOCK_IDX, BLOCK_CNT,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
-    s_lb, s_lh, s_db, s_ih, s_iq, s_ch, s_dkb, s_dks, s_dkh,
-    seq_len, head_dim, num_kv_heads, sm_scale,
+    s_lb, s_lh, s_db, s_ih, s_iq, s_ch, s_dkb, s_dks, s_dkh, s_dvb, s_dvs, s_dvh,
+    seq_len, head_dim, num_kv_heads, sm_scale, window,
     GROUP: tl.constexpr, HAS_DOC: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """One program per (key block, KV head); loops over the query heads of its group and the query
-    blocks that read this key block (the transposed list, or the diagonal to the document's end)."""
+    blocks that read this key block (the transposed list, or the diagonal to the document's end or
+    the window's)."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, hk = pid_bh // num_kv_heads, pid_bh % num_kv_heads
     offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
@@ -147,6 +152,7 @@ def _bwd_dkdv_kernel(
         if HAS_DOC:
             last = tl.minimum(pid_n * BLOCK + BLOCK, seq_len) - 1
             hi = tl.cdiv(tl.load(SEG_END + b * s_db + last), BLOCK)
+        hi = tl.minimum(hi, (pid_n * BLOCK + BLOCK - 1 + window - 1) // BLOCK + 1)
         n_iter = hi - pid_n
     for g in range(0, GROUP):
         hq = hk * GROUP + g
@@ -158,11 +164,12 @@ def _bwd_dkdv_kernel(
             lse = tl.load(LSE + b * s_lb + hq * s_lh + offs_m, mask=offs_m < seq_len, other=0.0)
             delta = tl.load(DELTA + b * s_lb + hq * s_lh + offs_m, mask=offs_m < seq_len, other=0.0)
             doc_q = _doc_ids(DOC, b, offs_m, seq_len, s_db, HAS_DOC, BLOCK)
-            p, ds = _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, seq_len, doc_q, doc_k, sm_scale)
+            p, ds = _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, seq_len, doc_q, doc_k, sm_scale,
+                                       window)  # fmt: skip
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     _store_tile(DK, dk * sm_scale, b, hk, offs_n, offs_d, seq_len, head_dim, s_dkb, s_dks, s_dkh)
-    _store_tile(DV, dv, b, hk, offs_n, offs_d, seq_len, head_dim, s_dkb, s_dks, s_dkh)
+    _store_tile(DV, dv, b, hk, offs_n, offs_d, seq_len, head_dim, s_dvb, s_dvs, s_dvh)
 
 
 @triton.jit
@@ -170,7 +177,7 @@ def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DOC, SEG_START, BLOCK_IDX, BLOCK_CNT,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
     s_lb, s_lh, s_db, s_ih, s_iq, s_ch, s_dqb, s_dqs, s_dqh,
-    seq_len, head_dim, num_q_heads, sm_scale,
+    seq_len, head_dim, num_q_heads, sm_scale, window,
     GROUP: tl.constexpr, HAS_DOC: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """One program per (query block, query head); walks the same key blocks as the forward pass."""
@@ -185,14 +192,14 @@ def _bwd_dq_kernel(
     delta = tl.load(DELTA + b * s_lb + hq * s_lh + offs_m, mask=offs_m < seq_len, other=0.0)
     doc_q = _doc_ids(DOC, b, offs_m, seq_len, s_db, HAS_DOC, BLOCK)
     dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    lo, n_iter = _key_blocks(pid_m, b, hk, SEG_START, BLOCK_CNT, s_db, s_ch, HAS_DOC, SPARSE, BLOCK)
+    lo, n_iter = _key_blocks(pid_m, b, hk, SEG_START, BLOCK_CNT, s_db, s_ch, window, HAS_DOC, SPARSE, BLOCK)
     for i in range(0, n_iter):
         kb = _list_entry(i, lo, pid_m, hk, BLOCK_IDX, s_ih, s_iq, SPARSE)
         offs_n = kb * BLOCK + tl.arange(0, BLOCK)
         k = _tile(K, b, hk, offs_n, offs_d, seq_len, head_dim, s_kb, s_ks, s_kh)
         v = _tile(V, b, hk, offs_n, offs_d, seq_len, head_dim, s_vb, s_vs, s_vh)
         doc_k = _doc_ids(DOC, b, offs_n, seq_len, s_db, HAS_DOC, BLOCK)
-        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, seq_len, doc_q, doc_k, sm_scale)
+        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, seq_len, doc_q, doc_k, sm_scale, window)
         dq += tl.dot(ds.to(k.dtype), k)
     _store_tile(DQ, dq * sm_scale, b, hq, offs_m, offs_d, seq_len, head_dim, s_dqb, s_dqs, s_dqh)
 
@@ -237,7 +244,7 @@ def _launch_args(doc_ids, lists, backward):
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, doc_ids, lists, block):
+    def forward(ctx, q, k, v, doc_ids, lists, block, window):
         b, s, hq, d = q.shape
         hkv = k.shape[2]
         sm_scale = 1.0 / math.sqrt(d)
@@ -272,6 +279,7 @@ class _FlashAttention(torch.autograd.Function):
             d,
             hq,
             sm_scale,
+            window,
             GROUP=hq // hkv,
             HAS_DOC=has_doc,
             SPARSE=lists is not None,
@@ -279,7 +287,7 @@ class _FlashAttention(torch.autograd.Function):
             BLOCK_D=triton.next_power_of_2(d),
         )
         ctx.save_for_backward(q, k, v, o, lse, doc, seg_start, seg_end)
-        ctx.lists, ctx.block, ctx.has_doc, ctx.sm_scale = lists, block, has_doc, sm_scale
+        ctx.lists, ctx.block, ctx.has_doc, ctx.sm_scale, ctx.window = lists, block, has_doc, sm_scale, window
         ctx.mark_non_differentiable(lse)
         return o, lse
 
@@ -318,10 +326,12 @@ class _FlashAttention(torch.autograd.Function):
             s_iq,
             s_ch,
             *_strides(dk),
+            *_strides(dv),
             s,
             d,
             hkv,
             ctx.sm_scale,
+            ctx.window,
             **common,
         )
         index, count, s_ih, s_iq, s_ch = _launch_args(doc, ctx.lists, backward=False)
@@ -346,9 +356,10 @@ class _FlashAttention(torch.autograd.Function):
             d,
             hq,
             ctx.sm_scale,
+            ctx.window,
             **common,
         )
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def flash_attention(
@@ -359,12 +370,14 @@ def flash_attention(
     lists: SparsityLists | None = None,
     block: int = 64,
     return_lse: bool = False,
+    window: int | None = None,
 ):
-    """Causal GQA attention; with `lists`, only the listed key blocks (block size `block`) are read."""
+    """Causal GQA attention; with `lists`, only the listed key blocks (block size `block`) are read;
+    with a sliding `window`, query i reads keys j with i - j < window."""
     if q.shape[-1] not in (16, 32, 64, 96, 128, 256) and q.shape[-1] % 16:
         raise ValueError(f"head_dim {q.shape[-1]} is not supported (multiples of 16)")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    o, lse = _FlashAttention.apply(q, k, v, doc_ids, lists, block)
+    o, lse = _FlashAttention.apply(q, k, v, doc_ids, lists, block, window or q.shape[1])
     return (o, lse) if return_lse else o

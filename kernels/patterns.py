@@ -54,6 +54,14 @@ def block_mask(
     return allowed | (dense & (q >= k))
 
 
+def window_block_mask(num_blocks: int, block_size: int, window: int) -> torch.Tensor:
+    """Boolean [qb, kb]: some query of block qb may read some key of block kb under a sliding window
+    (query i reads key j when 0 <= i - j < window). The nearest pair is (qb * B, kb * B + B - 1)."""
+    q = torch.arange(num_blocks)[:, None]
+    k = torch.arange(num_blocks)[None, :]
+    return (q >= k) & ((q - k) * block_size - (block_size - 1) < window)
+
+
 def block_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (head, row): the allowed column indices, ascending, padded with 0, and their count.
 

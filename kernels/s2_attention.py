@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import torch
 
-from kernels.patterns import S2Pattern, block_mask
+from kernels.patterns import S2Pattern, block_mask, window_block_mask
 
 
 @dataclass(frozen=True)
@@ -23,43 +23,54 @@ class S2Heads:
     num_kv_heads: int  # in the whole model, which sets the heads' shard offsets
     head_start: int = 0
 
-    def mask(self, num_local_heads: int, seq_len: int) -> torch.Tensor:
-        return _cached_mask(self, num_local_heads, math.ceil(seq_len / self.pattern.block_size))
+    def mask(self, num_local_heads: int, seq_len: int, window: int | None = None) -> torch.Tensor:
+        """Block mask [heads, qb, kb]; with a sliding `window`, blocks wholly outside it are dropped."""
+        return _cached_mask(self, num_local_heads, math.ceil(seq_len / self.pattern.block_size), window)
 
 
 @lru_cache(maxsize=64)
-def _cached_mask(heads: S2Heads, num_local_heads: int, num_blocks: int) -> torch.Tensor:
-    return block_mask(heads.pattern, heads.num_kv_heads, num_blocks, heads.head_start, num_local_heads)
+def _cached_mask(heads: S2Heads, num_local_heads: int, num_blocks: int, window: int | None) -> torch.Tensor:
+    mask = block_mask(heads.pattern, heads.num_kv_heads, num_blocks, heads.head_start, num_local_heads)
+    if window is not None:
+        mask = mask & window_block_mask(num_blocks, heads.pattern.block_size, window)
+    return mask
 
 
 @lru_cache(maxsize=64)
-def _cached_lists(heads: S2Heads, num_local_heads: int, num_blocks: int, device: torch.device):
+def _cached_lists(heads: S2Heads, num_local_heads: int, num_blocks: int, device: torch.device, window: int | None):
     from kernels.flash_gqa import SparsityLists
 
-    return SparsityLists(_cached_mask(heads, num_local_heads, num_blocks), device)
+    return SparsityLists(_cached_mask(heads, num_local_heads, num_blocks, window), device)
 
 
-def s2_attention(q, k, v, heads: S2Heads, doc_ids: torch.Tensor | None = None, return_lse: bool = False):
+def s2_attention(
+    q, k, v, heads: S2Heads, doc_ids: torch.Tensor | None = None, return_lse: bool = False, window: int | None = None
+):
     """Block-sparse causal GQA attention (Triton). q [b, s, hq, d], k/v [b, s, hkv, d]."""
     from kernels.flash_gqa import flash_attention
 
     num_blocks = math.ceil(q.shape[1] / heads.pattern.block_size)
-    lists = _cached_lists(heads, k.shape[2], num_blocks, q.device)
-    return flash_attention(q, k, v, doc_ids, lists=lists, block=heads.pattern.block_size, return_lse=return_lse)
+    lists = _cached_lists(heads, k.shape[2], num_blocks, q.device, window)
+    block = heads.pattern.block_size
+    return flash_attention(q, k, v, doc_ids, lists=lists, block=block, return_lse=return_lse, window=window)
 
 
-def s2_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: S2Heads) -> torch.Tensor:
+def s2_decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: S2Heads, window: int | None = None
+) -> torch.Tensor:
     """One new token per sequence attending to a KV cache [b, t, hkv, d] (its own K/V included, at
-    position t - 1). Reads only the key blocks the pattern allows for the token's query block."""
+    position t - 1). Reads only the key blocks the pattern allows for the token's query block (and,
+    with a sliding `window`, only its last `window` positions)."""
     b, t, hkv, d = k_cache.shape
     group = q.shape[2] // hkv
     block = heads.pattern.block_size
-    row = heads.mask(hkv, t)[:, (t - 1) // block]  # [hkv, key blocks]
+    row = heads.mask(hkv, t, window)[:, (t - 1) // block]  # [hkv, key blocks]
+    first = 0 if window is None else t - window
     out = torch.empty_like(q)
     for h in range(hkv):
         blocks = row[h].nonzero().flatten()
         pos = (blocks[:, None] * block + torch.arange(block)).flatten()
-        pos = pos[pos < t].to(k_cache.device)
+        pos = pos[(pos < t) & (pos >= first)].to(k_cache.device)
         keys, values = k_cache[:, pos, h].float(), v_cache[:, pos, h].float()  # [b, n, d]
         queries = q[:, 0, h * group : (h + 1) * group].float()  # [b, group, d]
         probs = torch.softmax(queries @ keys.transpose(1, 2) / math.sqrt(d), dim=-1)

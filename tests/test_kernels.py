@@ -162,3 +162,81 @@ def test_gpu_bf16_realistic_shapes(d, docs):
     out, lse = s2_attention(q, k, v, heads, doc_ids, return_lse=True)
     ref, ref_lse = reference_s2_attention(q, k, v, heads.mask(4, 4096), 64, doc_ids, return_lse=True)
     compare(out, lse, ref, ref_lse, q, k, v, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("window", [1, 20, 33])
+@pytest.mark.parametrize("docs", [False, True])
+def test_sliding_window_matches_reference(window, docs):
+    """Dense and S2 kernels under a sliding window (query i reads keys j with i - j < window),
+    forward and gradients, with windows shorter than, across and longer than one block."""
+    q, k, v, doc_ids = inputs(2, 80, 4, 2, 32, docs, seed=4)
+    out, lse = flash_attention(q, k, v, doc_ids, block=16, return_lse=True, window=window)
+    ref, ref_lse = reference_attention(q, k, v, doc_ids, return_lse=True, window=window)
+    compare(out, lse, ref, ref_lse, q, k, v)
+    heads = S2Heads(S2Pattern(block_size=16, local_blocks=1, vert_stride=2), num_kv_heads=2)
+    out, lse = s2_attention(q, k, v, heads, doc_ids, return_lse=True, window=window)
+    ref, ref_lse = reference_s2_attention(q, k, v, heads.mask(2, 80), 16, doc_ids, return_lse=True, window=window)
+    compare(out, lse, ref, ref_lse, q, k, v)
+    with torch.no_grad():
+        for backend in ("sdpa", "reference"):
+            for s2 in (None, heads):
+                got = attention(q, k, v, doc_ids, backend=backend, s2=s2, window=window)
+                want = attention(q, k, v, doc_ids, backend="triton", s2=s2, window=window)
+                torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+def test_window_drops_whole_blocks_from_s2_lists():
+    heads = S2Heads(S2Pattern(block_size=16, local_blocks=1, vert_stride=2), num_kv_heads=2)
+    full, windowed = heads.mask(2, 256), heads.mask(2, 256, window=40)
+    assert (windowed <= full).all() and int(windowed.sum()) < int(full.sum())
+    # A block is kept exactly when some query of its row may read some of its keys.
+    q_blocks, k_blocks = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    reachable = (q_blocks >= k_blocks) & ((q_blocks - k_blocks) * 16 - 15 < 40)
+    assert torch.equal(windowed, full & reachable)
+
+
+@pytest.mark.parametrize("window", [None, 24])
+def test_decode_with_window_matches_last_row_of_prefill(window):
+    heads = S2Heads(S2Pattern(block_size=16, local_blocks=1, vert_stride=3), num_kv_heads=2)
+    q, k, v, _ = inputs(2, 100, 4, 2, 32, docs=False, seed=5)
+    from kernels.attention import decode_attention
+
+    with torch.no_grad():
+        for s2 in (None, heads):
+            full = attention(q, k, v, backend="reference", s2=s2, window=window)
+            for t in (1, 17, 64, 100):
+                step = decode_attention(q[:, t - 1 : t], k[:, :t], v[:, :t], s2, window)
+                torch.testing.assert_close(step, full[:, t - 1 : t], atol=1e-5, rtol=1e-5)
+
+
+def mixed_layout(q, k, v):
+    """The same values in other memory layouts: q a slice of a packed qkv tensor, k stored
+    transposed (sequence-major strides differ from v's), v contiguous."""
+    b, s, hq, d = q.shape
+    hkv = k.shape[2]
+    packed = torch.cat([q, k, v], dim=2).detach()
+    q2 = packed[:, :, :hq].requires_grad_()
+    k2 = k.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    v2 = packed[:, :, hq + hkv :].contiguous().requires_grad_()
+    assert k2.stride() != v2.stride() and not q2.is_contiguous()
+    return q2, k2, v2
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_mixed_layouts_forward_and_backward(sparse):
+    """Every gradient lands in its own tensor's layout (dv used to be written with dk's strides)."""
+    q, k, v, doc_ids = inputs(1, 64, 4, 2, 32, docs=True, seed=6)
+    q2, k2, v2 = mixed_layout(q, k, v)
+    heads = S2Heads(S2Pattern(block_size=16, local_blocks=1, vert_stride=2), num_kv_heads=2)
+    if sparse:
+        out, lse = s2_attention(q2, k2, v2, heads, doc_ids, return_lse=True)
+        ref, ref_lse = reference_s2_attention(q, k, v, heads.mask(2, 64), 16, doc_ids, return_lse=True)
+    else:
+        out, lse = flash_attention(q2, k2, v2, doc_ids, block=16, return_lse=True)
+        ref, ref_lse = reference_attention(q, k, v, doc_ids, return_lse=True)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
+    grad = torch.randn_like(out).transpose(1, 2).contiguous().transpose(1, 2)  # upstream gradient non-contiguous
+    got = torch.autograd.grad(out, (q2, k2, v2), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for name, g, w in zip("qkv", got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=ATOL * 5, rtol=RTOL * 5, msg=lambda m: f"d{name}: {m}")

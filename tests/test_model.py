@@ -46,7 +46,7 @@ def test_documents_do_not_see_each_other():
 
 def test_partial_rope_leaves_tail_dims_untouched():
     config = PhiConfig(dim=64, n_heads=2, n_kv_heads=2, rope_fraction=0.75, max_seq_len=8)
-    cos, sin = rope_tables(config)
+    cos, sin = rope_tables(config, 0, 8)
     x = torch.randn(1, 8, 2, 32)
     y = apply_rope(x, cos, sin)
     assert cos.shape[-1] == 24

@@ -122,10 +122,25 @@ def resolve_checkpoint(resume: str, ckpt_dir: Path) -> Path | None:
 IMPLEMENTATION_OPTIONS = ("fused", "foreach", "capturable", "differentiable")
 
 
+def _stored_keys(request: dict, path: Path) -> dict:
+    """Flatten `request` the way DCP stores it; a key the checkpoint lacks that names a pipeline's copy
+    of tied embeddings (`output.weight`, also its optimizer state) is read from the embedding's entry."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+    flat, mapping = flatten_state_dict(request)
+    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    out = {}
+    for key, value in flat.items():
+        if key not in stored and "output.weight" in key:
+            key = key.replace("output.weight", "tok_embeddings.weight")
+        out[key] = value
+    return out
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(_stored_keys(state, path), checkpoint_id=str(path))
     implementation = [{k: g[k] for k in IMPLEMENTATION_OPTIONS if k in g} for g in optimizer.param_groups]
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=OPTIONS)
     for group, options in zip(optimizer.param_groups, implementation, strict=True):
@@ -144,20 +159,27 @@ def find_checkpoint(path: str | Path) -> Path | None:
 
 
 def load_model_weights(path: str | Path, model_config) -> dict[str, torch.Tensor]:
-    """Full-model weights from a checkpoint (any layout), a run's `checkpoints/` folder, an HF Phi3
-    folder or a `python -m training.export ... torch` file; `model_config` (a `PhiConfig`) gives the
-    shapes a sharded checkpoint is consolidated into."""
-    from training.models.phi import PhiModel
+    """Full-model weights in one process from a checkpoint (any layout), a run's `checkpoints/`
+    folder, an HF Phi3 folder or a `python -m training.export ... torch` file."""
+    from training.materialize import allocate, load_weights
+    from training.model_setup import meta_model
 
-    checkpoint = find_checkpoint(path)
-    if checkpoint is not None:
-        state = PhiModel(model_config).state_dict()
-        dcp.load({"model": state}, checkpoint_id=str(checkpoint), no_dist=True)
-        return state
-    if Path(path, "config.json").is_file():
-        from training.models.hf import import_hf
+    model = meta_model(model_config)
+    allocate(model, torch.device("cpu"))
+    load_weights(model, path)
+    return model.state_dict()
 
-        return import_hf(path)[1]
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: neither a checkpoint, a checkpoints folder, an HF folder nor a weights file")
-    return torch.load(path, map_location="cpu", weights_only=True)
+
+def checkpoint_tensors(checkpoint: Path, model_config):
+    """A function reading named full-model tensors from a DCP checkpoint on demand, so a consumer
+    (the HF export) holds only what it asked for."""
+    from training.model_setup import meta_model
+
+    shapes = {name: t.shape for name, t in meta_model(model_config).state_dict().items()}
+
+    def read(names: list[str]) -> dict[str, torch.Tensor]:
+        request = {name: torch.empty(shapes[name]) for name in names}
+        dcp.load(_stored_keys({"model": request}, checkpoint), checkpoint_id=str(checkpoint), no_dist=True)
+        return request
+
+    return read

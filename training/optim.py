@@ -57,9 +57,12 @@ def resolve_lr(config: OptimConfig, nparams: int, tokens: int) -> tuple[float, s
 
 def build_optimizer(model: torch.nn.Module, config: OptimConfig, lr: float) -> torch.optim.AdamW:
     """No weight decay on norms and embeddings, as in Megatron-LM and torchtitan."""
+    from training.materialize import canonical_name
+
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        (no_decay if param.ndim < 2 or "embeddings" in name else decay).append(param)
+        # A pipeline's last stage names its copy of tied embeddings `output.weight`.
+        (no_decay if param.ndim < 2 or "embeddings" in canonical_name(model, name) else decay).append(param)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel (CPU and CUDA) takes plain tensors; tensor-parallel DTensors use the default path.
     fused = not any(isinstance(p, DTensor) for p in model.parameters())
@@ -92,12 +95,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, config: 
 
 
 def clip_grad_norm(
-    parameters: list[torch.nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None = None
+    parameters: list[torch.nn.Parameter],
+    max_norm: float,
+    pp_group: dist.ProcessGroup | None = None,
+    counted_elsewhere: list[torch.nn.Parameter] = (),
 ) -> torch.Tensor:
     """Global L2 norm over every rank's piece of every gradient, then scale grads if above max_norm.
 
     A DTensor gradient's squared norm is summed over the mesh dims it is sharded on (TP, and DP under
-    FSDP) and counted once over the dims it is replicated on; pipeline stages add up over the PP group."""
+    FSDP) and counted once over the dims it is replicated on; pipeline stages add up over the PP group.
+    `counted_elsewhere`: copies of a parameter another stage holds too (tied embeddings), scaled but not
+    counted twice."""
+    skip = {id(p) for p in counted_elsewhere}
     device = next(iter(parameters)).device
     squares: dict[tuple[str, ...], torch.Tensor] = {}
     groups: dict[tuple[str, ...], list[dist.ProcessGroup]] = {}
@@ -112,6 +121,8 @@ def clip_grad_norm(
             groups[key] = [g.device_mesh.get_group(i) for i in dims]
             g = g.to_local()
         grads.append(g)
+        if id(p) in skip:
+            continue
         squares[key] = squares.get(key, torch.zeros((), device=device)) + g.detach().float().pow(2).sum()
     total = torch.zeros((), device=device)
     for key in sorted(squares):  # the same order on every rank of a stage

@@ -18,13 +18,21 @@ from torch.distributed.tensor.parallel import loss_parallel
 from data_pipeline.config import to_dict
 from data_pipeline.loader import IGNORE_INDEX, Batch, DataLoader, PackedDataset
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
-from training.checkpoint import Checkpointer, load_checkpoint, load_model_weights, resolve_checkpoint
+from training.checkpoint import Checkpointer, load_checkpoint, resolve_checkpoint
 from training.metrics import MetricsLogger
-from training.models.phi import PhiConfig, PhiModel, count_params_and_flops
+from training.model_setup import check_fits_dataset, materialize, meta_model, resolve_model_config
+from training.models.phi import PhiConfig, count_params_and_flops
 from training.optim import OptimConfig, build_optimizer, build_scheduler, clip_grad_norm, resolve_lr
 from training.parallel.data import allreduce_gradients, apply_fsdp
 from training.parallel.mesh import ParallelConfig, ParallelDims, device_type
-from training.parallel.pipeline import V_SHAPE_SCHEDULES, build_schedule, keep_stages, stages_of_rank
+from training.parallel.pipeline import (
+    V_SHAPE_SCHEDULES,
+    build_schedule,
+    keep_stages,
+    stages_of_rank,
+    sync_tied_embedding_grads,
+    tied_embedding_group,
+)
 from training.parallel.tensor import apply_tensor_parallel, reduce_partial_grads
 from training.posttrain.dpo import DPOConfig
 from training.precision import LossScaler, autocast
@@ -90,7 +98,11 @@ class Trainer:
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
         self.dims = ParallelDims.from_config(config.parallel, world)
-        mc = config.model
+        data_dir = Path(config.data.path)
+        dataset = PackedDataset(data_dir, "train", tokenizer_hash=tokenizer_hash(load_tokenizer(data_dir)))
+        data_vocab, data_seq_len = dataset.manifest["vocab_size"], dataset.manifest["seq_len"]
+        mc = config.model = resolve_model_config(config.model, config.init_from, data_vocab, data_seq_len)
+        check_fits_dataset(mc, data_dir, data_vocab, data_seq_len)
         self.dims.check_model(mc.n_heads, mc.n_kv_heads, mc.n_layers, mc.vocab_size)
         self.device = torch.device(device_type(), int(os.environ.get("LOCAL_RANK", 0)))
         self.mesh = self.dims.build_mesh(self.device.type)
@@ -106,13 +118,6 @@ class Trainer:
                 f"dp ({self.dims.dp}) x parallel.micro_batch_size ({config.parallel.micro_batch_size})"
             )
 
-        data_dir = Path(config.data.path)
-        dataset = PackedDataset(data_dir, "train", tokenizer_hash=tokenizer_hash(load_tokenizer(data_dir)))
-        if dataset.manifest["seq_len"] > mc.max_seq_len or dataset.manifest["vocab_size"] > mc.vocab_size:
-            raise ValueError(
-                f"{data_dir}: seq_len {dataset.manifest['seq_len']} / vocab {dataset.manifest['vocab_size']}"
-                f" exceed model.max_seq_len {mc.max_seq_len} / model.vocab_size {mc.vocab_size}"
-            )
         self.families = dataset.families
         batch_size, group = config.data.global_batch_size, self.rows_per_sample
         self.loader = DataLoader(dataset, batch_size, self.dp_rank, self.dims.dp, config.data.seed, group)
@@ -121,17 +126,17 @@ class Trainer:
         if len(valid) >= batch_size:
             self.valid_loader = DataLoader(valid, batch_size, self.dp_rank, self.dims.dp, 0, group)
 
-        torch.manual_seed(config.seed)  # every layout starts from the same full model
-        model = PhiModel(mc)
-        if config.init_from:
-            model.load_state_dict(load_model_weights(config.init_from, mc), strict=True)
+        # No rank ever holds the whole model: structure on `meta`, sharding, then local memory and weights.
+        model = meta_model(mc)
         pc = config.parallel
         self.stages = stages_of_rank(self.pp_rank, self.dims.pp, pc.virtual_stages, pc.pp_schedule)
         num_stages = self.dims.pp * pc.virtual_stages
         self.is_first_stage, self.is_last_stage = 0 in self.stages, num_stages - 1 in self.stages
         if self.dims.pp > 1:
             keep_stages(model, self.stages, num_stages, pc.pp_layers)
-        model.to(self.device)  # only this rank's stages; TP and FSDP then shard on the mesh's device
+        self.tied_group = (
+            tied_embedding_group(self.mesh, self.dims, self.stages, num_stages, pc) if mc.tie_embeddings else None
+        )
         if self.dims.tp > 1:
             apply_tensor_parallel(model, self.mesh["tp"], config.parallel.sequence_parallel)
         apply_activation_checkpointing(model, config.activation_checkpointing)
@@ -146,11 +151,12 @@ class Trainer:
                 raise ValueError("parallel.dp_mode=fsdp with virtual pipeline stages is not supported yet")
             # Pipelines run many micro-batches per step: keep gathered weights between them.
             apply_fsdp(model, self.mesh["dp"], reshard_after_forward=self.dims.pp == 1)
+        materialize(model, self.device, config.seed, config.init_from)
         autocast(config.precision, self.device.type)  # refuses an unknown precision before training
         self.scaler = LossScaler(enabled=config.precision == "fp16")
         self.model = model
-        self.nparams, self.flops_per_token = count_params_and_flops(mc, dataset.manifest["seq_len"])
-        tokens = config.steps * config.data.global_batch_size * dataset.manifest["seq_len"]
+        self.nparams, self.flops_per_token = count_params_and_flops(mc, data_seq_len)
+        tokens = config.steps * config.data.global_batch_size * data_seq_len
         peak_lr, lr_note = resolve_lr(config.optim, self.nparams, tokens)
         self.optimizer = build_optimizer(self.model, config.optim, peak_lr)
         self.scheduler = build_scheduler(self.optimizer, config.steps, config.optim)
@@ -257,6 +263,8 @@ class Trainer:
     def forward_backward(self, batch: Batch) -> None:
         """Gradients of the global-batch mean loss, summed over data-parallel replicas."""
         self._run_batch(batch, backward=True)
+        if self.tied_group is not None:
+            sync_tied_embedding_grads(self.model, self.tied_group)
         if self.config.parallel.sequence_parallel:
             reduce_partial_grads(self.model.parameters())
         if self.dims.dp > 1 and not self.fsdp:
@@ -283,7 +291,9 @@ class Trainer:
         params = list(self.model.parameters())
         overflow = self.scaler.unscale_and_check(params)
         pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
-        grad_norm = clip_grad_norm(params, self.config.optim.grad_clip, pp_group=pp_group)
+        # A pipeline's last stage holds a copy of tied embeddings: the first stage counts them in the norm.
+        copy = [self.model.output.weight] if self.tied_group is not None and not self.is_first_stage else []
+        grad_norm = clip_grad_norm(params, self.config.optim.grad_clip, pp_group=pp_group, counted_elsewhere=copy)
         # The norm is global, so every rank takes the same branch: nobody waits in a collective alone.
         nonfinite = not overflow and not torch.isfinite(grad_norm).item()
         if nonfinite and self.config.nonfinite == "stop":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,27 @@ from torch import nn
 from kernels.attention import BACKENDS, attention, decode_attention
 from kernels.patterns import S2Pattern
 from kernels.s2_attention import S2Heads
+
+
+@dataclass
+class LongRoPE:
+    """LongRoPE (Phi-3-mini-128k, Phi-3.5-mini, Phi-4-mini): each rotary frequency divided by its own
+    factor, `short_factor` while a forward's sequence fits `original_max_seq_len` and `long_factor`
+    for every position once it does not (transformers switches the same way), cos/sin scaled by
+    `attention_factor`. `factor` and `attention_factor` stay None when the checkpoint leaves them out:
+    then they derive from max_seq_len / original_max_seq_len exactly as transformers does."""
+
+    short_factor: list[float]
+    long_factor: list[float]
+    original_max_seq_len: int
+    factor: float | None = None
+    attention_factor: float | None = None
+
+    def scale(self, max_seq_len: int) -> float:
+        if self.attention_factor is not None:
+            return self.attention_factor
+        factor = self.factor if self.factor is not None else max_seq_len / self.original_max_seq_len
+        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(self.original_max_seq_len))
 
 
 @dataclass
@@ -63,12 +84,17 @@ class PhiConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_fraction: float = 1.0  # share of each head's dims that is rotated (phi-4-mini: 0.75)
+    longrope: LongRoPE | None = None  # None: plain RoPE
     max_seq_len: int = 128
+    sliding_window: int | None = None  # query i reads keys j with i - j < sliding_window (Phi-3-mini-4k: 2047)
     tie_embeddings: bool = False
     attn_backend: str = "sdpa"  # triton | flash_attn | sdpa | reference
     s2: S2Pattern | None = None  # S2-Attention pattern for the sparse layers; None: all layers dense
     dense_every: int = 2  # with s2: layers 0, k, 2k, ... stay dense (Phi-3-small alternates, k=2); 0: none
     init_std: float = 0.02
+    # Fields of the HF config.json this model was imported from that do not change the computation
+    # (token ids, dtype, auto_map, ...), written back on export so the folder keeps every field.
+    hf_metadata: dict[str, Any] | None = None
 
     def is_sparse(self, layer: int) -> bool:
         return self.s2 is not None and (self.dense_every == 0 or layer % self.dense_every != 0)
@@ -88,14 +114,37 @@ class PhiConfig:
             raise ValueError(f"dense_every must be >= 0, got {self.dense_every}")
         if int(self.head_dim * self.rope_fraction) % 2:
             raise ValueError(f"rope_fraction {self.rope_fraction} x head_dim {self.head_dim} must be even")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or null, got {self.sliding_window}")
+        if self.longrope is not None:
+            pairs = int(self.head_dim * self.rope_fraction) // 2
+            for name in ("short_factor", "long_factor"):
+                if len(getattr(self.longrope, name)) != pairs:
+                    raise ValueError(
+                        f"longrope.{name} has {len(getattr(self.longrope, name))} values; the rotated part of each "
+                        f"head (head_dim {self.head_dim} x rope_fraction {self.rope_fraction}) needs {pairs}"
+                    )
 
 
-def rope_tables(config: PhiConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(config: PhiConfig, start: int, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [length, rotated dims] for positions start .. start + length - 1 of a sequence whose
+    forward reaches position start + length - 1 (which picks LongRoPE's short or long factors).
+    Computed per forward as transformers does, so no max_seq_len-sized table is ever held."""
     rot = int(config.head_dim * config.rope_fraction)
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
-    angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float32), inv_freq)
+    exponents = torch.arange(0, rot, 2, dtype=torch.int64, device=device).float() / rot
+    scale = 1.0
+    if config.longrope is None:
+        inv_freq = 1.0 / (config.rope_theta**exponents)
+    else:
+        lr = config.longrope
+        long = start + length > lr.original_max_seq_len
+        factors = torch.tensor(lr.long_factor if long else lr.short_factor, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / (factors * config.rope_theta**exponents)
+        scale = lr.scale(config.max_seq_len)
+    positions = torch.arange(start, start + length, device=device).float()
+    angles = positions[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)  # HF "rotate_half" layout, so weights map 1:1 to Phi3
-    return angles.cos(), angles.sin()
+    return angles.cos() * scale, angles.sin() * scale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -138,11 +187,15 @@ class KVCache:
             for name in model.layers
         }
 
+    @property
+    def length(self) -> int:
+        return next(iter(self.layers.values())).length
+
 
 class Attention(nn.Module):
     def __init__(self, config: PhiConfig, sparse: bool = False):
         super().__init__()
-        self.head_dim, self.backend = config.head_dim, config.attn_backend
+        self.head_dim, self.backend, self.window = config.head_dim, config.attn_backend, config.sliding_window
         # Which global KV heads this module holds decides each head's S2 shard; tensor parallel
         # moves `head_start` to its rank's first head.
         self.s2 = S2Heads(config.s2, config.n_kv_heads) if sparse else None
@@ -152,9 +205,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
     def forward(self, x, cos, sin, doc_ids, cache: LayerCache | None = None):
+        """`cos`/`sin` [s, rotated dims] hold the positions of x's tokens (after the cached ones)."""
         b, s, _ = x.shape
         start = cache.length if cache is not None else 0
-        cos, sin = cos[start : start + s], sin[start : start + s]
         q = apply_rope(self.wq(x).view(b, s, -1, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(b, s, -1, self.head_dim), cos, sin)
         v = self.wv(x).view(b, s, -1, self.head_dim)
@@ -162,7 +215,7 @@ class Attention(nn.Module):
             if s != 1:
                 raise ValueError(f"after the prompt, decode one token at a time (got {s})")
             k_all, v_all = cache.append(k, v)
-            out = decode_attention(q, k_all, v_all, self.s2)
+            out = decode_attention(q, k_all, v_all, self.s2, self.window)
         else:
             if cache is not None:
                 cache.append(k, v)
@@ -171,7 +224,7 @@ class Attention(nn.Module):
 
     def core_attention(self, q, k, v, doc_ids):
         """Scores, softmax and weighted sum: the part selective activation checkpointing recomputes."""
-        return attention(q, k, v, doc_ids=doc_ids, backend=self.backend, s2=self.s2)
+        return attention(q, k, v, doc_ids=doc_ids, backend=self.backend, s2=self.s2, window=self.window)
 
 
 class FeedForward(nn.Module):
@@ -208,23 +261,27 @@ class PhiModel(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(config, config.is_sparse(i)) for i in range(config.n_layers)})
         self.norm: nn.RMSNorm | None = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.output: nn.Linear | None = nn.Linear(config.dim, config.vocab_size, bias=False)
-        cos, sin = rope_tables(config)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        if self.output.weight.device.type != "meta":
+            self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """GPT-2 style: N(0, std), residual output projections scaled by 1/sqrt(2 * n_layers)."""
-        std = self.config.init_std
-        for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(param)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(param, std=std / math.sqrt(2 * self.config.n_layers))
-            else:
-                nn.init.normal_(param, std=std)
+    def init_std(self, name: str) -> float | None:
+        """GPT-2 style: N(0, std), residual output projections scaled by 1/sqrt(2 * n_layers); None: norms, ones."""
+        if name.endswith("norm.weight"):
+            return None
+        if name.endswith(("wo.weight", "w2.weight")):
+            return self.config.init_std / math.sqrt(2 * self.config.n_layers)
+        return self.config.init_std
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Initialise as `init_std` says, drawn per parameter name (the same values in every layout);
+        without a seed, one is drawn from torch's global generator."""
+        from training.materialize import init_weights
+
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        init_weights(self, seed)
 
     def forward(
         self, inputs: torch.Tensor, doc_ids: torch.Tensor | None = None, cache: KVCache | None = None
@@ -233,8 +290,12 @@ class PhiModel(nn.Module):
         `doc_ids` [b, s]: attention stays inside each packed document. `cache`: generation, which
         feeds the prompt first and then one token at a time. Returns logits or hidden states."""
         h = self.tok_embeddings(inputs) if self.tok_embeddings is not None else inputs
+        start = cache.length if cache is not None else 0
+        # A later pipeline stage under sequence parallel receives a sequence shard; doc_ids are whole.
+        length = doc_ids.shape[1] if doc_ids is not None else inputs.shape[1]
+        cos, sin = rope_tables(self.config, start, length, h.device)
         for name, layer in self.layers.items():
-            h = layer(h, self.rope_cos, self.rope_sin, doc_ids, cache.layers[name] if cache is not None else None)
+            h = layer(h, cos, sin, doc_ids, cache.layers[name] if cache is not None else None)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h

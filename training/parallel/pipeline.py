@@ -65,12 +65,8 @@ def stage_layers(n_layers: int, num_stages: int, sizes: list[int] | None = None)
 
 def keep_stages(model: PhiModel, stages: list[int], num_stages: int, sizes: list[int] | None = None) -> PhiModel:
     """Remove, in place, what other ranks' stages own: the embedding lives on stage 0, norm and head on
-    the last stage. Remaining parameters keep their full-model names."""
-    if model.config.tie_embeddings and num_stages > 1:
-        raise ValueError(
-            "tie_embeddings=true with pipeline parallel is not supported yet: the embedding "
-            "and the head live on different stages"
-        )
+    the last stage. Remaining parameters keep their full-model names. Tied embeddings: a last stage
+    without stage 0 keeps the shared weight as `output.weight`, its own copy (see `tied_embedding_group`)."""
     split = stage_layers(model.config.n_layers, num_stages, sizes)
     keep = {str(i) for s in stages for i in split[s]}
     for name in list(model.layers):
@@ -82,6 +78,41 @@ def keep_stages(model: PhiModel, stages: list[int], num_stages: int, sizes: list
         model.norm = None
         model.output = None
     return model
+
+
+def stage_owner(stage: int, pp: int, virtual_stages: int, schedule: str) -> int:
+    return next(r for r in range(pp) if stage in stages_of_rank(r, pp, virtual_stages, schedule))
+
+
+def tied_embedding_group(mesh, dims, stages: list[int], num_stages: int, config) -> dist.ProcessGroup | None:
+    """Tied embeddings across pipeline stages, as Megatron does it: the first stage's embedding and the
+    last stage's head are copies of one weight that start equal and get the sum of both gradients, so
+    they stay equal. Returns this rank's pair group (first-stage rank, last-stage rank at the same DP
+    and TP coordinates), or None when one rank holds both ends or neither."""
+    if dims.pp == 1:
+        return None
+    first = stage_owner(0, dims.pp, config.virtual_stages, config.pp_schedule)
+    last = stage_owner(num_stages - 1, dims.pp, config.virtual_stages, config.pp_schedule)
+    if first == last:
+        return None
+    mine = None
+    ranks = mesh.mesh  # [pp, dp, tp] -> global rank
+    for d in range(dims.dp):  # every rank creates every group, in the same order
+        for t in range(dims.tp):
+            pair = [int(ranks[first, d, t]), int(ranks[last, d, t])]
+            group = dist.new_group(pair)
+            if dist.get_rank() in pair:
+                mine = group
+    holds_one = (0 in stages) != (num_stages - 1 in stages)
+    return mine if holds_one else None
+
+
+def sync_tied_embedding_grads(model: PhiModel, group: dist.ProcessGroup) -> None:
+    """Sum the shared weight's gradient over its two copies (first and last stage)."""
+    param = model.tok_embeddings.weight if model.tok_embeddings is not None else model.output.weight
+    if param.grad is not None:
+        grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
+        dist.all_reduce(grad, group=group)
 
 
 def stage_view(model: PhiModel, stage: int, num_stages: int, sizes: list[int] | None = None) -> PhiModel:

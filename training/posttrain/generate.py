@@ -51,6 +51,11 @@ def generate(
     return outputs
 
 
+def _crosses_longrope_switch(config, cached: int) -> bool:
+    """The next token (at position `cached`) is the first whose forward needs LongRoPE's long factors."""
+    return config.longrope is not None and cached == config.longrope.original_max_seq_len
+
+
 def _generate_batch(model, tokens, budget, stop, temperature, generator) -> list[list[int]]:
     cache = KVCache(model, tokens.shape[0], tokens.shape[1] + budget)
     logits = model(tokens, cache=cache)[:, -1]
@@ -73,5 +78,11 @@ def _generate_batch(model, tokens, budget, stop, temperature, generator) -> list
             done |= hit
         if done.all() or step == budget - 1:
             break
-        logits = model(next_token[:, None], cache=cache)[:, -1]
+        if _crosses_longrope_switch(model.config, cache.length):
+            # The cached keys were rotated with the short factors; from here on every position uses the
+            # long ones, so recompute the whole sequence (what transformers does at the same step).
+            cache = KVCache(model, tokens.shape[0], tokens.shape[1] + budget)
+            logits = model(torch.cat([tokens, new_tokens], dim=1), cache=cache)[:, -1]
+        else:
+            logits = model(next_token[:, None], cache=cache)[:, -1]
     return [row[:end] for row, end in zip(new_tokens.tolist(), ends, strict=True)]
