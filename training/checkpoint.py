@@ -117,30 +117,32 @@ def resolve_checkpoint(resume: str, ckpt_dir: Path) -> Path | None:
     return path
 
 
+def load_state(state: dict, path: Path, no_dist: bool = False) -> dict:
+    """`dcp.load` of a nested state dict, returning it with every value loaded (tensors in place, other
+    values replaced). A key the checkpoint lacks that names a pipeline's copy of tied embeddings
+    (`output.weight`, also in its optimizer state) is read from the embedding's entry."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflatten_state_dict
+
+    flat, mapping = flatten_state_dict(state)
+    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    renamed = {}
+    for key in flat:
+        if key not in stored and "output.weight" in key:
+            renamed[key] = key.replace("output.weight", "tok_embeddings.weight")
+    request = {renamed.get(key, key): value for key, value in flat.items()}
+    dcp.load(request, checkpoint_id=str(path), no_dist=no_dist)
+    loaded = {key: request[renamed.get(key, key)] for key in flat}
+    return unflatten_state_dict(loaded, mapping)
+
+
 # Optimizer options that describe this run's implementation (which kernel), not the training state:
 # a checkpoint written by another layout must not switch them.
 IMPLEMENTATION_OPTIONS = ("fused", "foreach", "capturable", "differentiable")
 
 
-def _stored_keys(request: dict, path: Path) -> dict:
-    """Flatten `request` the way DCP stores it; a key the checkpoint lacks that names a pipeline's copy
-    of tied embeddings (`output.weight`, also its optimizer state) is read from the embedding's entry."""
-    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-
-    flat, mapping = flatten_state_dict(request)
-    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    out = {}
-    for key, value in flat.items():
-        if key not in stored and "output.weight" in key:
-            key = key.replace("output.weight", "tok_embeddings.weight")
-        out[key] = value
-    return out
-
-
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(_stored_keys(state, path), checkpoint_id=str(path))
+    state = load_state({"model": model_state, "optim": optim_state}, path)
     implementation = [{k: g[k] for k in IMPLEMENTATION_OPTIONS if k in g} for g in optimizer.param_groups]
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=OPTIONS)
     for group, options in zip(optimizer.param_groups, implementation, strict=True):
@@ -179,7 +181,6 @@ def checkpoint_tensors(checkpoint: Path, model_config):
 
     def read(names: list[str]) -> dict[str, torch.Tensor]:
         request = {name: torch.empty(shapes[name]) for name in names}
-        dcp.load(_stored_keys({"model": request}, checkpoint), checkpoint_id=str(checkpoint), no_dist=True)
-        return request
+        return load_state({"model": request}, checkpoint, no_dist=True)["model"]
 
     return read

@@ -19,7 +19,6 @@ import math
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor
@@ -114,18 +113,9 @@ def copy_slices(model: nn.Module, weights) -> None:
 
 def load_dcp_weights(model: nn.Module, checkpoint: Path) -> None:
     """Model weights of a DCP checkpoint written by any layout, each rank reading only its shards."""
-    state = get_model_state_dict(model)
-    stored = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-    request = {}
-    for name, tensor in state.items():
-        key = f"model.{name}"
-        if key not in stored:  # a single-stage tied model saves the shared weight once
-            key = f"model.{canonical_name(model, name)}"
-        if key not in stored:
-            raise KeyError(f"{checkpoint}: no weights for {name!r}")
-        request[key] = tensor
-    dcp.load(request, checkpoint_id=str(checkpoint))
-    set_model_state_dict(model, state)
+    from training.checkpoint import load_state
+
+    set_model_state_dict(model, load_state({"model": get_model_state_dict(model)}, checkpoint)["model"])
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, schedules
+from torch.distributed.tensor import DTensor
 
 from training.models.phi import PhiModel
 
@@ -110,9 +111,13 @@ def tied_embedding_group(mesh, dims, stages: list[int], num_stages: int, config)
 def sync_tied_embedding_grads(model: PhiModel, group: dist.ProcessGroup) -> None:
     """Sum the shared weight's gradient over its two copies (first and last stage)."""
     param = model.tok_embeddings.weight if model.tok_embeddings is not None else model.output.weight
-    if param.grad is not None:
-        grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
-        dist.all_reduce(grad, group=group)
+    if param.grad is None:
+        return
+    if isinstance(param.grad, DTensor):  # the embedding's gradient can come out replicated: shard it like the weight
+        param.grad = param.grad.redistribute(param.device_mesh, param.placements)
+        dist.all_reduce(param.grad.to_local(), group=group)
+    else:
+        dist.all_reduce(param.grad, group=group)
 
 
 def stage_view(model: PhiModel, stage: int, num_stages: int, sizes: list[int] | None = None) -> PhiModel:
