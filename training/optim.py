@@ -59,14 +59,15 @@ def build_optimizer(model: torch.nn.Module, config: OptimConfig, lr: float) -> t
     """No weight decay on norms and embeddings, as in Megatron-LM and torchtitan."""
     from training.materialize import canonical_name
 
-    decay, no_decay = [], []
+    groups: dict[tuple[float, bool], list] = {}
     for name, param in model.named_parameters():
         # A pipeline's last stage names its copy of tied embeddings `output.weight`.
-        (no_decay if param.ndim < 2 or "embeddings" in canonical_name(model, name) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel (CPU and CUDA) takes plain tensors; tensor-parallel DTensors use the default path.
-    fused = not any(isinstance(p, DTensor) for p in model.parameters())
-    return torch.optim.AdamW(groups, lr=lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=fused or None)
+        no_decay = param.ndim < 2 or "embeddings" in canonical_name(model, name)
+        decay = 0.0 if no_decay else config.weight_decay
+        # The fused kernel takes a group of plain tensors or of DTensors, not both (TP leaves norms plain).
+        groups.setdefault((decay, isinstance(param, DTensor)), []).append(param)
+    groups = [{"params": params, "weight_decay": decay} for (decay, _), params in groups.items()]
+    return torch.optim.AdamW(groups, lr=lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=True)
 
 
 def lr_multiplier(step: int, total_steps: int, config: OptimConfig) -> float:

@@ -337,7 +337,11 @@ class Trainer:
         state = load_checkpoint(path, self.model, self.optimizer)
         self.loader.check_resume(state.get("data", {}), str(path))
         self.step = state["step"]
-        self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule's position; each group's current lr came back with the optimizer state (keyed by
+        # parameter), and the group lists differ between pipeline stages, so they are not taken from rank 0.
+        position = {k: state["scheduler"][k] for k in ("last_epoch", "_step_count") if k in state["scheduler"]}
+        self.scheduler.load_state_dict({**self.scheduler.state_dict(), **position})
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         self.scaler.load_state_dict(state["loss_scaler"])
         self.metrics.note(f"resumed from {path} at step {self.step}")
 
