@@ -11,7 +11,7 @@ Also: a Phi-4-mini-shaped model (dim 3072, 24/8 heads, head_dim 128, vocab 200,0
 partial RoPE 0.75) cut to 4 layers, written as an HF folder in bf16 and trained a few steps from it
 under FSDP2 x TP2 on 4 ranks.
 
-    python benchmarks/memory.py [--sizes 1,4,8] [--layouts all] [--steps 2] [--skip-phi4]
+    python benchmarks/memory.py [--sizes 2,4,8] [--layouts all] [--steps 2] [--skip-phi4]
 
 Prints a table, writes benchmarks/results/memory.json and a PNG.
 """
@@ -187,7 +187,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="1,4,8", help="layer counts of the Phi-3-mini-wide ladder")
+    parser.add_argument("--sizes", default="2,4,8", help="layer counts of the Phi-3-mini-wide ladder")
     parser.add_argument("--layouts", default="all", help="comma-separated names from: " + ", ".join(LAYOUTS))
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--skip-phi4", action="store_true")

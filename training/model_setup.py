@@ -47,9 +47,10 @@ def _defaults(given: PhiConfig) -> PhiConfig:
 
 def resolve_model_config(given: PhiConfig, init_from: str | None, data_vocab: int, data_seq_len: int) -> PhiConfig:
     """The model to build. With `init_from`, its architecture comes from the weights' own config, and
-    a `model.*` key set to another value is refused naming both; otherwise `vocab_size` and
-    `max_seq_len` left at their defaults follow the dataset. A key counts as set when it differs
-    from its default (or its preset's value)."""
+    a `model.*` key set to another value is refused naming both. Without a preset, `vocab_size` and
+    `max_seq_len` left at their defaults follow the dataset (a preset keeps its own: Phi-4-mini's
+    vocabulary is padded past its tokenizer's size). A key counts as set when it differs from its
+    default (or its preset's value)."""
     defaults = _defaults(given)
     source = source_model_config(init_from) if init_from else None
     if source is not None:
@@ -64,6 +65,8 @@ def resolve_model_config(given: PhiConfig, init_from: str | None, data_vocab: in
             updates[key] = theirs
         return dataclasses.replace(given, **updates, hf_metadata=source.hf_metadata)
     updates = {}
+    if given.preset is not None:
+        return given
     if given.vocab_size == defaults.vocab_size:
         updates["vocab_size"] = data_vocab
     if given.max_seq_len == defaults.max_seq_len:

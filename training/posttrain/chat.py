@@ -1,13 +1,15 @@
 """Chat template and tokenisation of conversations, with a loss mask that trains on assistant turns only.
 
 Phi-style template: `<|system|>...<|end|>`, `<|user|>...<|end|>`, `<|assistant|>...<|end|>`, each
-followed by a newline. The mask covers an assistant turn's content and its `<|end|>` (the model must
+followed by a newline; or, for a model imported from an HF folder, that folder's own chat template
+(`HFChatTemplate`). The mask covers an assistant turn's content and its `<|end|>` (the model must
 learn to stop), never the role header or other turns.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from tokenizers import Tokenizer
 
@@ -42,3 +44,57 @@ def encode_conversation(tokenizer: Tokenizer, messages: list[dict[str, str]]) ->
         ids.extend(piece)
         mask.extend([trained] * len(piece))
     return Encoded(ids, mask)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+class HFChatTemplate:
+    """Conversations formatted by an HF tokenizer folder's own chat template (Phi-4-mini's, say).
+
+    The ids are exactly what `apply_chat_template` gives. The loss mask covers each assistant turn as
+    the template renders it, from where the generation prompt ends to where the next turn would begin
+    (the content and its end marker), found by rendering prefixes of the conversation; a token is a
+    target when its whole character span lies inside such a turn, so neither a merge across the
+    boundary nor a special token that only starts like the next turn's header can enter the mask."""
+
+    PROBE = {"role": "user", "content": "\ue000"}  # a private-use character no template emits
+
+    def __init__(self, folder: str | Path):
+        from transformers import AutoTokenizer
+
+        self.folder = Path(folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{folder}: the tokenizer has no chat_template")
+
+    def render(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def assistant_spans(self, messages: list[dict[str, str]]) -> list[tuple[int, int]]:
+        spans = []
+        for i, message in enumerate(messages):
+            if message.get("role") != "assistant":
+                continue
+            start = len(self.render(messages[:i], generation_prompt=True))
+            turn = self.render(messages[: i + 1])
+            end = _common_prefix(turn, self.render([*messages[: i + 1], self.PROBE]))
+            spans.append((start, end))
+        return spans
+
+    def encode(self, messages: list[dict[str, str]]) -> Encoded:
+        text = self.render(messages)
+        spans = self.assistant_spans(messages)
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        mask = [any(s <= first and last <= e for s, e in spans) for first, last in encoded["offset_mapping"]]
+        return Encoded(list(encoded["input_ids"]), mask)
+
+    def check_vocabulary(self, tokenizer: Tokenizer, where: str) -> None:
+        """The template's tokenizer must be the dataset's (same tokens, same ids)."""
+        if self.tokenizer.get_vocab() != tokenizer.get_vocab(with_added_tokens=True):
+            raise ValueError(
+                f"chat_template {self.folder}: its tokenizer differs from {where}'s; build the base dataset with "
+                f"tokenizer.path: {self.folder}"
+            )

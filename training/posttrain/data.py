@@ -12,6 +12,7 @@ The data is the generator's verified math problems, or user JSONL: `{"text"}` (c
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from data_pipeline.packing import PackedSequences, pack_best_fit, pack_bins, pac
 from data_pipeline.shards import read_manifest, write_dataset
 from data_pipeline.synthetic.math_problems import MathProblem, generate_problems
 from data_pipeline.tokenizer import load_tokenizer, special_ids
-from training.posttrain.chat import encode_conversation
+from training.posttrain.chat import HFChatTemplate, encode_conversation
 
 KINDS = ("cot", "sft", "dpo")
 FAMILY = "synthetic"  # the base mixture's family of generated math, where reasoning data belongs
@@ -44,6 +45,7 @@ class ReasoningDataConfig:
     kind: str  # cot | sft | dpo
     output_dir: str
     base_data: str = "data/default"  # the base model's dataset: tokenizer, seq_len, families, replay
+    chat_template: str | None = None  # an HF tokenizer folder whose chat template formats conversations
     jsonl: str | None = None  # user data instead of generated problems
     generated: GeneratedProblems = field(default_factory=GeneratedProblems)
     replay_ratio: float = 0.0  # cot: share of the sequences replayed from the base training split
@@ -143,6 +145,12 @@ def build_reasoning_data(config: ReasoningDataConfig) -> dict:
         families.append(FAMILY)
     family = families.index(FAMILY)
     eos, pad = special_ids(tokenizer)
+    if config.chat_template:
+        template = HFChatTemplate(config.chat_template)
+        template.check_vocabulary(tokenizer, config.base_data)
+        encode = template.encode
+    else:
+        encode = functools.partial(encode_conversation, tokenizer)
     stats: dict = {}
     split = (config.valid_fraction, config.seed)
 
@@ -160,7 +168,7 @@ def build_reasoning_data(config: ReasoningDataConfig) -> dict:
     elif config.kind == "sft":
         splits = {}
         for name, conversations in zip(("train", "valid"), _split(sft_conversations(config), *split), strict=True):
-            encoded = [encode_conversation(tokenizer, c) for c in conversations]
+            encoded = [encode(c) for c in conversations]
             docs, masks = [(family, e.ids) for e in encoded], [e.loss_mask for e in encoded]
             splits[name] = pack_best_fit(docs, seq_len, eos, pad, masks)
             stats[f"{name}_conversations"] = len(conversations)
@@ -169,10 +177,7 @@ def build_reasoning_data(config: ReasoningDataConfig) -> dict:
         for name, pairs in zip(("train", "valid"), _split(dpo_pairs(config), *split), strict=True):
             encoded = []
             for prompt, chosen, rejected in pairs:  # a cut response would compare the wrong thing
-                both = [
-                    encode_conversation(tokenizer, prompt + [{"role": "assistant", "content": r}])
-                    for r in (chosen, rejected)
-                ]
+                both = [encode(prompt + [{"role": "assistant", "content": r}]) for r in (chosen, rejected)]
                 if all(len(e.ids) < seq_len for e in both):
                     encoded.extend(both)
             if not encoded:
