@@ -31,12 +31,20 @@ def allreduce_gradients(parameters, group: dist.ProcessGroup) -> None:
 def apply_fsdp(model: torch.nn.Module, dp_mesh, reshard_after_forward: bool) -> None:
     """FSDP2 over the data-parallel mesh: parameters, gradients and optimizer state sharded (ZeRO-3).
 
-    Each block is its own unit (all-gathered just before use), the rest goes with the root.
+    Units as in torchtitan: the embedding, each block, and the final norm with the head are gathered
+    only while in use (the embedding and head are a large share of a billion-parameter model); the
+    root keeps what is left. Tied embeddings on one rank stay in the root (one parameter, one unit).
     FSDP averages gradients over replicas; the trainer multiplies its loss by the DP size to get the
     sum (gloo has no pre-multiplied reduction to ask FSDP for a sum directly). Composes with tensor
     parallel (2-D DTensors) and pipeline stages."""
     from torch.distributed.fsdp import fully_shard
 
+    tied_here = model.tok_embeddings is not None and model.output is not None and model.config.tie_embeddings
+    if model.tok_embeddings is not None and not tied_here:
+        fully_shard(model.tok_embeddings, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
     for block in model.layers.values():
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    if model.output is not None and not tied_here:
+        # The backward pass starts with the head: keep it gathered from forward to backward.
+        fully_shard([model.norm, model.output], mesh=dp_mesh, reshard_after_forward=False)
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
