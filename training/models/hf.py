@@ -205,24 +205,6 @@ def hf_config_dict(config: PhiConfig) -> dict[str, Any]:
 
 
 # ---- tensor names ---------------------------------------------------------------------------------
-def hf_tensor_names(config: PhiConfig) -> list[str]:
-    names = ["model.embed_tokens.weight"]
-    for i in range(config.n_layers):
-        p = f"model.layers.{i}."
-        names += [
-            f"{p}input_layernorm.weight",
-            f"{p}self_attn.qkv_proj.weight",
-            f"{p}self_attn.o_proj.weight",
-            f"{p}post_attention_layernorm.weight",
-            f"{p}mlp.gate_up_proj.weight",
-            f"{p}mlp.down_proj.weight",
-        ]
-    names.append("model.norm.weight")
-    if not config.tie_embeddings:
-        names.append("lm_head.weight")
-    return names
-
-
 def hf_source(name: str, config: PhiConfig) -> tuple[str, int]:
     """Where our tensor `name` lives in the HF checkpoint: (tensor name, first row)."""
     if name == "tok_embeddings.weight" or (name == "output.weight" and config.tie_embeddings):
@@ -289,8 +271,8 @@ class HFWeights:
                 weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
         else:
             raise FileNotFoundError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors are read)")
-        self._files = {name: safe_open(self.path / file, "pt") for name, file in set(weight_map.items())}
-        self._handles = {file: self._files[name] for name, file in weight_map.items()}
+        handles = {file: safe_open(self.path / file, "pt") for file in set(weight_map.values())}
+        self._files = {name: handles[file] for name, file in weight_map.items()}
         self.weight_map = weight_map
         self._check(hf_shapes(config))
 
@@ -330,33 +312,17 @@ def import_hf(path: str | Path) -> tuple[PhiConfig, dict[str, torch.Tensor]]:
 
 
 # ---- writing --------------------------------------------------------------------------------------
-def hf_tensor(name: str, ours: Callable[[list[str]], dict[str, torch.Tensor]], config: PhiConfig) -> torch.Tensor:
-    """One HF tensor from ours (fused ones concatenated)."""
-    parts = [n for n in _ours_of(name, config)]
-    tensors = ours(parts)
-    return torch.cat([tensors[p] for p in parts]) if len(parts) > 1 else tensors[parts[0]]
+def hf_parts(config: PhiConfig) -> dict[str, list[str]]:
+    """For each HF tensor, ours that it is made of, in row order (the inverse of `hf_source`)."""
+    from training.model_setup import meta_model
 
-
-def _ours_of(hf_name: str, config: PhiConfig) -> list[str]:
-    if hf_name == "model.embed_tokens.weight":
-        return ["tok_embeddings.weight"]
-    if hf_name == "lm_head.weight":
-        return ["output.weight"]
-    if hf_name == "model.norm.weight":
-        return ["norm.weight"]
-    layer = hf_name.split(".")[2]
-    p = f"layers.{layer}."
-    for suffix, ours in (
-        ("self_attn.qkv_proj.weight", ["attention.wq.weight", "attention.wk.weight", "attention.wv.weight"]),
-        ("self_attn.o_proj.weight", ["attention.wo.weight"]),
-        ("mlp.gate_up_proj.weight", ["feed_forward.w1.weight", "feed_forward.w3.weight"]),
-        ("mlp.down_proj.weight", ["feed_forward.w2.weight"]),
-        ("input_layernorm.weight", ["attention_norm.weight"]),
-        ("post_attention_layernorm.weight", ["ffn_norm.weight"]),
-    ):
-        if hf_name.endswith(suffix):
-            return [p + o for o in ours]
-    raise KeyError(hf_name)
+    placed: dict[str, list[tuple[int, str]]] = {}
+    for name in meta_model(config).state_dict():
+        if name == "output.weight" and config.tie_embeddings:
+            continue
+        source, row = hf_source(name, config)
+        placed.setdefault(source, []).append((row, name))
+    return {source: [name for _, name in sorted(parts)] for source, parts in placed.items()}
 
 
 def _shards(config: PhiConfig, itemsize: int, max_bytes: int) -> list[list[str]]:
@@ -397,10 +363,12 @@ def export_hf(
     tmp.mkdir(parents=True)
     try:
         shards = _shards(config, torch.tensor([], dtype=dtype).element_size(), max_shard_bytes)
+        parts = hf_parts(config)
         weight_map, total = {}, 0
         for i, names in enumerate(progress(shards)):
             file = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {name: hf_tensor(name, source, config).to(dtype).contiguous() for name in names}
+            ours = source([p for name in names for p in parts[name]])
+            tensors = {name: torch.cat([ours[p] for p in parts[name]]).to(dtype).contiguous() for name in names}
             save_file(tensors, tmp / file, metadata={"format": "pt"})
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             weight_map.update(dict.fromkeys(names, file))
