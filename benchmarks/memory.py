@@ -210,7 +210,13 @@ def main(argv=None) -> int:
             folder = random_hf_folder(model, tmp / "phi4-mini-4layers")
             cases.append(("phi-4-mini, 4 layers, HF", model, PhiConfig(), "FSDP2xTP2", str(folder)))
         for label, model, given, layout, init_from in cases:
-            ranks = run_layout(data, tmp / "runs", given, LAYOUTS[layout], args.steps, init_from)
+            try:
+                ranks = run_layout(data, tmp / "runs", given, LAYOUTS[layout], args.steps, init_from)
+            except RuntimeError as err:  # a rank killed (out of memory) ends the case, not the benchmark
+                reason = str(err).strip().splitlines()[-1][:160]
+                rows.append(dict(model=label, layout=layout, failed=reason))
+                print(f"{label:>22} {layout:>10} failed: {reason}", flush=True)
+                continue
             worst = max(ranks, key=lambda r: r["ratio"])
             params = count_params_and_flops(model, SEQ_LEN)[0]
             row = dict(model=label, layout=layout, params=params, worst_ratio=worst["ratio"], ranks=ranks)
@@ -220,7 +226,7 @@ def main(argv=None) -> int:
                   flush=True)  # fmt: skip
     result = dict(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", rows=rows)
     (out / "memory.json").write_text(json.dumps(result, indent=2))
-    plot([r for r in rows if "phi-3" in r["model"]], out / "memory.png")
+    plot([r for r in rows if "phi-3" in r["model"] and "failed" not in r], out / "memory.png")
     print(f"wrote {out / 'memory.json'} and {out / 'memory.png'}")
     return 0
 

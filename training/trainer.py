@@ -253,9 +253,9 @@ class Trainer:
                     self.schedule.eval(*args, **kwargs)
             else:
                 micro = zip(batch.split(self.n_microbatches), target.chunk(self.n_microbatches), strict=True)
-                for i, (mb, mb_target) in enumerate(micro):
-                    if self.fsdp and backward:  # reduce-scatter gradients once, after the last micro-batch
-                        self.model.set_requires_gradient_sync(i == self.n_microbatches - 1)
+                # Under FSDP every micro-batch's gradients are reduce-scattered into the sharded ones: holding
+                # them unsharded until the last micro-batch would keep a whole local model's gradients.
+                for mb, mb_target in micro:
                     loss = self._loss(self.model(mb.tokens, doc_ids=mb.doc_ids), mb_target)
                     if backward:
                         loss.backward()
