@@ -1,17 +1,21 @@
 """Megatron-style tensor parallelism through DTensor plans, applied to an unmodified model.
 
 QKV and FFN-up/gate are column-parallel, attention-out and FFN-down row-parallel; the embedding is
-vocab-parallel (rows of the table split) and the LM head too, leaving logits sharded over the
-vocabulary for the vocab-parallel cross-entropy (`loss_parallel`). KV heads are split across
+vocab-parallel (rows of the table split, `vocab_parallel_embedding`) and the LM head too, leaving
+logits sharded over the vocabulary for the vocab-parallel cross-entropy (`loss_parallel`). KV heads are split across
 ranks, so each rank keeps whole GQA groups, and S2 layers keep their own heads' sparsity patterns.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -28,8 +32,6 @@ def apply_tensor_parallel(model: PhiModel, tp_mesh: DeviceMesh, sequence_paralle
     sequence: all-gather before the column-parallel layers, reduce-scatter after the row-parallel ones."""
     between_blocks = Shard(1) if sequence_parallel else Replicate()
     plan = {}
-    if model.tok_embeddings is not None:
-        plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=between_blocks)
     if model.norm is not None and sequence_parallel:
         plan["norm"] = SequenceParallel()
     if model.output is not None:
@@ -63,6 +65,10 @@ def apply_tensor_parallel(model: PhiModel, tp_mesh: DeviceMesh, sequence_paralle
                 }
             )
     parallelize_module(model, tp_mesh, plan)
+    if model.tok_embeddings is not None:
+        embedding = model.tok_embeddings
+        embedding.weight = nn.Parameter(distribute_tensor(embedding.weight, tp_mesh, [Shard(0)]))
+        embedding.forward = functools.partial(vocab_parallel_embedding, embedding, tp_mesh, between_blocks)
     local_kv_heads = model.config.n_kv_heads // tp_mesh.size()
     for layer in model.layers.values():
         if layer.attention.s2 is not None:  # keep this rank's heads' S2 shards
@@ -70,6 +76,20 @@ def apply_tensor_parallel(model: PhiModel, tp_mesh: DeviceMesh, sequence_paralle
             layer.attention.s2 = dataclasses.replace(layer.attention.s2, head_start=head_start)
     if model.config.tie_embeddings and model.tok_embeddings is not None and model.output is not None:
         model.output.weight = model.tok_embeddings.weight  # both are Shard(0) over the vocabulary
+
+
+def vocab_parallel_embedding(embedding: nn.Embedding, tp_mesh: DeviceMesh, output_layout, ids: torch.Tensor):
+    """Megatron's VocabParallelEmbedding: each rank looks the ids up in its slice of the vocabulary
+    (zeros for ids outside it) and the partial results are summed over TP. The weight's gradient is
+    computed for the local slice only; DTensor's own embedding backward builds a full-vocabulary
+    gradient on every rank (2.4 GB for Phi-4-mini's table in fp32)."""
+    weight = embedding.weight.to_local()
+    start = tp_mesh.get_local_rank() * weight.shape[0]
+    local_ids = ids - start
+    outside = (local_ids < 0) | (local_ids >= weight.shape[0])
+    partial = F.embedding(local_ids.masked_fill(outside, 0), weight).masked_fill(outside[..., None], 0.0)
+    summed = DTensor.from_local(partial, tp_mesh, [Partial()], run_check=False)
+    return summed.redistribute(tp_mesh, [output_layout]).to_local()
 
 
 def reduce_partial_grads(parameters) -> None:
