@@ -163,12 +163,10 @@ def find_checkpoint(path: str | Path) -> Path | None:
 def load_model_weights(path: str | Path, model_config) -> dict[str, torch.Tensor]:
     """Full-model weights in one process from a checkpoint (any layout), a run's `checkpoints/`
     folder, an HF Phi3 folder or a `python -m training.export ... torch` file."""
-    from training.materialize import allocate, load_weights
-    from training.model_setup import meta_model
+    from training.model_setup import materialize, meta_model
 
     model = meta_model(model_config)
-    allocate(model, torch.device("cpu"))
-    load_weights(model, path)
+    materialize(model, torch.device("cpu"), seed=0, init_from=str(path))
     return model.state_dict()
 
 
