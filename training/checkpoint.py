@@ -123,12 +123,14 @@ def load_state(state: dict, path: Path, no_dist: bool = False) -> dict:
     (`output.weight`, also in its optimizer state) is read from the embedding's entry."""
     from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflatten_state_dict
 
+    from training.materialize import TIED_COPY, TIED_SOURCE
+
     flat, mapping = flatten_state_dict(state)
     stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     renamed = {}
     for key in flat:
-        if key not in stored and "output.weight" in key:
-            renamed[key] = key.replace("output.weight", "tok_embeddings.weight")
+        if key not in stored and TIED_COPY in key:
+            renamed[key] = key.replace(TIED_COPY, TIED_SOURCE)
     request = {renamed.get(key, key): value for key, value in flat.items()}
     dcp.load(request, checkpoint_id=str(path), no_dist=no_dist)
     loaded = {key: request[renamed.get(key, key)] for key in flat}

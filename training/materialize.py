@@ -53,10 +53,14 @@ def _normal_region(name: str, seed: int, std: float, full_shape: torch.Size, reg
     return torch.cat(pieces) if pieces else torch.empty(0, *full_shape[1:])
 
 
+# Tied embeddings: a pipeline's last stage holds its own copy of the embedding as `output.weight`.
+TIED_COPY, TIED_SOURCE = "output.weight", "tok_embeddings.weight"
+
+
 def canonical_name(model: nn.Module, name: str) -> str:
-    """Tied embeddings: a pipeline's last stage holds its own copy of the embedding as `output`."""
-    if getattr(model.config, "tie_embeddings", False) and name == "output.weight":
-        return "tok_embeddings.weight"
+    """The name a parameter's values are drawn and stored under (a tied copy's is the embedding's)."""
+    if getattr(model.config, "tie_embeddings", False) and name == TIED_COPY:
+        return TIED_SOURCE
     return name
 
 

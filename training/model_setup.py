@@ -64,9 +64,9 @@ def resolve_model_config(given: PhiConfig, init_from: str | None, data_vocab: in
                 )
             updates[key] = theirs
         return dataclasses.replace(given, **updates, hf_metadata=source.hf_metadata)
-    updates = {}
     if given.preset is not None:
         return given
+    updates = {}
     if given.vocab_size == defaults.vocab_size:
         updates["vocab_size"] = data_vocab
     if given.max_seq_len == defaults.max_seq_len:

@@ -98,10 +98,11 @@ def config_from_hf(raw: dict[str, Any], where: str = CONFIG_FILE) -> PhiConfig:
             if raw[field] not in (None, False):
                 refuse(field, "field not understood by this importer, so the model might compute otherwise")
 
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    rope_field = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"  # the one that is read
+    rope = raw.get(rope_field) or {}
     for field in rope:
         if field not in ROPE_FIELDS:
-            refuse("rope_parameters" if "rope_parameters" in raw else "rope_scaling", f"unknown RoPE field {field!r}")
+            refuse(rope_field, f"unknown RoPE field {field!r}")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
     max_seq_len = raw.get("max_position_embeddings", 4096)
@@ -109,7 +110,7 @@ def config_from_hf(raw: dict[str, Any], where: str = CONFIG_FILE) -> PhiConfig:
     if rope_type in LONGROPE_ALIASES:
         for field in ("short_factor", "long_factor"):
             if not isinstance(rope.get(field), list):
-                refuse("rope_scaling" if "rope_scaling" in raw else "rope_parameters", f"longrope needs a {field} list")
+                refuse(rope_field, f"longrope needs a {field} list")
         longrope = LongRoPE(
             short_factor=[float(x) for x in rope["short_factor"]],
             long_factor=[float(x) for x in rope["long_factor"]],
@@ -119,8 +120,7 @@ def config_from_hf(raw: dict[str, Any], where: str = CONFIG_FILE) -> PhiConfig:
             attention_factor=rope.get("attention_factor"),
         )
     elif rope_type != "default":
-        refuse("rope_scaling" if "rope_scaling" in raw else "rope_parameters",
-               f"RoPE type {rope_type!r} is not supported (default or longrope)")  # fmt: skip
+        refuse(rope_field, f"RoPE type {rope_type!r} is not supported (default or longrope)")
     try:
         return PhiConfig(
             vocab_size=raw["vocab_size"],

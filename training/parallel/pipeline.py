@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, schedules
-from torch.distributed.tensor import DTensor
 
 from training.models.phi import PhiModel
+from training.parallel.data import local_tensor
 
 V_SHAPE_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")
 
@@ -111,13 +111,8 @@ def tied_embedding_group(mesh, dims, stages: list[int], num_stages: int, config)
 def sync_tied_embedding_grads(model: PhiModel, group: dist.ProcessGroup) -> None:
     """Sum the shared weight's gradient over its two copies (first and last stage)."""
     param = model.tok_embeddings.weight if model.tok_embeddings is not None else model.output.weight
-    if param.grad is None:
-        return
-    if isinstance(param.grad, DTensor):  # the embedding's gradient can come out replicated: shard it like the weight
-        param.grad = param.grad.redistribute(param.device_mesh, param.placements)
-        dist.all_reduce(param.grad.to_local(), group=group)
-    else:
-        dist.all_reduce(param.grad, group=group)
+    if param.grad is not None:  # both copies' gradients are sharded like their weights (vocab-parallel)
+        dist.all_reduce(local_tensor(param.grad), group=group)
 
 
 def stage_view(model: PhiModel, stage: int, num_stages: int, sizes: list[int] | None = None) -> PhiModel:
