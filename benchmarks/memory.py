@@ -3,7 +3,7 @@
 The ideal for a rank is what it must hold: its share of parameters, gradients and AdamW's two
 moments (4 + 4 + 8 bytes per parameter in fp32) plus the activations of one micro-batch (estimated
 below). Each layout runs as separate processes (gloo on CPU); each rank records its resident set
-before the model is built and its peak (ru_maxrss) after a few training steps, and the table shows
+before the model is built and its peak (VmHWM) after a few training steps, and the table shows
 (peak - baseline) / ideal. A ratio near 1 means no rank holds more than its shard; the whole model
 on every rank would show up as a ratio near the number of shards.
 
@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from data_pipeline.build import BuildConfig, TokenizerConfig, build  # noqa: E40
 from data_pipeline.corpus import write_default_corpus  # noqa: E402
 from data_pipeline.sources import SourceConfig  # noqa: E402
 from tests.distributed import run_ranks  # noqa: E402
+from training.metrics import peak_rss_bytes  # noqa: E402
 from training.models.hf import export_hf  # noqa: E402
 from training.models.phi import LongRoPE, PhiConfig, count_params_and_flops  # noqa: E402
 from training.parallel.mesh import ParallelConfig  # noqa: E402
@@ -96,7 +96,7 @@ def measure(config: TrainConfig, steps: int) -> dict:
     for step in range(steps):
         trainer.train_step(trainer.loader.batch_at(step))
     step_s = (time.perf_counter() - t0) / steps
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     mc, pc = trainer.config.model, config.parallel
     local_layers = len(trainer.model.layers)
     has_head = trainer.model.output is not None
@@ -207,7 +207,8 @@ def main(argv=None) -> int:
                  for n in args.sizes.split(",") for layout in layouts]  # fmt: skip
         if not args.skip_phi4:
             model = phi4_mini_cut()
-            folder = random_hf_folder(model, tmp / "phi4-mini-4layers")
+            # Written by a child process: the parent's memory stays small while the ranks run.
+            folder = run_ranks(1, random_hf_folder, model, tmp / "phi4-mini-4layers")[0]
             cases.append(("phi-4-mini, 4 layers, HF", model, PhiConfig(), "FSDP2xTP2", str(folder)))
         for label, model, given, layout, init_from in cases:
             try:

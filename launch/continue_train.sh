@@ -6,7 +6,9 @@
 #   launch/continue_train.sh [BASE]
 #
 # BASE: the base model, a checkpoint or a run's checkpoints/ folder (default runs/tiny/checkpoints,
-# what `make pretrain` writes); for an HF Phi3 folder, build the stage datasets with its tokenizer.
+# what `make pretrain` writes), or an HF Phi3 folder: then the base corpus is tokenized with the
+# folder's own tokenizer (BASE_DATA_CONFIG, default configs/data/default.yaml) and every stage's
+# conversations, evaluation prompts and rollouts are written in the folder's own chat template.
 # Environment:
 #   LAUNCH      how a training stage starts (default: deepspeed --num_gpus $NPROC launch/pretrain.sh)
 #   NPROC       ranks for the default LAUNCH (4: the stage configs use TP=2 x PP=2)
@@ -14,6 +16,9 @@
 #   EVAL_COUNT  held-out problems per evaluation (200)
 #   ROLLOUTS    problems sampled for DPO pairs (2000, 4 samples each)
 #   OUT         where evaluations, rollouts and the report go (runs/reasoning)
+#   DATA        where the stage datasets go (data/reasoning; $OUT/data for an HF folder)
+#   DATA_OVERRIDES  dotted overrides for every stage's data build, e.g. "generated.count=500"
+#   ROLLOUT_FLAGS   extra flags for the rollouts, e.g. --gold-fallback
 # Every stage resumes from its own latest checkpoint when the script is run again.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -24,10 +29,26 @@ read -r -a overrides <<< "${OVERRIDES:-}"
 EVAL_COUNT=${EVAL_COUNT:-200}
 OUT=${OUT:-runs/reasoning}
 mkdir -p "$OUT"
+read -r -a data_overrides <<< "${DATA_OVERRIDES:-}"
+if [[ -f "$BASE/config.json" ]]; then  # an HF folder: its tokenizer and chat template throughout
+    DATA=${DATA:-$OUT/data}
+    if [[ ! -f "$DATA/base/manifest.json" ]]; then
+        $PYTHON -m data_pipeline build "${BASE_DATA_CONFIG:-configs/data/default.yaml}" \
+            "output_dir=$DATA/base" "tokenizer.path=$BASE"
+    fi
+    data_overrides+=("base_data=$DATA/base" "chat_template=$BASE")
+fi
+DATA=${DATA:-data/reasoning}
 
 stage() {  # stage NAME INIT_FROM: train configs/reasoning/NAME.yaml from INIT_FROM
     echo "=== stage $1 (from $2)"
-    $LAUNCH --config "configs/reasoning/$1.yaml" "init_from=$2" "${overrides[@]}"
+    $LAUNCH --config "configs/reasoning/$1.yaml" "init_from=$2" "data.path=$DATA/$1" "${overrides[@]}"
+}
+build_data() {  # build_data NAME [key=value ...]: the dataset of stage NAME
+    local name=$1
+    shift
+    $PYTHON -m training.posttrain data "configs/reasoning/data_$name.yaml" "output_dir=$DATA/$name" \
+        "${data_overrides[@]}" "$@"
 }
 evaluate() {  # evaluate CHECKPOINTS FORMAT LABEL
     $PYTHON -m training.posttrain eval "$1" --format "$2" --stage "$3" --count "$EVAL_COUNT" --out "$OUT/eval_$3.json"
@@ -39,14 +60,16 @@ run_dir() {  # where a stage's run writes, after OVERRIDES (out_dir=...)
 }
 
 evaluate "$BASE" plain base
-$PYTHON -m training.posttrain data configs/reasoning/data_cot.yaml
+build_data cot
 stage cot "$BASE"
 evaluate "$(run_dir cot)" plain cot
-$PYTHON -m training.posttrain data configs/reasoning/data_sft.yaml
+build_data sft
 stage sft "$(run_dir cot)"
 evaluate "$(run_dir sft)" chat sft
-$PYTHON -m training.posttrain rollouts "$(run_dir sft)" --count "${ROLLOUTS:-2000}" --out "$OUT/rollouts.jsonl"
-$PYTHON -m training.posttrain data configs/reasoning/data_dpo.yaml "jsonl=$OUT/rollouts.jsonl"
+read -r -a rollout_flags <<< "${ROLLOUT_FLAGS:-}"
+$PYTHON -m training.posttrain rollouts "$(run_dir sft)" --count "${ROLLOUTS:-2000}" --out "$OUT/rollouts.jsonl" \
+    "${rollout_flags[@]}"
+build_data dpo "jsonl=$OUT/rollouts.jsonl"
 stage dpo "$(run_dir sft)"
 evaluate "$(run_dir dpo)" chat dpo
 $PYTHON -m training.posttrain report "$OUT"/eval_{base,cot,sft,dpo}.json --out "$OUT/accuracy.png"

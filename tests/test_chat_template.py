@@ -107,3 +107,77 @@ def test_a_template_whose_tokenizer_differs_from_the_dataset_is_refused(phi4_sty
                 chat_template=str(phi4_style_folder),
             )
         )
+
+
+def phi4_mini_shaped_folder(tokenizer_folder, out):
+    """A Phi-4-mini-shaped model (GQA, tied embeddings, partial RoPE 0.75, LongRoPE, a vocabulary
+    padded past its tokenizer's) with random weights, saved with the folder's tokenizer and template."""
+    from training.models.hf import export_hf, save_tokenizer
+    from training.models.phi import LongRoPE, PhiConfig, PhiModel
+
+    pairs = int(16 * 0.75) // 2
+    config = PhiConfig(
+        vocab_size=768, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=512,
+        tie_embeddings=True, rope_fraction=0.75,
+        longrope=LongRoPE([1.0] * pairs, [1.0 + i for i in range(pairs)], original_max_seq_len=64),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    export_hf(PhiModel(config).state_dict(), config, out)
+    save_tokenizer(tokenizer_folder, out)
+    return out
+
+
+def test_continue_train_runs_every_stage_from_a_phi4_mini_shaped_folder(phi4_style_folder, corpus_dir, tmp_path):
+    """`launch/continue_train.sh <HF folder>`: the base data in the folder's tokenizer, every stage's
+    conversations, evaluation prompts and rollouts in its chat template, and every stage trains."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from training.posttrain.evaluate import load_policy
+
+    root = Path(__file__).resolve().parents[1]
+    folder = phi4_mini_shaped_folder(phi4_style_folder, tmp_path / "phi4-mini-shaped")
+    base_config = tmp_path / "base.yaml"
+    base_config.write_text(
+        json.dumps(
+            {
+                "sources": [{"paths": [str(corpus_dir / "*.jsonl")]}],
+                "seq_len": 256,
+                "total_tokens": 30_000,
+                "valid_docs_per_family": 2,
+            }
+        )  # fmt: skip
+    )
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    single = f"parallel.tp=1 parallel.pp=1 parallel.micro_batch_size=4 steps=2 log_every=1 out_dir={runs}"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(root),
+        "PYTHON": sys.executable,
+        "LAUNCH": f"{sys.executable} -m training.pretrain",
+        "OVERRIDES": single,
+        "OUT": str(out),
+        "BASE_DATA_CONFIG": str(base_config),
+        "DATA_OVERRIDES": "generated.count=300",
+        "EVAL_COUNT": "4",
+        "ROLLOUTS": "40",
+        "ROLLOUT_FLAGS": "--gold-fallback",
+    }
+    subprocess.run(["bash", str(root / "launch/continue_train.sh"), str(folder)], env=env, check=True)
+
+    assert all((out / f"eval_{stage}.json").is_file() for stage in ("base", "cot", "sft", "dpo"))
+    for stage in ("cot", "sft", "dpo"):
+        manifest = json.loads((out / "data" / stage / "manifest.json").read_text())
+        assert manifest["config"]["chat_template"] == str(folder)
+        assert manifest["tokenizer_hash"] == json.loads((out / "data/base/manifest.json").read_text())["tokenizer_hash"]
+    template = HFChatTemplate(folder)
+    tok = template.tokenizer
+    question = [{"role": "user", "content": "What is 12 + 30?"}]
+    for trained in (str(folder), str(runs / "reasoning-sft/checkpoints"), str(runs / "reasoning-dpo/checkpoints")):
+        policy = load_policy(trained)
+        assert policy.chat.prompt(question) == list(
+            tok.apply_chat_template(question, add_generation_prompt=True, return_dict=False)
+        )
+        assert policy.chat.turn_end() == [tok.convert_tokens_to_ids("<|end|>")]

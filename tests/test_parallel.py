@@ -104,6 +104,7 @@ def reference(small_dataset, tmp_path_factory):
         dict(tp=2, pp=2, schedule="Interleaved1F1B", virtual=2),
         dict(pp=2, schedule="InterleavedZeroBubble", virtual=2),
         dict(pp=2, schedule="ZBVZeroBubble", virtual=2),
+        dict(tp=2, pp=2, schedule="ZBVZeroBubble", virtual=2),
     ],
     ids=lambda d: "-".join(f"{k}{v}" for k, v in d.items()),
 )
@@ -169,3 +170,23 @@ def test_layouts_that_do_not_fit_are_refused(layout, model, message, small_datas
         dims = ParallelDims.from_config(config.parallel, world)
         dims.check_model(config.model.n_heads, config.model.n_kv_heads, config.model.n_layers, config.model.vocab_size)
         stage_layers(config.model.n_layers, dims.pp, config.parallel.pp_layers)
+
+
+def chunked_and_whole_reduce_scatter(numel: int, chunk_bytes: int):
+    import torch.distributed as dist
+
+    from training.parallel.data import ChunkedReduceScatter
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    source = torch.randn(numel, generator=torch.Generator().manual_seed(rank))
+    whole, chunked = torch.empty(numel // world), torch.empty(numel // world)
+    dist.reduce_scatter_tensor(whole, source.clone())
+    ChunkedReduceScatter(chunk_bytes)(chunked, source.clone(), dist.group.WORLD, dist.ReduceOp.SUM)
+    return whole, chunked
+
+
+@pytest.mark.parametrize("chunk_bytes", [4 * 1000, 4 * 1001, 2**30])  # chunks that divide a row, or not; one
+def test_chunked_reduce_scatter_equals_gloos_own(chunk_bytes):
+    """FSDP's gradient reduce-scatter on gloo goes chunk by chunk (gloo copies a whole input): the same sums."""
+    for whole, chunked in run_ranks(2, chunked_and_whole_reduce_scatter, 2 * 25_000, chunk_bytes):
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=0)

@@ -40,17 +40,17 @@ def _seed(seed: int, name: str, block: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _normal_region(name: str, seed: int, std: float, full_shape: torch.Size, region: tuple[slice, ...]) -> torch.Tensor:
-    """N(0, std) values of `region` of a full tensor whose rows come in seeded blocks."""
+def _fill_normal(out: torch.Tensor, name: str, seed: int, std: float, full_shape: torch.Size, region) -> None:
+    """Write N(0, std) values of `region` of a full tensor, whose rows come in seeded blocks, into
+    `out` one block at a time (no second copy of the shard)."""
     rows, rest = region[0], region[1:]
     row_len = math.prod(full_shape[1:])
-    pieces = []
     for block in range(rows.start // ROWS_PER_DRAW, -(-rows.stop // ROWS_PER_DRAW)):
         lo, hi = block * ROWS_PER_DRAW, min((block + 1) * ROWS_PER_DRAW, full_shape[0])
         generator = torch.Generator().manual_seed(_seed(seed, name, block))
         values = torch.empty(hi - lo, row_len).normal_(0.0, std, generator=generator).view(hi - lo, *full_shape[1:])
-        pieces.append(values[max(lo, rows.start) - lo : min(hi, rows.stop) - lo][(slice(None), *rest)])
-    return torch.cat(pieces) if pieces else torch.empty(0, *full_shape[1:])
+        first, last = max(lo, rows.start), min(hi, rows.stop)
+        out[first - rows.start : last - rows.start].copy_(values[first - lo : last - lo][(slice(None), *rest)])
 
 
 # Tied embeddings: a pipeline's last stage holds its own copy of the embedding as `output.weight`.
@@ -74,7 +74,7 @@ def init_weights(model: nn.Module, seed: int) -> None:
         if std is None:
             local.fill_(1.0)
         else:
-            local.copy_(_normal_region(name, seed, std, param.shape, region))
+            _fill_normal(local, name, seed, std, param.shape, region)
 
 
 @contextlib.contextmanager

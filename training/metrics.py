@@ -12,13 +12,26 @@ from tqdm import tqdm
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux's `ru_maxrss` survives `exec`, so a rank spawned
+    from a large parent would report the parent's size; VmHWM belongs to the process's own image."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def peak_memory_gib() -> float:
     """Peak GPU memory allocated, or the process's peak resident memory on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return peak_rss_bytes() / 2**30
 
 
 def device_peak_tflops() -> float | None:
@@ -77,9 +90,9 @@ class MetricsLogger:
             )
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled or not metrics:
-            return
         evals = {k: v for k, v in metrics.items() if k.startswith("val/")}
+        if not self.enabled or not evals:  # no valid split large enough for a global batch
+            return
         for key, value in evals.items():
             self.writer.add_scalar(key, value, step)
         with open(self.run_dir / "eval.jsonl", "a") as f:

@@ -35,7 +35,7 @@ from training.parallel.pipeline import (
 )
 from training.parallel.tensor import apply_tensor_parallel, reduce_partial_grads
 from training.posttrain.dpo import DPOConfig
-from training.precision import LossScaler, autocast
+from training.precision import PRECISIONS, LossScaler, autocast
 from training.transforms import apply_activation_checkpointing, apply_compile
 
 
@@ -125,6 +125,7 @@ class Trainer:
         self.valid_loader = None  # a split smaller than one global batch is not evaluated
         if len(valid) >= batch_size:
             self.valid_loader = DataLoader(valid, batch_size, self.dp_rank, self.dims.dp, 0, group)
+        self._valid_rows = len(valid)
 
         # No rank ever holds the whole model: structure on `meta`, sharding, then local memory and weights.
         model = meta_model(mc)
@@ -150,7 +151,8 @@ class Trainer:
             if len(self.stages) > 1:
                 raise ValueError("parallel.dp_mode=fsdp with virtual pipeline stages is not supported yet")
             # Pipelines run many micro-batches per step: keep gathered weights between them.
-            apply_fsdp(model, self.mesh["dp"], reshard_after_forward=self.dims.pp == 1)
+            param_dtype = PRECISIONS.get(config.precision)
+            apply_fsdp(model, self.mesh["dp"], reshard_after_forward=self.dims.pp == 1, param_dtype=param_dtype)
         materialize(model, self.device, config.seed, config.init_from)
         autocast(config.precision, self.device.type)  # refuses an unknown precision before training
         self.scaler = LossScaler(enabled=config.precision == "fp16")
@@ -185,6 +187,10 @@ class Trainer:
         self.metrics = MetricsLogger(config.run_dir, self.families, self.flops_per_token, enabled=self.is_main)
         if lr_note:
             self.metrics.note(lr_note)
+        if self.valid_loader is None:
+            self.metrics.note(
+                f"no evaluation: {data_dir} has {self._valid_rows} valid rows, fewer than one global batch"
+            )
 
     # ---- loss -------------------------------------------------------------------------------
     # Subclasses with another objective (DPO) override the four methods below; the step, the

@@ -83,13 +83,41 @@ def vocab_parallel_embedding(embedding: nn.Embedding, tp_mesh: DeviceMesh, outpu
     (zeros for ids outside it) and the partial results are summed over TP. The weight's gradient is
     computed for the local slice only; DTensor's own embedding backward builds a full-vocabulary
     gradient on every rank (2.4 GB for Phi-4-mini's table in fp32)."""
-    weight = embedding.weight.to_local()
-    start = tp_mesh.get_local_rank() * weight.shape[0]
-    local_ids = ids - start
-    outside = (local_ids < 0) | (local_ids >= weight.shape[0])
-    partial = F.embedding(local_ids.masked_fill(outside, 0), weight).masked_fill(outside[..., None], 0.0)
+    local_rows = embedding.weight.to_local().shape[0]
+    local_ids = ids - tp_mesh.get_local_rank() * local_rows
+    outside = (local_ids < 0) | (local_ids >= local_rows)
+    anchor = torch.empty(0, device=ids.device, requires_grad=torch.is_grad_enabled())
+    partial = _LocalLookup.apply(local_ids.masked_fill(outside, 0), outside, anchor, embedding)
     summed = DTensor.from_local(partial, tp_mesh, [Partial()], run_check=False)
     return summed.redistribute(tp_mesh, [output_layout]).to_local()
+
+
+class _LocalLookup(torch.autograd.Function):
+    """Rows of the local vocabulary slice, whose gradient backward adds straight into `weight.grad`
+    (as Megatron's gradient-accumulation fusion adds into `main_grad`).
+
+    The weight is deliberately not an autograd input (`anchor`, an empty leaf, makes the output
+    require grad): autograd would hold a tied head's gradient until this lookup's arrived and sum
+    the two out of place (DTensor gradients are never summed in place), three vocabulary tables at
+    once. This way the head's gradient is already `weight.grad` and the lookup adds its rows to it."""
+
+    @staticmethod
+    def forward(ctx, local_ids: torch.Tensor, outside: torch.Tensor, anchor: torch.Tensor, embedding: nn.Embedding):
+        ctx.save_for_backward(local_ids, outside)
+        ctx.weight = embedding.weight  # FSDP's gathered parameter while it runs: the one it reduces
+        return F.embedding(local_ids, ctx.weight.to_local().detach()).masked_fill(outside[..., None], 0.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        local_ids, outside = ctx.saved_tensors
+        weight = ctx.weight
+        if not weight.requires_grad:
+            return None, None, None, None
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        rows = grad.masked_fill(outside[..., None], 0.0).reshape(-1, grad.shape[-1])
+        weight.grad.to_local().index_add_(0, local_ids.reshape(-1), rows.to(weight.grad.dtype))
+        return None, None, None, None
 
 
 def reduce_partial_grads(parameters) -> None:

@@ -33,7 +33,7 @@ def cmd_data(args) -> int:
 def cmd_rollouts(args) -> int:
     from training.posttrain.evaluate import load_policy, rollout_pairs, write_jsonl
 
-    policy = load_policy(args.checkpoint, args.tokenizer)
+    policy = load_policy(args.checkpoint, args.tokenizer, args.chat_template)
     pairs, stats = rollout_pairs(policy, args.count, args.samples, args.temperature, args.seed, args.gold_fallback)
     if not pairs:
         print(f"error: no pairs: the policy solved every sampled problem or none was wrong ({stats})", file=sys.stderr)
@@ -47,7 +47,7 @@ def cmd_eval(args) -> int:
     from data_pipeline.shards import atomic_write_text
     from training.posttrain.evaluate import load_policy, math_accuracy
 
-    policy = load_policy(args.checkpoint, args.tokenizer)
+    policy = load_policy(args.checkpoint, args.tokenizer, args.chat_template)
     result = {"checkpoint": args.checkpoint, "stage": args.stage or Path(args.checkpoint).parent.name}
     result.update(math_accuracy(policy, args.count, args.format, args.seed))
     print(f"{result['stage']}: accuracy {result['accuracy']:.3f} ({args.format} prompts, {args.count} problems)")
@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name)
         p.add_argument("checkpoint", help="a checkpoint folder, or a run's checkpoints/ (its latest)")
         p.add_argument("--tokenizer", help="default: the tokenizer of the dataset the run trained on")
+        p.add_argument("--chat-template", help="an HF folder whose chat template writes chat prompts (default: the "
+                       "one the model was trained with)")  # fmt: skip
         p.add_argument("--count", type=int, default=200, help="problems")
         p.add_argument("--out", required=name == "rollouts")
         p.set_defaults(run=run)

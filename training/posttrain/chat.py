@@ -2,12 +2,15 @@
 
 Phi-style template: `<|system|>...<|end|>`, `<|user|>...<|end|>`, `<|assistant|>...<|end|>`, each
 followed by a newline; or, for a model imported from an HF folder, that folder's own chat template
-(`HFChatTemplate`). The mask covers an assistant turn's content and its `<|end|>` (the model must
-learn to stop), never the role header or other turns.
+(`HFChatTemplate`). Both give `encode` (training), `prompt` (generation) and `turn_end` (where
+generation stops), so evaluation and rollouts format exactly as training did. The mask covers an
+assistant turn's content and its `<|end|>` (the model must learn to stop), never the role header or
+other turns.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +47,24 @@ def encode_conversation(tokenizer: Tokenizer, messages: list[dict[str, str]]) ->
         ids.extend(piece)
         mask.extend([trained] * len(piece))
     return Encoded(ids, mask)
+
+
+class PhiChat:
+    """The built-in template above, on a dataset's own tokenizer."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, messages: list[dict[str, str]]) -> Encoded:
+        return encode_conversation(self.tokenizer, messages)
+
+    def prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """The conversation followed by the assistant's header: what generation continues."""
+        header = self.tokenizer.encode("<|assistant|>\n", add_special_tokens=False).ids
+        return self.encode(messages).ids + header
+
+    def turn_end(self) -> list[int]:
+        return self.tokenizer.encode(END, add_special_tokens=False).ids
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -84,12 +105,40 @@ class HFChatTemplate:
             spans.append((start, end))
         return spans
 
+    def prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """`apply_chat_template(..., add_generation_prompt=True)`: what generation continues."""
+        return list(
+            self.tokenizer(self.render(messages, generation_prompt=True), add_special_tokens=False)["input_ids"]
+        )
+
+    def turn_end(self) -> list[int]:
+        """The tokens the template writes after an assistant's content to end the turn (Phi's `<|end|>`):
+        those wholly between the content and where the next turn would begin."""
+        marker = "\ue001"
+        messages = [{"role": "user", "content": "?"}, {"role": "assistant", "content": marker}]
+        (_, end), *_ = self.assistant_spans(messages)
+        text = self.render(messages)
+        after = text.index(marker) + len(marker)
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [
+            i
+            for i, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+            if after <= a and b <= end
+        ]
+
     def encode(self, messages: list[dict[str, str]]) -> Encoded:
         text = self.render(messages)
         spans = self.assistant_spans(messages)
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         mask = [any(s <= first and last <= e for s, e in spans) for first, last in encoded["offset_mapping"]]
         return Encoded(list(encoded["input_ids"]), mask)
+
+    @staticmethod
+    def present(folder: str | Path) -> bool:
+        """Whether an HF folder ships a chat template (in tokenizer_config.json or its own file)."""
+        config = Path(folder, "tokenizer_config.json")
+        in_config = config.is_file() and bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+        return in_config or Path(folder, "chat_template.jinja").is_file()
 
     def check_vocabulary(self, tokenizer: Tokenizer, where: str) -> None:
         """The template's tokenizer must be the dataset's (same tokens, same ids)."""
@@ -98,3 +147,13 @@ class HFChatTemplate:
                 f"chat_template {self.folder}: its tokenizer differs from {where}'s; build the base dataset with "
                 f"tokenizer.path: {self.folder}"
             )
+
+
+def chat_format(tokenizer: Tokenizer, template_folder: str | Path | None, where: str) -> PhiChat | HFChatTemplate:
+    """An HF folder's own chat template when one is given (its tokenizer must be `where`'s), else the
+    built-in one."""
+    if template_folder is None:
+        return PhiChat(tokenizer)
+    template = HFChatTemplate(template_folder)
+    template.check_vocabulary(tokenizer, where)
+    return template

@@ -12,7 +12,6 @@ The data is the generator's verified math problems, or user JSONL: `{"text"}` (c
 
 from __future__ import annotations
 
-import functools
 import json
 import random
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from data_pipeline.packing import PackedSequences, pack_best_fit, pack_bins, pac
 from data_pipeline.shards import read_manifest, write_dataset
 from data_pipeline.synthetic.math_problems import MathProblem, generate_problems
 from data_pipeline.tokenizer import load_tokenizer, special_ids
-from training.posttrain.chat import HFChatTemplate, encode_conversation
+from training.posttrain.chat import chat_format
 
 KINDS = ("cot", "sft", "dpo")
 FAMILY = "synthetic"  # the base mixture's family of generated math, where reasoning data belongs
@@ -145,12 +144,7 @@ def build_reasoning_data(config: ReasoningDataConfig) -> dict:
         families.append(FAMILY)
     family = families.index(FAMILY)
     eos, pad = special_ids(tokenizer)
-    if config.chat_template:
-        template = HFChatTemplate(config.chat_template)
-        template.check_vocabulary(tokenizer, config.base_data)
-        encode = template.encode
-    else:
-        encode = functools.partial(encode_conversation, tokenizer)
+    encode = chat_format(tokenizer, config.chat_template, config.base_data).encode
     stats: dict = {}
     split = (config.valid_fraction, config.seed)
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from data_pipeline.shards import atomic_write_text
+from data_pipeline.shards import atomic_write_text, read_manifest
 from data_pipeline.synthetic.math_problems import MathProblem, generate_problems, verify_solution
 from data_pipeline.tokenizer import EOS, load_tokenizer
 from training.export import load_consolidated
 from training.models.hf import import_hf
 from training.models.phi import PhiModel
-from training.posttrain.chat import END, encode_conversation
+from training.posttrain.chat import HFChatTemplate, PhiChat, chat_format
 from training.posttrain.data import chat_prompt
 from training.posttrain.generate import generate
 
@@ -30,37 +30,47 @@ FORMATS = ("plain", "chat")
 class Policy:
     model: PhiModel
     tokenizer: Tokenizer
+    chat: PhiChat | HFChatTemplate | None = None  # how `chat` prompts are written; default the built-in
+
+    def __post_init__(self):
+        if self.chat is None:
+            self.chat = PhiChat(self.tokenizer)
 
 
-def load_policy(checkpoint: str, tokenizer: str | None = None) -> Policy:
+def load_policy(checkpoint: str, tokenizer: str | None = None, chat_template: str | None = None) -> Policy:
     """A run's checkpoint (or its `checkpoints/` folder) as a single-process model, with the tokenizer
-    of the dataset it trained on; or an HF Phi3 folder with its own tokenizer. `tokenizer` overrides."""
+    of the dataset it trained on; or an HF Phi3 folder with its own tokenizer. `tokenizer` overrides.
+    Chat prompts use `chat_template` (an HF folder), else the template the model was trained with:
+    an HF folder's own, or the one its dataset was built with (`chat_template` in its manifest)."""
     if Path(checkpoint, "config.json").is_file():
         model_config, state = import_hf(checkpoint)
         tokenizer = tokenizer or checkpoint
+        if chat_template is None and HFChatTemplate.present(checkpoint):
+            chat_template = checkpoint
     else:
         config, state = load_consolidated(checkpoint)
         model_config, tokenizer = config.model, tokenizer or config.data.path
+        if chat_template is None:
+            chat_template = read_manifest(config.data.path).get("config", {}).get("chat_template")
     model = PhiModel(model_config)
     model.load_state_dict(state)
-    return Policy(model.eval(), load_tokenizer(tokenizer))
+    loaded = load_tokenizer(tokenizer)
+    return Policy(model.eval(), loaded, chat_format(loaded, chat_template, tokenizer))
 
 
-def prompt_ids(tokenizer: Tokenizer, question: str, fmt: str) -> list[int]:
+def prompt_ids(policy: Policy, question: str, fmt: str) -> list[int]:
     if fmt == "plain":
-        return tokenizer.encode(f"Question: {question}\nSolution:\n", add_special_tokens=False).ids
+        return policy.tokenizer.encode(f"Question: {question}\nSolution:\n", add_special_tokens=False).ids
     if fmt == "chat":
-        return (
-            encode_conversation(tokenizer, chat_prompt(question)).ids
-            + tokenizer.encode("<|assistant|>\n", add_special_tokens=False).ids
-        )
+        return policy.chat.prompt(chat_prompt(question))
     raise ValueError(f"prompt format {fmt!r} is not one of {FORMATS}")
 
 
-def stop_sequences(tokenizer: Tokenizer, fmt: str) -> list[list[int]]:
-    stops = [[tokenizer.token_to_id(EOS)]]
-    if fmt == "chat":
-        stops.append(tokenizer.encode(END, add_special_tokens=False).ids)
+def stop_sequences(policy: Policy, fmt: str) -> list[list[int]]:
+    eos = policy.tokenizer.token_to_id(EOS)
+    stops = [] if eos is None else [[eos]]
+    if fmt == "chat" and policy.chat.turn_end():
+        stops.append(policy.chat.turn_end())
     return stops
 
 
@@ -72,10 +82,9 @@ def complete(
     temperature: float = 0.0,
     seed: int = 0,
 ) -> list[str]:
-    tok = policy.tokenizer
-    prompts = [prompt_ids(tok, p.question, fmt) for p in problems]
-    out = generate(policy.model, prompts, max_new_tokens, stop_sequences(tok, fmt), temperature, seed=seed)
-    return [tok.decode(ids) for ids in out]
+    prompts = [prompt_ids(policy, p.question, fmt) for p in problems]
+    out = generate(policy.model, prompts, max_new_tokens, stop_sequences(policy, fmt), temperature, seed=seed)
+    return [policy.tokenizer.decode(ids) for ids in out]
 
 
 def math_accuracy(policy: Policy, count: int, fmt: str, seed: int, max_steps: int = 3) -> dict:
