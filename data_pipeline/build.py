@@ -14,6 +14,7 @@ batch per worker, one shard, and a few integers per document (references, length
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -31,12 +32,27 @@ import yaml
 from tqdm import tqdm
 
 from data_pipeline.config import ConfigError, to_dict
-from data_pipeline.languages import language_table
+from data_pipeline.languages import family_of, language_table
 from data_pipeline.mixing import draw_documents, normalize_ratios
-from data_pipeline.packing import PackedSequences, StreamPacker, best_fit_bins, pack_bins, pack_documents
+from data_pipeline.packing import (
+    PackedSequences,
+    StreamPacker,
+    best_fit_bins,
+    pack_bins,
+    pack_documents,
+    split_long_documents,
+)
 from data_pipeline.shards import atomic_write_text, finish_dataset, manifest_header, write_shard
 from data_pipeline.sources import LanguageIdentifier, SourceConfig, read_file, source_files
-from data_pipeline.tokenizer import TOKENIZER_FILE, encode_batch, fast_encoder, load_tokenizer, special_ids, train_bpe
+from data_pipeline.tokenizer import (
+    TOKENIZER_FILE,
+    encode_batch,
+    fast_encoder,
+    load_tokenizer,
+    special_ids,
+    text_only,
+    train_bpe,
+)
 
 PACKINGS = ("concat", "best_fit")
 MINHASH_SCHEME = "affine32"  # datasketch's default; stored signatures are only comparable within one scheme
@@ -79,6 +95,10 @@ class BuildConfig:
     workers: int = 0  # tokenizer processes; 0 = every core, 1 = in this process
     batch_docs: int = 256  # documents per tokenizer call in a worker (bounds its memory)
     seed: int = 0
+    # No family is repeated more than this many times to meet its ratio (data-constrained scaling:
+    # up to about 4 epochs is worth nearly as much as new data); its share then falls short, with a
+    # warning. None: no cap.
+    max_epochs: float | None = 4.0
 
     def __post_init__(self):
         if self.seq_len < 2:
@@ -87,6 +107,13 @@ class BuildConfig:
             raise ConfigError("total_tokens must be >= 0 and sequences_per_shard positive")
         if self.packing not in PACKINGS:
             raise ConfigError(f"packing {self.packing!r} is not one of {PACKINGS}")
+        if self.max_epochs is not None and self.max_epochs <= 0:
+            raise ConfigError(f"max_epochs must be > 0 (or null for no cap), got {self.max_epochs}")
+        if self.total_tokens == 0 and (self.ratios or self.temperature is not None):
+            raise ConfigError(
+                "total_tokens: 0 takes every token once, in the data's own proportions; "
+                "ratios or temperature would resample it (set total_tokens to mix)"
+            )
 
 
 def read_ratios(ratios: dict[str, float] | str) -> dict[str, float]:
@@ -112,23 +139,36 @@ class Unit:
 
 
 _WORKER: dict = {}
+# Spaced scripts average 5-7 characters per word with its space; a text whose whitespace-separated
+# pieces average more than this is written without spaces between words, and is shingled by characters.
+UNSPACED_CHARS_PER_PIECE = 16
 
 
 def _init_worker(tokenizer_file: str, families_file: str | None, near_dedup: NearDedupConfig | None) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
     tokenizer = load_tokenizer(tokenizer_file)
-    _WORKER.update(tokenizer=tokenizer, fast=fast_encoder(tokenizer), table=language_table(families_file))
+    _WORKER.update(tokenizer=text_only(tokenizer), fast=fast_encoder(tokenizer), table=language_table(families_file))
     _WORKER.update(near=near_dedup, identify=None)
 
 
 def _minhash(text: str, near: NearDedupConfig) -> np.ndarray:
     from datasketch import MinHash
 
-    words = text.split()
-    grams = {" ".join(words[i : i + near.ngram]) for i in range(max(1, len(words) - near.ngram + 1))}
+    grams = shingles(text, near.ngram)
     signature = MinHash(num_perm=near.num_perm, seed=1, scheme=MINHASH_SCHEME)
     signature.update_batch([g.encode() for g in grams])
     return signature.hashvalues.astype(np.uint64)
+
+
+def shingles(text: str, n: int) -> set[str]:
+    """Word n-grams, or character n-grams for text written without spaces between words (Chinese,
+    Japanese, Thai): whitespace splits such text into a handful of sentence-long "words", and no
+    two near-duplicates would share a shingle."""
+    words = text.split()
+    if words and len(text) / len(words) > UNSPACED_CHARS_PER_PIECE:
+        chars = "".join(words)
+        return {chars[i : i + n] for i in range(max(1, len(chars) - n + 1))}
+    return {" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))}
 
 
 def tokenize_unit(unit: Unit, out_file: str, batch_docs: int) -> dict:
@@ -323,22 +363,29 @@ class ShardWriter:
         atomic_write_text(self.staging / "progress.json", json.dumps(self.progress))
 
 
-def pack_train(config, selection, ratios, store, families, eos, pad, writer) -> tuple[list, int]:
+def pack_train(config, selection, ratios, store, families, eos, pad, writer) -> tuple[list, int, int]:
+    """The training split; returns the per-family draws, documents cut to fit a sequence (0: long
+    documents are split instead) and documents split into sequence-long pieces (best_fit)."""
     lengths = {f: selection.train_lengths[f] for f in ratios}
     total = config.total_tokens or sum(int(n.sum()) + len(n) for n in lengths.values())
-    mixture, draws = draw_documents(lengths, ratios, total, config.seed)
+    mixture, draws = draw_documents(lengths, ratios, total, config.seed, config.max_epochs)
     drawn_families = sorted(ratios)
     family_index = {f: families.index(f) for f in drawn_families}
     rows = config.sequences_per_shard
-    truncated = 0
-    bar = tqdm(total=sum(d.drawn_tokens for d in draws), desc="pack", unit="tok", unit_scale=True)
-    if config.packing == "concat":
-        packer = StreamPacker(config.seq_len, eos, pad, rows)
-        for position, doc in mixture:
+
+    def documents(part):
+        for position, doc, keep in part:
             family = drawn_families[position]
             unit, row = selection.train[family][doc]
             tokens = store.get(unit, row)
-            for block in packer.add(family_index[family], tokens):
+            yield family_index[family], tokens if keep < 0 else tokens[:keep]
+
+    split = 0
+    bar = tqdm(total=sum(d.drawn_tokens for d in draws), desc="pack", unit="tok", unit_scale=True)
+    if config.packing == "concat":
+        packer = StreamPacker(config.seq_len, eos, pad, rows)
+        for family, tokens in documents(mixture):
+            for block in packer.add(family, tokens):
                 writer.write(block)
             bar.update(len(tokens) + 1)
         last = packer.finish()
@@ -347,19 +394,36 @@ def pack_train(config, selection, ratios, store, families, eos, pad, writer) -> 
     else:  # best fit inside windows of documents, so memory stays bounded
         window = max(1, rows * config.seq_len // 64)
         for start in range(0, len(mixture), window):
-            docs = []
-            for position, doc in mixture[start : start + window]:
-                family = drawn_families[position]
-                unit, row = selection.train[family][doc]
-                docs.append((family_index[family], store.get(unit, row)))
-            bins = best_fit_bins([len(t) + 1 for _, t in docs], config.seq_len)
-            packed = pack_bins(docs, config.seq_len, eos, pad, bins)
-            truncated += packed.truncated_docs
+            docs = list(documents(mixture[start : start + window]))
+            pieces = split_long_documents(docs, config.seq_len)
+            split += sum(len(t) >= config.seq_len for _, t in docs)
+            bins = best_fit_bins([len(p[1]) + p[2] for p in pieces], config.seq_len)
+            packed = pack_bins(pieces, config.seq_len, eos, pad, bins)
             for block_start in range(0, len(packed), rows):
                 writer.write(packed.take(slice(block_start, block_start + rows)))
             bar.update(sum(len(t) + 1 for _, t in docs))
     bar.close()
-    return draws, truncated
+    return draws, 0, split
+
+
+def mixture_warnings(config: BuildConfig, draws, selection) -> list[str]:
+    """What the user asked for and did not get: a family capped at `max_epochs` short of its ratio,
+    and families too small to hold out `valid_docs_per_family` documents."""
+    total = sum(d.drawn_tokens for d in draws)
+    warnings = []
+    for d in draws:
+        if config.max_epochs is not None and d.epochs >= config.max_epochs - 1e-9 and d.drawn_tokens / total < d.ratio:
+            warnings.append(
+                f"family {d.family!r}: capped at max_epochs={config.max_epochs:g} ({d.available_tokens:,} tokens); "
+                f"share {d.drawn_tokens / total:.2%} instead of the {d.ratio:.2%} asked"
+            )
+    for family, held in selection.valid.items():
+        if len(held) < config.valid_docs_per_family:
+            warnings.append(
+                f"family {family!r}: {len(held)} validation document(s) held out of the {config.valid_docs_per_family} "
+                f"asked (a family holds out at most a fifth of its documents); its validation loss is noisy"
+            )
+    return warnings
 
 
 def _build_key(config: BuildConfig, units: list[Unit]) -> str:
@@ -376,6 +440,37 @@ def build(config: BuildConfig) -> dict:
     units = [Unit(i, s, p) for i, (s, p) in enumerate((s, p) for s in config.sources for p in source_files(s))]
     if not units:
         raise ConfigError("sources: no files")
+    check_config(config)
+    try:
+        return _build(config, units, out, staging)
+    except (ConfigError, ValueError, OSError):
+        # Bad input or a full disk: nothing half-built is kept (an interrupt keeps it to resume).
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def check_config(config: BuildConfig) -> None:
+    """What can be checked before a document is read: ratio families and source languages against the
+    family table, with the nearest name for a misspelling."""
+    table = language_table(config.families_file)
+    known = sorted(set(table.values()))
+    ratios = read_ratios(config.ratios)
+    for family in ratios:
+        if family not in known:
+            near = difflib.get_close_matches(family, known, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f" (families: {', '.join(known)})"
+            raise ConfigError(f"ratios.{family}: no such language family{hint}")
+    for i, source in enumerate(config.sources):
+        if source.lang and source.lang != "auto":
+            try:
+                family_of(source.lang, table)
+            except KeyError as err:
+                near = difflib.get_close_matches(source.lang.lower(), list(table), n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise ConfigError(f"sources[{i}].lang: {err.args[0]}{hint}") from None
+
+
+def _build(config: BuildConfig, units: list[Unit], out: Path, staging: Path) -> dict:
     key = _build_key(config, units)
     progress_file = staging / "progress.json"
     progress = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
@@ -408,7 +503,7 @@ def build(config: BuildConfig) -> dict:
     store = TokenStore(unit_files)
 
     train_writer = ShardWriter(staging, "train", progress)
-    draws, truncated = pack_train(config, selection, ratios, store, families, eos, pad, train_writer)
+    draws, truncated, split = pack_train(config, selection, ratios, store, families, eos, pad, train_writer)
     valid_entries, valid_padding = [], 0
     for family in families:  # one set of validation shards per family
         docs = [(families.index(family), store.get(u, r)) for u, r in selection.valid[family]]
@@ -421,12 +516,16 @@ def build(config: BuildConfig) -> dict:
         valid_entries += writer.entries
         valid_padding += writer.padding
 
+    warnings = mixture_warnings(config, draws, selection)
+    for warning in warnings:
+        print(f"warning: {warning}")
     train_slots = sum(e["sequences"] for e in train_writer.entries) * config.seq_len
     manifest = {
         **manifest_header(tokenizer, config.seq_len, families),
         "family_stats": {
             d.family: {
                 "ratio": round(d.ratio, 6),
+                "share": round(d.drawn_tokens / max(1, sum(x.drawn_tokens for x in draws)), 6),
                 "available_tokens": d.available_tokens,
                 "tokens": d.drawn_tokens,
                 "documents": d.drawn_docs,
@@ -440,7 +539,9 @@ def build(config: BuildConfig) -> dict:
             "strategy": config.packing,
             "padding_fraction": round(train_writer.padding / max(1, train_slots), 6),
             "truncated_docs": truncated,
+            "split_docs": split,  # best_fit: documents longer than a sequence, packed as pieces
         },
+        "warnings": warnings,
         "duplicates_removed": selection.duplicates,
         "near_duplicates_removed": selection.near_duplicates,
         "splits": {"train": train_writer.entries, "valid": valid_entries},

@@ -49,28 +49,44 @@ def normalize_ratios(
 
 
 def draw_documents(
-    lengths_by_family: dict[str, np.ndarray], ratios: dict[str, float], total_tokens: int, seed: int
+    lengths_by_family: dict[str, np.ndarray],
+    ratios: dict[str, float],
+    total_tokens: int,
+    seed: int,
+    max_epochs: float | None = None,
 ) -> tuple[np.ndarray, list[FamilyDraw]]:
-    """Draw whole documents from each family (cycling through it in a seeded order, re-shuffled
-    each epoch) until its token budget `ratio * total_tokens` is reached, then shuffle the mix.
+    """Draw documents from each family (cycling through it in a seeded order, re-shuffled each
+    epoch) until its token budget `ratio * total_tokens` is met exactly: the document that crosses
+    the budget is cut there, so one long document cannot push a family past its share. With
+    `max_epochs`, no family is drawn more than that many times over (its budget shrinks; the
+    caller reports the share achieved). Then the mix is shuffled.
 
     `lengths_by_family` holds each document's token count (EOS excluded; packing appends one).
-    Returns the mixture as rows (family position in sorted(ratios), document index), in order."""
+    Returns the mixture as rows (family position in sorted(ratios), document index, tokens kept or
+    -1 for the whole document), in order."""
     parts, report = [], []
     families = sorted(ratios)
     for position, family in enumerate(families):
         sizes = np.asarray(lengths_by_family[family], dtype=np.int64) + 1
         rng = np.random.default_rng([seed, position])
-        budget = ratios[family] * total_tokens
-        drawn, picked = 0, []
+        budget = round(ratios[family] * total_tokens)
+        if max_epochs is not None:
+            budget = min(budget, int(max_epochs * sizes.sum()))
+        drawn, picked, limits = 0, [], []
         while drawn < budget:
             order = rng.permutation(len(sizes))
             cumulative = np.cumsum(sizes[order])
             take = min(int(np.searchsorted(cumulative, budget - drawn)) + 1, len(order))
             picked.append(order[:take])
-            drawn += int(cumulative[take - 1])
+            limit = np.full(take, -1, np.int64)
+            overshoot = drawn + int(cumulative[take - 1]) - budget
+            if overshoot > 0:  # cut the last document: its first tokens and an EOS fill the budget
+                limit[-1] = int(sizes[order[take - 1]]) - overshoot - 1
+            limits.append(limit)
+            drawn += int(cumulative[take - 1]) - max(overshoot, 0)
         docs = np.concatenate(picked) if picked else np.zeros(0, np.int64)
-        parts.append(np.stack([np.full(len(docs), position), docs], axis=1))
+        kept = np.concatenate(limits) if limits else np.zeros(0, np.int64)
+        parts.append(np.stack([np.full(len(docs), position), docs, kept], axis=1))
         report.append(FamilyDraw(family, ratios[family], int(sizes.sum()), drawn, len(docs)))
     mixture = np.concatenate(parts)
     return mixture[np.random.default_rng(seed).permutation(len(mixture))], report

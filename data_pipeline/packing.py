@@ -47,22 +47,38 @@ class PackedSequences:
 
 
 def _stream(docs, eos_id: int, masks):
-    """Documents laid end to end with EOS: tokens, document index, family and loss mask per token."""
-    lengths = np.array([len(tokens) + 1 for _, tokens in docs], dtype=np.int64)
+    """Documents laid end to end, each closed by EOS (a piece `(family, tokens, False)` of a longer
+    document is not): tokens, document index, family and loss mask per token."""
+    closed = np.array([doc[2] if len(doc) > 2 else True for doc in docs], dtype=np.int64)
+    lengths = np.array([len(doc[1]) for doc in docs], dtype=np.int64) + closed
     total = int(lengths.sum())
     stream = np.empty(total, dtype=np.int32)
     mask = np.ones(total, dtype=np.int8)
     doc_index = np.repeat(np.arange(len(docs), dtype=np.int64), lengths)
-    family = np.repeat(np.array([f for f, _ in docs], dtype=np.int8), lengths)
+    family = np.repeat(np.array([doc[0] for doc in docs], dtype=np.int8), lengths)
     ends = np.cumsum(lengths)
-    for i, ((_, tokens), end) in enumerate(zip(docs, ends, strict=True)):
+    for i, (doc, end) in enumerate(zip(docs, ends, strict=True)):
         start = end - lengths[i]
-        stream[start : end - 1] = tokens
-        stream[end - 1] = eos_id
+        stream[start : start + len(doc[1])] = doc[1]
+        if closed[i]:
+            stream[end - 1] = eos_id
         if masks is not None:
-            mask[start : end - 1] = masks[i]
-            mask[end - 1] = 0  # the chat template's end marker is the target; EOS only separates
+            mask[start : start + len(doc[1])] = masks[i]
+            mask[start + len(doc[1]) : end] = 0  # the chat template's end marker is the target; EOS only separates
     return stream, doc_index, family, mask
+
+
+def split_long_documents(docs: list[tuple[int, np.ndarray]], seq_len: int) -> list[tuple[int, np.ndarray, bool]]:
+    """Documents that do not fit one sequence with their EOS, cut into sequence-long pieces (which
+    fill a sequence each and carry no EOS) and a closing piece; the rest unchanged. For best-fit
+    packing, so a long document is spread over sequences instead of cut to its first tokens."""
+    pieces = []
+    for family, tokens in docs:
+        while len(tokens) >= seq_len:
+            pieces.append((family, tokens[:seq_len], False))
+            tokens = tokens[seq_len:]
+        pieces.append((family, tokens, True))
+    return pieces
 
 
 def _renumber(doc_index: np.ndarray) -> np.ndarray:
@@ -190,8 +206,8 @@ def pack_bins(
     if not docs:
         raise ValueError("no documents to pack")
     limit = seq_len - 1
-    truncated = sum(len(t) > limit for _, t in docs)
-    docs = [(f, t[:limit]) for f, t in docs]
+    truncated = sum(len(doc[1]) > limit for doc in docs if len(doc) < 3 or doc[2])
+    docs = [(doc[0], doc[1][:limit], *doc[2:]) if len(doc) < 3 or doc[2] else doc for doc in docs]
     masks = [m[:limit] for m in masks] if masks is not None else None
     rows = []
     for members in bins:

@@ -74,8 +74,14 @@ JSONL_SUFFIXES = tuple(f".{ext}{comp}" for ext in ("jsonl", "json") for comp in 
 def _records(path: Path) -> Iterator[dict]:
     name = path.name
     if name.endswith(JSONL_SUFFIXES):  # compression detected from the suffix
-        with pa.input_stream(str(path), compression="detect") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
+        with pa.input_stream(str(path), compression="detect") as stream, io.BufferedReader(stream) as f:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(
+                        f"{path}:{line_no}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+                    ) from None
                 if line.strip():
                     try:
                         yield json.loads(line)
@@ -140,19 +146,27 @@ class LanguageIdentifier:
 
 def read_file(path: Path, source: SourceConfig, table: dict[str, str], identify=None) -> Iterator[Document]:
     """NFC-normalised documents of one file that pass the length filters, with their family."""
+    records = 0
     for i, record in enumerate(_records(path)):
-        if source.text_field not in record:
-            raise ConfigError(f"{path}: record {i} has no field {source.text_field!r}")
-        text = unicodedata.normalize("NFC", record[source.text_field] or "").strip()
+        records += 1
+        where = f"{path}: record {i + 1}"  # 1-based: the line of a JSONL file without blank lines
+        if not isinstance(record, dict) or source.text_field not in record:
+            raise ConfigError(f"{where} has no field {source.text_field!r}")
+        value = record[source.text_field]
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{where}: field {source.text_field!r} is {type(value).__name__} {value!r:.40}, not text")
+        text = unicodedata.normalize("NFC", value or "").strip()
         if len(text) < max(1, source.min_chars) or (source.max_chars and len(text) > source.max_chars):
             continue
         if source.lang == "auto":
             lang = identify(text)
         else:
             lang = source.lang or record.get(source.lang_field)
-        if not lang:
-            raise ConfigError(f"{path}: record {i} has no language in field {source.lang_field!r}")
+        if not lang or not isinstance(lang, str):
+            raise ConfigError(f"{where} has no language in field {source.lang_field!r}")
         try:
             yield Document(text=text, lang=lang, family=family_of(lang, table))
         except KeyError as err:
-            raise ConfigError(f"{path}: record {i}: {err.args[0]}") from None
+            raise ConfigError(f"{where}: {err.args[0]}") from None
+    if records == 0:
+        raise ConfigError(f"{path}: no records (an empty file); remove it from the sources")

@@ -40,6 +40,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return tokenizer
 
 
+def text_only(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer without its added tokens, for document text: a literal `<|endoftext|>`, `<|pad|>`
+    or chat role in a document is encoded as the characters it is, never as the control token
+    (tiktoken's `encode_ordinary` does the same), so both encoders give the same ids."""
+    spec = json.loads(tokenizer.to_str())
+    spec["added_tokens"] = []
+    return Tokenizer.from_str(json.dumps(spec))
+
+
 def tokenizer_hash(tokenizer: Tokenizer) -> str:
     """Content hash: the shards and the trainer must agree on it."""
     return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import queue
 import socket
+import time
 import traceback
 from collections.abc import Callable
 
@@ -51,9 +53,19 @@ def run_ranks(world_size: int, fn: Callable, *args, timeout: float = 300) -> lis
     for p in procs:
         p.start()
     out: dict[int, object] = {}
+    deadline = time.monotonic() + timeout
     try:
-        for _ in procs:
-            rank, status, value = results.get(timeout=timeout)
+        while len(out) < world_size:
+            try:
+                rank, status, value = results.get(timeout=1.0)
+            except queue.Empty:  # a rank killed (out of memory, a signal) never reports: say so now
+                dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in out]
+                if dead:
+                    raise RuntimeError(f"rank {dead[0][0]} died with exit code {dead[0][1]} before returning") from None
+                if time.monotonic() > deadline:
+                    missing = sorted(set(range(world_size)) - set(out))
+                    raise TimeoutError(f"ranks {missing} gave no result in {timeout}s") from None
+                continue
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
             out[rank] = pickle.loads(value)

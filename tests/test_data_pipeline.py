@@ -98,7 +98,7 @@ def test_math_problems_verify():
 def test_unknown_language_names_file_and_record(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"text": "hello", "lang": "klingon"}) + "\n")
-    with pytest.raises(ConfigError, match=r"bad\.jsonl: record 0: language 'klingon'"):
+    with pytest.raises(ConfigError, match=r"bad\.jsonl: record 1: language 'klingon'"):
         build(small_build(tmp_path, [str(path)]))
     assert not (tmp_path / "out").exists(), "nothing half-written"
 
@@ -111,6 +111,47 @@ def test_missing_text_field_and_bad_json(tmp_path):
     path.write_text('{"text": "ok", "lang": "en"}\n{not json\n')
     with pytest.raises(ValueError, match=r"docs\.jsonl:2: not valid JSON"):
         build(small_build(tmp_path, [str(path)]))
+
+
+def good_records(path: Path, n: int = 40) -> Path:
+    path.write_text("".join(json.dumps({"text": f"good text {i} " * 5, "lang": "en"}) + "\n" for i in range(n)))
+    return path
+
+
+FINE = b'{"text": "fine", "lang": "en"}\n'
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (FINE + b'{"text": "caf\xff", "lang": "fr"}\n', r"bad\.jsonl:2: not valid UTF-8 \(byte 0xff"),
+        (FINE + b'{"text": 12345, "lang": "en"}\n', r"bad\.jsonl: record 2: field 'text' is int"),
+        (b'{"text": "fine", "lang": null}\n', r"bad\.jsonl: record 1 has no language"),
+        (b"", r"bad\.jsonl: no records"),
+        (b"\n\n", r"bad\.jsonl: no records"),
+    ],
+    ids=["invalid-utf8", "number-as-text", "no-language", "empty", "blank-lines"],
+)
+def test_bad_input_names_file_and_line_and_keeps_the_previous_output(tmp_path, content, message):
+    good = good_records(tmp_path / "good.jsonl")
+    first = build(small_build(tmp_path, [str(good)]))
+    (tmp_path / "bad.jsonl").write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        build(small_build(tmp_path, [str(good), str(tmp_path / "bad.jsonl")]))
+    assert read_manifest(tmp_path / "out") == first, "the previous dataset is untouched"
+    assert not (tmp_path / "out.building").exists(), "no staging folder is left behind"
+
+
+def test_config_mistakes_are_found_before_any_document_is_read(tmp_path, monkeypatch):
+    from data_pipeline import build as build_module
+
+    good = good_records(tmp_path / "good.jsonl")
+    monkeypatch.setattr(build_module, "train_bpe", lambda *a: pytest.fail("tokenizer trained before the check"))
+    with pytest.raises(ConfigError, match="ratios.romanse: no such language family; did you mean 'romance'"):
+        build(dataclasses.replace(small_build(tmp_path, [str(good)]), ratios={"romanse": 1.0}))
+    with pytest.raises(ConfigError, match=r"sources\[0\]\.lang: language 'eng' has no family.*did you mean 'en'"):
+        build(small_build(tmp_path, sources=[SourceConfig(paths=[str(good)], lang="eng")]))
+    assert not (tmp_path / "out.building").exists()
 
 
 def test_unknown_config_key_is_refused_with_suggestion(tmp_path):
@@ -323,3 +364,59 @@ def test_fast_encoder_gives_the_tokenizers_ids_or_is_not_used(corpus_dir, small_
     assert fast_encoder(tokenizer) is None
     ids, agreed = encode_batch(tokenizer, fast, ["Upper Case"])  # a stale fast encoder is caught
     assert not agreed and ids == [tokenizer.encode("Upper Case", add_special_tokens=False).ids]
+
+
+def test_document_text_never_becomes_a_control_token(small_dataset):
+    """A literal `<|endoftext|>` or `<|pad|>` in a document is text: the same ids from tiktoken and from
+    `tokenizers`, in either batch order, and never the EOS or PAD id."""
+    from data_pipeline.tokenizer import encode_batch, fast_encoder, load_tokenizer, special_ids, text_only
+
+    tokenizer = load_tokenizer(small_dataset)
+    eos, pad = special_ids(tokenizer)
+    texts = ["before <|endoftext|> after", "<|pad|><|pad|>x", "plain words", "<|endoftext|>"]
+    documents, fast = text_only(tokenizer), fast_encoder(tokenizer)
+    results = []
+    for order in (texts, texts[::-1]):
+        by_tiktoken, agreed = encode_batch(documents, fast, order)
+        by_tokenizers, _ = encode_batch(documents, None, order)
+        assert agreed and by_tiktoken == by_tokenizers
+        results.append(dict(zip(order, by_tiktoken, strict=True)))
+        assert not {eos, pad} & {i for ids in by_tiktoken for i in ids}
+    assert results[0] == results[1]
+    assert tokenizer.encode("<|endoftext|>", add_special_tokens=False).ids == [eos], "the control token itself stays"
+
+
+def test_a_built_dataset_holds_one_eos_per_document_whatever_its_text(tmp_path):
+    text = "story {} <|endoftext|> goes on <|pad|> and on <|endoftext|>"
+    records = [{"text": text.format(i), "lang": "en"} for i in range(30)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    manifest = build(dataclasses.replace(small_build(tmp_path, [str(path)]), total_tokens=0, valid_docs_per_family=1))
+    eos_count = 0
+    for split in ("train", "valid"):
+        data = PackedDataset(tmp_path / "out", split)
+        batch = data.get(np.arange(len(data)))
+        eos_count += int(((batch.tokens == manifest["eos_id"]) & (batch.doc_ids >= 0)).sum())
+    assert eos_count == len(records)
+
+
+@pytest.mark.parametrize("script", ["zh", "ja"])
+def test_near_duplicates_without_spaces_are_found(tmp_path, script):
+    """Chinese and Japanese are written without spaces: shingles of characters, not of words."""
+    from data_pipeline.build import NearDedupConfig
+
+    rng = np.random.default_rng(1)
+    alphabet = [chr(c) for c in (range(0x4E00, 0x4E00 + 2000) if script == "zh" else range(0x3041, 0x3097))]
+    if script == "ja":
+        alphabet += [chr(c) for c in range(0x4E00, 0x4E00 + 500)]
+    base = ["".join(rng.choice(alphabet, size=300)) + "。" for _ in range(20)]
+    near_copies = []
+    for text in base[:10]:  # two characters replaced, and a line added at the end
+        chars = list(text)
+        for position in rng.choice(len(chars) - 1, size=2, replace=False):
+            chars[position] = alphabet[(alphabet.index(chars[position]) + 1) % len(alphabet)]
+        near_copies.append("".join(chars) + "\n以上")
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "lang": script}) + "\n" for t in base + near_copies))
+    config = dataclasses.replace(small_build(tmp_path, [str(path)]), near_dedup=NearDedupConfig(threshold=0.8))
+    assert build(config)["near_duplicates_removed"] >= 9  # recall >= 0.9

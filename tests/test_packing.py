@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -122,3 +124,61 @@ def test_best_fit_keeps_documents_whole_and_beats_first_come_padding():
     assert len(packed) < len(docs) and len(packed) <= 1.1 * -(-total // 128)
     long = [(0, list(range(2, 300)))]
     assert pack_best_fit(long, 128, EOS, PAD).truncated_docs == 1
+
+
+def test_one_long_document_cannot_push_its_family_past_its_share():
+    """The document that crosses a family's budget is cut there: shares hold within a point."""
+    rng = np.random.default_rng(1)
+    lengths = {"germanic": rng.integers(50, 400, size=2000), "semitic": np.array([385_000, 300, 200, 500])}
+    lengths["romance"] = rng.integers(50, 400, size=3000)
+    ratios = {"germanic": 0.45, "semitic": 0.15, "romance": 0.40}
+    mixture, report = draw_documents(lengths, ratios, 1_000_000, seed=0, max_epochs=None)
+    total = sum(r.drawn_tokens for r in report)
+    for r in report:
+        assert r.drawn_tokens / total == pytest.approx(ratios[r.family], abs=0.01), r.family
+        assert r.drawn_tokens == round(ratios[r.family] * 1_000_000)
+    cut = mixture[mixture[:, 2] >= 0]
+    assert len(cut) <= len(ratios), "at most one cut document per family"
+
+
+def test_max_epochs_caps_a_scarce_family_and_zero_total_takes_every_token_once():
+    lengths = {"germanic": np.full(500, 100), "kra_dai": np.array([100, 120])}
+    _, capped = draw_documents(lengths, {"germanic": 0.5, "kra_dai": 0.5}, 100_000, seed=0, max_epochs=4)
+    kra_dai = next(r for r in capped if r.family == "kra_dai")
+    assert kra_dai.epochs <= 4 and kra_dai.drawn_tokens == 4 * (101 + 121)
+    available = {f: int(n.sum() + len(n)) for f, n in lengths.items()}
+    natural = normalize_ratios({}, available)
+    _, once = draw_documents(lengths, natural, sum(available.values()), seed=0, max_epochs=4)
+    assert all(r.drawn_tokens == r.available_tokens for r in once), "every token exactly once"
+
+
+def test_best_fit_splits_long_documents_instead_of_dropping_them(tmp_path):
+    from data_pipeline.build import BuildConfig, TokenizerConfig, build
+    from data_pipeline.loader import PackedDataset
+    from data_pipeline.sources import SourceConfig
+
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(200)]
+    texts = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(10, 400, size=60)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "lang": "en"}) + "\n" for t in texts))
+    config = BuildConfig(
+        output_dir=str(tmp_path / "out"), sources=[SourceConfig(paths=[str(path)])], seq_len=64, total_tokens=0,
+        packing="best_fit", valid_docs_per_family=2, tokenizer=TokenizerConfig(vocab_size=300),
+    )  # fmt: skip
+    manifest = build(config)
+    assert manifest["packing"]["truncated_docs"] == 0 and manifest["packing"]["split_docs"] > 10
+    data = PackedDataset(tmp_path / "out", "train")
+    batch = data.get(np.arange(len(data)))
+    kept = int((batch.doc_ids >= 0).sum())
+    assert kept == manifest["family_stats"]["germanic"]["tokens"], "every drawn token is in a sequence"
+    assert manifest["family_stats"]["germanic"]["epochs"] == 1.0
+
+
+def test_every_token_once_refuses_ratios():
+    from data_pipeline.build import BuildConfig
+    from data_pipeline.config import ConfigError
+    from data_pipeline.sources import SourceConfig
+
+    with pytest.raises(ConfigError, match="total_tokens: 0 takes every token once"):
+        BuildConfig(output_dir="x", sources=[SourceConfig(paths=["a"])], total_tokens=0, ratios={"germanic": 1.0})
