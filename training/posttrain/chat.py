@@ -16,6 +16,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from data_pipeline.tokenizer import text_only
+
 ROLES = ("system", "user", "assistant")
 END = "<|end|>"
 
@@ -26,24 +28,28 @@ class Encoded:
     loss_mask: list[bool]  # True where the token is a training target
 
 
-def render(messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
-    """Text pieces of the conversation and whether each is trained on."""
+def render(messages: list[dict[str, str]]) -> list[tuple[str, bool, bool]]:
+    """Text pieces of the conversation: (text, trained on, written by the user rather than the template)."""
     pieces = []
     for i, message in enumerate(messages):
         role, content = message.get("role"), message.get("content")
         if role not in ROLES or not isinstance(content, str):
             raise ValueError(f"message {i}: needs role in {ROLES} and string content, got {message!r}")
-        pieces.append((f"<|{role}|>\n", False))
-        pieces.append((content + END, role == "assistant"))
-        pieces.append(("\n", False))
+        pieces.append((f"<|{role}|>\n", False, False))
+        pieces.append((content, role == "assistant", True))
+        pieces.append((END, role == "assistant", False))
+        pieces.append(("\n", False, False))
     return pieces
 
 
-def encode_conversation(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> Encoded:
-    """Token ids and loss mask; pieces are encoded separately so the mask boundaries are exact."""
+def encode_conversation(tokenizer: Tokenizer, messages: list[dict[str, str]], text_tokenizer=None) -> Encoded:
+    """Token ids and loss mask; pieces are encoded separately so the mask boundaries are exact.
+    Message content goes through `text_tokenizer` (default `text_only(tokenizer)`), so a literal
+    `<|end|>` or `<|user|>` in a message stays text and cannot end or open a turn."""
+    text_tokenizer = text_tokenizer or text_only(tokenizer)
     ids, mask = [], []
-    for text, trained in render(messages):
-        piece = tokenizer.encode(text, add_special_tokens=False).ids
+    for text, trained, content in render(messages):
+        piece = (text_tokenizer if content else tokenizer).encode(text, add_special_tokens=False).ids
         ids.extend(piece)
         mask.extend([trained] * len(piece))
     return Encoded(ids, mask)
@@ -53,10 +59,10 @@ class PhiChat:
     """The built-in template above, on a dataset's own tokenizer."""
 
     def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
+        self.tokenizer, self.text_tokenizer = tokenizer, text_only(tokenizer)
 
     def encode(self, messages: list[dict[str, str]]) -> Encoded:
-        return encode_conversation(self.tokenizer, messages)
+        return encode_conversation(self.tokenizer, messages, self.text_tokenizer)
 
     def prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """The conversation followed by the assistant's header: what generation continues."""

@@ -25,7 +25,7 @@ from data_pipeline.loader import PackedDataset
 from data_pipeline.packing import PackedSequences, pack_best_fit, pack_bins, pack_documents
 from data_pipeline.shards import read_manifest, write_dataset
 from data_pipeline.synthetic.math_problems import MathProblem, generate_problems
-from data_pipeline.tokenizer import load_tokenizer, special_ids
+from data_pipeline.tokenizer import load_tokenizer, special_ids, text_only
 from training.posttrain.chat import chat_format
 
 KINDS = ("cot", "sft", "dpo")
@@ -96,7 +96,7 @@ def cot_documents(config: ReasoningDataConfig, tokenizer: Tokenizer) -> list[lis
         texts = [r["text"] for r in read_jsonl(config.jsonl, ("text",))]
     else:
         texts = [p.text for p in _problems(config)]
-    return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return [e.ids for e in text_only(tokenizer).encode_batch(texts, add_special_tokens=False)]
 
 
 def sft_conversations(config: ReasoningDataConfig) -> list[list[dict[str, str]]]:
