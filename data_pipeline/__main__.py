@@ -27,16 +27,24 @@ def summarize(data_dir: str | Path) -> str:
     if packing:
         lines.append(
             f"  packing {packing['strategy']}: {100 * packing['padding_fraction']:.2f}% of train slots are padding, "
-            f"{packing['truncated_docs']} documents truncated"
+            f"{packing['truncated_docs']} documents truncated, {packing.get('split_docs', 0)} split"
         )
     removed = (manifest.get("duplicates_removed", 0), manifest.get("near_duplicates_removed", 0))
     lines.append(f"  removed {removed[0]} exact and {removed[1]} near duplicates")
-    lines.append(f"  {'family':14s} {'ratio':>7s} {'tokens':>10s} {'docs':>7s} {'epochs':>7s} {'valid':>6s}")
+    lines.append(
+        f"  {'family':14s} {'asked':>7s} {'share':>7s} {'tokens':>10s} {'docs':>7s} {'epochs':>7s} {'valid':>6s}"
+    )
     for family, s in manifest["family_stats"].items():
+        share = f"{s['share']:7.3f}" if "share" in s else f"{'-':>7s}"
         lines.append(
-            f"  {family:14s} {s['ratio']:7.3f} {s['tokens']:10d} {s['documents']:7d} {s['epochs']:7.2f} "
+            f"  {family:14s} {s['ratio']:7.3f} {share} {s['tokens']:10d} {s['documents']:7d} {s['epochs']:7.2f} "
             f"{s.get('valid_documents', 0):6d}"
         )
+    if manifest.get("languages"):
+        lines.append(f"  {'language':9s} {'family':14s} {'docs':>7s} {'tokens':>10s} {'id conf.':>8s}")
+        for lang, s in manifest["languages"].items():
+            lines.append(f"  {lang:9s} {s['family']:14s} {s['documents']:7d} {s['tokens']:10d} {s['confidence']:8.3f}")
+    lines += [f"  warning: {w}" for w in manifest.get("warnings", [])]
     return "\n".join(lines)
 
 

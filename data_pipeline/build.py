@@ -18,6 +18,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections import defaultdict
@@ -139,9 +140,10 @@ class Unit:
 
 
 _WORKER: dict = {}
-# Spaced scripts average 5-7 characters per word with its space; a text whose whitespace-separated
-# pieces average more than this is written without spaces between words, and is shingled by characters.
-UNSPACED_CHARS_PER_PIECE = 16
+# Scripts written without spaces between words: Han, Hiragana, Katakana, Thai, Lao, Myanmar, Khmer.
+UNSPACED_SCRIPTS = re.compile(
+    r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff]"
+)
 
 
 def _init_worker(tokenizer_file: str, families_file: str | None, near_dedup: NearDedupConfig | None) -> None:
@@ -161,11 +163,12 @@ def _minhash(text: str, near: NearDedupConfig) -> np.ndarray:
 
 
 def shingles(text: str, n: int) -> set[str]:
-    """Word n-grams, or character n-grams for text written without spaces between words (Chinese,
-    Japanese, Thai): whitespace splits such text into a handful of sentence-long "words", and no
-    two near-duplicates would share a shingle."""
+    """Word n-grams, or character n-grams for text mostly in scripts written without spaces between
+    words (Chinese, Japanese, Thai): whitespace splits such text into a handful of sentence-long
+    "words", and no two near-duplicates would share a shingle."""
     words = text.split()
-    if words and len(text) / len(words) > UNSPACED_CHARS_PER_PIECE:
+    letters = sum(c.isalpha() for c in text)
+    if letters and len(UNSPACED_SCRIPTS.findall(text)) > 0.3 * letters:
         chars = "".join(words)
         return {chars[i : i + n] for i in range(max(1, len(chars) - n + 1))}
     return {" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))}
@@ -186,6 +189,8 @@ def tokenize_unit(unit: Unit, out_file: str, batch_docs: int) -> dict:
             _WORKER["fast"] = None
         for doc, ids in zip(docs, encoded, strict=True):
             columns["family"].append(doc.family)
+            columns["lang"].append(doc.lang.lower().replace("_", "-"))
+            columns["confidence"].append(doc.confidence)
             columns["tokens"].append(np.asarray(ids, np.int32))
             columns["key"].append(hashlib.blake2b(doc.text.encode(), digest_size=16).digest())
             if near is not None:
@@ -201,6 +206,8 @@ def tokenize_unit(unit: Unit, out_file: str, batch_docs: int) -> dict:
     flush(batch)
     arrays = {
         "family": pa.array(columns["family"], pa.string()).dictionary_encode(),
+        "lang": pa.array(columns["lang"], pa.string()).dictionary_encode(),
+        "confidence": pa.array(columns["confidence"], pa.float32()),
         "tokens": pa.array(columns["tokens"], pa.list_(pa.int32())),
         "key": pa.array(columns["key"], pa.binary(16)),
     }
@@ -277,6 +284,7 @@ class Selection:
     valid: dict[str, np.ndarray]
     duplicates: int
     near_duplicates: int
+    languages: dict[str, dict]  # per language of the kept documents: family, documents, tokens, confidence
 
 
 def select_documents(config: BuildConfig, unit_files: list[Path]) -> Selection:
@@ -287,10 +295,13 @@ def select_documents(config: BuildConfig, unit_files: list[Path]) -> Selection:
 
         lsh = MinHashLSH(threshold=config.near_dedup.threshold, num_perm=config.near_dedup.num_perm)
     refs: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
+    languages: dict[str, dict] = {}
     duplicates = near = 0
     for u, path in enumerate(tqdm(unit_files, desc="deduplicate", unit="file", leave=False)):
         table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
         families = table.column("family").to_pylist()
+        langs = table.column("lang").to_pylist()
+        confidences = table.column("confidence").to_numpy()
         keys = table.column("key").to_pylist()
         lengths = table.column("tokens").combine_chunks().value_lengths().to_numpy()
         signatures = table.column("minhash").to_pylist() if lsh is not None else None
@@ -309,6 +320,10 @@ def select_documents(config: BuildConfig, unit_files: list[Path]) -> Selection:
                     continue
                 lsh.insert(f"{u}:{row}", signature)
             refs[family].append((u, row, int(lengths[row])))
+            stats = languages.setdefault(langs[row], {"family": family, "documents": 0, "tokens": 0, "confidence": 0.0})
+            stats["documents"] += 1
+            stats["tokens"] += int(lengths[row])
+            stats["confidence"] += float(confidences[row])
     if not refs:
         raise ConfigError("sources: no documents found")
     train, train_lengths, valid = {}, {}, {}
@@ -319,7 +334,9 @@ def select_documents(config: BuildConfig, unit_files: list[Path]) -> Selection:
         valid[family] = array[order[:held], :2]
         kept = array[np.sort(order[held:])]
         train[family], train_lengths[family] = kept[:, :2], kept[:, 2]
-    return Selection(train, train_lengths, valid, duplicates, near)
+    for stats in languages.values():  # mean identification probability (1 where records gave it)
+        stats["confidence"] = round(stats["confidence"] / stats["documents"], 4)
+    return Selection(train, train_lengths, valid, duplicates, near, dict(sorted(languages.items())))
 
 
 # ---- pass 3: mix and pack ---------------------------------------------------------------------
@@ -541,6 +558,7 @@ def _build(config: BuildConfig, units: list[Unit], out: Path, staging: Path) -> 
             "truncated_docs": truncated,
             "split_docs": split,  # best_fit: documents longer than a sequence, packed as pieces
         },
+        "languages": selection.languages,
         "warnings": warnings,
         "duplicates_removed": selection.duplicates,
         "near_duplicates_removed": selection.near_duplicates,

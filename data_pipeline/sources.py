@@ -56,6 +56,7 @@ class Document:
     text: str
     lang: str
     family: str
+    confidence: float = 1.0  # of language identification; 1 when the record gave its language
 
 
 def expand_paths(patterns: list[str]) -> list[Path]:
@@ -130,18 +131,27 @@ def source_files(source: SourceConfig) -> list[Path]:
 
 
 class LanguageIdentifier:
-    """py3langid's offline model restricted to the languages the family table knows."""
+    """py3langid's offline model restricted to the languages the family table knows, over the whole
+    document: a long one is sampled at its start, middle and end, so a preamble in another language
+    does not decide it. Returns the language and its probability."""
+
+    SAMPLE_CHARS = 1000
 
     def __init__(self, table: dict[str, str]):
         from py3langid.langid import MODEL_FILE
         from py3langid.langid import LanguageIdentifier as Model
 
-        self.model = Model.from_model_file(MODEL_FILE, norm_probs=False)
+        self.model = Model.from_model_file(MODEL_FILE, norm_probs=True)
         known = [lang for lang in self.model.nb_classes if lang in table]
         self.model.set_languages(known)
 
-    def __call__(self, text: str) -> str:
-        return self.model.classify(text[:2000])[0]
+    def __call__(self, text: str) -> tuple[str, float]:
+        n = self.SAMPLE_CHARS
+        if len(text) > 3 * n:
+            middle = len(text) // 2
+            text = " ".join((text[:n], text[middle - n // 2 : middle + n // 2], text[-n:]))
+        lang, probability = self.model.classify(text)
+        return lang, float(probability)
 
 
 def read_file(path: Path, source: SourceConfig, table: dict[str, str], identify=None) -> Iterator[Document]:
@@ -158,14 +168,15 @@ def read_file(path: Path, source: SourceConfig, table: dict[str, str], identify=
         text = unicodedata.normalize("NFC", value or "").strip()
         if len(text) < max(1, source.min_chars) or (source.max_chars and len(text) > source.max_chars):
             continue
+        confidence = 1.0
         if source.lang == "auto":
-            lang = identify(text)
+            lang, confidence = identify(text)
         else:
             lang = source.lang or record.get(source.lang_field)
         if not lang or not isinstance(lang, str):
             raise ConfigError(f"{where} has no language in field {source.lang_field!r}")
         try:
-            yield Document(text=text, lang=lang, family=family_of(lang, table))
+            yield Document(text=text, lang=lang, family=family_of(lang, table), confidence=confidence)
         except KeyError as err:
             raise ConfigError(f"{where}: {err.args[0]}") from None
     if records == 0:
