@@ -14,6 +14,7 @@ batch per worker, one shard, and a few integers per document (references, length
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -277,7 +278,8 @@ def tokenize_all(config: BuildConfig, units: list[Unit], staging: Path, tokenize
 # ---- pass 2: select ---------------------------------------------------------------------------
 @dataclass
 class Selection:
-    """Per family: (unit, row) references and token counts of the training and validation documents."""
+    """Per family: (unit, row, language id) references and token counts of the training and validation
+    documents."""
 
     train: dict[str, np.ndarray]
     train_lengths: dict[str, np.ndarray]
@@ -319,8 +321,8 @@ def select_documents(config: BuildConfig, unit_files: list[Path]) -> Selection:
                     near += 1
                     continue
                 lsh.insert(f"{u}:{row}", signature)
-            refs[family].append((u, row, int(lengths[row])))
             stats = languages.setdefault(langs[row], {"family": family, "documents": 0, "tokens": 0, "confidence": 0.0})
+            refs[family].append((u, row, int(lengths[row]), list(languages).index(langs[row])))
             stats["documents"] += 1
             stats["tokens"] += int(lengths[row])
             stats["confidence"] += float(confidences[row])
@@ -331,12 +333,16 @@ def select_documents(config: BuildConfig, unit_files: list[Path]) -> Selection:
         array = np.array(refs[family], dtype=np.int64)
         order = np.random.default_rng([config.seed, position]).permutation(len(array))
         held = min(config.valid_docs_per_family, len(array) // 5)
-        valid[family] = array[order[:held], :2]
+        valid[family] = array[order[:held]][:, [0, 1, 3]]
         kept = array[np.sort(order[held:])]
-        train[family], train_lengths[family] = kept[:, :2], kept[:, 2]
+        train[family], train_lengths[family] = kept[:, [0, 1, 3]], kept[:, 2]
     for stats in languages.values():  # mean identification probability (1 where records gave it)
         stats["confidence"] = round(stats["confidence"] / stats["documents"], 4)
-    return Selection(train, train_lengths, valid, duplicates, near, dict(sorted(languages.items())))
+    order = sorted(languages)  # language ids in the shards: positions in the manifest's sorted table
+    renumber = np.array([order.index(lang) for lang in languages], dtype=np.int64)
+    for rows in (*train.values(), *valid.values()):
+        rows[:, 2] = renumber[rows[:, 2]]
+    return Selection(train, train_lengths, valid, duplicates, near, {lang: languages[lang] for lang in order})
 
 
 # ---- pass 3: mix and pack ---------------------------------------------------------------------
@@ -380,6 +386,19 @@ class ShardWriter:
         atomic_write_text(self.staging / "progress.json", json.dumps(self.progress))
 
 
+def languages_to_families(languages: dict[str, dict], families: list[str]):
+    """Documents are packed with their language id as label; this turns such sequences into ones
+    with family ids (what the loss is split by) and language ids (recorded in the shards)."""
+    family_of_language = np.array([families.index(s["family"]) for s in languages.values()], dtype=np.int8)
+
+    def label(packed: PackedSequences) -> PackedSequences:
+        langs = packed.family_ids.astype(np.int16)
+        family = np.where(langs >= 0, family_of_language[np.maximum(langs, 0)], -1).astype(np.int8)
+        return dataclasses.replace(packed, family_ids=family, lang_ids=langs)
+
+    return label
+
+
 def pack_train(config, selection, ratios, store, families, eos, pad, writer) -> tuple[list, int, int]:
     """The training split; returns the per-family draws, documents cut to fit a sequence (0: long
     documents are split instead) and documents split into sequence-long pieces (best_fit)."""
@@ -387,15 +406,15 @@ def pack_train(config, selection, ratios, store, families, eos, pad, writer) -> 
     total = config.total_tokens or sum(int(n.sum()) + len(n) for n in lengths.values())
     mixture, draws = draw_documents(lengths, ratios, total, config.seed, config.max_epochs)
     drawn_families = sorted(ratios)
-    family_index = {f: families.index(f) for f in drawn_families}
+    label = languages_to_families(selection.languages, families)
     rows = config.sequences_per_shard
 
     def documents(part):
         for position, doc, keep in part:
             family = drawn_families[position]
-            unit, row = selection.train[family][doc]
+            unit, row, lang = selection.train[family][doc]
             tokens = store.get(unit, row)
-            yield family_index[family], tokens if keep < 0 else tokens[:keep]
+            yield lang, tokens if keep < 0 else tokens[:keep]
 
     split = 0
     bar = tqdm(total=sum(d.drawn_tokens for d in draws), desc="pack", unit="tok", unit_scale=True)
@@ -403,11 +422,11 @@ def pack_train(config, selection, ratios, store, families, eos, pad, writer) -> 
         packer = StreamPacker(config.seq_len, eos, pad, rows)
         for family, tokens in documents(mixture):
             for block in packer.add(family, tokens):
-                writer.write(block)
+                writer.write(label(block))
             bar.update(len(tokens) + 1)
         last = packer.finish()
         if last is not None:
-            writer.write(last)
+            writer.write(label(last))
     else:  # best fit inside windows of documents, so memory stays bounded
         window = max(1, rows * config.seq_len // 64)
         for start in range(0, len(mixture), window):
@@ -417,7 +436,7 @@ def pack_train(config, selection, ratios, store, families, eos, pad, writer) -> 
             bins = best_fit_bins([len(p[1]) + p[2] for p in pieces], config.seq_len)
             packed = pack_bins(pieces, config.seq_len, eos, pad, bins)
             for block_start in range(0, len(packed), rows):
-                writer.write(packed.take(slice(block_start, block_start + rows)))
+                writer.write(label(packed.take(slice(block_start, block_start + rows))))
             bar.update(sum(len(t) + 1 for _, t in docs))
     bar.close()
     return draws, 0, split
@@ -523,11 +542,11 @@ def _build(config: BuildConfig, units: list[Unit], out: Path, staging: Path) -> 
     draws, truncated, split = pack_train(config, selection, ratios, store, families, eos, pad, train_writer)
     valid_entries, valid_padding = [], 0
     for family in families:  # one set of validation shards per family
-        docs = [(families.index(family), store.get(u, r)) for u, r in selection.valid[family]]
+        docs = [(lang, store.get(u, r)) for u, r, lang in selection.valid[family]]
         if not docs:
             continue
         writer = ShardWriter(staging, "valid", progress, family)
-        packed = pack_documents(docs, config.seq_len, eos, pad)
+        packed = languages_to_families(selection.languages, families)(pack_documents(docs, config.seq_len, eos, pad))
         for start in range(0, len(packed), config.sequences_per_shard):
             writer.write(packed.take(slice(start, start + config.sequences_per_shard)))
         valid_entries += writer.entries

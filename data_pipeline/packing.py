@@ -22,9 +22,10 @@ import numpy as np
 class PackedSequences:
     tokens: np.ndarray  # [n, seq_len] int32
     doc_ids: np.ndarray  # [n, seq_len] int32, -1 on padding
-    family_ids: np.ndarray  # [n, seq_len] int8, -1 on padding
+    family_ids: np.ndarray  # [n, seq_len] int8, -1 on padding (packers: any int16 document label)
     loss_mask: np.ndarray | None = None  # [n, seq_len] int8, 1 where the token is a training target
     truncated_docs: int = 0
+    lang_ids: np.ndarray | None = None  # [n, seq_len] int16, each token's language (manifest "languages")
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -36,7 +37,8 @@ class PackedSequences:
     def take(self, rows: slice) -> PackedSequences:
         """The sequences in `rows` (a shard's worth, say), loss mask included."""
         mask = self.loss_mask[rows] if self.loss_mask is not None else None
-        return PackedSequences(self.tokens[rows], self.doc_ids[rows], self.family_ids[rows], mask)
+        langs = self.lang_ids[rows] if self.lang_ids is not None else None
+        return PackedSequences(self.tokens[rows], self.doc_ids[rows], self.family_ids[rows], mask, lang_ids=langs)
 
     @staticmethod
     def concatenate(parts: list[PackedSequences]) -> PackedSequences:
@@ -55,7 +57,7 @@ def _stream(docs, eos_id: int, masks):
     stream = np.empty(total, dtype=np.int32)
     mask = np.ones(total, dtype=np.int8)
     doc_index = np.repeat(np.arange(len(docs), dtype=np.int64), lengths)
-    family = np.repeat(np.array([doc[0] for doc in docs], dtype=np.int8), lengths)
+    family = np.repeat(np.array([doc[0] for doc in docs], dtype=np.int16), lengths)
     ends = np.cumsum(lengths)
     for i, (doc, end) in enumerate(zip(docs, ends, strict=True)):
         start = end - lengths[i]
@@ -106,7 +108,7 @@ def pack_documents(
     return PackedSequences(
         tokens=fill(stream, pad_id, np.int32),
         doc_ids=_renumber(fill(doc_index, -1, np.int64)),
-        family_ids=fill(family, -1, np.int8),
+        family_ids=fill(family, -1, np.int16),
         loss_mask=fill(mask, 0, np.int8) if masks is not None else None,
     )
 
@@ -128,7 +130,7 @@ class StreamPacker:
         """Append one document (EOS added); returns the blocks it completed."""
         n = len(tokens) + 1
         self._tokens.append(np.append(np.asarray(tokens, np.int32), np.int32(self.eos_id)))
-        self._families.append(np.full(n, family, np.int8))
+        self._families.append(np.full(n, family, np.int16))
         self._index.append(np.full(n, self._docs, np.int64))
         self._docs += 1
         self._pending += n
@@ -144,7 +146,7 @@ class StreamPacker:
         rows = -(-self._pending // self.seq_len)
         pad = rows * self.seq_len - self._pending
         self._tokens.append(np.full(pad, self.pad_id, np.int32))
-        self._families.append(np.full(pad, -1, np.int8))
+        self._families.append(np.full(pad, -1, np.int16))
         self._index.append(np.full(pad, -1, np.int64))
         self._pending += pad
         return self._cut(self._pending)
@@ -218,7 +220,7 @@ def pack_bins(
             (
                 np.concatenate([stream, np.full(pad, pad_id, np.int32)]),
                 np.concatenate([doc_index, np.full(pad, -1, np.int64)]),
-                np.concatenate([family, np.full(pad, -1, np.int8)]),
+                np.concatenate([family, np.full(pad, -1, np.int16)]),
                 np.concatenate([mask, np.zeros(pad, np.int8)]),
             )
         )
@@ -226,7 +228,7 @@ def pack_bins(
     return PackedSequences(
         tokens=tokens.astype(np.int32),
         doc_ids=_renumber(doc_index),
-        family_ids=family.astype(np.int8),
+        family_ids=family.astype(np.int16),
         loss_mask=mask.astype(np.int8) if masks is not None else None,
         truncated_docs=truncated,
     )

@@ -20,7 +20,8 @@ from data_pipeline.packing import PackedSequences
 
 MANIFEST = "manifest.json"
 COLUMNS = {"tokens": pa.int32(), "doc_ids": pa.int32(), "family_ids": pa.int8()}
-OPTIONAL_COLUMNS = {"loss_mask": pa.int8()}  # SFT / DPO: 1 where the token is a training target
+# loss_mask (SFT / DPO): 1 where the token is a training target; lang_ids: each token's language
+OPTIONAL_COLUMNS = {"loss_mask": pa.int8(), "lang_ids": pa.int16()}
 
 
 def sha256_file(path: str | Path) -> str:

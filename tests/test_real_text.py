@@ -81,3 +81,24 @@ def test_near_duplicates_of_real_text_are_found(tmp_path, lang):
     config = real_build(tmp_path, [SourceConfig(paths=[str(path)])], near_dedup=NearDedupConfig(threshold=0.8))
     removed = build(dataclasses.replace(config, tokenizer=TokenizerConfig(vocab_size=500)))["near_duplicates_removed"]
     assert 9 <= removed <= 10, "recall >= 0.9 and no distinct document taken for a copy"
+
+
+def test_every_token_carries_its_language_in_the_shards(tmp_path):
+    """Languages identified from the text (no language field), recorded per token beside the family."""
+    from data_pipeline.shards import open_shard
+
+    unlabeled = tmp_path / "unlabeled.jsonl"
+    unlabeled.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in RECORDS), encoding="utf-8")
+    manifest = build(real_build(tmp_path, [SourceConfig(paths=[str(unlabeled)], lang="auto")]))
+    names = list(manifest["languages"])
+    assert len(names) >= 14 and all(0.5 < s["confidence"] <= 1.0 for s in manifest["languages"].values())
+    table = language_table()
+    for entry in manifest["splits"]["train"] + manifest["splits"]["valid"]:
+        shard = open_shard(tmp_path / "out", entry)
+        real = shard["doc_ids"] >= 0
+        langs, families = shard["lang_ids"][real], shard["family_ids"][real]
+        expected = [manifest["families"].index(family_of(names[i], table)) for i in langs]
+        assert families.tolist() == expected, "each token's family is its language's"
+    for lang in {r["lang"] for r in RECORDS}:  # identification is right for (nearly) every document
+        truth = sum(r["lang"] == lang for r in RECORDS)
+        assert abs(manifest["languages"][lang]["documents"] - truth) <= 2, lang
