@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import subprocess
 
 import pytest
 import torch
 
+from tests.distributed import run_ranks
 from tests.test_parallel import small_config
 from training import checkpoint as checkpoint_module
 from training.checkpoint import LATEST, TRAINER_STATE, CheckpointError
@@ -47,7 +50,64 @@ def test_nonfinite_step_stops_with_a_report(small_dataset, tmp_path):
         trainer.fit()
 
 
-@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), OSError(13, "Permission denied")])
+@contextlib.contextmanager
+def small_filesystem(path, size_bytes: int):
+    """A real filesystem of `size_bytes` at `path` (tmpfs; needs root, as on the CI machines)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def folder_bytes(path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_full_disk_keeps_the_previous_checkpoint(async_save, small_dataset, tmp_path):
+    """A real full filesystem (tmpfs with room for one checkpoint and a half) under checkpoints/:
+    the second save fails with one message naming the step folder and the cause, the partial
+    folder is removed, `latest` still names the first, and training resumes from it."""
+    ranks = 2 if async_save else 1  # DCP's async save needs a process group
+    layout = dict(dp=2) if async_save else {}
+    save = CheckpointConfig(resume="auto", save_every=2, keep_last=1, async_save=async_save)
+    probe = dataclasses.replace(small_config(small_dataset, tmp_path / "probe", **layout), steps=2, checkpoint=save)
+    run_ranks(ranks, fit_or_error, probe)
+    size = folder_bytes(probe.run_dir / "checkpoints" / "step_00000002")
+    config = dataclasses.replace(probe, out_dir=str(tmp_path / "runs"), steps=4)
+    ckpt_dir = config.run_dir / "checkpoints"
+    with small_filesystem(ckpt_dir, int(1.5 * size)):
+        errors = run_ranks(ranks, fit_or_error, config)  # saves step 2, then runs out of room at step 4
+        assert (ckpt_dir / LATEST).read_text().strip() == "step_00000002"
+        assert not (ckpt_dir / "step_00000004").exists(), "no half-written checkpoint left behind"
+        for error in errors:
+            assert error is not None and "step_00000004" in error and "No space left on device" in error, error
+            assert "previous checkpoint (step_00000002)" in error and "Traceback" not in error
+        assert run_ranks(ranks, resumed_step, config) == [2] * ranks
+
+
+def fit_or_error(config) -> str | None:
+    """Train; the CheckpointError's message if a save failed."""
+    try:
+        Trainer(config).fit()
+    except CheckpointError as err:
+        return str(err)
+    return None
+
+
+def resumed_step(config) -> int:
+    trainer = Trainer(config)
+    trainer.maybe_resume()
+    return trainer.step
+
+
+@pytest.mark.parametrize("error", [OSError(13, "Permission denied")])
 def test_failed_save_keeps_the_previous_checkpoint(error, small_dataset, tmp_path, monkeypatch):
     config = dataclasses.replace(
         small_config(small_dataset, tmp_path), steps=4, checkpoint=CheckpointConfig(resume="auto", save_every=2)

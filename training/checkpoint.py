@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from data_pipeline.shards import atomic_write_text
@@ -52,6 +53,9 @@ class Checkpointer:
     def __init__(self, ckpt_dir: Path, keep_last: int = 2, async_save: bool = False):
         self.ckpt_dir, self.keep_last = ckpt_dir, keep_last
         self.async_save = async_save and dist.is_initialized()  # one process has nothing to overlap with
+        # The background save runs collectives while training runs its own: on the same group their
+        # order would interleave differently on each rank (a deadlock), so it gets a group of its own.
+        self._group = dist.new_group(backend="gloo") if self.async_save else None
         self._pending = None
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
@@ -61,12 +65,12 @@ class Checkpointer:
         state = {"model": model_state, "optim": optim_state}
         try:
             if self.async_save:
-                future = dcp.async_save(state, checkpoint_id=str(path))
+                future = dcp.async_save(state, checkpoint_id=str(path), process_group=self._group)
                 self._pending = (future, path, {"step": step, **trainer_state})
             else:
                 dcp.save(state, checkpoint_id=str(path))
                 self._finalize(path, {"step": step, **trainer_state})
-        except Exception as err:
+        except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
             self._fail(path, err)
         return path
 
@@ -77,17 +81,22 @@ class Checkpointer:
             try:
                 future.result()
                 self._finalize(path, trainer_state)
-            except Exception as err:
+            except (Exception, CheckpointException) as err:
                 self._fail(path, err)
 
-    def _fail(self, path: Path, err: Exception) -> None:
+    def _fail(self, path: Path, err: BaseException) -> None:
         """Remove the half-written folder (it never had `trainer_state.json`, so nothing points to it)."""
+        free = shutil.disk_usage(self.ckpt_dir).free  # before the partial folder gives its room back
+        _barrier_quietly()  # every rank has measured before rank 0 removes the folder
         if _is_main():
             shutil.rmtree(path, ignore_errors=True)
         pointer = self.ckpt_dir / LATEST
         previous = pointer.read_text().strip() if pointer.is_file() else "none"
+        cause = save_failure_cause(err)
+        if free < FULL_BELOW_BYTES and "No space left" not in cause:  # torch's writer says "unexpected pos"
+            cause += f" (No space left on device: {free:,} bytes were free on the filesystem of {self.ckpt_dir})"
         raise CheckpointError(
-            f"could not write checkpoint {path}: {err}. The previous checkpoint ({previous}) and `latest` are intact"
+            f"could not write checkpoint {path}: {cause}. The previous checkpoint ({previous}) and `latest` are intact"
         ) from err
 
     def _finalize(self, path: Path, trainer_state: dict) -> None:
@@ -100,6 +109,24 @@ class Checkpointer:
             for old in complete[: -self.keep_last] if self.keep_last > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
+
+
+FULL_BELOW_BYTES = 16 * 2**20  # a save failing with less free space than this ran out of room
+
+
+def _barrier_quietly() -> None:
+    try:
+        _barrier()
+    except Exception:  # a rank that died takes the barrier with it; the message matters more
+        pass
+
+
+def save_failure_cause(err: BaseException) -> str:
+    """One line for what stopped a save: DCP wraps each rank's error with its traceback."""
+    if isinstance(err, CheckpointException) and err.failures:
+        rank, (cause, _) = next(iter(sorted(err.failures.items())))
+        return f"{type(cause).__name__} on rank {rank}: {cause}"
+    return f"{type(err).__name__}: {err}"
 
 
 def resolve_checkpoint(resume: str, ckpt_dir: Path) -> Path | None:
