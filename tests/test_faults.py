@@ -180,5 +180,71 @@ def test_missing_checkpoint_is_refused(small_dataset, tmp_path):
     config = dataclasses.replace(
         small_config(small_dataset, tmp_path), checkpoint=CheckpointConfig(resume=str(tmp_path / "nope"))
     )
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint there"):
+    with pytest.raises(FileNotFoundError, match=r"not an intact checkpoint: .*nope.*trainer_state.json is missing"):
         Trainer(config).fit()
+
+
+def two_checkpoints(small_dataset, tmp_path):
+    config = dataclasses.replace(
+        small_config(small_dataset, tmp_path),
+        steps=4,
+        checkpoint=CheckpointConfig(resume="auto", save_every=2, keep_last=2),
+    )
+    Trainer(config).fit()
+    return config, config.run_dir / "checkpoints"
+
+
+def flip_bytes(path):
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flipped-bytes", "truncated-shard", "bad-trainer-state", "garbage-latest"])
+def test_resume_falls_back_from_a_damaged_latest_checkpoint(damage, small_dataset, tmp_path, capsys):
+    """Real damage on disk (no mock): `resume: auto` verifies the newest checkpoint's checksums, says
+    which file is wrong, and resumes from the newest intact one."""
+    config, ckpt_dir = two_checkpoints(small_dataset, tmp_path)
+    newest = ckpt_dir / "step_00000004"
+    shard = max(newest.glob("*.distcp"), key=lambda f: f.stat().st_size)
+    if damage == "flipped-bytes":  # same size, silently different weights without a checksum
+        flip_bytes(shard)
+    elif damage == "truncated-shard":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif damage == "bad-trainer-state":
+        (newest / TRAINER_STATE).write_text('{"step": 4, "data": {')
+    else:
+        (ckpt_dir / LATEST).write_bytes(b"\x00\xff garbage")
+    capsys.readouterr()
+    resumed = Trainer(config)
+    resumed.maybe_resume()
+    said = capsys.readouterr()
+    if damage == "garbage-latest":
+        assert resumed.step == 4, "a bad pointer does not hide an intact checkpoint"
+        assert "not a checkpoint folder" in said.out + said.err
+    else:
+        assert resumed.step == 2
+        named = shard.name if "shard" in damage or "bytes" in damage else TRAINER_STATE
+        assert "skipping checkpoint step_00000004" in said.out + said.err and named in said.out + said.err
+
+
+def test_resuming_on_data_from_another_tokenizer_is_refused(small_dataset, corpus_dir, tmp_path):
+    from data_pipeline.build import BuildConfig, TokenizerConfig, build
+    from data_pipeline.shards import read_manifest
+    from data_pipeline.sources import SourceConfig
+    from tests.conftest import SMALL_SEQ_LEN, SMALL_VOCAB
+
+    config, _ = two_checkpoints(small_dataset, tmp_path)
+    other = tmp_path / "other-tokenizer"
+    build(
+        BuildConfig(
+            output_dir=str(other), sources=[SourceConfig(paths=[str(corpus_dir / "*.jsonl")])], seq_len=SMALL_SEQ_LEN,
+            total_tokens=60_000, valid_docs_per_family=5, sequences_per_shard=500,
+            tokenizer=TokenizerConfig(vocab_size=SMALL_VOCAB, sample_docs_per_family=20),  # another BPE, same size
+        )
+    )  # fmt: skip
+    assert read_manifest(other)["tokenizer_hash"] != read_manifest(small_dataset)["tokenizer_hash"]
+    moved = dataclasses.replace(config, data=dataclasses.replace(config.data, path=str(other)))
+    with pytest.raises(ValueError, match="tokenized with .* was tokenized with"):
+        Trainer(moved).maybe_resume()

@@ -100,8 +100,9 @@ class Checkpointer:
         ) from err
 
     def _finalize(self, path: Path, trainer_state: dict) -> None:
-        if _is_main():
-            atomic_write_text(path / TRAINER_STATE, json.dumps(trainer_state, indent=2))
+        if _is_main():  # every rank's shards are written (DCP's save ends in a collective)
+            atomic_write_text(path / CHECKSUMS, json.dumps(file_checksums(path), indent=2))
+            atomic_write_text(path / TRAINER_STATE, json.dumps(trainer_state, indent=2))  # the completion marker
         _barrier()  # every rank's shards are on disk before `latest` moves
         if _is_main():
             atomic_write_text(self.ckpt_dir / LATEST, path.name + "\n")
@@ -111,6 +112,7 @@ class Checkpointer:
         _barrier()
 
 
+CHECKSUMS = "checksums.json"
 FULL_BELOW_BYTES = 16 * 2**20  # a save failing with less free space than this ran out of room
 
 
@@ -129,18 +131,63 @@ def save_failure_cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def resolve_checkpoint(resume: str, ckpt_dir: Path) -> Path | None:
-    """`none` -> None; `auto` -> the `latest` one if any; otherwise a path that must exist."""
+def file_checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a checkpoint folder (the markers excepted), by relative path."""
+    from data_pipeline.shards import sha256_file
+
+    skip = {CHECKSUMS, TRAINER_STATE}
+    return {
+        str(f.relative_to(folder)): sha256_file(f)
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.name not in skip
+    }
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not an intact checkpoint (None when it is): no completion marker, an unreadable
+    trainer state, or a file missing, truncated or changed since its checksum was taken."""
+    if not (path / TRAINER_STATE).is_file():
+        return f"{path / TRAINER_STATE} is missing (the save never completed)"
+    try:
+        json.loads((path / TRAINER_STATE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return f"{path / TRAINER_STATE} is not valid JSON ({err})"
+    if not (path / CHECKSUMS).is_file():
+        return None  # written before checksums were kept: the marker is all there is to check
+    expected = json.loads((path / CHECKSUMS).read_text())
+    actual = file_checksums(path)
+    for name, digest in expected.items():
+        if name not in actual:
+            return f"{path / name} is missing"
+        if actual[name] != digest:
+            return f"{path / name} is damaged (its sha256 differs from the one taken when it was saved)"
+    return None
+
+
+def resolve_checkpoint(resume: str, ckpt_dir: Path, note=print) -> Path | None:
+    """`none` -> None; `auto` -> the newest intact checkpoint (`latest` first), each one skipped said
+    with its reason through `note`; otherwise a path that must be an intact checkpoint."""
     if resume == "none":
         return None
     if resume == "auto":
         pointer = ckpt_dir / LATEST
-        return ckpt_dir / pointer.read_text().strip() if pointer.is_file() else None
+        named = pointer.read_text(errors="replace").strip() if pointer.is_file() else ""
+        candidates = sorted(ckpt_dir.glob("step_*"), reverse=True)
+        if named and (ckpt_dir / named) in candidates:
+            candidates.remove(ckpt_dir / named)
+            candidates.insert(0, ckpt_dir / named)
+        elif named:
+            note(f"{pointer} names {named!r}, which is not a checkpoint folder here; looking for the newest intact one")
+        for path in candidates:
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            note(f"skipping checkpoint {path.name}: {problem}")
+        return None
     path = Path(resume)
-    if not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(
-            f"checkpoint.resume={resume!r}: no complete checkpoint there (expected {path / TRAINER_STATE})"
-        )
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise FileNotFoundError(f"checkpoint.resume={resume!r}: not an intact checkpoint: {problem}")
     return path
 
 

@@ -337,11 +337,26 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------
     def maybe_resume(self) -> None:
-        path = resolve_checkpoint(self.config.checkpoint.resume, self.config.run_dir / "checkpoints")
-        if path is None:
+        path = [None]
+        if self.is_main:  # one rank reads and checks the files; every rank loads what it chose
+            path[0] = resolve_checkpoint(
+                self.config.checkpoint.resume, self.config.run_dir / "checkpoints", self.metrics.note
+            )
+        if dist.is_initialized():
+            dist.broadcast_object_list(path, src=0)
+        if path[0] is None:
             return
+        path = path[0]
         state = load_checkpoint(path, self.model, self.optimizer)
         self.loader.check_resume(state.get("data", {}), str(path))
+        saved = state.get("dataset", {}).get("tokenizer_hash")
+        here = self.loader.dataset.manifest["tokenizer_hash"]
+        if saved is not None and saved != here:
+            raise ValueError(
+                f"{path}: the run was trained on data tokenized with {saved} "
+                f"({state['dataset'].get('path')}); {self.loader.dataset.data_dir} was tokenized with {here}. "
+                "Resuming would read other tokens; rebuild the data with the run's tokenizer or start a new run"
+            )
         self.step = state["step"]
         # The schedule's position; each group's current lr came back with the optimizer state (keyed by
         # parameter), and the group lists differ between pipeline stages, so they are not taken from rank 0.
@@ -358,6 +373,11 @@ class Trainer:
             "loss_scaler": self.scaler.state_dict(),
             "config": to_dict(self.config),
             "layout": {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp},
+            "dataset": {
+                "path": str(self.loader.dataset.data_dir),
+                "tokenizer_hash": self.loader.dataset.manifest["tokenizer_hash"],
+                "seq_len": self.loader.dataset.manifest["seq_len"],
+            },
         }
         return self.checkpointer.save(self.step, self.model, self.optimizer, state)
 
