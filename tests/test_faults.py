@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,3 +249,36 @@ def test_resuming_on_data_from_another_tokenizer_is_refused(small_dataset, corpu
     moved = dataclasses.replace(config, data=dataclasses.replace(config.data, path=str(other)))
     with pytest.raises(ValueError, match="tokenized with .* was tokenized with"):
         Trainer(moved).maybe_resume()
+
+
+def test_one_job_per_run_folder_and_no_stale_lock_after_a_kill(small_dataset, tmp_path):
+    """Two real jobs on one run folder: the second is refused naming the first's host and pid (exit 4);
+    after `kill -9` of the first, a new job starts (the kernel released its lock)."""
+    import json
+    import os
+    import signal
+    import sys
+    import time
+
+    from data_pipeline.config import to_dict
+
+    config = dataclasses.replace(small_config(small_dataset, tmp_path), steps=100_000, log_every=1000)
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(to_dict(config)))
+    command = [sys.executable, "-m", "training.pretrain", str(path)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = config.run_dir / "run.lock"
+    try:
+        deadline = time.monotonic() + 120
+        while not (lock.is_file() and str(first.pid) in lock.read_text()):
+            assert time.monotonic() < deadline and first.poll() is None, "the first job never took the lock"
+            time.sleep(0.2)
+        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 4, second.stderr
+        assert f'"pid": {first.pid}' in second.stderr and "in use by another job" in second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    third = subprocess.run([*command, "steps=1"], env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr

@@ -16,6 +16,7 @@ from data_pipeline.config import ConfigError, load_config
 from training.checkpoint import CheckpointError
 from training.parallel.mesh import LayoutError
 from training.parallel.world import init_distributed, limit_cpu_threads
+from training.run_lock import RunLockedError
 from training.trainer import NonFiniteLossError, TrainConfig, Trainer
 
 
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except (NonFiniteLossError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except RunLockedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 4
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -18,6 +18,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from data_pipeline.config import to_dict
 from data_pipeline.loader import IGNORE_INDEX, Batch, DataLoader, PackedDataset
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
+from training import run_lock
 from training.checkpoint import Checkpointer, load_checkpoint, resolve_checkpoint
 from training.metrics import MetricsLogger
 from training.model_setup import check_fits_dataset, materialize, meta_model, resolve_model_config
@@ -88,6 +89,20 @@ class NonFiniteLossError(RuntimeError):
     """A step produced NaN/inf under `nonfinite: stop`; the message names the step and the batch."""
 
 
+def take_run_lock(run_dir: Path, is_main: bool) -> None:
+    """Rank 0 takes the run folder's lock; every rank of a refused job raises with its message."""
+    refusal = [None]
+    if is_main:
+        try:
+            run_lock.acquire(run_dir)
+        except run_lock.RunLockedError as err:
+            refusal[0] = str(err)
+    if dist.is_initialized():
+        dist.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        raise run_lock.RunLockedError(refusal[0])
+
+
 class Trainer:
     """Language-model training (pretraining, CoT mid-training, SFT); `DPOTrainer` changes the loss."""
 
@@ -109,6 +124,7 @@ class Trainer:
         coords = self.mesh.get_coordinate() if self.mesh is not None else [0, 0, 0]
         self.pp_rank, self.dp_rank, self.tp_rank = coords
         self.is_main = rank == 0
+        take_run_lock(config.run_dir, self.is_main)
 
         local_batch, rem = divmod(config.data.global_batch_size, self.dims.dp)
         self.n_microbatches, rem2 = divmod(local_batch, config.parallel.micro_batch_size)
@@ -395,6 +411,13 @@ class Trainer:
             self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
 
     def fit(self) -> list[dict[str, float]]:
+        try:
+            return self._fit()
+        finally:
+            if self.is_main:
+                run_lock.release(self.config.run_dir)
+
+    def _fit(self) -> list[dict[str, float]]:
         config = self.config
         self.maybe_resume()
         if self.is_main:
