@@ -420,3 +420,18 @@ def test_near_duplicates_without_spaces_are_found(tmp_path, script):
     path.write_text("".join(json.dumps({"text": t, "lang": script}) + "\n" for t in base + near_copies))
     config = dataclasses.replace(small_build(tmp_path, [str(path)]), near_dedup=NearDedupConfig(threshold=0.8))
     assert build(config)["near_duplicates_removed"] >= 9  # recall >= 0.9
+
+
+def test_shards_are_identical_whichever_encoder_runs(tmp_path, monkeypatch):
+    """tiktoken when it reproduces the tokenizer, `tokenizers` otherwise: the same shards, control-token
+    literals in the text included."""
+    from data_pipeline import build as build_module
+
+    plain, literal = "line {} of plain words to tokenize", "line {} with <|endoftext|> and <|pad|> inside"
+    texts = [(literal if i % 2 else plain).format(i) for i in range(40)]  # a batch starts with plain text
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "lang": "en"}) + "\n" for t in texts))
+    build(dataclasses.replace(small_build(tmp_path / "fast", [str(path)]), workers=1))
+    monkeypatch.setattr(build_module, "fast_encoder", lambda tokenizer: None)  # the `tokenizers` path only
+    build(dataclasses.replace(small_build(tmp_path / "slow", [str(path)]), workers=1))
+    assert shard_hashes(tmp_path / "fast" / "out") == shard_hashes(tmp_path / "slow" / "out")
