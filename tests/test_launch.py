@@ -145,3 +145,30 @@ def test_rank_discovery_from_scheduler_variables():
     assert (found["RANK"], found["WORLD_SIZE"], found["LOCAL_RANK"]) == ("2", "4", "2")
     assert found["MASTER_ADDR"] == "", "left for mpi4py to broadcast"
     assert rank_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == {}, "a one-task job is not distributed"
+
+
+@pytest.mark.parametrize("target", ["deepspeed", "deepspeed.launcher.launch", "torchrun"])
+def test_ranks_exit_when_their_launcher_is_killed(target, tiny_data, tmp_path):
+    """`kill -9` of the launcher (deepspeed's runner, its per-node launch process, or torchrun):
+    every rank is gone within seconds instead of training on as an orphan."""
+    args = ["--master_port", str(free_port())]
+    program = "torchrun" if target == "torchrun" else "deepspeed"
+    args = ["--nproc_per_node", "4", *args] if program == "torchrun" else ["--num_gpus", "4", *args]
+    proc = start(launcher(args, tiny_data, tmp_path, "steps=100000", program=program))
+    wait_for_step(proc, tmp_path / "tiny" / "metrics.jsonl", 2)
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    commands = {p.pid: " ".join(p.cmdline()) for p in family}
+    ranks = [p for p in family if "pretrain.sh" in commands[p.pid] and not any(
+        name in commands[p.pid] for name in ("deepspeed", "torchrun"))]  # fmt: skip
+    assert len(ranks) == 4, [p.cmdline() for p in family]
+    victim = proc.pid if target != "deepspeed.launcher.launch" else next(
+        p.pid for p in family if "deepspeed.launcher.launch" in " ".join(p.cmdline())
+    )  # fmt: skip
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.time()
+    gone, alive = psutil.wait_procs(ranks, timeout=30)
+    for p in alive:
+        p.kill()
+    proc.kill()
+    proc.communicate()
+    assert not alive, f"{len(alive)} ranks still running {time.time() - killed_at:.0f}s after the launcher was killed"

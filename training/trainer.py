@@ -124,7 +124,6 @@ class Trainer:
         coords = self.mesh.get_coordinate() if self.mesh is not None else [0, 0, 0]
         self.pp_rank, self.dp_rank, self.tp_rank = coords
         self.is_main = rank == 0
-        take_run_lock(config.run_dir, self.is_main)
 
         local_batch, rem = divmod(config.data.global_batch_size, self.dims.dp)
         self.n_microbatches, rem2 = divmod(local_batch, config.parallel.micro_batch_size)
@@ -411,6 +410,8 @@ class Trainer:
             self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
 
     def fit(self) -> list[dict[str, float]]:
+        """Train from the latest checkpoint (if any) to `steps`, holding the run folder's lock."""
+        take_run_lock(self.config.run_dir, self.is_main)
         try:
             return self._fit()
         finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 from collections.abc import Mapping
 
 import torch
@@ -65,6 +66,78 @@ def init_distributed(timeout_s: int) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+# Processes that start ranks: a rank whose chain of parents passes through these ends with them.
+LAUNCHERS = (
+    "deepspeed",
+    "torchrun",
+    "torch.distributed.run",
+    "mpirun",
+    "mpiexec",
+    "prterun",
+    "orterun",
+    "prted",
+    "orted",
+)
+PR_SET_PDEATHSIG = 1
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process, None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def launcher_ancestors(pid: int | None = None) -> list[int]:
+    """The launcher processes above this one (deepspeed's runner above its per-node launch, say)."""
+    found, pid = [], os.getppid() if pid is None else pid
+    while pid > 1:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            break
+        if not any(name in command for name in LAUNCHERS):
+            break
+        found.append(pid)
+        stat = _proc_stat(pid)
+        if stat is None:
+            break
+        pid = stat[1]
+    return found
+
+
+def exit_with_launcher(poll_s: float = 1.0) -> None:
+    """End this rank when its launcher dies, instead of training on as an orphan: the kernel's
+    parent-death signal for the direct parent, and a watchdog thread for launchers further up. A
+    process started from a shell (no launcher above it) is left alone: `nohup` keeps working."""
+    import ctypes
+    import signal
+    import threading
+
+    parent, launchers = os.getppid(), launcher_ancestors()
+    if not launchers:
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the watchdog alone
+        pass
+
+    def watch() -> None:
+        while True:
+            gone = os.getppid() != parent or any((_proc_stat(p) or ("Z", 0))[0] in "ZX" for p in launchers)
+            if gone:
+                print(f"rank {os.environ.get('RANK', '?')}: the launcher died; exiting", flush=True)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(poll_s)
+
+    threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
 
 
 def limit_cpu_threads() -> None:
