@@ -19,7 +19,11 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A config file, key or value that cannot be used; the message names it."""
+    """A config file, key or value that cannot be used; the message names it (`key`: its dotted path)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -65,21 +69,33 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Build `cls` from a YAML file (optional) with dotted `key=value` overrides applied on top."""
+    """Build `cls` from a YAML file (optional) with dotted `key=value` overrides applied on top. An
+    error names the key and where it was written: the file, or the command line's override."""
     raw = read_yaml(path) if path else {}
     raw = deep_merge(raw, parse_overrides(overrides or []))
-    return from_dict(cls, raw, where=str(path) if path else "config")
+    try:
+        return from_dict(cls, raw, where="")
+    except ConfigError as err:
+        given = [item for item in overrides or [] if err.key and _same_key(item.split("=", 1)[0].strip(), err.key)]
+        origin = f"command line {given[-1]!r}" if given else str(path) if path else "config"
+        raise ConfigError(f"{origin}: {err}", err.key) from None
+
+
+def _same_key(written: str, key: str) -> bool:
+    """Whether an override of `written` set `key` (or the section or list that holds it)."""
+    key = key.split("[", 1)[0]
+    return key == written or key.startswith(written + ".") or written.startswith(key + ".")
 
 
 def from_dict(cls: type[T], raw: dict[str, Any], where: str = "config") -> T:
     """Recursively build a dataclass, checking every key and coercing every value to its field type."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {raw!r}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping for {cls.__name__}, got {raw!r}", where)
     presets = getattr(cls, "PRESETS", None)
     if presets is not None and raw.get("preset") is not None:
         name = raw["preset"]
         if name not in presets:
-            raise ConfigError(f"{where}.preset: unknown preset {name!r}; choose one of {sorted(presets)}")
+            raise ConfigError(f"{_join(where, 'preset')}: unknown preset {name!r}; choose one of {sorted(presets)}")
         raw = {**presets[name], **raw}
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -88,12 +104,21 @@ def from_dict(cls: type[T], raw: dict[str, Any], where: str = "config") -> T:
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {sorted(fields)}"
-            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
-        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")
+            raise ConfigError(f"unknown key {_join(where, key)!r}{hint}", _join(where, key))
+        try:
+            kwargs[key] = _coerce(hints[key], value, _join(where, key))
+        except ConfigError as err:
+            raise ConfigError(str(err), err.key or _join(where, key)) from None
     try:
         return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{where + ': ' if where else ''}{err}", _join(where, err.key) if err.key else where) from err
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: {err}") from err
+        raise ConfigError(f"{where + ': ' if where else ''}{err}", where or None) from err
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:

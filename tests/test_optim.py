@@ -42,6 +42,21 @@ def test_yaml_numbers_without_a_dot_are_numbers():
         load_config(TrainConfig, "configs/pretrain/tiny.yaml", ["optim.weight_decay=lots"])
 
 
+def test_config_errors_name_the_key_and_where_it_was_written(tmp_path):
+    """An override's mistake is blamed on the command line, the file's on the file; values PyTorch
+    would refuse with its own words (a negative lr) are refused naming the key."""
+    with pytest.raises(ConfigError, match=r"^command line 'optim.lr=-1e-3': optim: lr must be > 0"):
+        load_config(TrainConfig, "configs/pretrain/tiny.yaml", ["optim.lr=-1e-3"])
+    with pytest.raises(
+        ConfigError, match=r"^command line 'parallel.tpp=2': unknown key 'parallel.tpp'; did you mean 'tp'"
+    ):
+        load_config(TrainConfig, "configs/pretrain/tiny.yaml", ["parallel.tpp=2"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\noptim: {beta2: 1.5}\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: optim: beta2 must be in \[0, 1\)"):
+        load_config(TrainConfig, bad, ["optim.lr=1e-3"])
+
+
 def test_clip_grad_norm_matches_torch_single_process():
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]

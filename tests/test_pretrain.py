@@ -74,7 +74,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_refuses_unknown_key_with_suggestion():
     result = run_cli("configs/pretrain/tiny.yaml", "optim.lrr=1e-3")
     assert result.returncode == 2
-    assert "unknown key 'lrr'; did you mean 'lr'" in result.stderr
+    assert "command line 'optim.lrr=1e-3': unknown key 'optim.lrr'; did you mean 'lr'" in result.stderr
 
 
 def test_cli_refuses_layout_that_does_not_fit_world():

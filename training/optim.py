@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from data_pipeline.config import ConfigError
+
 
 @dataclass
 class OptimConfig:
@@ -25,6 +27,24 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self):
+        checks = {
+            "lr": self.lr == "auto" or (isinstance(self.lr, (int, float)) and self.lr > 0),
+            "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
+            "warmup_steps": self.warmup_steps >= 0,
+            "decay_fraction": 0 <= self.decay_fraction <= 1,
+            "weight_decay": self.weight_decay >= 0,
+            "beta1": 0 <= self.beta1 < 1,
+            "beta2": 0 <= self.beta2 < 1,
+            "eps": self.eps > 0,
+            "grad_clip": self.grad_clip >= 0,
+        }
+        rules = {"lr": "> 0 (or 'auto')", "min_lr_ratio": "in [0, 1]", "decay_fraction": "in [0, 1]",
+                 "beta1": "in [0, 1)", "beta2": "in [0, 1)", "eps": "> 0"}  # fmt: skip
+        for key, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"{key} must be {rules.get(key, '>= 0')}, got {getattr(self, key)!r}", key)
 
 
 def lr_from_law(path: str | Path, nparams: int, tokens: int) -> tuple[float, str]:
