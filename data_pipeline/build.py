@@ -298,6 +298,7 @@ def select_documents(config: BuildConfig, unit_files: list[Path]) -> Selection:
         lsh = MinHashLSH(threshold=config.near_dedup.threshold, num_perm=config.near_dedup.num_perm)
     refs: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
     languages: dict[str, dict] = {}
+    first_seen: dict[str, int] = {}
     duplicates = near = 0
     for u, path in enumerate(tqdm(unit_files, desc="deduplicate", unit="file", leave=False)):
         table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
@@ -322,7 +323,8 @@ def select_documents(config: BuildConfig, unit_files: list[Path]) -> Selection:
                     continue
                 lsh.insert(f"{u}:{row}", signature)
             stats = languages.setdefault(langs[row], {"family": family, "documents": 0, "tokens": 0, "confidence": 0.0})
-            refs[family].append((u, row, int(lengths[row]), list(languages).index(langs[row])))
+            lang_id = first_seen.setdefault(langs[row], len(first_seen))  # renumbered in sorted order below
+            refs[family].append((u, row, int(lengths[row]), lang_id))
             stats["documents"] += 1
             stats["tokens"] += int(lengths[row])
             stats["confidence"] += float(confidences[row])
@@ -339,7 +341,7 @@ def select_documents(config: BuildConfig, unit_files: list[Path]) -> Selection:
     for stats in languages.values():  # mean identification probability (1 where records gave it)
         stats["confidence"] = round(stats["confidence"] / stats["documents"], 4)
     order = sorted(languages)  # language ids in the shards: positions in the manifest's sorted table
-    renumber = np.array([order.index(lang) for lang in languages], dtype=np.int64)
+    renumber = np.array([order.index(lang) for lang in first_seen], dtype=np.int64)
     for rows in (*train.values(), *valid.values()):
         rows[:, 2] = renumber[rows[:, 2]]
     return Selection(train, train_lengths, valid, duplicates, near, {lang: languages[lang] for lang in order})
@@ -399,14 +401,13 @@ def languages_to_families(languages: dict[str, dict], families: list[str]):
     return label
 
 
-def pack_train(config, selection, ratios, store, families, eos, pad, writer) -> tuple[list, int, int]:
-    """The training split; returns the per-family draws, documents cut to fit a sequence (0: long
-    documents are split instead) and documents split into sequence-long pieces (best_fit)."""
+def pack_train(config, selection, ratios, store, label, eos, pad, writer) -> tuple[list, int]:
+    """The training split, documents labelled by language and relabelled by `label`; returns the
+    per-family draws and the documents split into sequence-long pieces (best_fit)."""
     lengths = {f: selection.train_lengths[f] for f in ratios}
     total = config.total_tokens or sum(int(n.sum()) + len(n) for n in lengths.values())
     mixture, draws = draw_documents(lengths, ratios, total, config.seed, config.max_epochs)
     drawn_families = sorted(ratios)
-    label = languages_to_families(selection.languages, families)
     rows = config.sequences_per_shard
 
     def documents(part):
@@ -439,13 +440,12 @@ def pack_train(config, selection, ratios, store, families, eos, pad, writer) -> 
                 writer.write(label(packed.take(slice(block_start, block_start + rows))))
             bar.update(sum(len(t) + 1 for _, t in docs))
     bar.close()
-    return draws, 0, split
+    return draws, split
 
 
-def mixture_warnings(config: BuildConfig, draws, selection) -> list[str]:
+def mixture_warnings(config: BuildConfig, draws, total: int, selection) -> list[str]:
     """What the user asked for and did not get: a family capped at `max_epochs` short of its ratio,
     and families too small to hold out `valid_docs_per_family` documents."""
-    total = sum(d.drawn_tokens for d in draws)
     warnings = []
     for d in draws:
         if config.max_epochs is not None and d.epochs >= config.max_epochs - 1e-9 and d.drawn_tokens / total < d.ratio:
@@ -539,20 +539,22 @@ def _build(config: BuildConfig, units: list[Unit], out: Path, staging: Path) -> 
     store = TokenStore(unit_files)
 
     train_writer = ShardWriter(staging, "train", progress)
-    draws, truncated, split = pack_train(config, selection, ratios, store, families, eos, pad, train_writer)
+    label = languages_to_families(selection.languages, families)
+    draws, split = pack_train(config, selection, ratios, store, label, eos, pad, train_writer)
     valid_entries, valid_padding = [], 0
     for family in families:  # one set of validation shards per family
         docs = [(lang, store.get(u, r)) for u, r, lang in selection.valid[family]]
         if not docs:
             continue
         writer = ShardWriter(staging, "valid", progress, family)
-        packed = languages_to_families(selection.languages, families)(pack_documents(docs, config.seq_len, eos, pad))
+        packed = label(pack_documents(docs, config.seq_len, eos, pad))
         for start in range(0, len(packed), config.sequences_per_shard):
             writer.write(packed.take(slice(start, start + config.sequences_per_shard)))
         valid_entries += writer.entries
         valid_padding += writer.padding
 
-    warnings = mixture_warnings(config, draws, selection)
+    drawn = sum(d.drawn_tokens for d in draws)
+    warnings = mixture_warnings(config, draws, drawn, selection)
     for warning in warnings:
         print(f"warning: {warning}")
     train_slots = sum(e["sequences"] for e in train_writer.entries) * config.seq_len
@@ -561,7 +563,7 @@ def _build(config: BuildConfig, units: list[Unit], out: Path, staging: Path) -> 
         "family_stats": {
             d.family: {
                 "ratio": round(d.ratio, 6),
-                "share": round(d.drawn_tokens / max(1, sum(x.drawn_tokens for x in draws)), 6),
+                "share": round(d.drawn_tokens / max(1, drawn), 6),
                 "available_tokens": d.available_tokens,
                 "tokens": d.drawn_tokens,
                 "documents": d.drawn_docs,
@@ -574,7 +576,7 @@ def _build(config: BuildConfig, units: list[Unit], out: Path, staging: Path) -> 
         "packing": {
             "strategy": config.packing,
             "padding_fraction": round(train_writer.padding / max(1, train_slots), 6),
-            "truncated_docs": truncated,
+            "truncated_docs": 0,  # best_fit splits long documents; concat cuts at sequence ends
             "split_docs": split,  # best_fit: documents longer than a sequence, packed as pieces
         },
         "languages": selection.languages,

@@ -19,7 +19,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from data_pipeline.shards import atomic_write_text
+from data_pipeline.shards import atomic_write_text, sha256_file
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -133,8 +133,6 @@ def save_failure_cause(err: BaseException) -> str:
 
 def file_checksums(folder: Path) -> dict[str, str]:
     """sha256 of every file of a checkpoint folder (the markers excepted), by relative path."""
-    from data_pipeline.shards import sha256_file
-
     skip = {CHECKSUMS, TRAINER_STATE}
     return {
         str(f.relative_to(folder)): sha256_file(f)

@@ -69,9 +69,8 @@ def prompt_ids(policy: Policy, question: str, fmt: str) -> list[int]:
 def stop_sequences(policy: Policy, fmt: str) -> list[list[int]]:
     eos = policy.tokenizer.token_to_id(EOS)
     stops = [] if eos is None else [[eos]]
-    if fmt == "chat" and policy.chat.turn_end():
-        stops.append(policy.chat.turn_end())
-    return stops
+    turn_end = policy.chat.turn_end() if fmt == "chat" else []
+    return stops + [turn_end] if turn_end else stops
 
 
 def complete(
