@@ -10,7 +10,7 @@ TORCH_PIP_ARGS ?=
 NPROC ?= 4
 PYTEST_ARGS ?=
 
-.PHONY: install pretrain data test test-slow lint format clean
+.PHONY: install pretrain data test test-slow chaos lint format clean
 
 install: $(STAMP)
 
@@ -31,10 +31,16 @@ pretrain: $(STAMP) data/default/manifest.json
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" deepspeed --num_gpus $(NPROC) launch/pretrain.sh --config configs/pretrain/tiny.yaml
 
 test: $(STAMP) lint
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not chaos" $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# Real faults at length: every fault test, plus the longer scenarios (a writer killed mid-save on a
+# slow FUSE disk, ...). The EIO and slow disks are FUSE mounts: fuse3 is installed here when missing.
+chaos: $(STAMP)
+	command -v fusermount3 >/dev/null || { test "$$(id -u)" = 0 && apt-get install -y -q fuse3; } || echo "no fuse3: the FUSE cases will skip"
+	$(PY) -m pytest -m "chaos or not slow" tests/test_faults.py tests/test_launch.py tests/test_resume.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -36,7 +36,7 @@ setup(
         "triton>=3.2; platform_system == 'Linux'",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "ruff"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "mfusepy"],  # mfusepy: the EIO filesystem of the fault tests
         "gpu": ["flash-attn", "megatron-core==0.16.*"],
         # mpirun launches: Open MPI (its mpirun) and mpi4py for rank discovery
         "mpi": ["openmpi", "mpi4py"],

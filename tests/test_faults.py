@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 from tests.distributed import run_ranks
+from tests.faulty_fs import faulty_filesystem, fill, small_filesystem
 from tests.test_parallel import small_config
-from training import checkpoint as checkpoint_module
 from training.checkpoint import LATEST, TRAINER_STATE, CheckpointError
 from training.trainer import CheckpointConfig, NonFiniteLossError, Trainer
 
@@ -49,21 +50,6 @@ def test_nonfinite_step_stops_with_a_report(small_dataset, tmp_path):
     poison(trainer, at_step=2)
     with pytest.raises(NonFiniteLossError, match=r"at step 3 \(global batch rows \[\d+"):
         trainer.fit()
-
-
-@contextlib.contextmanager
-def small_filesystem(path, size_bytes: int):
-    """A real filesystem of `size_bytes` at `path` (tmpfs; needs root, as on the CI machines)."""
-    path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def folder_bytes(path) -> int:
@@ -108,36 +94,49 @@ def resumed_step(config) -> int:
     return trainer.step
 
 
-@pytest.mark.parametrize("error", [OSError(13, "Permission denied")])
-def test_failed_save_keeps_the_previous_checkpoint(error, small_dataset, tmp_path, monkeypatch):
-    config = dataclasses.replace(
-        small_config(small_dataset, tmp_path), steps=4, checkpoint=CheckpointConfig(resume="auto", save_every=2)
-    )
+def test_an_io_error_keeps_the_previous_checkpoint(small_dataset, tmp_path):
+    """A real EIO (a FUSE filesystem whose writes fail once a budget is spent) under checkpoints/:
+    the same clean stop as a full disk, naming the step folder and the cause."""
+    save = CheckpointConfig(resume="auto", save_every=2)
+    probe = dataclasses.replace(small_config(small_dataset, tmp_path / "probe"), steps=2, checkpoint=save)
+    Trainer(probe).fit()
+    size = folder_bytes(probe.run_dir / "checkpoints")
+    config = dataclasses.replace(probe, out_dir=str(tmp_path / "runs"), steps=4)
     ckpt_dir = config.run_dir / "checkpoints"
-    Trainer(dataclasses.replace(config, stop_after=2)).fit()
-    assert (ckpt_dir / LATEST).read_text().strip() == "step_00000002"
+    with faulty_filesystem(ckpt_dir, write_budget_bytes=int(1.5 * size)):
+        error = fit_or_error(config)
+        assert error is not None and "step_00000004" in error and "Input/output error" in error, error
+        assert "previous checkpoint (step_00000002)" in error and "Traceback" not in error
+        assert (ckpt_dir / LATEST).read_text().strip() == "step_00000002"
+        assert not (ckpt_dir / "step_00000004").exists(), "no half-written checkpoint left behind"
+        assert resumed_step(config) == 2
 
-    real_save = checkpoint_module.dcp.save
 
-    def failing_save(state, checkpoint_id):
-        real_save(state, checkpoint_id=checkpoint_id)  # shards written, then the disk gives out
-        raise error
-
-    monkeypatch.setattr(checkpoint_module.dcp, "save", failing_save)
-    with pytest.raises(CheckpointError, match=r"step_00000004.*previous checkpoint \(step_00000002\)"):
-        Trainer(config).fit()
-    monkeypatch.undo()
-
-    assert (ckpt_dir / LATEST).read_text().strip() == "step_00000002"
-    assert not (ckpt_dir / "step_00000004").exists(), "no half-written checkpoint left behind"
-    resumed = Trainer(config)
-    resumed.maybe_resume()
-    assert resumed.step == 2 and (ckpt_dir / "step_00000002" / TRAINER_STATE).is_file()
+def test_a_full_disk_under_the_metrics_does_not_stop_training(small_dataset, tmp_path, capsys):
+    """The whole run folder on a tmpfs that fills up mid-run: metrics.jsonl and TensorBoard say so
+    once and training goes on (no half line is left); the final checkpoint is what stops the run,
+    cleanly. Freed space, a relaunch trains again from the start (no checkpoint was written)."""
+    config = dataclasses.replace(
+        small_config(small_dataset, tmp_path / "runs"), steps=12, checkpoint=CheckpointConfig(resume="auto")
+    )
+    with small_filesystem(tmp_path / "runs", 4 << 20) as disk:
+        config.run_dir.mkdir(parents=True)
+        fill(disk, leave_bytes=5 * 4096)
+        error = fit_or_error(config)
+        out = capsys.readouterr().out
+        assert error is not None and "step_00000012" in error and "No space left on device" in error, error
+        assert "metrics.jsonl: cannot write (No space left on device); training goes on" in out, out[-3000:]
+        rows = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+        steps = [row["step"] for row in rows]
+        assert 0 < len(steps) < 12 and steps == list(range(1, len(steps) + 1)), steps
+        assert "step    12 | loss" in out, "training reached its last step"
+        (disk / "filler").unlink()
+        assert fit_or_error(config) is None
+        rows = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [row["step"] for row in rows][-12:] == list(range(1, 13))
 
 
 def copy_dataset(src, dst):
-    import shutil
-
     shutil.copytree(src, dst)
     return dst
 

@@ -22,6 +22,7 @@ import pytest
 from data_pipeline.build import BuildConfig, build
 from data_pipeline.config import load_config
 from tests.distributed import free_port
+from tests.faulty_fs import faulty_filesystem
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -147,20 +148,50 @@ def test_rank_discovery_from_scheduler_variables():
     assert rank_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == {}, "a one-task job is not distributed"
 
 
-@pytest.mark.parametrize("target", ["deepspeed", "deepspeed.launcher.launch", "torchrun"])
-def test_ranks_exit_when_their_launcher_is_killed(target, tiny_data, tmp_path):
-    """`kill -9` of the launcher (deepspeed's runner, its per-node launch process, or torchrun):
-    every rank is gone within seconds instead of training on as an orphan."""
-    args = ["--master_port", str(free_port())]
-    program = "torchrun" if target == "torchrun" else "deepspeed"
-    args = ["--nproc_per_node", "4", *args] if program == "torchrun" else ["--num_gpus", "4", *args]
-    proc = start(launcher(args, tiny_data, tmp_path, "steps=100000", program=program))
-    wait_for_step(proc, tmp_path / "tiny" / "metrics.jsonl", 2)
+def launch_of_four(program: str, tiny_data: Path, out_dir: Path, *extra: str) -> subprocess.Popen:
+    """4 ranks of the tiny job under `program` (deepspeed, torchrun or mpirun), on a fresh port."""
+    port = str(free_port())
+    args = {
+        "deepspeed": ["--num_gpus", "4", "--master_port", port],
+        "torchrun": ["--nproc_per_node", "4", "--master_port", port],
+        "mpirun": ["--allow-run-as-root", "--oversubscribe", "-np", "4", "-x", f"MASTER_PORT={port}", "python"],
+    }[program]
+    return start(launcher(args, tiny_data, out_dir, *extra, program=program))
+
+
+def ranks_of(proc: subprocess.Popen) -> tuple[list[psutil.Process], list[psutil.Process]]:
+    """(the launcher's process family, the 4 training ranks among it)."""
     family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    commands = {p.pid: " ".join(p.cmdline()) for p in family}
-    ranks = [p for p in family if "pretrain.sh" in commands[p.pid] and not any(
-        name in commands[p.pid] for name in ("deepspeed", "torchrun"))]  # fmt: skip
+    commands = {p.pid: p.cmdline() for p in family}
+    ranks = [p for p in family if "launch/pretrain.sh" in commands[p.pid] and not any(
+        name in " ".join(commands[p.pid][:4]) for name in ("deepspeed", "torchrun", "mpirun", "prterun"))]  # fmt: skip
     assert len(ranks) == 4, [p.cmdline() for p in family]
+    return family, ranks
+
+
+@pytest.mark.parametrize("program", ["torchrun", "mpirun"])
+def test_a_killed_rank_fails_the_launch(program, tiny_data, tmp_path):
+    """`kill -9` of one rank: the launcher stops the others and exits non-zero (deepspeed: above)."""
+    proc = launch_of_four(program, tiny_data, tmp_path, "steps=100000", "dist_timeout_s=30")
+    wait_for_step(proc, tmp_path / "tiny" / "metrics.jsonl", 2)
+    _, ranks = ranks_of(proc)
+    os.kill(ranks[2].pid, signal.SIGKILL)
+    proc.communicate(timeout=EXIT_TIMEOUT_S + 30)
+    gone, alive = psutil.wait_procs(ranks, timeout=EXIT_TIMEOUT_S)
+    assert not alive and proc.returncode != 0, (proc.returncode, alive)
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["deepspeed", "deepspeed.launcher.launch", "torchrun", "mpirun"],
+)
+def test_ranks_exit_when_their_launcher_is_killed(target, tiny_data, tmp_path):
+    """`kill -9` of the launcher (deepspeed's runner, its per-node launch process, torchrun or
+    mpirun): every rank is gone within seconds instead of training on as an orphan."""
+    program = target.split(".")[0]
+    proc = launch_of_four(program, tiny_data, tmp_path, "steps=100000")
+    wait_for_step(proc, tmp_path / "tiny" / "metrics.jsonl", 2)
+    family, ranks = ranks_of(proc)
     victim = proc.pid if target != "deepspeed.launcher.launch" else next(
         p.pid for p in family if "deepspeed.launcher.launch" in " ".join(p.cmdline())
     )  # fmt: skip
@@ -172,3 +203,29 @@ def test_ranks_exit_when_their_launcher_is_killed(target, tiny_data, tmp_path):
     proc.kill()
     proc.communicate()
     assert not alive, f"{len(alive)} ranks still running {time.time() - killed_at:.0f}s after the launcher was killed"
+
+
+@pytest.mark.chaos
+def test_a_writer_killed_mid_save_leaves_nothing_behind(tiny_data, reference, tmp_path):
+    """`kill -9` of rank 0 while an async checkpoint is being written (a slow FUSE disk makes the
+    save last seconds): the launch fails, the relaunch removes the partial folder and says so,
+    resumes from the previous checkpoint and reproduces the uninterrupted run's losses."""
+    run_dir = tmp_path / "tiny"
+    partial = run_dir / "checkpoints" / "step_00000004"
+    with faulty_filesystem(run_dir / "checkpoints", write_delay_s=0.005):
+        proc = launch_of_four("deepspeed", tiny_data, tmp_path, "checkpoint.async_save=true")
+        deadline = time.time() + 300
+        while not any(partial.glob("*.distcp")):
+            assert proc.poll() is None and time.time() < deadline, "the save of step 4 never started"
+            time.sleep(0.02)
+        _, ranks = ranks_of(proc)
+        os.kill(next(p.pid for p in ranks if "--local_rank=0" in p.cmdline()), signal.SIGKILL)
+        proc.communicate(timeout=EXIT_TIMEOUT_S + 30)
+        assert proc.returncode != 0 and partial.is_dir() and not (partial / "trainer_state.json").exists()
+
+        relaunch = launch_of_four("deepspeed", tiny_data, tmp_path)
+        out, _ = relaunch.communicate(timeout=600)
+        assert relaunch.returncode == 0, out[-4000:]
+    assert f"removing {partial}: a save that never completed" in out, out[-4000:]
+    assert "resumed from" in out and "step_00000002 at step 2" in out, out[-4000:]
+    assert losses(run_dir) == reference

@@ -9,6 +9,7 @@ Parameters are stored under their full-model names, so a checkpoint is independe
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -87,6 +88,7 @@ class Checkpointer:
     def _fail(self, path: Path, err: BaseException) -> None:
         """Remove the half-written folder (it never had `trainer_state.json`, so nothing points to it)."""
         free = shutil.disk_usage(self.ckpt_dir).free  # before the partial folder gives its room back
+        refused = probe_write(self.ckpt_dir)
         _barrier_quietly()  # every rank has measured before rank 0 removes the folder
         if _is_main():
             shutil.rmtree(path, ignore_errors=True)
@@ -95,6 +97,8 @@ class Checkpointer:
         cause = save_failure_cause(err)
         if free < FULL_BELOW_BYTES and "No space left" not in cause:  # torch's writer says "unexpected pos"
             cause += f" (No space left on device: {free:,} bytes were free on the filesystem of {self.ckpt_dir})"
+        elif refused and refused not in cause:  # torch's zip writer drops the errno of a failed write
+            cause += f" (the filesystem of {self.ckpt_dir} refuses writes: {refused})"
         raise CheckpointError(
             f"could not write checkpoint {path}: {cause}. The previous checkpoint ({previous}) and `latest` are intact"
         ) from err
@@ -121,6 +125,21 @@ def _barrier_quietly() -> None:
         _barrier()
     except Exception:  # a rank that died takes the barrier with it; the message matters more
         pass
+
+
+def probe_write(folder: Path, size: int = 1 << 16) -> str | None:
+    """The error a fresh write into `folder` meets now, if any (EIO from a failing disk, ...)."""
+    probe = folder / f".write_probe.{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * size)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        return err.strerror or str(err)
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
 
 
 def save_failure_cause(err: BaseException) -> str:
@@ -160,6 +179,15 @@ def checkpoint_problem(path: Path) -> str | None:
         if actual[name] != digest:
             return f"{path / name} is damaged (its sha256 differs from the one taken when it was saved)"
     return None
+
+
+def remove_unfinished_saves(ckpt_dir: Path, note=print) -> None:
+    """Remove step folders a killed save left without their completion marker. Only the job that
+    holds the run's lock calls this, so no save of another job can be in progress."""
+    for path in sorted(ckpt_dir.glob("step_*")):
+        if path.is_dir() and not (path / TRAINER_STATE).exists():
+            note(f"removing {path}: a save that never completed (its writer was killed or failed)")
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def resolve_checkpoint(resume: str, ckpt_dir: Path, note=print) -> Path | None:

@@ -1,8 +1,14 @@
-"""Console (progress bar + periodic lines), TensorBoard and `metrics.jsonl`, written by rank 0 only."""
+"""Console (progress bar + periodic lines), TensorBoard and `metrics.jsonl`, written by rank 0 only.
+
+A full or failing disk never stops training from here: a line that cannot be written is cut back
+(no half line is left), said once, and retried with the next line; TensorBoard stops at its first
+failure. The checkpoint, which must be written, is what stops a run on a full disk.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -44,11 +50,43 @@ def device_peak_tflops() -> float | None:
 PREFERENCE_METRICS = ("reward_accuracy", "reward_margin")  # DPO's, shown on the console next to the loss
 
 
+class JsonLines:
+    """An append-only JSON-lines file whose lines are whole or absent, even on a full disk."""
+
+    def __init__(self, path: Path, note):
+        self.path, self.note, self.failing = path, note, False
+
+    def append(self, row: dict) -> None:
+        line = (json.dumps(row) + "\n").encode()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as err:
+            return self._failed(err)
+        start = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(line):  # a short write is followed by the one that says why
+                written += os.write(fd, line[written:])
+        except OSError as err:
+            os.ftruncate(fd, start)  # frees what the half line took; works on a full disk
+            return self._failed(err)
+        finally:
+            os.close(fd)
+        if self.failing:
+            self.failing = False
+            self.note(f"{self.path}: writable again; lines from the failing period are missing")
+
+    def _failed(self, err: OSError) -> None:
+        if not self.failing:
+            self.failing = True
+            self.note(f"{self.path}: cannot write ({err.strerror or err}); training goes on, lines are skipped")
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, families: list[str], flops_per_token: int, enabled: bool = True):
         self.run_dir, self.families, self.enabled = run_dir, families, enabled
         self.flops_per_token, self.peak = flops_per_token, device_peak_tflops()
-        self.bar = self.writer = self.jsonl = None
+        self.bar = self.writer = self.jsonl = self.eval_jsonl = None
 
     def start(self, step: int, end: int, nparams: int) -> None:
         if not self.enabled:
@@ -56,8 +94,12 @@ class MetricsLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-        self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        self.jsonl = JsonLines(self.run_dir / "metrics.jsonl", self.note)
+        self.eval_jsonl = JsonLines(self.run_dir / "eval.jsonl", self.note)
+        try:
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        except OSError as err:
+            self.note(f"TensorBoard off: cannot create its event file ({err.strerror or err})")
         self.note(f"training {nparams / 1e6:.2f}M parameters from step {step} to {end}; logs in {self.run_dir}")
         self.bar = tqdm(total=end, initial=step, desc="train", unit="step", dynamic_ncols=True)
 
@@ -72,11 +114,8 @@ class MetricsLogger:
         metrics["memory_gib"] = peak_memory_gib()
         if self.peak:
             metrics["mfu"] = self.flops_per_token * metrics["tokens_per_s"] / (self.peak * 1e12)
-        for key, value in metrics.items():
-            if key != "step":
-                self.writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
-        self.jsonl.write(json.dumps(metrics) + "\n")
-        self.jsonl.flush()
+        self._tensorboard({k if "/" in k else f"train/{k}": v for k, v in metrics.items() if k != "step"}, step)
+        self.jsonl.append(metrics)
         self.bar.set_postfix(
             loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}", tok_s=f"{metrics['tokens_per_s']:.0f}"
         )
@@ -93,16 +132,29 @@ class MetricsLogger:
         evals = {k: v for k, v in metrics.items() if k.startswith("val/")}
         if not self.enabled or not evals:  # no valid split large enough for a global batch
             return
-        for key, value in evals.items():
-            self.writer.add_scalar(key, value, step)
-        with open(self.run_dir / "eval.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **evals}) + "\n")
+        self._tensorboard(evals, step)
+        self.eval_jsonl.append({"step": step, **evals})
         families = " ".join(f"{k[9:]}={v:.2f}" for k, v in evals.items() if k.startswith("val/loss/"))
         families += " ".join(f"{k}={evals['val/' + k]:.3f}" for k in PREFERENCE_METRICS if "val/" + k in evals)
         self.note(f"eval {step:5d} | val loss {evals['val/loss']:.4f} | {families}")
 
+    def _tensorboard(self, scalars: dict[str, float], step: int) -> None:
+        """TensorBoard's writer thread reports a failed write at the next call; it is then dropped."""
+        if self.writer is None:
+            return
+        try:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+        except Exception as err:  # tensorboard re-raises its thread's error as it was (OSError or other)
+            self.note(f"TensorBoard off from step {step}: {err}; metrics.jsonl goes on")
+            self.writer = None
+
     def close(self) -> None:
-        if self.enabled and self.writer is not None:
+        if self.enabled and self.bar is not None:
             self.bar.close()
-            self.writer.close()
-            self.jsonl.close()
+            try:
+                if self.writer is not None:
+                    self.writer.close()
+            except Exception as err:
+                self.note(f"TensorBoard's last events were not written: {err}")

@@ -17,9 +17,10 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from data_pipeline.config import to_dict
 from data_pipeline.loader import IGNORE_INDEX, Batch, DataLoader, PackedDataset
+from data_pipeline.shards import atomic_write_text
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 from training import run_lock
-from training.checkpoint import Checkpointer, load_checkpoint, resolve_checkpoint
+from training.checkpoint import Checkpointer, load_checkpoint, remove_unfinished_saves, resolve_checkpoint
 from training.metrics import MetricsLogger
 from training.model_setup import check_fits_dataset, materialize, meta_model, resolve_model_config
 from training.models.phi import PhiConfig, count_params_and_flops
@@ -354,6 +355,7 @@ class Trainer:
     def maybe_resume(self) -> None:
         path = [None]
         if self.is_main:  # one rank reads and checks the files; every rank loads what it chose
+            remove_unfinished_saves(self.config.run_dir / "checkpoints", self.metrics.note)
             path[0] = resolve_checkpoint(
                 self.config.checkpoint.resume, self.config.run_dir / "checkpoints", self.metrics.note
             )
@@ -423,7 +425,10 @@ class Trainer:
         self.maybe_resume()
         if self.is_main:
             config.run_dir.mkdir(parents=True, exist_ok=True)
-            (config.run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+            try:  # a record for people; a full disk is met (and stops the run) at the next checkpoint
+                atomic_write_text(config.run_dir / "config.json", json.dumps(to_dict(config), indent=2))
+            except OSError as err:
+                self.metrics.note(f"{config.run_dir / 'config.json'} not written: {err.strerror or err}")
         end = min(config.steps, config.stop_after or config.steps)
         history = []
         self.metrics.start(self.step, end, self.nparams)
