@@ -6,6 +6,7 @@ permutation per epoch, so the batch of step `s` depends only on (seed, s): resum
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,9 @@ class PackedDataset:
         self._starts = self._ends - np.array(sizes)
         self.families: list[str] = self.manifest["families"]
         self.has_loss_mask = all("loss_mask" in shard for shard in self._shards)
+        # What the split holds, whatever folder it sits in: a rebuild of the same data matches.
+        digests = "".join(entry["sha256"] for entry in self.manifest["splits"][split])
+        self.fingerprint = hashlib.sha256(digests.encode()).hexdigest()[:16]
 
     def __len__(self) -> int:
         return int(self._ends[-1])

@@ -250,6 +250,36 @@ def test_resuming_on_data_from_another_tokenizer_is_refused(small_dataset, corpu
         Trainer(moved).maybe_resume()
 
 
+def test_resuming_on_other_data_is_refused_and_a_rebuild_is_not(small_dataset, corpus_dir, tmp_path):
+    """Same tokenizer, other sequences (a build of fewer tokens): refused naming both datasets. The
+    same build written to another folder holds the same sequences, and resumes."""
+    from data_pipeline.build import BuildConfig, SourceConfig, TokenizerConfig, build
+    from data_pipeline.loader import PackedDataset
+    from tests.conftest import SMALL_SEQ_LEN
+
+    config, _ = two_checkpoints(small_dataset, tmp_path)
+
+    def build_with_the_same_tokenizer(folder: str, total_tokens: int):
+        build(
+            BuildConfig(
+                output_dir=str(tmp_path / folder), sources=[SourceConfig(paths=[str(corpus_dir / "*.jsonl")])],
+                seq_len=SMALL_SEQ_LEN, total_tokens=total_tokens, valid_docs_per_family=5, sequences_per_shard=500,
+                tokenizer=TokenizerConfig(path=str(small_dataset / "tokenizer.json")),
+            )
+        )  # fmt: skip
+        return dataclasses.replace(config, data=dataclasses.replace(config.data, path=str(tmp_path / folder)))
+
+    other = build_with_the_same_tokenizer("fewer-tokens", 50_000)
+    refusal = rf"trained on {small_dataset} \(train shards \w+\); .*fewer-tokens holds other sequences"
+    with pytest.raises(ValueError, match=refusal):
+        Trainer(other).maybe_resume()
+    again = build_with_the_same_tokenizer("rebuilt", 60_000)
+    assert PackedDataset(tmp_path / "rebuilt").fingerprint == PackedDataset(small_dataset).fingerprint
+    resumed = Trainer(again)
+    resumed.maybe_resume()
+    assert resumed.step == 4
+
+
 def test_one_job_per_run_folder_and_no_stale_lock_after_a_kill(small_dataset, tmp_path):
     """Two real jobs on one run folder: the second is refused naming the first's host and pid (exit 4);
     after `kill -9` of the first, a new job starts (the kernel released its lock)."""

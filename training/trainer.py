@@ -366,14 +366,7 @@ class Trainer:
         path = path[0]
         state = load_checkpoint(path, self.model, self.optimizer)
         self.loader.check_resume(state.get("data", {}), str(path))
-        saved = state.get("dataset", {}).get("tokenizer_hash")
-        here = self.loader.dataset.manifest["tokenizer_hash"]
-        if saved is not None and saved != here:
-            raise ValueError(
-                f"{path}: the run was trained on data tokenized with {saved} "
-                f"({state['dataset'].get('path')}); {self.loader.dataset.data_dir} was tokenized with {here}. "
-                "Resuming would read other tokens; rebuild the data with the run's tokenizer or start a new run"
-            )
+        self._check_same_data(state.get("dataset", {}), path)
         self.step = state["step"]
         # The schedule's position; each group's current lr came back with the optimizer state (keyed by
         # parameter), and the group lists differ between pipeline stages, so they are not taken from rank 0.
@@ -382,6 +375,23 @@ class Trainer:
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         self.scaler.load_state_dict(state["loss_scaler"])
         self.metrics.note(f"resumed from {path} at step {self.step}")
+
+    def _check_same_data(self, saved: dict, path: Path) -> None:
+        """Refuse a resume onto other tokens (another tokenizer) or other sequences (another build)."""
+        dataset = self.loader.dataset
+        if saved.get("tokenizer_hash") not in (None, dataset.manifest["tokenizer_hash"]):
+            raise ValueError(
+                f"{path}: the run was trained on data tokenized with {saved['tokenizer_hash']} "
+                f"({saved.get('path')}); {dataset.data_dir} was tokenized with {dataset.manifest['tokenizer_hash']}. "
+                "Resuming would read other tokens; rebuild the data with the run's tokenizer or start a new run"
+            )
+        if saved.get("train_fingerprint") not in (None, dataset.fingerprint):
+            raise ValueError(
+                f"{path}: the run was trained on {saved.get('path')} (train shards {saved['train_fingerprint']}); "
+                f"{dataset.data_dir} holds other sequences (train shards {dataset.fingerprint}). Resuming would "
+                "continue the saved data order over other data; to start on it from these weights, begin a new "
+                f"run (another name or out_dir) with init_from={path}"
+            )
 
     def save(self) -> Path:
         state = {
@@ -394,6 +404,7 @@ class Trainer:
                 "path": str(self.loader.dataset.data_dir),
                 "tokenizer_hash": self.loader.dataset.manifest["tokenizer_hash"],
                 "seq_len": self.loader.dataset.manifest["seq_len"],
+                "train_fingerprint": self.loader.dataset.fingerprint,
             },
         }
         return self.checkpointer.save(self.step, self.model, self.optimizer, state)
