@@ -4,6 +4,7 @@
 |--------------|------------------------------------|-----------------------------------------|
 | `triton`     | `flash_gqa` kernel                 | block-sparse kernel (skips masked blocks) |
 | `flash_attn` | flash-attn 2 (varlen for documents)| the Triton kernel                        |
+| `flex`       | FlexAttention (block mask)         | FlexAttention with S2's block mask       |
 | `sdpa`       | PyTorch SDPA                       | SDPA with the S2 mask (no speed-up)      |
 | `reference`  | plain PyTorch                      | plain PyTorch with the S2 mask           |
 """
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from kernels.reference import document_causal_mask, reference_attention, reference_s2_attention, s2_token_mask
 from kernels.s2_attention import S2Heads, s2_attention, s2_decode_attention
 
-BACKENDS = ("sdpa", "reference", "triton", "flash_attn")
+BACKENDS = ("sdpa", "reference", "triton", "flash_attn", "flex")
 
 
 def sdpa_attention(
@@ -73,6 +74,10 @@ def attention(
         if backend in ("triton", "flash_attn"):
             return s2_attention(q, k, v, s2, doc_ids, window=window)
         block = s2.mask(k.shape[2], q.shape[1], window)
+        if backend == "flex":
+            from kernels.flex import flex_attention_bshd
+
+            return flex_attention_bshd(q, k, v, doc_ids, window, block, s2.pattern.block_size)
         if backend == "reference":
             return reference_s2_attention(q, k, v, block, s2.pattern.block_size, doc_ids, window=window)
         group = q.shape[2] // k.shape[2]
@@ -84,6 +89,10 @@ def attention(
         return reference_attention(q, k, v, doc_ids, window=window)
     if backend == "flash_attn":
         return flash_attn_attention(q, k, v, doc_ids, window)
+    if backend == "flex":
+        from kernels.flex import flex_attention_bshd
+
+        return flex_attention_bshd(q, k, v, doc_ids, window)
     from kernels.flash_gqa import flash_attention
 
     return flash_attention(q, k, v, doc_ids, window=window)

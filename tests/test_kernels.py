@@ -140,14 +140,35 @@ def test_segment_bounds():
     assert end.tolist() == [[2, 2, 5, 5, 5, 6, 8, 8]]
 
 
-@pytest.mark.parametrize("backend", ["triton", "sdpa", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "reference", "flex"])
 def test_backends_agree_on_dense_and_s2(backend):
+    """Every backend against the reference: dense and S2, packed documents, with and without a window
+    (forward; FlexAttention has no CPU backward, its gradients are checked on a GPU)."""
     heads = S2Heads(S2Pattern(block_size=16, local_blocks=1, vert_stride=2), num_kv_heads=2)
-    q, k, v, doc_ids = inputs(1, 64, 4, 2, 32, docs=True, seed=3)
+    q, k, v, doc_ids = inputs(2, 64, 4, 2, 32, docs=True, seed=3)
     with torch.no_grad():
         for s2 in (None, heads):
-            want = attention(q, k, v, doc_ids, backend="reference", s2=s2)
-            torch.testing.assert_close(attention(q, k, v, doc_ids, backend=backend, s2=s2), want, atol=ATOL, rtol=RTOL)
+            for window in (None, 24):
+                want = attention(q, k, v, doc_ids, backend="reference", s2=s2, window=window)
+                got = attention(q, k, v, doc_ids, backend=backend, s2=s2, window=window)
+                case = f"s2={s2 is not None} window={window}"
+                torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL, msg=lambda m, case=case: f"{case}: {m}")
+
+
+def test_flex_refuses_to_train_on_cpu_and_says_why():
+    q, k, v, doc_ids = inputs(1, 32, 4, 2, 32, docs=False)
+    with pytest.raises(NotImplementedError, match="FlexAttention has no backward on CPU"):
+        attention(q, k, v, backend="flex")
+
+
+@pytest.mark.skipif(not GPU, reason="needs CUDA")
+@pytest.mark.parametrize("s2", [False, True])
+def test_gpu_flex_forward_and_backward(s2):
+    heads = S2Heads(S2Pattern(block_size=64, local_blocks=4, vert_stride=4), num_kv_heads=4) if s2 else None
+    q, k, v, doc_ids = inputs(2, 1024, 16, 4, 64, True, device="cuda", dtype=torch.bfloat16)
+    out = attention(q, k, v, doc_ids, backend="flex", s2=heads)
+    ref = attention(q, k, v, doc_ids, backend="reference", s2=heads)
+    compare(out, out.new_zeros(()), ref, ref.new_zeros(()), q, k, v, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.skipif(not GPU, reason="needs CUDA")

@@ -88,7 +88,7 @@ class PhiConfig:
     max_seq_len: int = 128
     sliding_window: int | None = None  # query i reads keys j with i - j < sliding_window (Phi-3-mini-4k: 2047)
     tie_embeddings: bool = False
-    attn_backend: str = "sdpa"  # triton | flash_attn | sdpa | reference
+    attn_backend: str = "sdpa"  # triton | flash_attn | flex | sdpa | reference
     s2: S2Pattern | None = None  # S2-Attention pattern for the sparse layers; None: all layers dense
     dense_every: int = 2  # with s2: layers 0, k, 2k, ... stay dense (Phi-3-small alternates, k=2); 0: none
     init_std: float = 0.02
