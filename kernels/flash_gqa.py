@@ -1,11 +1,15 @@
 """Triton flash attention for GQA, causal, inside packed documents, forward and backward.
 
-One kernel family serves dense and S2-sparse attention. Dense: each query block walks the key
-blocks from its document's start to the diagonal. Sparse: it walks a precomputed list of allowed
-key blocks (`kernels.patterns.block_lists`), so the work falls with the pattern's density. K/V are
-never repeated for GQA: a query head reads its KV head through strides. The backward pass has no
-atomics: one program per (key block, KV head) accumulates dK/dV over the group's query heads, one
-per (query block, query head) accumulates dQ.
+One kernel family serves dense and S2-sparse attention. Dense: each query tile walks the key
+tiles from its document's start (or window's) to the diagonal. Sparse: it walks a precomputed list
+of allowed S2 blocks (`kernels.patterns.block_lists`), each S2 block split into key tiles, skipping
+tiles before its document, so the work falls with the pattern's density. Query and key tiles
+(BLOCK_M, BLOCK_N) are sized per kernel and head dim, apart from the S2 block size, and autotuned on
+a GPU (`CANDIDATES`). The mask is applied only to tiles that need it (the diagonal, the window's
+edge, document boundaries, the sequence end): interior tiles run mask-free. K/V are never repeated
+for GQA: a query head reads its KV head through strides. The backward pass has no atomics: one
+program per (key tile, KV head) accumulates dK/dV over the group's query heads, one per (query
+tile, query head) accumulates dQ.
 
 Shapes: q [b, s, hq, d], k/v [b, s, hkv, d], any strides with a contiguous last dim; doc_ids [b, s]
 must label contiguous segments (as packing writes them). Runs on CPU under TRITON_INTERPRET=1.
@@ -14,6 +18,8 @@ must label contiguous segments (as packing writes them). Runs on CPU under TRITO
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -50,66 +56,93 @@ def _allowed(offs_m, offs_n, seq_len, doc_q, doc_k, window):
 
 
 @triton.jit
-def _key_blocks(pid_m, b, hk, SEG_START, BLOCK_CNT, s_db, s_ch, window, HAS_DOC: tl.constexpr, SPARSE: tl.constexpr,
-                BLOCK: tl.constexpr):  # fmt: skip
-    """(first, count) of the key blocks query block `pid_m` reads: its list (sparse), or from the
-    start of its first query's document (or its window) to the diagonal (dense)."""
-    lo = 0
-    if SPARSE:
-        n_iter = tl.load(BLOCK_CNT + hk * s_ch + pid_m)
-    else:
-        if HAS_DOC:
-            lo = tl.load(SEG_START + b * s_db + pid_m * BLOCK) // BLOCK
-        lo = tl.maximum(lo, tl.maximum(pid_m * BLOCK - window + 1, 0) // BLOCK)
-        n_iter = pid_m + 1 - lo
-    return lo, n_iter
+def _tile_is_full(q_first, q_last, k_first, k_last, seq_len, window, SEG_END, b, s_db, HAS_DOC: tl.constexpr):
+    """Every query of [q_first, q_last] may read every key of [k_first, k_last]: the tile is wholly
+    below the diagonal, inside the window and the sequence, and one document spans it (segments are
+    contiguous, so the key tile's first document reaching q_last is enough). Such tiles skip the mask."""
+    full = (k_last <= q_first) & (k_last < seq_len) & (q_last - k_first < window)
+    if HAS_DOC:
+        full = full & (tl.load(SEG_END + b * s_db + k_first) > q_last)
+    return full
 
 
 @triton.jit
-def _list_entry(i, lo, row, h, BLOCK_IDX, s_ih, s_iq, SPARSE: tl.constexpr):
-    """The i-th block to visit: entry i of the row's list (sparse), or lo + i (dense)."""
-    entry = lo + i
+def _key_range(q_first, q_last, b, SEG_START, s_db, window, HAS_DOC: tl.constexpr):
+    """[lo, q_last]: the keys some query of [q_first, q_last] may read (its first query's document
+    start or window start, to the diagonal)."""
+    lo = tl.maximum(q_first - window + 1, 0)
+    if HAS_DOC:
+        lo = tl.maximum(lo, tl.load(SEG_START + b * s_db + q_first))
+    return lo
+
+
+@triton.jit
+def _query_end(k_last, b, SEG_END, s_db, seq_len, window, HAS_DOC: tl.constexpr):
+    """The end (exclusive) of the queries that may read key k_last or an earlier key of its tile."""
+    hi = tl.minimum(seq_len, k_last + window)
+    if HAS_DOC:
+        hi = tl.minimum(hi, tl.load(SEG_END + b * s_db + k_last))
+    return hi
+
+
+@triton.jit
+def _visit(i, lo_tile, row, h, BLOCK_IDX, s_ih, s_iq, SPARSE: tl.constexpr, SUB: tl.constexpr):
+    """The i-th tile to visit: lo_tile + i (dense), or sub-tile i % SUB of the (i // SUB)-th S2 block
+    of the row's list (sparse; an S2 block holds SUB tiles)."""
+    tile = lo_tile + i
     if SPARSE:
-        entry = tl.load(BLOCK_IDX + h * s_ih + row * s_iq + i)
-    return entry
+        tile = tl.load(BLOCK_IDX + h * s_ih + row * s_iq + i // SUB) * SUB + i % SUB
+    return tile
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, OUT, LSE, DOC, SEG_START, BLOCK_IDX, BLOCK_CNT,
+    Q, K, V, OUT, LSE, DOC, SEG_START, SEG_END, BLOCK_IDX, BLOCK_CNT,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
     s_lb, s_lh, s_db, s_ih, s_iq, s_ch,
     seq_len, head_dim, num_q_heads, sm_scale, window,
-    GROUP: tl.constexpr, HAS_DOC: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr, HAS_DOC: tl.constexpr, SPARSE: tl.constexpr, S2_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """One program per (query block, query head): online softmax over the visited key blocks."""
+    """One program per (query tile, query head): online softmax over the key tiles it may read."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, hq = pid_bh // num_q_heads, pid_bh % num_q_heads
     hk = hq // GROUP
-    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    q_first = pid_m * BLOCK_M
+    q_last = tl.minimum(q_first + BLOCK_M, seq_len) - 1
+    offs_m = q_first + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _tile(Q, b, hq, offs_m, offs_d, seq_len, head_dim, s_qb, s_qs, s_qh)
-    doc_q = _doc_ids(DOC, b, offs_m, seq_len, s_db, HAS_DOC, BLOCK)
-    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK], dtype=tl.float32)
-    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    doc_q = _doc_ids(DOC, b, offs_m, seq_len, s_db, HAS_DOC, BLOCK_M)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # exp2 instead of exp
-    lo, n_iter = _key_blocks(pid_m, b, hk, SEG_START, BLOCK_CNT, s_db, s_ch, window, HAS_DOC, SPARSE, BLOCK)
+    lo = _key_range(q_first, q_last, b, SEG_START, s_db, window, HAS_DOC)
+    row = q_first // S2_BLOCK
+    if SPARSE:
+        lo_tile, n_iter = 0, tl.load(BLOCK_CNT + hk * s_ch + row) * (S2_BLOCK // BLOCK_N)
+    else:
+        lo_tile = lo // BLOCK_N
+        n_iter = q_last // BLOCK_N + 1 - lo_tile
     for i in range(0, n_iter):
-        kb = _list_entry(i, lo, pid_m, hk, BLOCK_IDX, s_ih, s_iq, SPARSE)
-        offs_n = kb * BLOCK + tl.arange(0, BLOCK)
-        k = _tile(K, b, hk, offs_n, offs_d, seq_len, head_dim, s_kb, s_ks, s_kh)
-        v = _tile(V, b, hk, offs_n, offs_d, seq_len, head_dim, s_vb, s_vs, s_vh)
-        doc_k = _doc_ids(DOC, b, offs_n, seq_len, s_db, HAS_DOC, BLOCK)
-        allowed = _allowed(offs_m, offs_n, seq_len, doc_q, doc_k, window)
-        qk = tl.where(allowed, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        k_first = _visit(i, lo_tile, row, hk, BLOCK_IDX, s_ih, s_iq, SPARSE, S2_BLOCK // BLOCK_N) * BLOCK_N
+        k_last = k_first + BLOCK_N - 1
+        if (k_first <= q_last) & (k_last >= lo):  # S2 tiles past the diagonal or before the document
+            offs_n = k_first + tl.arange(0, BLOCK_N)
+            k = _tile(K, b, hk, offs_n, offs_d, seq_len, head_dim, s_kb, s_ks, s_kh)
+            v = _tile(V, b, hk, offs_n, offs_d, seq_len, head_dim, s_vb, s_vs, s_vh)
+            qk = tl.dot(q, tl.trans(k)) * qk_scale
+            if not _tile_is_full(q_first, q_last, k_first, k_last, seq_len, window, SEG_END, b, s_db, HAS_DOC):
+                doc_k = _doc_ids(DOC, b, offs_n, seq_len, s_db, HAS_DOC, BLOCK_N)
+                qk = tl.where(_allowed(offs_m, offs_n, seq_len, doc_q, doc_k, window), qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(qk - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     lse = tl.where(l_i > 0, (m_safe + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
@@ -118,89 +151,108 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, seq_len, doc_q, doc_k, sm_scale, window):
-    """Recomputed probabilities P and score gradients dS = P * (dO V^T - delta) of one tile pair."""
-    s = tl.dot(q, tl.trans(k)) * sm_scale
-    p = tl.where(_allowed(offs_m, offs_n, seq_len, doc_q, doc_k, window), tl.exp(s - lse[:, None]), 0.0)
+def _probs_and_dscores(q, k, v, do, lse, delta, sm_scale, full, offs_m, offs_n, seq_len, doc_q, doc_k, window):
+    """Recomputed probabilities P and score gradients dS = P * (dO V^T - delta) of one tile pair;
+    the mask only where the tile is not `full`."""
+    p = tl.exp(tl.dot(q, tl.trans(k)) * sm_scale - lse[:, None])
+    if not full:
+        p = tl.where(_allowed(offs_m, offs_n, seq_len, doc_q, doc_k, window), p, 0.0)
     return p, p * (tl.dot(do, tl.trans(v)) - delta[:, None])
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DOC, SEG_END, BLOCK_IDX, BLOCK_CNT,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DOC, SEG_START, SEG_END, BLOCK_IDX, BLOCK_CNT,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
     s_lb, s_lh, s_db, s_ih, s_iq, s_ch, s_dkb, s_dks, s_dkh, s_dvb, s_dvs, s_dvh,
     seq_len, head_dim, num_kv_heads, sm_scale, window,
-    GROUP: tl.constexpr, HAS_DOC: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr, HAS_DOC: tl.constexpr, SPARSE: tl.constexpr, S2_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """One program per (key block, KV head); loops over the query heads of its group and the query
-    blocks that read this key block (the transposed list, or the diagonal to the document's end or
-    the window's)."""
+    """One program per (key tile, KV head): K and V stay loaded while it walks the query tiles that
+    read them (the transposed S2 list, or the diagonal to the document's or window's end) for every
+    query head of its group."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, hk = pid_bh // num_kv_heads, pid_bh % num_kv_heads
-    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+    k_first = pid_n * BLOCK_N
+    k_last = tl.minimum(k_first + BLOCK_N, seq_len) - 1
+    offs_n = k_first + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = _tile(K, b, hk, offs_n, offs_d, seq_len, head_dim, s_kb, s_ks, s_kh)
     v = _tile(V, b, hk, offs_n, offs_d, seq_len, head_dim, s_vb, s_vs, s_vh)
-    doc_k = _doc_ids(DOC, b, offs_n, seq_len, s_db, HAS_DOC, BLOCK)
-    dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    doc_k = _doc_ids(DOC, b, offs_n, seq_len, s_db, HAS_DOC, BLOCK_N)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    hi = _query_end(k_last, b, SEG_END, s_db, seq_len, window, HAS_DOC)
+    row = k_first // S2_BLOCK
     if SPARSE:
-        n_iter = tl.load(BLOCK_CNT + hk * s_ch + pid_n)
+        lo_tile, n_iter = 0, tl.load(BLOCK_CNT + hk * s_ch + row) * (S2_BLOCK // BLOCK_M)
     else:
-        hi = tl.cdiv(seq_len, BLOCK)
-        if HAS_DOC:
-            last = tl.minimum(pid_n * BLOCK + BLOCK, seq_len) - 1
-            hi = tl.cdiv(tl.load(SEG_END + b * s_db + last), BLOCK)
-        hi = tl.minimum(hi, (pid_n * BLOCK + BLOCK - 1 + window - 1) // BLOCK + 1)
-        n_iter = hi - pid_n
+        lo_tile = k_first // BLOCK_M
+        n_iter = tl.cdiv(hi, BLOCK_M) - lo_tile
     for g in range(0, GROUP):
         hq = hk * GROUP + g
         for i in range(0, n_iter):
-            qb = _list_entry(i, pid_n, pid_n, hk, BLOCK_IDX, s_ih, s_iq, SPARSE)
-            offs_m = qb * BLOCK + tl.arange(0, BLOCK)
-            q = _tile(Q, b, hq, offs_m, offs_d, seq_len, head_dim, s_qb, s_qs, s_qh)
-            do = _tile(DO, b, hq, offs_m, offs_d, seq_len, head_dim, s_ob, s_os, s_oh)
-            lse = tl.load(LSE + b * s_lb + hq * s_lh + offs_m, mask=offs_m < seq_len, other=0.0)
-            delta = tl.load(DELTA + b * s_lb + hq * s_lh + offs_m, mask=offs_m < seq_len, other=0.0)
-            doc_q = _doc_ids(DOC, b, offs_m, seq_len, s_db, HAS_DOC, BLOCK)
-            p, ds = _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, seq_len, doc_q, doc_k, sm_scale,
-                                       window)  # fmt: skip
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            q_first = _visit(i, lo_tile, row, hk, BLOCK_IDX, s_ih, s_iq, SPARSE, S2_BLOCK // BLOCK_M) * BLOCK_M
+            q_last = tl.minimum(q_first + BLOCK_M, seq_len) - 1
+            if (q_last >= k_first) & (q_first < hi):
+                offs_m = q_first + tl.arange(0, BLOCK_M)
+                q = _tile(Q, b, hq, offs_m, offs_d, seq_len, head_dim, s_qb, s_qs, s_qh)
+                do = _tile(DO, b, hq, offs_m, offs_d, seq_len, head_dim, s_ob, s_os, s_oh)
+                lse = tl.load(LSE + b * s_lb + hq * s_lh + offs_m, mask=offs_m < seq_len, other=0.0)
+                delta = tl.load(DELTA + b * s_lb + hq * s_lh + offs_m, mask=offs_m < seq_len, other=0.0)
+                doc_q = _doc_ids(DOC, b, offs_m, seq_len, s_db, HAS_DOC, BLOCK_M)
+                full = _tile_is_full(q_first, q_last, k_first, k_last, seq_len, window, SEG_END, b, s_db, HAS_DOC)
+                p, ds = _probs_and_dscores(q, k, v, do, lse, delta, sm_scale, full, offs_m, offs_n, seq_len, doc_q,
+                                           doc_k, window)  # fmt: skip
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     _store_tile(DK, dk * sm_scale, b, hk, offs_n, offs_d, seq_len, head_dim, s_dkb, s_dks, s_dkh)
     _store_tile(DV, dv, b, hk, offs_n, offs_d, seq_len, head_dim, s_dvb, s_dvs, s_dvh)
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DOC, SEG_START, BLOCK_IDX, BLOCK_CNT,
+    Q, K, V, DO, LSE, DELTA, DQ, DOC, SEG_START, SEG_END, BLOCK_IDX, BLOCK_CNT,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
     s_lb, s_lh, s_db, s_ih, s_iq, s_ch, s_dqb, s_dqs, s_dqh,
     seq_len, head_dim, num_q_heads, sm_scale, window,
-    GROUP: tl.constexpr, HAS_DOC: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr, HAS_DOC: tl.constexpr, SPARSE: tl.constexpr, S2_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """One program per (query block, query head); walks the same key blocks as the forward pass."""
+    """One program per (query tile, query head); walks the same key tiles as the forward pass."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, hq = pid_bh // num_q_heads, pid_bh % num_q_heads
     hk = hq // GROUP
-    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    q_first = pid_m * BLOCK_M
+    q_last = tl.minimum(q_first + BLOCK_M, seq_len) - 1
+    offs_m = q_first + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _tile(Q, b, hq, offs_m, offs_d, seq_len, head_dim, s_qb, s_qs, s_qh)
     do = _tile(DO, b, hq, offs_m, offs_d, seq_len, head_dim, s_ob, s_os, s_oh)
     lse = tl.load(LSE + b * s_lb + hq * s_lh + offs_m, mask=offs_m < seq_len, other=0.0)
     delta = tl.load(DELTA + b * s_lb + hq * s_lh + offs_m, mask=offs_m < seq_len, other=0.0)
-    doc_q = _doc_ids(DOC, b, offs_m, seq_len, s_db, HAS_DOC, BLOCK)
-    dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    lo, n_iter = _key_blocks(pid_m, b, hk, SEG_START, BLOCK_CNT, s_db, s_ch, window, HAS_DOC, SPARSE, BLOCK)
+    doc_q = _doc_ids(DOC, b, offs_m, seq_len, s_db, HAS_DOC, BLOCK_M)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo = _key_range(q_first, q_last, b, SEG_START, s_db, window, HAS_DOC)
+    row = q_first // S2_BLOCK
+    if SPARSE:
+        lo_tile, n_iter = 0, tl.load(BLOCK_CNT + hk * s_ch + row) * (S2_BLOCK // BLOCK_N)
+    else:
+        lo_tile = lo // BLOCK_N
+        n_iter = q_last // BLOCK_N + 1 - lo_tile
     for i in range(0, n_iter):
-        kb = _list_entry(i, lo, pid_m, hk, BLOCK_IDX, s_ih, s_iq, SPARSE)
-        offs_n = kb * BLOCK + tl.arange(0, BLOCK)
-        k = _tile(K, b, hk, offs_n, offs_d, seq_len, head_dim, s_kb, s_ks, s_kh)
-        v = _tile(V, b, hk, offs_n, offs_d, seq_len, head_dim, s_vb, s_vs, s_vh)
-        doc_k = _doc_ids(DOC, b, offs_n, seq_len, s_db, HAS_DOC, BLOCK)
-        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, seq_len, doc_q, doc_k, sm_scale, window)
-        dq += tl.dot(ds.to(k.dtype), k)
+        k_first = _visit(i, lo_tile, row, hk, BLOCK_IDX, s_ih, s_iq, SPARSE, S2_BLOCK // BLOCK_N) * BLOCK_N
+        k_last = k_first + BLOCK_N - 1
+        if (k_first <= q_last) & (k_last >= lo):
+            offs_n = k_first + tl.arange(0, BLOCK_N)
+            k = _tile(K, b, hk, offs_n, offs_d, seq_len, head_dim, s_kb, s_ks, s_kh)
+            v = _tile(V, b, hk, offs_n, offs_d, seq_len, head_dim, s_vb, s_vs, s_vh)
+            doc_k = _doc_ids(DOC, b, offs_n, seq_len, s_db, HAS_DOC, BLOCK_N)
+            full = _tile_is_full(q_first, q_last, k_first, k_last, seq_len, window, SEG_END, b, s_db, HAS_DOC)
+            _, ds = _probs_and_dscores(q, k, v, do, lse, delta, sm_scale, full, offs_m, offs_n, seq_len, doc_q, doc_k,
+                                       window)  # fmt: skip
+            dq += tl.dot(ds.to(k.dtype), k)
     _store_tile(DQ, dq * sm_scale, b, hq, offs_m, offs_d, seq_len, head_dim, s_dqb, s_dqs, s_dqh)
 
 
@@ -231,63 +283,96 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _launch_args(doc_ids, lists, backward):
-    dummy = torch.zeros(1, dtype=torch.int32)
+def _launch_args(lists, backward):
     if lists is None:
-        index = count = dummy
-        s_ih = s_iq = s_ch = 0
-    else:
-        index, count = (lists.bwd_index, lists.bwd_count) if backward else (lists.fwd_index, lists.fwd_count)
-        s_ih, s_iq, s_ch = index.stride(0), index.stride(1), count.stride(0)
-    return index, count, s_ih, s_iq, s_ch
+        dummy = torch.zeros(1, dtype=torch.int32)
+        return dummy, dummy, 0, 0, 0
+    index, count = (lists.bwd_index, lists.bwd_count) if backward else (lists.fwd_index, lists.fwd_count)
+    return index, count, index.stride(0), index.stride(1), count.stride(0)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One launch configuration of one kernel: query and key tile sizes, warps, pipeline stages."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def fit(self, cap: int) -> Tiles:
+        """Tiles no larger than `cap` (the S2 block size: a tile must not straddle two S2 blocks)."""
+        return Tiles(min(self.block_m, cap), min(self.block_n, cap), self.num_warps, self.num_stages)
+
+
+# What the autotuner may pick, per kernel and padded head dim; the first is used untuned (CPU, or
+# KERNELS_AUTOTUNE=0). The forward and dQ hold a query tile and stream key tiles; dK/dV holds a key
+# tile and streams query tiles, so its query tile is small. `python -m kernels.compile_report`
+# compiles every one for sm_80 and sm_90 and fails on spills or shared memory over the limit; these
+# were chosen from a sweep of that report (with 4 warps at head dim 128, or K/V tiles of 64 keys at
+# head dim 64, dK/dV spilled 100-500 bytes per thread).
+CANDIDATES: dict[tuple[str, int], list[Tiles]] = {
+    ("fwd", 64): [Tiles(64, 64, 4, 3), Tiles(128, 64, 8, 3), Tiles(64, 32, 4, 3)],
+    ("fwd", 128): [Tiles(64, 64, 8, 3), Tiles(128, 64, 8, 2), Tiles(128, 32, 8, 2)],
+    ("dkdv", 64): [Tiles(64, 32, 8, 1), Tiles(32, 32, 4, 1), Tiles(64, 32, 8, 2)],
+    ("dkdv", 128): [Tiles(32, 64, 8, 2), Tiles(16, 64, 8, 2), Tiles(16, 32, 4, 2)],
+    ("dq", 64): [Tiles(64, 32, 4, 2), Tiles(128, 32, 8, 2), Tiles(64, 64, 8, 2)],
+    ("dq", 128): [Tiles(64, 64, 8, 2), Tiles(32, 32, 8, 2)],  # (128, 32) spills once fitted to 64-token S2 blocks
+}
+_TUNED: dict[tuple, Tiles] = {}
+
+
+def candidates(kernel: str, block_d: int, cap: int) -> list[Tiles]:
+    """The distinct candidates of `kernel` at padded head dim `block_d`, fitted under `cap`."""
+    listed = CANDIDATES[(kernel, 64 if block_d <= 64 else 128)]
+    return list(dict.fromkeys(t.fit(cap) for t in listed))
+
+
+def pick_tiles(kernel: str, key: tuple, options: list[Tiles], launch, tune: bool, timer=None) -> Tiles:
+    """The fastest of `options` for this shape, timed once per `key` and remembered (tune), or the first."""
+    if not tune or len(options) == 1:
+        return options[0]
+    if (kernel, *key) not in _TUNED:
+        if timer is None:
+            from triton.testing import do_bench as timer
+        times = {t: timer(lambda t=t: launch(t)) for t in options}
+        _TUNED[(kernel, *key)] = min(times, key=times.get)
+    return _TUNED[(kernel, *key)]
+
+
+def _autotune(device: torch.device) -> bool:
+    return device.type == "cuda" and os.environ.get("KERNELS_AUTOTUNE", "1") != "0"
 
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, doc_ids, lists, block, window):
+    def forward(ctx, q, k, v, doc_ids, lists, cap, window, tiles):
         b, s, hq, d = q.shape
         hkv = k.shape[2]
+        block_d = triton.next_power_of_2(d)
         sm_scale = 1.0 / math.sqrt(d)
         o = torch.empty_like(q)
         lse = torch.empty(b, hq, s, device=q.device, dtype=torch.float32)
         has_doc = doc_ids is not None
         doc = doc_ids.to(torch.int32).contiguous() if has_doc else torch.zeros(1, 1, dtype=torch.int32, device=q.device)
         seg_start, seg_end = segment_bounds(doc) if has_doc else (doc, doc)
-        index, count, s_ih, s_iq, s_ch = _launch_args(doc, lists, backward=False)
-        grid = (triton.cdiv(s, block), b * hq)
-        _fwd_kernel[grid](
-            q,
-            k,
-            v,
-            o,
-            lse,
-            doc,
-            seg_start,
-            index,
-            count,
-            *_strides(q),
-            *_strides(k),
-            *_strides(v),
-            *_strides(o),
-            lse.stride(0),
-            lse.stride(1),
-            doc.stride(0),
-            s_ih,
-            s_iq,
-            s_ch,
-            s,
-            d,
-            hq,
-            sm_scale,
-            window,
-            GROUP=hq // hkv,
-            HAS_DOC=has_doc,
-            SPARSE=lists is not None,
-            BLOCK=block,
-            BLOCK_D=triton.next_power_of_2(d),
-        )
+        index, count, s_ih, s_iq, s_ch = _launch_args(lists, backward=False)
+        common = dict(GROUP=hq // hkv, HAS_DOC=has_doc, SPARSE=lists is not None, S2_BLOCK=cap, BLOCK_D=block_d)
+
+        def launch(t: Tiles):
+            _fwd_kernel[(triton.cdiv(s, t.block_m), b * hq)](
+                q, k, v, o, lse, doc, seg_start, seg_end, index, count,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(o), lse.stride(0), lse.stride(1), doc.stride(0),
+                s_ih, s_iq, s_ch, s, d, hq, sm_scale, window,
+                **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
+            )  # fmt: skip
+
+        key = (q.dtype, block_d, hq // hkv, has_doc, lists is not None, cap, triton.next_power_of_2(s))
+        launch(tiles["fwd"].fit(cap) if tiles else pick_tiles("fwd", key, candidates("fwd", block_d, cap), launch,
+                                                              _autotune(q.device)))  # fmt: skip
         ctx.save_for_backward(q, k, v, o, lse, doc, seg_start, seg_end)
-        ctx.lists, ctx.block, ctx.has_doc, ctx.sm_scale, ctx.window = lists, block, has_doc, sm_scale, window
+        ctx.lists, ctx.cap, ctx.has_doc, ctx.sm_scale, ctx.window = lists, cap, has_doc, sm_scale, window
+        ctx.tiles = tiles
         ctx.mark_non_differentiable(lse)
         return o, lse
 
@@ -296,70 +381,39 @@ class _FlashAttention(torch.autograd.Function):
         q, k, v, o, lse, doc, seg_start, seg_end = ctx.saved_tensors
         b, s, hq, d = q.shape
         hkv = k.shape[2]
+        block_d = triton.next_power_of_2(d)
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         common = dict(
-            GROUP=hq // hkv,
-            HAS_DOC=ctx.has_doc,
-            SPARSE=ctx.lists is not None,
-            BLOCK=ctx.block,
-            BLOCK_D=triton.next_power_of_2(d),
+            GROUP=hq // hkv, HAS_DOC=ctx.has_doc, SPARSE=ctx.lists is not None, S2_BLOCK=ctx.cap, BLOCK_D=block_d
         )
         strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), lse.stride(0), lse.stride(1), doc.stride(0))
-        index, count, s_ih, s_iq, s_ch = _launch_args(doc, ctx.lists, backward=True)
-        _bwd_dkdv_kernel[(triton.cdiv(s, ctx.block), b * hkv)](
-            q,
-            k,
-            v,
-            do,
-            lse,
-            delta,
-            dk,
-            dv,
-            doc,
-            seg_end,
-            index,
-            count,
-            *strides,
-            s_ih,
-            s_iq,
-            s_ch,
-            *_strides(dk),
-            *_strides(dv),
-            s,
-            d,
-            hkv,
-            ctx.sm_scale,
-            ctx.window,
-            **common,
-        )
-        index, count, s_ih, s_iq, s_ch = _launch_args(doc, ctx.lists, backward=False)
-        _bwd_dq_kernel[(triton.cdiv(s, ctx.block), b * hq)](
-            q,
-            k,
-            v,
-            do,
-            lse,
-            delta,
-            dq,
-            doc,
-            seg_start,
-            index,
-            count,
-            *strides,
-            s_ih,
-            s_iq,
-            s_ch,
-            *_strides(dq),
-            s,
-            d,
-            hq,
-            ctx.sm_scale,
-            ctx.window,
-            **common,
-        )
-        return dq, dk, dv, None, None, None, None
+        key = (q.dtype, block_d, hq // hkv, ctx.has_doc, ctx.lists is not None, ctx.cap, triton.next_power_of_2(s))
+        tune = _autotune(q.device)
+
+        bwd_lists = _launch_args(ctx.lists, backward=True)
+
+        def launch_dkdv(t: Tiles):
+            _bwd_dkdv_kernel[(triton.cdiv(s, t.block_n), b * hkv)](
+                q, k, v, do, lse, delta, dk, dv, doc, seg_start, seg_end, *bwd_lists[:2],
+                *strides, *bwd_lists[2:], *_strides(dk), *_strides(dv), s, d, hkv, ctx.sm_scale, ctx.window,
+                **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
+            )  # fmt: skip
+
+        fwd_lists = _launch_args(ctx.lists, backward=False)
+
+        def launch_dq(t: Tiles):
+            _bwd_dq_kernel[(triton.cdiv(s, t.block_m), b * hq)](
+                q, k, v, do, lse, delta, dq, doc, seg_start, seg_end, *fwd_lists[:2],
+                *strides, *fwd_lists[2:], *_strides(dq), s, d, hq, ctx.sm_scale, ctx.window,
+                **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
+            )  # fmt: skip
+
+        for name, launch in (("dkdv", launch_dkdv), ("dq", launch_dq)):
+            options = [ctx.tiles[name].fit(ctx.cap)] if ctx.tiles else candidates(name, block_d, ctx.cap)
+            launch(pick_tiles(name, key, options, launch, tune))
+        return dq, dk, dv, None, None, None, None, None
 
 
 def flash_attention(
@@ -368,16 +422,19 @@ def flash_attention(
     v: torch.Tensor,
     doc_ids: torch.Tensor | None = None,
     lists: SparsityLists | None = None,
-    block: int = 64,
+    block: int = 128,
     return_lse: bool = False,
     window: int | None = None,
+    tiles: dict[str, Tiles] | None = None,
 ):
-    """Causal GQA attention; with `lists`, only the listed key blocks (block size `block`) are read;
-    with a sliding `window`, query i reads keys j with i - j < window."""
+    """Causal GQA attention; with `lists`, only the listed key blocks (S2 block size `block`) are
+    read; with a sliding `window`, query i reads keys j with i - j < window. Without lists, `block`
+    caps the tile sizes (tests use small tiles to cross many tile edges). `tiles` ({"fwd", "dkdv",
+    "dq"} -> Tiles) fixes the launch configurations instead of the tuned or default ones."""
     if q.shape[-1] not in (16, 32, 64, 96, 128, 256) and q.shape[-1] % 16:
         raise ValueError(f"head_dim {q.shape[-1]} is not supported (multiples of 16)")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    o, lse = _FlashAttention.apply(q, k, v, doc_ids, lists, block, window or q.shape[1])
+    o, lse = _FlashAttention.apply(q, k, v, doc_ids, lists, block, window or q.shape[1], tiles)
     return (o, lse) if return_lse else o

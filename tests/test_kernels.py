@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from kernels.attention import attention
-from kernels.flash_gqa import flash_attention, segment_bounds
+from kernels.flash_gqa import CANDIDATES, Tiles, candidates, flash_attention, pick_tiles, segment_bounds
 from kernels.patterns import S2Pattern, block_lists, block_mask, density
 from kernels.reference import reference_attention, reference_s2_attention
-from kernels.s2_attention import S2Heads, s2_attention, s2_decode_attention
+from kernels.s2_attention import S2Heads, _cached_lists, s2_attention, s2_decode_attention
 
 # fp32 in the interpreter: differences are summation order only.
 ATOL, RTOL = 2e-5, 1e-4
@@ -261,3 +261,74 @@ def test_mixed_layouts_forward_and_backward(sparse):
     want = torch.autograd.grad(ref, (q, k, v), grad)
     for name, g, w in zip("qkv", got, want, strict=True):
         torch.testing.assert_close(g, w, atol=ATOL * 5, rtol=RTOL * 5, msg=lambda m: f"d{name}: {m}")
+
+
+KERNEL_NAMES = ("fwd", "dkdv", "dq")
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("choice", range(max(map(len, CANDIDATES.values()))))
+def test_every_tile_configuration_the_autotuner_can_pick(head_dim, choice):
+    """Each candidate launch configuration (query/key tiles, warps, stages) of each kernel, dense and
+    S2, with packed documents and a partial last tile: equal to the reference, forward and backward."""
+    tiles = {name: CANDIDATES[(name, head_dim)][choice % len(CANDIDATES[(name, head_dim)])] for name in KERNEL_NAMES}
+    q, k, v, doc_ids = inputs(1, 200, 4, 2, head_dim, docs=True, seed=7)
+    out, lse = flash_attention(q, k, v, doc_ids, return_lse=True, tiles=tiles)
+    ref, ref_lse = reference_attention(q, k, v, doc_ids, return_lse=True)
+    compare(out, lse, ref, ref_lse, q, k, v)
+    heads = S2Heads(S2Pattern(block_size=64, local_blocks=1, vert_stride=2), num_kv_heads=2)
+    lists = _cached_lists(heads, 2, 4, torch.device("cpu"), None)
+    out, lse = flash_attention(q, k, v, doc_ids, lists=lists, block=64, return_lse=True, tiles=tiles)
+    ref, ref_lse = reference_s2_attention(q, k, v, heads.mask(2, 200), 64, doc_ids, return_lse=True)
+    compare(out, lse, ref, ref_lse, q, k, v)
+
+
+def test_tuner_times_each_candidate_once_per_shape_and_keeps_the_fastest():
+    timed = []
+    costs = {Tiles(64, 64): 3.0, Tiles(32, 64): 1.0, Tiles(16, 64): 2.0}
+
+    def timer(run):
+        run()
+        return costs[timed[-1]]
+
+    options = list(costs)
+    picked = pick_tiles("test", ("shape-a",), options, timed.append, tune=True, timer=timer)
+    again = pick_tiles("test", ("shape-a",), options, timed.append, tune=True, timer=timer)
+    assert picked == again == Tiles(32, 64) and timed == options, "timed once, fastest kept"
+    assert pick_tiles("test", ("shape-b",), options, timed.append, tune=False) == options[0]
+    assert candidates("dkdv", 64, cap=16) == [Tiles(16, 16, 8, 1), Tiles(16, 16, 4, 1), Tiles(16, 16, 8, 2)]
+    assert candidates("dkdv", 128, cap=16) == [Tiles(16, 16, 8, 2), Tiles(16, 16, 4, 2)], "and deduplicated"
+
+
+def test_every_kernel_variant_compiles_for_sm80_and_sm90_without_spills(tmp_path):
+    """Ahead of time, no GPU: Triton's bundled ptxas builds every variant the model can launch
+    (3 kernels x dense/S2 x documents or not x head dims 64/96/128 x fp16/bf16 x every tile
+    configuration the autotuner may pick) for sm_80 and sm_90; none spills or overflows shared memory."""
+    import itertools
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "compile.json"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "kernels.compile_report", "--out", str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
+    assert out.is_file(), result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert result.returncode == 0 and not report["problems"], report["problems"] or result.stderr[-3000:]
+    launched = {(r["kernel"], r["sparse"], r["docs"], r["head_dim"], r["dtype"], r["arch"]) for r in report["rows"]}
+    flags = (False, True)
+    wanted = itertools.product(("fwd", "dkdv", "dq"), flags, flags, (64, 96, 128), ("fp16", "bf16"), (80, 90))
+    assert launched == set(wanted)
+    assert all(r["registers"] > 0 and 0 < r["shared_bytes"] <= r["shared_limit"] for r in report["rows"])
+
+
+def test_compile_report_flags_spills_and_shared_memory_over_the_limit():
+    from kernels.compile_report import problems
+
+    row = dict(kernel="dq", sparse=False, docs=True, head_dim=128, dtype="bf16", arch=80, block_m=64, block_n=64)
+    row.update(num_warps=8, num_stages=2, registers=255, spill_bytes=0, shared_bytes=1000, shared_limit=166_912)
+    assert problems([row]) == []
+    found = problems([{**row, "spill_bytes": 8}, {**row, "shared_bytes": 200_000}])
+    assert "spills 8 bytes" in found[0] and "needs 200000 bytes of shared memory, sm_80 has 166912" in found[1]
