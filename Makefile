@@ -10,7 +10,7 @@ TORCH_PIP_ARGS ?=
 NPROC ?= 4
 PYTEST_ARGS ?=
 
-.PHONY: install pretrain data test test-slow chaos lint format clean
+.PHONY: install pretrain data test test-slow chaos gpu-check compile-report lint format clean
 
 install: $(STAMP)
 
@@ -41,6 +41,17 @@ test-slow: $(STAMP)
 chaos: $(STAMP)
 	command -v fusermount3 >/dev/null || { test "$$(id -u)" = 0 && apt-get install -y -q fuse3; } || echo "no fuse3: the FUSE cases will skip"
 	$(PY) -m pytest -m "chaos or not slow" tests/test_faults.py tests/test_launch.py tests/test_resume.py $(PYTEST_ARGS)
+
+# On a CUDA machine: bf16 kernel tests, kernel benchmark, MFU, and the GPU tables of docs/benchmarks.md.
+# It runs with a Python whose PyTorch sees the GPU (the project's .venv holds a CPU build):
+# GPU_PYTHON=/path/to/python make gpu-check. Its CPU path: `$(PY) benchmarks/gpu_check.py --smoke`.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --docs docs/benchmarks.md
+
+# Every kernel variant compiled for sm_80 and sm_90 on this CPU: registers, spills, shared memory.
+compile-report: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) -m kernels.compile_report
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

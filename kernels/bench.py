@@ -1,9 +1,14 @@
-"""python -m kernels.bench [--seq-lens ...] [--out FILE]
+"""python -m kernels.bench [--seq-lens ...] [--out FILE] [--smoke]
 
-On a GPU: forward and forward+backward time, TFLOP/s and peak memory of the Triton dense GQA kernel,
-flash-attn 2 (when installed), PyTorch SDPA, and the S2 kernel at several sparsities, side by side
-in one run. Without a GPU: the share of attention FLOPs each S2 setting skips, counted from the
-block lists the kernel iterates (timings need a GPU). Prints a table and writes JSON.
+On a GPU: forward and forward+backward time, dense-equivalent TFLOP/s and peak memory of the Triton
+dense GQA kernel, flash-attn 2 (when installed), PyTorch SDPA, FlexAttention, and the S2 kernel at
+several sparsities (with FlexAttention under the same S2 block masks), side by side in one run, with
+speed-ups against flash-attn 2 (or SDPA without it). Also the share of attention FLOPs each S2
+setting skips, counted from the block lists the kernel iterates (that part needs no GPU).
+
+`--smoke` runs the same timing loop on the CPU at toy sizes in fp32 (the Triton kernels under
+TRITON_INTERPRET=1, FlexAttention forward only): it checks the path, not the speed.
+Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -23,18 +30,19 @@ S2_SETTINGS = {  # name -> pattern; local window 16 blocks (1K tokens) as in DKe
     "s2-stride16": S2Pattern(block_size=BLOCK, local_blocks=16, vert_stride=16),
     "s2-stride32": S2Pattern(block_size=BLOCK, local_blocks=16, vert_stride=32),
 }
+SMOKE = dict(heads=4, kv_heads=2, head_dim=32, seq_lens=[128], pattern=S2Pattern(block_size=32, local_blocks=1))
 
 
-def counted_density(pattern: S2Pattern, seq_len: int) -> float:
+def counted_density(pattern: S2Pattern, seq_len: int, kv_heads: int = KV_HEADS) -> float:
     """Computed blocks / dense causal blocks, from the kernel's own block lists."""
-    n = math.ceil(seq_len / BLOCK)
-    _, count = block_lists(block_mask(pattern, KV_HEADS, n))
-    return float(count.sum()) / (KV_HEADS * n * (n + 1) / 2)
+    n = math.ceil(seq_len / pattern.block_size)
+    _, count = block_lists(block_mask(pattern, kv_heads, n))
+    return float(count.sum()) / (kv_heads * n * (n + 1) / 2)
 
 
-def causal_flops(seq_len: int, batch: int = 1) -> float:
+def causal_flops(seq_len: int, heads: int = HEADS, head_dim: int = HEAD_DIM, batch: int = 1) -> float:
     """Forward FLOPs of dense causal attention (QK^T and PV, half the square)."""
-    return 4 * batch * HEADS * HEAD_DIM * seq_len * seq_len / 2
+    return 4 * batch * heads * head_dim * seq_len * seq_len / 2
 
 
 def flop_table(seq_lens: list[int]) -> list[dict]:
@@ -42,75 +50,96 @@ def flop_table(seq_lens: list[int]) -> list[dict]:
     for s in seq_lens:
         for name, pattern in S2_SETTINGS.items():
             dens = counted_density(pattern, s)
-            rows.append(
-                {
-                    "seq_len": s,
-                    "kernel": name,
-                    "computed_share": dens,
-                    "flops_skipped": 1 - dens,
-                    "ideal_speedup": 1 / dens,
-                }
-            )
+            rows.append({"seq_len": s, "kernel": name, "computed_share": dens, "flops_skipped": 1 - dens,
+                         "ideal_speedup": 1 / dens})  # fmt: skip
     return rows
 
 
-def gpu_table(seq_lens: list[int]) -> list[dict]:
-    from triton.testing import do_bench
-
+def implementations(patterns: dict[str, S2Pattern], kv_heads: int) -> dict:
+    """Name -> attention(q, k, v) for every implementation this machine has."""
     from kernels.attention import flash_attn_attention, sdpa_attention
     from kernels.flash_gqa import flash_attention
+    from kernels.flex import flex_attention_bshd
     from kernels.s2_attention import S2Heads, s2_attention
 
-    kernels = {
+    found = {
         "triton-dense": lambda q, k, v: flash_attention(q, k, v),
         "sdpa": lambda q, k, v: sdpa_attention(q, k, v, None),
+        "flex-dense": lambda q, k, v: flex_attention_bshd(q, k, v),
     }
     try:
         import flash_attn  # noqa: F401
 
-        kernels["flash-attn2"] = lambda q, k, v: flash_attn_attention(q, k, v, None)
+        found["flash-attn2"] = lambda q, k, v: flash_attn_attention(q, k, v, None)
     except ImportError:
         pass
-    for name, pattern in S2_SETTINGS.items():
-        heads = S2Heads(pattern, KV_HEADS)
-        kernels[name] = lambda q, k, v, heads=heads: s2_attention(q, k, v, heads)
+    for name, pattern in patterns.items():
+        heads = S2Heads(pattern, kv_heads)
+        found[f"triton-{name}"] = lambda q, k, v, heads=heads: s2_attention(q, k, v, heads)
+        found[f"flex-{name}"] = lambda q, k, v, heads=heads: flex_attention_bshd(
+            q, k, v, s2_block=heads.mask(k.shape[2], q.shape[1]), s2_block_size=heads.pattern.block_size
+        )
+    return found
+
+
+def cpu_timer(fn, warmup: int = 1, rep: int = 2) -> float:
+    """Milliseconds per call, median of `rep` after `warmup` (the CPU stand-in for do_bench)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rep):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def time_table(seq_lens, heads, kv_heads, head_dim, patterns, device, dtype, timer) -> list[dict]:
+    """Forward and forward+backward of every implementation at every length; OOMs are rows too."""
+    from tqdm import tqdm
+
+    cuda = device == "cuda"
+    kernels = implementations(patterns, kv_heads)
     rows = []
     for s in seq_lens:
-        q = torch.randn(1, s, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        k, v = (
-            torch.randn(1, s, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            for _ in range(2)
-        )
-        for name, fn in kernels.items():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+        shape = lambda h: (1, s, h, head_dim)  # noqa: E731
+        q = torch.randn(shape(heads), device=device, dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(shape(kv_heads), device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+        flops = causal_flops(s, heads, head_dim)
+        for name, fn in tqdm(kernels.items(), desc=f"seq {s}", unit="kernel", leave=False):
+            row = {"seq_len": s, "kernel": name}
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
             try:
-                fwd = do_bench(lambda: fn(q, k, v), warmup=5, rep=20)
-                out = fn(q, k, v)
-                grad = torch.randn_like(out)
-                fwd_bwd = do_bench(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad), warmup=5, rep=20)
+                with torch.no_grad():
+                    row["fwd_ms"] = timer(lambda fn=fn: fn(q, k, v))
+                row["fwd_tflops_dense_equiv"] = flops / row["fwd_ms"] / 1e9
+                if cuda or not name.startswith("flex"):  # FlexAttention has no CPU backward
+                    grad = torch.randn_like(q)
+                    row["fwd_bwd_ms"] = timer(lambda fn=fn: torch.autograd.grad(fn(q, k, v), (q, k, v), grad))
+                    row["fwd_bwd_tflops_dense_equiv"] = 3.5 * flops / row["fwd_bwd_ms"] / 1e9  # bwd: 2.5x fwd
             except torch.OutOfMemoryError:
-                rows.append({"seq_len": s, "kernel": name, "error": "out of memory"})
-                continue
-            flops = causal_flops(s)  # backward is 2.5x the forward's matmul FLOPs
-            rows.append(
-                {
-                    "seq_len": s,
-                    "kernel": name,
-                    "fwd_ms": fwd,
-                    "fwd_bwd_ms": fwd_bwd,
-                    "fwd_tflops_dense_equiv": flops / fwd / 1e9,
-                    "fwd_bwd_tflops_dense_equiv": 3.5 * flops / fwd_bwd / 1e9,
-                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-                }
-            )
-        base = {r["kernel"]: r for r in rows if r["seq_len"] == s and "fwd_ms" in r}
-        ref = base.get("flash-attn2") or base.get("sdpa")
-        for r in rows:
-            if r["seq_len"] == s and "fwd_ms" in r and ref:
-                r["fwd_speedup_vs_" + ref["kernel"]] = ref["fwd_ms"] / r["fwd_ms"]
-                r["fwd_bwd_speedup_vs_" + ref["kernel"]] = ref["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+                row["error"] = "out of memory"
+            except Exception as err:  # one implementation failing must not lose the others' figures
+                row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+            if cuda:
+                row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            rows.append(row)
+        add_speedups([r for r in rows if r["seq_len"] == s])
     return rows
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Each row's speed-up over flash-attn 2 (or SDPA where flash-attn is not installed)."""
+    by_name = {r["kernel"]: r for r in rows}
+    ref = by_name.get("flash-attn2") or by_name.get("sdpa")
+    if ref is None:
+        return
+    for r in rows:
+        for key in ("fwd_ms", "fwd_bwd_ms"):
+            if key in r and key in ref:
+                r[f"{key[:-3]}_speedup_vs_{ref['kernel']}"] = ref[key] / r[key]
 
 
 def print_table(rows: list[dict]) -> None:
@@ -121,30 +150,38 @@ def print_table(rows: list[dict]) -> None:
         print(" | ".join(cells))
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192, 32768, 131072])
     parser.add_argument("--out", default="benchmarks/results/kernels.json")
+    parser.add_argument("--smoke", action="store_true", help="CPU path at toy sizes (checks the code, not speed)")
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
-    rows = gpu_table(args.seq_lens) if gpu else flop_table(args.seq_lens)
-    print_table(rows)
-    device = torch.cuda.get_device_name() if gpu else "cpu (FLOP counts only; timings need a GPU)"
+    density = flop_table(args.seq_lens)
+    shape = dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, seq_lens=args.seq_lens)
+    if gpu and not args.smoke:
+        from triton.testing import do_bench
+
+        timer = lambda fn: do_bench(fn, warmup=5, rep=20)  # noqa: E731
+        timings = time_table(**shape, patterns=S2_SETTINGS, device="cuda", dtype=torch.bfloat16, timer=timer)
+        device = torch.cuda.get_device_name()
+    elif args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1" and not gpu:
+            parser.error("--smoke on a CPU needs TRITON_INTERPRET=1 (the Triton kernels run in its interpreter)")
+        shape = {k: v for k, v in SMOKE.items() if k != "pattern"}
+        timings = time_table(**shape, patterns={"s2-smoke": SMOKE["pattern"]}, device="cpu", dtype=torch.float32,
+                             timer=cpu_timer)  # fmt: skip
+        device = "cpu (smoke: toy sizes, fp32, timings meaningless)"
+    else:
+        timings, device = [], "cpu (FLOP counts only; timings need a GPU)"
+    print_table(density)
+    if timings:
+        print_table(timings)
+    result = {"device": device, **shape, "block": BLOCK, "s2_density": density, "timings": timings}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            {
-                "device": device,
-                "heads": HEADS,
-                "kv_heads": KV_HEADS,
-                "head_dim": HEAD_DIM,
-                "block": BLOCK,
-                "rows": rows,
-            },
-            indent=2,
-        )
-    )
+    Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out} ({device})")
+    return result
 
 
 if __name__ == "__main__":

@@ -20,6 +20,11 @@ ATOL, RTOL = 2e-5, 1e-4
 GPU = torch.cuda.is_available()
 
 
+def on_gpu(test):
+    """Marked `gpu` (what `make gpu-check` runs) and skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not GPU, reason="needs CUDA")(test))
+
+
 def inputs(b, s, hq, hkv, d, docs, seed=0, device="cpu", dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(b, s, h, d, generator=g).to(device, dtype).requires_grad_() for h in (hq, hkv, hkv))
@@ -161,7 +166,7 @@ def test_flex_refuses_to_train_on_cpu_and_says_why():
         attention(q, k, v, backend="flex")
 
 
-@pytest.mark.skipif(not GPU, reason="needs CUDA")
+@on_gpu
 @pytest.mark.parametrize("s2", [False, True])
 def test_gpu_flex_forward_and_backward(s2):
     heads = S2Heads(S2Pattern(block_size=64, local_blocks=4, vert_stride=4), num_kv_heads=4) if s2 else None
@@ -171,12 +176,13 @@ def test_gpu_flex_forward_and_backward(s2):
     compare(out, out.new_zeros(()), ref, ref.new_zeros(()), q, k, v, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.skipif(not GPU, reason="needs CUDA")
-@pytest.mark.parametrize("d", [64, 128])
+@on_gpu
+@pytest.mark.parametrize("d", [64, 96, 128])
 @pytest.mark.parametrize("docs", [False, True])
 def test_gpu_bf16_realistic_shapes(d, docs):
+    """bf16 at 4K tokens, tuned tiles (the autotuner runs here), dense and S2, against fp32."""
     q, k, v, doc_ids = inputs(2, 4096, 16, 4, d, docs, device="cuda", dtype=torch.bfloat16)
-    out, lse = flash_attention(q, k, v, doc_ids, block=64, return_lse=True)
+    out, lse = flash_attention(q, k, v, doc_ids, return_lse=True)
     ref, ref_lse = reference_attention(q, k, v, doc_ids, return_lse=True)
     compare(out, lse, ref, ref_lse, q, k, v, atol=2e-2, rtol=2e-2)
     heads = S2Heads(S2Pattern(block_size=64, local_blocks=4, vert_stride=4), num_kv_heads=4)
@@ -332,3 +338,14 @@ def test_compile_report_flags_spills_and_shared_memory_over_the_limit():
     assert problems([row]) == []
     found = problems([{**row, "spill_bytes": 8}, {**row, "shared_bytes": 200_000}])
     assert "spills 8 bytes" in found[0] and "needs 200000 bytes of shared memory, sm_80 has 166912" in found[1]
+
+
+@on_gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("choice", range(max(map(len, CANDIDATES.values()))))
+def test_gpu_every_tile_configuration_in_bf16(head_dim, choice):
+    tiles = {name: CANDIDATES[(name, head_dim)][choice % len(CANDIDATES[(name, head_dim)])] for name in KERNEL_NAMES}
+    q, k, v, doc_ids = inputs(1, 2000, 8, 2, head_dim, docs=True, device="cuda", dtype=torch.bfloat16)
+    out, lse = flash_attention(q, k, v, doc_ids, return_lse=True, tiles=tiles)
+    ref, ref_lse = reference_attention(q, k, v, doc_ids, return_lse=True)
+    compare(out, lse, ref, ref_lse, q, k, v, atol=2e-2, rtol=2e-2)
