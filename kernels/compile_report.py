@@ -43,6 +43,7 @@ class Variant:
     block_n: int
     num_warps: int
     num_stages: int
+    pack_gqa: bool = False
     s2_block: int = 64  # S2's default block size
     group: int = 4  # query heads per KV head
 
@@ -59,9 +60,9 @@ def variants(head_dims, dtypes, archs, docs=(False, True)) -> list[Variant]:
         KERNELS, (False, True), docs, head_dims, dtypes, archs
     ):
         cap = 64 if sparse else 128
-        for t in candidates(kernel, triton.next_power_of_2(d), cap):
+        for t in candidates(kernel, triton.next_power_of_2(d), cap, group=Variant.group):
             found.append(Variant(kernel, sparse, has_docs, d, dtype, arch, t.block_m, t.block_n, t.num_warps,
-                                 t.num_stages, s2_block=cap))  # fmt: skip
+                                 t.num_stages, t.pack_gqa, s2_block=cap))  # fmt: skip
     return found
 
 
@@ -114,12 +115,15 @@ def compile_variant(variant: Variant) -> dict:
         "BLOCK_N": variant.block_n,
         "BLOCK_D": triton.next_power_of_2(variant.head_dim),
     }
+    if variant.kernel == "fwd":
+        constants["PACK_GQA"] = variant.pack_gqa
     # As the JIT specializes a typical launch: aligned pointers, and strides, lengths and head dim
     # that are multiples of 16 (sequence lengths of 16k tokens; head dims 64, 96, 128).
     aligned = {
         (i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if types[name] in ("i32",) or "*" in types[name]
     }
-    aligned.pop((names.index("num_q_heads" if "num_q_heads" in names else "num_kv_heads"),), None)
+    for heads in {"num_q_heads", "num_kv_heads", "grid_heads"} & set(names):  # head counts: 8, 24, 32, ...
+        aligned.pop((names.index(heads),))
     source = ASTSource(fn=fn, signature=types, constexprs={(names.index(k),): v for k, v in constants.items()},
                        attrs=aligned)  # fmt: skip
     start = time.perf_counter()
@@ -142,6 +146,7 @@ def problems(rows: list[dict]) -> list[str]:
     found = []
     for r in rows:
         tiles = f"{r['block_m']}x{r['block_n']} w{r['num_warps']} s{r['num_stages']}"
+        tiles += " packed-GQA" * r.get("pack_gqa", False)
         name = (
             f"{r['kernel']} sparse={r['sparse']} docs={r['docs']} d={r['head_dim']} {r['dtype']} sm_{r['arch']} {tiles}"
         )
@@ -159,7 +164,8 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         print(
             f"{r['kernel']:6s} {r['sparse']!s:6s} {r['docs']!s:5s} {r['head_dim']:4d} {r['dtype']:5s} "
-            f"{'sm_' + str(r['arch']):6s} {str(r['block_m']) + 'x' + str(r['block_n']):>8s} {r['num_warps']:2d} "
+            f"{'sm_' + str(r['arch']):6s} {str(r['block_m']) + 'x' + str(r['block_n']) + 'p' * r['pack_gqa']:>8s} "
+            f"{r['num_warps']:2d} "
             f"{r['num_stages']:2d} {r['registers']:5d} {r['spill_bytes']:8d} "
             f"{r['shared_bytes'] / 1024:8.1f} {r['shared_limit'] / 1024:8.1f}"
         )

@@ -40,6 +40,20 @@ def _store_tile(PTR, value, b, h, offs, offs_d, seq_len, head_dim, s_b, s_s, s_h
 
 
 @triton.jit
+def _rows(PTR, b, heads, pos, offs_d, seq_len, head_dim, s_b, s_s, s_h):
+    """Row i of the tile is position pos[i] of head heads[i] (packed GQA mixes heads in one tile)."""
+    mask = (pos[:, None] < seq_len) & (offs_d[None, :] < head_dim)
+    return tl.load(PTR + b * s_b + pos[:, None] * s_s + heads[:, None] * s_h + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(PTR, value, b, heads, pos, offs_d, seq_len, head_dim, s_b, s_s, s_h):
+    mask = (pos[:, None] < seq_len) & (offs_d[None, :] < head_dim)
+    ptrs = PTR + b * s_b + pos[:, None] * s_s + heads[:, None] * s_h + offs_d[None, :]
+    tl.store(ptrs, value.to(PTR.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _doc_ids(DOC, b, offs, seq_len, s_db, HAS_DOC: tl.constexpr, BLOCK: tl.constexpr):
     ids = tl.zeros([BLOCK], dtype=tl.int32)
     if HAS_DOC:
@@ -100,19 +114,31 @@ def _fwd_kernel(
     Q, K, V, OUT, LSE, DOC, SEG_START, SEG_END, BLOCK_IDX, BLOCK_CNT,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
     s_lb, s_lh, s_db, s_ih, s_iq, s_ch,
-    seq_len, head_dim, num_q_heads, sm_scale, window,
+    seq_len, head_dim, grid_heads, sm_scale, window,
     GROUP: tl.constexpr, HAS_DOC: tl.constexpr, SPARSE: tl.constexpr, S2_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PACK_GQA: tl.constexpr,
 ):  # fmt: skip
-    """One program per (query tile, query head): online softmax over the key tiles it may read."""
+    """One program per (query tile, query head): online softmax over the key tiles it may read.
+    PACK_GQA: one program per (query tile, KV head) whose rows are the group's query heads at
+    BLOCK_M // GROUP positions, so each K/V tile is loaded once for the whole group."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, hq = pid_bh // num_q_heads, pid_bh % num_q_heads
-    hk = hq // GROUP
-    q_first = pid_m * BLOCK_M
-    q_last = tl.minimum(q_first + BLOCK_M, seq_len) - 1
-    offs_m = q_first + tl.arange(0, BLOCK_M)
+    b = pid_bh // grid_heads
+    rows = tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        hk = pid_bh % grid_heads
+        q_first = pid_m * (BLOCK_M // GROUP)
+        q_last = tl.minimum(q_first + BLOCK_M // GROUP, seq_len) - 1
+        offs_m = q_first + rows // GROUP
+        heads = hk * GROUP + rows % GROUP
+    else:
+        hq = pid_bh % grid_heads
+        hk = hq // GROUP
+        q_first = pid_m * BLOCK_M
+        q_last = tl.minimum(q_first + BLOCK_M, seq_len) - 1
+        offs_m = q_first + rows
+        heads = hq + rows * 0
     offs_d = tl.arange(0, BLOCK_D)
-    q = _tile(Q, b, hq, offs_m, offs_d, seq_len, head_dim, s_qb, s_qs, s_qh)
+    q = _rows(Q, b, heads, offs_m, offs_d, seq_len, head_dim, s_qb, s_qs, s_qh)
     doc_q = _doc_ids(DOC, b, offs_m, seq_len, s_db, HAS_DOC, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -146,8 +172,8 @@ def _fwd_kernel(
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     lse = tl.where(l_i > 0, (m_safe + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    _store_tile(OUT, acc / l_safe[:, None], b, hq, offs_m, offs_d, seq_len, head_dim, s_ob, s_os, s_oh)
-    tl.store(LSE + b * s_lb + hq * s_lh + offs_m, lse, mask=offs_m < seq_len)
+    _store_rows(OUT, acc / l_safe[:, None], b, heads, offs_m, offs_d, seq_len, head_dim, s_ob, s_os, s_oh)
+    tl.store(LSE + b * s_lb + heads * s_lh + offs_m, lse, mask=offs_m < seq_len)
 
 
 @triton.jit
@@ -299,10 +325,15 @@ class Tiles:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    pack_gqa: bool = False  # forward only: the rows of a query tile are the group's heads (see _fwd_kernel)
 
     def fit(self, cap: int) -> Tiles:
         """Tiles no larger than `cap` (the S2 block size: a tile must not straddle two S2 blocks)."""
-        return Tiles(min(self.block_m, cap), min(self.block_n, cap), self.num_warps, self.num_stages)
+        return Tiles(min(self.block_m, cap), min(self.block_n, cap), self.num_warps, self.num_stages, self.pack_gqa)
+
+    def fits_group(self, group: int) -> bool:
+        """Packed GQA needs the group to be a power of two that divides the query tile."""
+        return not self.pack_gqa or (group & (group - 1) == 0 and self.block_m % group == 0)
 
 
 # What the autotuner may pick, per kernel and padded head dim; the first is used untuned (CPU, or
@@ -312,8 +343,8 @@ class Tiles:
 # were chosen from a sweep of that report (with 4 warps at head dim 128, or K/V tiles of 64 keys at
 # head dim 64, dK/dV spilled 100-500 bytes per thread).
 CANDIDATES: dict[tuple[str, int], list[Tiles]] = {
-    ("fwd", 64): [Tiles(64, 64, 4, 3), Tiles(128, 64, 8, 3), Tiles(64, 32, 4, 3)],
-    ("fwd", 128): [Tiles(64, 64, 8, 3), Tiles(128, 64, 8, 2), Tiles(128, 32, 8, 2)],
+    ("fwd", 64): [Tiles(64, 64, 4, 3), Tiles(128, 64, 8, 3), Tiles(64, 32, 4, 3), Tiles(64, 64, 4, 3, True)],
+    ("fwd", 128): [Tiles(64, 64, 8, 3), Tiles(128, 64, 8, 2), Tiles(128, 32, 8, 2), Tiles(64, 64, 8, 3, True)],
     ("dkdv", 64): [Tiles(64, 32, 8, 1), Tiles(32, 32, 4, 1), Tiles(64, 32, 8, 2)],
     ("dkdv", 128): [Tiles(32, 64, 8, 2), Tiles(16, 64, 8, 2), Tiles(16, 32, 4, 2)],
     ("dq", 64): [Tiles(64, 32, 4, 2), Tiles(128, 32, 8, 2), Tiles(64, 64, 8, 2)],
@@ -322,10 +353,11 @@ CANDIDATES: dict[tuple[str, int], list[Tiles]] = {
 _TUNED: dict[tuple, Tiles] = {}
 
 
-def candidates(kernel: str, block_d: int, cap: int) -> list[Tiles]:
-    """The distinct candidates of `kernel` at padded head dim `block_d`, fitted under `cap`."""
+def candidates(kernel: str, block_d: int, cap: int, group: int = 1) -> list[Tiles]:
+    """The distinct candidates of `kernel` at padded head dim `block_d`, fitted under `cap`, that
+    suit GQA groups of `group` query heads."""
     listed = CANDIDATES[(kernel, 64 if block_d <= 64 else 128)]
-    return list(dict.fromkeys(t.fit(cap) for t in listed))
+    return list(dict.fromkeys(t.fit(cap) for t in listed if t.fit(cap).fits_group(group)))
 
 
 def pick_tiles(kernel: str, key: tuple, options: list[Tiles], launch, tune: bool, timer=None) -> Tiles:
@@ -360,16 +392,20 @@ class _FlashAttention(torch.autograd.Function):
         common = dict(GROUP=hq // hkv, HAS_DOC=has_doc, SPARSE=lists is not None, S2_BLOCK=cap, BLOCK_D=block_d)
 
         def launch(t: Tiles):
-            _fwd_kernel[(triton.cdiv(s, t.block_m), b * hq)](
+            positions, grid_heads = (t.block_m // (hq // hkv), hkv) if t.pack_gqa else (t.block_m, hq)
+            _fwd_kernel[(triton.cdiv(s, positions), b * grid_heads)](
                 q, k, v, o, lse, doc, seg_start, seg_end, index, count,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(o), lse.stride(0), lse.stride(1), doc.stride(0),
-                s_ih, s_iq, s_ch, s, d, hq, sm_scale, window,
-                **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
+                s_ih, s_iq, s_ch, s, d, grid_heads, sm_scale, window,
+                **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, PACK_GQA=t.pack_gqa, num_warps=t.num_warps,
+                num_stages=t.num_stages,
             )  # fmt: skip
 
         key = (q.dtype, block_d, hq // hkv, has_doc, lists is not None, cap, triton.next_power_of_2(s))
-        launch(tiles["fwd"].fit(cap) if tiles else pick_tiles("fwd", key, candidates("fwd", block_d, cap), launch,
-                                                              _autotune(q.device)))  # fmt: skip
+        options = [tiles["fwd"].fit(cap)] if tiles else candidates("fwd", block_d, cap, hq // hkv)
+        if not options[0].fits_group(hq // hkv):
+            raise ValueError(f"{options[0]}: packed GQA needs a power-of-two group dividing BLOCK_M, not {hq // hkv}")
+        launch(pick_tiles("fwd", key, options, launch, _autotune(q.device)))
         ctx.save_for_backward(q, k, v, o, lse, doc, seg_start, seg_end)
         ctx.lists, ctx.cap, ctx.has_doc, ctx.sm_scale, ctx.window = lists, cap, has_doc, sm_scale, window
         ctx.tiles = tiles

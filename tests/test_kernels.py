@@ -236,24 +236,49 @@ def test_decode_with_window_matches_last_row_of_prefill(window):
                 torch.testing.assert_close(step, full[:, t - 1 : t], atol=1e-5, rtol=1e-5)
 
 
-def mixed_layout(q, k, v):
-    """The same values in other memory layouts: q a slice of a packed qkv tensor, k stored
-    transposed (sequence-major strides differ from v's), v contiguous."""
-    b, s, hq, d = q.shape
-    hkv = k.shape[2]
-    packed = torch.cat([q, k, v], dim=2).detach()
-    q2 = packed[:, :, :hq].requires_grad_()
-    k2 = k.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
-    v2 = packed[:, :, hq + hkv :].contiguous().requires_grad_()
-    assert k2.stride() != v2.stride() and not q2.is_contiguous()
-    return q2, k2, v2
+def in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values [b, s, h, d] in another memory layout (a leaf that requires grad)."""
+    t = t.detach()
+    if layout == "contiguous":
+        out = t.contiguous()
+    elif layout == "head-major":  # stored [b, h, s, d], viewed back: sequence strides differ
+        out = t.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "strided-last-dim":  # every other element of a twice-as-wide buffer
+        out = torch.stack([t, torch.zeros_like(t)], dim=-1).flatten(-2)[..., ::2]
+    else:
+        raise ValueError(layout)
+    return out.requires_grad_()
 
 
-@pytest.mark.parametrize("sparse", [False, True])
-def test_mixed_layouts_forward_and_backward(sparse):
-    """Every gradient lands in its own tensor's layout (dv used to be written with dk's strides)."""
+def packed_qkv(q, k, v):
+    """q, k and v as slices of one fused [b, s, hq + 2 hkv, d] projection output."""
+    hq, hkv = q.shape[2], k.shape[2]
+    packed = torch.cat([q, k, v], dim=2).detach().requires_grad_()
+    return packed, (packed[:, :, :hq], packed[:, :, hq : hq + hkv], packed[:, :, hq + hkv :])
+
+
+LAYOUTS = {  # name -> layouts of q, k, v, and the upstream gradient
+    "contiguous": ("contiguous", "contiguous", "contiguous", "contiguous"),
+    "k-head-major-v-not": ("contiguous", "head-major", "contiguous", "head-major"),
+    "v-head-major-k-not": ("head-major", "contiguous", "head-major", "contiguous"),
+    "strided-last-dims": ("strided-last-dim", "contiguous", "strided-last-dim", "strided-last-dim"),
+    "packed-qkv": ("packed", "packed", "packed", "head-major"),
+}
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "s2"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_memory_layout_forward_and_backward(layout, sparse):
+    """Every gradient lands in its own tensor's layout (dv used to be written with dk's strides),
+    for views the model and users make: transposed storage, non-contiguous last dims, slices of one
+    packed qkv tensor, a non-contiguous upstream gradient."""
     q, k, v, doc_ids = inputs(1, 64, 4, 2, 32, docs=True, seed=6)
-    q2, k2, v2 = mixed_layout(q, k, v)
+    q_layout, k_layout, v_layout, grad_layout = LAYOUTS[layout]
+    if q_layout == "packed":
+        leaves, (q2, k2, v2) = packed_qkv(q, k, v)
+    else:
+        q2, k2, v2 = (in_layout(t, lay) for t, lay in zip((q, k, v), (q_layout, k_layout, v_layout), strict=True))
+        leaves = (q2, k2, v2)
     heads = S2Heads(S2Pattern(block_size=16, local_blocks=1, vert_stride=2), num_kv_heads=2)
     if sparse:
         out, lse = s2_attention(q2, k2, v2, heads, doc_ids, return_lse=True)
@@ -262,11 +287,13 @@ def test_mixed_layouts_forward_and_backward(sparse):
         out, lse = flash_attention(q2, k2, v2, doc_ids, block=16, return_lse=True)
         ref, ref_lse = reference_attention(q, k, v, doc_ids, return_lse=True)
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
-    grad = torch.randn_like(out).transpose(1, 2).contiguous().transpose(1, 2)  # upstream gradient non-contiguous
-    got = torch.autograd.grad(out, (q2, k2, v2), grad)
+    grad = in_layout(torch.randn_like(out), grad_layout).detach()
+    got = torch.autograd.grad(out, leaves, grad)
     want = torch.autograd.grad(ref, (q, k, v), grad)
-    for name, g, w in zip("qkv", got, want, strict=True):
-        torch.testing.assert_close(g, w, atol=ATOL * 5, rtol=RTOL * 5, msg=lambda m: f"d{name}: {m}")
+    if q_layout == "packed":
+        want = (torch.cat(want, dim=2),)
+    for name, g, w in zip("qkv" if len(got) == 3 else ["qkv"], got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=ATOL * 5, rtol=RTOL * 5, msg=lambda m, name=name: f"d{name}: {m}")
 
 
 KERNEL_NAMES = ("fwd", "dkdv", "dq")
@@ -304,6 +331,8 @@ def test_tuner_times_each_candidate_once_per_shape_and_keeps_the_fastest():
     assert pick_tiles("test", ("shape-b",), options, timed.append, tune=False) == options[0]
     assert candidates("dkdv", 64, cap=16) == [Tiles(16, 16, 8, 1), Tiles(16, 16, 4, 1), Tiles(16, 16, 8, 2)]
     assert candidates("dkdv", 128, cap=16) == [Tiles(16, 16, 8, 2), Tiles(16, 16, 4, 2)], "and deduplicated"
+    assert any(t.pack_gqa for t in candidates("fwd", 64, cap=128, group=4))
+    assert not any(t.pack_gqa for t in candidates("fwd", 64, cap=128, group=3)), "packing needs a power-of-two group"
 
 
 def test_every_kernel_variant_compiles_for_sm80_and_sm90_without_spills(tmp_path):

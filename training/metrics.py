@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -82,6 +83,22 @@ class JsonLines:
             self.note(f"{self.path}: cannot write ({err.strerror or err}); training goes on, lines are skipped")
 
 
+def _tensorboard_thread_errors_are_reported_by_the_logger() -> None:
+    """TensorBoard writes from a thread; a failed write there (a full disk) would print a raw
+    traceback from that thread before the logger reports it, in one line, at its next write."""
+    previous = threading.excepthook
+    if getattr(previous, "tensorboard_quiet", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError):
+            return
+        previous(args)
+
+    hook.tensorboard_quiet = True
+    threading.excepthook = hook
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, families: list[str], flops_per_token: int, enabled: bool = True):
         self.run_dir, self.families, self.enabled = run_dir, families, enabled
@@ -96,6 +113,7 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = JsonLines(self.run_dir / "metrics.jsonl", self.note)
         self.eval_jsonl = JsonLines(self.run_dir / "eval.jsonl", self.note)
+        _tensorboard_thread_errors_are_reported_by_the_logger()
         try:
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         except OSError as err:
