@@ -126,10 +126,13 @@ class PhiConfig:
                     )
 
 
-def rope_tables(config: PhiConfig, start: int, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [length, rotated dims] for positions start .. start + length - 1 of a sequence whose
-    forward reaches position start + length - 1 (which picks LongRoPE's short or long factors).
-    Computed per forward as transformers does, so no max_seq_len-sized table is ever held."""
+def rope_tables(
+    config: PhiConfig, start: int, length: int, device=None, positions: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [length, rotated dims] for positions start .. start + length - 1 (or the given global
+    `positions`, a context-parallel rank's share) of a sequence whose forward reaches position
+    start + length - 1 (which picks LongRoPE's short or long factors). Computed per forward as
+    transformers does, so no max_seq_len-sized table is ever held."""
     rot = int(config.head_dim * config.rope_fraction)
     exponents = torch.arange(0, rot, 2, dtype=torch.int64, device=device).float() / rot
     scale = 1.0
@@ -141,8 +144,9 @@ def rope_tables(config: PhiConfig, start: int, length: int, device=None) -> tupl
         factors = torch.tensor(lr.long_factor if long else lr.short_factor, dtype=torch.float32, device=device)
         inv_freq = 1.0 / (factors * config.rope_theta**exponents)
         scale = lr.scale(config.max_seq_len)
-    positions = torch.arange(start, start + length, device=device).float()
-    angles = positions[:, None] * inv_freq[None, :]
+    if positions is None:
+        positions = torch.arange(start, start + length, device=device)
+    angles = positions.to(device).float()[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)  # HF "rotate_half" layout, so weights map 1:1 to Phi3
     return angles.cos() * scale, angles.sin() * scale
 
@@ -284,16 +288,25 @@ class PhiModel(nn.Module):
         init_weights(self, seed)
 
     def forward(
-        self, inputs: torch.Tensor, doc_ids: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        inputs: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        seq_len: int | None = None,
     ) -> torch.Tensor:
         """`inputs`: token ids [b, s] (or hidden states when this is a later pipeline stage).
         `doc_ids` [b, s]: attention stays inside each packed document. `cache`: generation, which
-        feeds the prompt first and then one token at a time. Returns logits or hidden states."""
+        feeds the prompt first and then one token at a time. `positions` [s]: the tokens' places in a
+        sequence of `seq_len` tokens when they are a share of it (context parallel); by default 0 ..
+        s - 1. Returns logits or hidden states."""
         h = self.tok_embeddings(inputs) if self.tok_embeddings is not None else inputs
         start = cache.length if cache is not None else 0
         # A later pipeline stage under sequence parallel receives a sequence shard; doc_ids are whole.
         length = doc_ids.shape[1] if doc_ids is not None else inputs.shape[1]
-        cos, sin = rope_tables(self.config, start, length, h.device)
+        if positions is not None:
+            start, length = 0, seq_len or int(positions.max()) + 1
+        cos, sin = rope_tables(self.config, start, length, h.device, positions)
         for name, layer in self.layers.items():
             h = layer(h, cos, sin, doc_ids, cache.layers[name] if cache is not None else None)
         if self.norm is not None:

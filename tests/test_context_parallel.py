@@ -1,0 +1,91 @@
+"""Context parallelism against one process: the model's loss and every gradient, dense and S2 layers,
+packed documents crossing the chunk boundaries, a sliding window, at 1,024 tokens on 2 gloo ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.patterns import S2Pattern
+from kernels.reference import reference_attention
+from tests.distributed import run_ranks
+from training.models.phi import PhiConfig, PhiModel
+from training.parallel.context import balanced_positions, merge_partials
+
+SEQ = 1024
+
+
+def test_balanced_positions_cover_the_sequence_and_share_the_causal_work():
+    for cp in (2, 4):
+        shares = [balanced_positions(SEQ, cp, rank) for rank in range(cp)]
+        assert sorted(torch.cat(shares).tolist()) == list(range(SEQ))
+        work = {int((share + 1).sum()) for share in shares}  # query-key pairs under a causal mask
+        assert len(work) == 1, work
+    with pytest.raises(ValueError, match="divisible by 2 x cp = 8"):
+        balanced_positions(100, 4, 0)
+
+
+def test_partials_merged_by_log_sum_exp_equal_one_softmax():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 32, h, 16, generator=g) for h in (4, 2, 2))
+    mask = torch.rand(2, 4, 32, 32, generator=g) < 0.5
+    mask[..., 0] = False  # a chunk some rows read nothing from
+    want = reference_attention(q, k, v, mask=mask)
+    parts = [reference_attention(q, k[:, c], v[:, c], mask=mask[..., c], return_lse=True)
+             for c in (slice(0, 8), slice(8, 20), slice(20, 32))]  # fmt: skip
+    got = merge_partials([p[0] for p in parts], [p[1] for p in parts])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def model_config(s2: bool, window: int | None) -> PhiConfig:
+    pattern = S2Pattern(block_size=64, local_blocks=2, vert_stride=4) if s2 else None
+    return PhiConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=SEQ,
+                     attn_backend="reference", s2=pattern, dense_every=2, sliding_window=window)  # fmt: skip
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 256, (2, SEQ + 1), generator=g)
+    starts = torch.rand(2, SEQ, generator=g) < 3 / SEQ  # a few documents, crossing the chunk edges
+    return tokens[:, :-1], tokens[:, 1:], starts.int().cumsum(1)
+
+
+def loss_and_grads(config: PhiConfig, cp: bool):
+    """Mean token loss and the gradients of every parameter, on one process or this rank's share."""
+    import torch.distributed as dist
+
+    from training.parallel.context import apply_context_parallel, shard_sequence
+
+    torch.manual_seed(0)
+    model = PhiModel(config)
+    inputs, labels, doc_ids = batch()
+    extra = {}
+    if cp:
+        positions = apply_context_parallel(model, dist.group.WORLD, SEQ)
+        inputs, labels, doc_ids = (shard_sequence(t, positions) for t in (inputs, labels, doc_ids))
+        extra = dict(positions=positions, seq_len=SEQ)
+    logits = model(inputs, doc_ids=doc_ids, **extra)
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / labels.numel()
+    if cp:
+        loss = loss / dist.get_world_size()  # each rank holds 1/cp of the tokens
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    if cp:
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        for grad in grads.values():
+            dist.all_reduce(grad)
+        loss = total
+    return float(loss), grads
+
+
+@pytest.mark.parametrize("s2", [False, True], ids=["dense", "s2"])
+@pytest.mark.parametrize("window", [None, 200], ids=["full", "window200"])
+def test_context_parallel_2_equals_one_process(s2, window):
+    config = model_config(s2, window)
+    want_loss, want_grads = loss_and_grads(config, cp=False)
+    for loss, grads in run_ranks(2, loss_and_grads, config, True):
+        assert loss == pytest.approx(want_loss, rel=1e-5)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, want_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")

@@ -1,0 +1,124 @@
+"""Context parallelism: each sequence split over the `cp` ranks of a group, attention exchanged.
+
+Causal attention gives later tokens more work, so the sequence is cut into 2 x cp chunks and rank r
+holds chunk r and its mirror 2 cp - 1 - r (Megatron-LM's and torchtitan's load balancing): every
+rank then holds the same number of query-key pairs. Positions and document ids stay global: RoPE
+rotates by each token's place in the whole sequence, and a document that crosses a chunk boundary
+stays one document.
+
+Attention on a rank: its queries against every rank's keys. K and V (small under GQA) are gathered
+from the group (gradients return by the gather's backward), and the partial results of each source
+chunk are merged with their log-sum-exp, as ring attention merges its steps. Applied from outside,
+like tensor parallelism: `apply_context_parallel` points each attention module at the group; the
+model only receives its tokens' global positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from kernels.reference import reference_attention
+from kernels.s2_attention import S2Heads
+
+
+def balanced_positions(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:
+    """Global positions rank `rank` of `cp` holds: chunk `rank` and chunk 2 cp - 1 - rank of 2 cp."""
+    if seq_len % (2 * cp):
+        raise ValueError(f"context parallel {cp} needs sequences divisible by 2 x cp = {2 * cp}, not {seq_len}")
+    chunk = seq_len // (2 * cp)
+    front = torch.arange(rank * chunk, (rank + 1) * chunk, device=device)
+    back = torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk, device=device)
+    return torch.cat([front, back])
+
+
+def shard_sequence(t: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor | None:
+    """The tokens of `t` [b, s, ...] at `positions` (this rank's share), or None."""
+    return None if t is None else t[:, positions.to(t.device)]
+
+
+def allowed_keys(q_pos, k_pos, q_doc, k_doc, window: int | None, s2_block: torch.Tensor | None, block_size: int,
+                 group: int) -> torch.Tensor:  # fmt: skip
+    """Boolean [b|1, heads|1, sq, sk]: causal by global position, inside the window and the document,
+    and, for S2 layers, inside each head's allowed blocks (`s2_block` [hkv, qb, kb])."""
+    allowed = (q_pos[:, None] >= k_pos[None, :])[None, None]
+    if window is not None:
+        allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
+    if q_doc is not None:
+        allowed = allowed & (q_doc[:, :, None] == k_doc[:, None, :])[:, None]
+    if s2_block is not None:
+        heads = s2_block[:, q_pos // block_size][:, :, k_pos // block_size].repeat_interleave(group, dim=0)
+        allowed = allowed & heads[None]
+    return allowed
+
+
+def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
+    """Softmax over the union of the key sets: each partial output [b, s, h, d] weighted by
+    exp(its log-sum-exp [b, h, s] - the total's). A chunk with no allowed key has lse -inf, weight 0."""
+    lse = torch.logsumexp(torch.stack(lses), dim=0)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    total = 0
+    for out, part in zip(outs, lses, strict=True):
+        weight = torch.exp(part - safe).nan_to_num(0.0).transpose(1, 2)[..., None]  # [b, s, h, 1]
+        total = total + out.float() * weight
+    return total.to(outs[0].dtype)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """Every rank's tensor (forward all-gather); each rank's gradient is the sum of what every rank's
+    queries sent it (backward reduce-scatter). On gloo (torch 2.13), inside a backward pass, both
+    torch.distributed.nn's all_gather (all-to-all) and the list form of reduce_scatter returned wrong
+    sums for these tensors; the flat reduce_scatter_tensor is what FSDP uses, and is right."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        mine = torch.empty_like(grads[0], memory_format=torch.contiguous_format)
+        dist.reduce_scatter_tensor(mine, torch.cat(grads), group=ctx.group)
+        return mine, None
+
+
+def context_parallel_attention(q, k, v, doc_ids, positions, group, s2: S2Heads | None, window: int | None):
+    """This rank's queries [b, s_local, hq, d] against the whole sequence's keys and values."""
+    cp = dist.get_world_size(group)
+    keys = _GatherSequence.apply(k, group)
+    values = _GatherSequence.apply(v, group)
+    key_positions = [torch.empty_like(positions) for _ in range(cp)]
+    dist.all_gather(key_positions, positions, group=group)
+    key_docs = [None] * cp
+    if doc_ids is not None:
+        key_docs = [torch.empty_like(doc_ids) for _ in range(cp)]
+        dist.all_gather(key_docs, doc_ids.contiguous(), group=group)
+    s2_block, block_size = None, 1
+    if s2 is not None:
+        seq_len = cp * positions.numel()
+        s2_block, block_size = s2.mask(k.shape[2], seq_len, window).to(q.device), s2.pattern.block_size
+    group_size = q.shape[2] // k.shape[2]
+    outs, lses = [], []
+    for k_src, v_src, pos_src, doc_src in zip(keys, values, key_positions, key_docs, strict=True):
+        mask = allowed_keys(positions, pos_src, doc_ids, doc_src, window, s2_block, block_size, group_size)
+        out, lse = reference_attention(q, k_src, v_src, mask=mask, return_lse=True)
+        outs.append(out)
+        lses.append(lse)
+    return merge_partials(outs, lses)
+
+
+def apply_context_parallel(model, group, seq_len: int) -> torch.Tensor:
+    """Make every attention module of `model` attend across `group` (its core attention is replaced,
+    as activation checkpointing replaces it); returns this rank's global positions, which the caller
+    shards its batch by (`shard_sequence`) and passes to the model as `positions`."""
+    positions = balanced_positions(seq_len, dist.get_world_size(group), dist.get_rank(group))
+    for block in model.layers.values():
+        attention = block.attention
+
+        def core_attention(q, k, v, doc_ids, attention=attention):
+            return context_parallel_attention(q, k, v, doc_ids, positions, group, attention.s2, attention.window)
+
+        attention.core_attention = core_attention
+    return positions
