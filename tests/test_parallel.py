@@ -28,6 +28,7 @@ def small_config(
     tp=1,
     pp=1,
     dp=-1,
+    cp=1,
     sp=False,
     schedule="1F1B",
     virtual=1,
@@ -58,6 +59,7 @@ def small_config(
             sequence_parallel=sp,
             pp_schedule=schedule,
             virtual_stages=virtual,
+            cp=cp,
             dp_mode=dp_mode,
             pp_layers=pp_layers,
         ),
@@ -76,7 +78,7 @@ def grads_and_history(config: TrainConfig, trainer_class: type[Trainer] = Traine
     trainer.optimizer.zero_grad(set_to_none=True)
     history = [trainer.train_step(trainer.loader.batch_at(step)) for step in range(STEPS)]
     history.append(trainer.evaluate())  # per-family loss on the valid split after the steps
-    keep = trainer.tp_rank == 0 and trainer.dp_rank == 0
+    keep = trainer.tp_rank == 0 and trainer.dp_rank == 0 and trainer.cp_rank == 0
     return (grads if keep else {}), history
 
 
@@ -105,12 +107,15 @@ def reference(small_dataset, tmp_path_factory):
         dict(pp=2, schedule="InterleavedZeroBubble", virtual=2),
         dict(pp=2, schedule="ZBVZeroBubble", virtual=2),
         dict(tp=2, pp=2, schedule="ZBVZeroBubble", virtual=2),
+        dict(cp=2),
+        dict(cp=2, tp=2),
+        dict(cp=2, dp=2, dp_mode="fsdp"),
     ],
     ids=lambda d: "-".join(f"{k}{v}" for k, v in d.items()),
 )
 def test_layout_matches_single_process(layout, reference, small_dataset, tmp_path):
     ref_grads, ref_history = reference
-    world = layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1)
+    world = layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1) * layout.get("cp", 1)
     results = run_ranks(world, grads_and_history, small_config(small_dataset, tmp_path, **layout))
     grads = {name: g for rank_grads, _ in results for name, g in rank_grads.items()}
     assert set(grads) == set(ref_grads), "every parameter must get a gradient exactly once across stages"

@@ -39,13 +39,18 @@ def test_resume_reproduces_uninterrupted_run(layout, async_save, small_dataset, 
 
 
 def world(layout: dict) -> int:
-    return layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1)
+    return layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1) * layout.get("cp", 1)
 
 
 @pytest.mark.parametrize(
     "save,load",
-    [(dict(tp=2, pp=2), dict()), (dict(), dict(tp=2, pp=2)), (dict(dp=2, tp=2, dp_mode="fsdp"), dict(pp=2))],
-    ids=["tp2pp2-to-single", "single-to-tp2pp2", "fsdp-dp2tp2-to-pp2"],
+    [
+        (dict(tp=2, pp=2), dict()),
+        (dict(), dict(tp=2, pp=2)),
+        (dict(dp=2, tp=2, dp_mode="fsdp"), dict(pp=2)),
+        (dict(cp=2), dict()),
+    ],
+    ids=["tp2pp2-to-single", "single-to-tp2pp2", "fsdp-dp2tp2-to-pp2", "cp2-to-single"],
 )
 def test_resume_under_another_layout(save, load, small_dataset, tmp_path):
     """Checkpoints are keyed by full-model names, so any layout loads any other's."""

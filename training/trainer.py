@@ -25,6 +25,7 @@ from training.metrics import MetricsLogger
 from training.model_setup import check_fits_dataset, materialize, meta_model, resolve_model_config
 from training.models.phi import PhiConfig, count_params_and_flops
 from training.optim import OptimConfig, build_optimizer, build_scheduler, clip_grad_norm, resolve_lr
+from training.parallel.context import apply_context_parallel, shard_sequence
 from training.parallel.data import allreduce_gradients, apply_fsdp
 from training.parallel.mesh import ParallelConfig, ParallelDims, device_type
 from training.parallel.pipeline import (
@@ -122,8 +123,7 @@ class Trainer:
         self.dims.check_model(mc.n_heads, mc.n_kv_heads, mc.n_layers, mc.vocab_size)
         self.device = torch.device(device_type(), int(os.environ.get("LOCAL_RANK", 0)))
         self.mesh = self.dims.build_mesh(self.device.type)
-        coords = self.mesh.get_coordinate() if self.mesh is not None else [0, 0, 0]
-        self.pp_rank, self.dp_rank, self.tp_rank = coords
+        self.pp_rank, self.dp_rank, self.cp_rank, self.tp_rank = self.dims.coordinates(self.mesh)
         self.is_main = rank == 0
 
         local_batch, rem = divmod(config.data.global_batch_size, self.dims.dp)
@@ -156,6 +156,9 @@ class Trainer:
         )
         if self.dims.tp > 1:
             apply_tensor_parallel(model, self.mesh["tp"], config.parallel.sequence_parallel)
+        self.cp_positions = None  # this rank's share of every sequence under context parallel
+        if self.dims.cp > 1:
+            self.cp_positions = apply_context_parallel(model, self.mesh["cp"].get_group(), data_seq_len)
         apply_activation_checkpointing(model, config.activation_checkpointing)
         if config.compile:
             apply_compile(model)
@@ -260,11 +263,18 @@ class Trainer:
     def _run_batch(self, batch: Batch, backward: bool) -> None:
         """Loss (and with `backward`, gradients) of the global-batch mean over micro-batches."""
         batch = batch.to(self.device)
+        model_kwargs = {}
+        if self.cp_positions is not None:
+            positions = self.cp_positions.to(self.device)
+            batch = Batch(*(shard_sequence(t, positions) for t in batch.tensors()[:4]), batch.rows)
+            model_kwargs = dict(positions=positions, seq_len=self.loader.dataset.manifest["seq_len"])
         self._microbatch_stats.clear()
         target = self._targets(batch)
         self._denominator = self._loss_denominator(batch)
         if self.dims.dp > 1:
             dist.all_reduce(self._denominator, group=self.mesh["dp"].get_group())
+        if self.dims.cp > 1:
+            dist.all_reduce(self._denominator, group=self.mesh["cp"].get_group())
         with self._loss_context(), torch.set_grad_enabled(backward), autocast(self.config.precision, self.device.type):
             if self.schedule is not None:
                 args = (batch.tokens,) if self.is_first_stage else ()
@@ -278,7 +288,7 @@ class Trainer:
                 # Under FSDP every micro-batch's gradients are reduce-scattered into the sharded ones: holding
                 # them unsharded until the last micro-batch would keep a whole local model's gradients.
                 for mb, mb_target in micro:
-                    loss = self._loss(self.model(mb.tokens, doc_ids=mb.doc_ids), mb_target)
+                    loss = self._loss(self.model(mb.tokens, doc_ids=mb.doc_ids, **model_kwargs), mb_target)
                     if backward:
                         loss.backward()
 
@@ -291,6 +301,8 @@ class Trainer:
             reduce_partial_grads(self.model.parameters())
         if self.dims.dp > 1 and not self.fsdp:
             allreduce_gradients(self.model.parameters(), self.mesh["dp"].get_group())
+        if self.dims.cp > 1:  # each CP rank holds the gradients of its share of the tokens
+            allreduce_gradients(self.model.parameters(), self.mesh["cp"].get_group())
 
     def evaluate(self) -> dict[str, float]:
         """Loss per family on the held-out `valid` split (`eval_batches` global batches, 0 = all)."""
@@ -399,7 +411,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "loss_scaler": self.scaler.state_dict(),
             "config": to_dict(self.config),
-            "layout": {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp},
+            "layout": {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp, "cp": self.dims.cp},
             "dataset": {
                 "path": str(self.loader.dataset.data_dir),
                 "tokenizer_hash": self.loader.dataset.manifest["tokenizer_hash"],

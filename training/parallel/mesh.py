@@ -1,6 +1,7 @@
 """One object that owns the device mesh and answers layout questions.
 
-Rank order is TP innermost (fastest links), then DP, then PP: mesh dims ("pp", "dp", "tp").
+Rank order is TP innermost (fastest links), then CP, then DP, then PP: mesh dims ("pp", "dp", "tp"),
+with ("pp", "dp", "cp", "tp") when context parallel is on.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
-    dp: int = -1  # -1: whatever the world size leaves after tp * pp
+    cp: int = 1  # context parallel: every sequence split over cp ranks (training/parallel/context.py)
+    dp: int = -1  # -1: whatever the world size leaves after tp * cp * pp
     pp_schedule: str = "1F1B"  # 1F1B, GPipe, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble
     virtual_stages: int = 1  # pipeline stages per rank (interleaved and zero-bubble schedules)
     pp_layers: list[int] | None = None  # layers per stage, e.g. [3, 5]; default an even split
@@ -33,25 +35,31 @@ class ParallelDims:
     dp: int
     tp: int
     pp: int
+    cp: int = 1
 
     @classmethod
     def from_config(cls, config: ParallelConfig, world_size: int) -> ParallelDims:
-        for name in ("tp", "pp"):
+        for name in ("tp", "pp", "cp"):
             if getattr(config, name) < 1:
                 raise LayoutError(f"parallel.{name} must be >= 1, got {getattr(config, name)}")
-        dp = config.dp if config.dp != -1 else world_size // (config.tp * config.pp)
-        if dp < 1 or dp * config.tp * config.pp != world_size:
+        dp = config.dp if config.dp != -1 else world_size // (config.tp * config.pp * config.cp)
+        if dp < 1 or dp * config.tp * config.pp * config.cp != world_size:
             raise LayoutError(
-                f"parallel layout tp={config.tp} x pp={config.pp} x dp={config.dp} does not match "
+                f"parallel layout tp={config.tp} x cp={config.cp} x pp={config.pp} x dp={config.dp} does not match "
                 f"the world size {world_size}: start tp*pp*dp ranks (deepspeed --num_gpus N, "
                 f"torchrun --nproc_per_node N; on CPU deepspeed starts one rank per NUMA node "
                 f"unless given --num_gpus) or override parallel.tp / parallel.pp"
             )
-        return cls(dp=dp, tp=config.tp, pp=config.pp)
+        if config.cp > 1 and config.pp > 1:
+            raise LayoutError("parallel.cp > 1 with parallel.pp > 1 is not supported yet (positions are not "
+                              "passed through pipeline stages)")  # fmt: skip
+        if config.cp > 1 and config.sequence_parallel:
+            raise LayoutError("parallel.cp > 1 with parallel.sequence_parallel is not supported yet")
+        return cls(dp=dp, tp=config.tp, pp=config.pp, cp=config.cp)
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.tp * self.pp * self.cp
 
     def check_model(self, n_heads: int, n_kv_heads: int, n_layers: int, vocab_size: int) -> None:
         if n_heads % self.tp:
@@ -66,7 +74,17 @@ class ParallelDims:
     def build_mesh(self, device_type: str) -> DeviceMesh | None:
         if self.world_size == 1:
             return None
+        if self.cp > 1:
+            shape, names = (self.pp, self.dp, self.cp, self.tp), ("pp", "dp", "cp", "tp")
+            return init_device_mesh(device_type, shape, mesh_dim_names=names)
         return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp"))
+
+    def coordinates(self, mesh: DeviceMesh | None) -> tuple[int, int, int, int]:
+        """This rank's (pp, dp, cp, tp) coordinates."""
+        if mesh is None:
+            return 0, 0, 0, 0
+        coords = mesh.get_coordinate()
+        return tuple(coords) if self.cp > 1 else (coords[0], coords[1], 0, coords[2])
 
 
 def device_type() -> str:

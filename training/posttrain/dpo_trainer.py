@@ -28,6 +28,8 @@ class DPOTrainer(Trainer):
     rows_per_sample = 2
 
     def __init__(self, config):
+        if config.parallel.cp > 1:  # a sequence's log-probability would be summed across ranks
+            raise ValueError("objective=dpo with parallel.cp > 1 is not supported yet")
         if config.parallel.micro_batch_size % 2:
             raise ValueError(
                 f"objective=dpo: parallel.micro_batch_size ({config.parallel.micro_batch_size}) must be even"
