@@ -80,12 +80,35 @@ def loss_and_grads(config: PhiConfig, cp: bool):
     return float(loss), grads
 
 
-@pytest.mark.parametrize("s2", [False, True], ids=["dense", "s2"])
-@pytest.mark.parametrize("window", [None, 200], ids=["full", "window200"])
-def test_context_parallel_2_equals_one_process(s2, window):
+@pytest.mark.parametrize(
+    "cp,s2,window",
+    [(2, False, None), (2, False, 200), (2, True, None), (2, True, 200), (4, True, None)],
+    ids=["cp2-dense", "cp2-dense-window200", "cp2-s2", "cp2-s2-window200", "cp4-s2"],
+)
+def test_context_parallel_equals_one_process(cp, s2, window):
+    """S2 layers receive only the key rows their patterns read, from every peer (cp4: three peers)."""
     config = model_config(s2, window)
     want_loss, want_grads = loss_and_grads(config, cp=False)
-    for loss, grads in run_ranks(2, loss_and_grads, config, True):
+    for loss, grads in run_ranks(cp, loss_and_grads, config, True):
         assert loss == pytest.approx(want_loss, rel=1e-5)
         for name, grad in grads.items():
             torch.testing.assert_close(grad, want_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_s2_exchange_sends_at_most_the_patterns_share_of_the_keys():
+    """Bytes an S2-aware exchange sends against a dense ring's (every rank's keys to every peer): at
+    most the pattern's computed share (+10%), at 32K tokens, strides 8-32, CP 2-8."""
+    from kernels.bench import counted_density
+    from kernels.patterns import block_mask
+    from training.parallel.context import s2_exchange_plan
+
+    seq, heads = 32768, 8
+    for stride in (8, 16, 32):
+        pattern = S2Pattern(block_size=64, local_blocks=16, vert_stride=stride)
+        mask = block_mask(pattern, heads, seq // 64)
+        for cp in (2, 4, 8):
+            shares = [balanced_positions(seq, cp, rank) for rank in range(cp)]
+            plans = [s2_exchange_plan(mask, shares, 64, rank)[0] for rank in range(cp)]
+            sent = sum(len(rows) for plan in plans for per_head in plan.values() for rows in per_head)
+            ratio = sent / (cp * (cp - 1) * (seq // cp) * heads)
+            assert 0 < ratio <= 1.1 * counted_density(pattern, seq, heads), (stride, cp, ratio)

@@ -6,11 +6,16 @@ rank then holds the same number of query-key pairs. Positions and document ids s
 rotates by each token's place in the whole sequence, and a document that crosses a chunk boundary
 stays one document.
 
-Attention on a rank: its queries against every rank's keys. K and V (small under GQA) are gathered
-from the group (gradients return by the gather's backward), and the partial results of each source
-chunk are merged with their log-sum-exp, as ring attention merges its steps. Applied from outside,
-like tensor parallelism: `apply_context_parallel` points each attention module at the group; the
-model only receives its tokens' global positions.
+Attention on a rank: its queries against every rank's keys. Dense layers gather K and V (small
+under GQA) from the group (gradients return by the gather's backward) and merge the partial result
+of each source chunk with its log-sum-exp, as ring attention merges its steps. S2 layers exchange
+only the key rows each peer's heads may read (its local window and strided blocks, known to every
+rank from the pattern), point to point, so the bytes fall with the pattern's density. Applied from
+outside, like tensor parallelism: `apply_context_parallel` replaces each attention module's core
+attention; the model only receives its tokens' global positions.
+
+The attention inside a rank is plain PyTorch with an explicit mask (positions are not contiguous);
+a kernel that takes per-token positions is what long contexts on a GPU need next.
 """
 
 from __future__ import annotations
@@ -84,25 +89,99 @@ class _GatherSequence(torch.autograd.Function):
         return mine, None
 
 
+def s2_exchange_plan(s2_block: torch.Tensor, shares: list[torch.Tensor], block_size: int, rank: int):
+    """Which keys rank `rank` sends and receives under S2: (send, recv), peer -> per KV head the
+    indices into the sender's share of the keys some query of the receiver's share may read for
+    that head (its local window and strided blocks). Every rank derives every plan from the pattern."""
+
+    def needed(dst: int, src: int) -> list[torch.Tensor]:
+        wanted = s2_block[:, torch.unique(shares[dst] // block_size)].any(1)  # [hkv, key blocks]
+        return [row.nonzero().flatten() for row in wanted[:, shares[src] // block_size]]
+
+    peers = [p for p in range(len(shares)) if p != rank]
+    return {p: needed(p, rank) for p in peers}, {p: needed(rank, p) for p in peers}
+
+
+def _exchange(outgoing: dict[int, torch.Tensor], incoming: dict[int, torch.Tensor], group) -> None:
+    """Point-to-point: outgoing[p] to peer p, incoming[p] from peer p (sizes agreed by the plans)."""
+    ops = [dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, p), group)
+           for p, t in outgoing.items() if t.numel()]  # fmt: skip
+    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, p), group) for p, t in incoming.items() if t.numel()]
+    for request in dist.batch_isend_irecv(ops) if ops else []:
+        request.wait()
+
+
+class _ExchangeKeys(torch.autograd.Function):
+    """K and V rows [2, b, s, hkv, d] that peers' S2 patterns read, sent to them and received from
+    them; the backward sends each gradient back to the rank that owns the row."""
+
+    @staticmethod
+    def forward(ctx, kv, send, recv, group):
+        ctx.send, ctx.recv, ctx.group, ctx.shape = send, recv, group, kv.shape
+        out = {p: torch.cat([kv[:, :, idx, h] for h, idx in enumerate(heads)], dim=2) for p, heads in send.items()}
+        two, b, _, _, d = kv.shape
+        into = {p: kv.new_empty(two, b, sum(len(i) for i in heads), d) for p, heads in recv.items()}
+        _exchange(out, into, group)
+        return tuple(into[p] for p in sorted(into))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        back = dict(zip(sorted(ctx.recv), grads, strict=True))
+        two, b, _, _, d = ctx.shape
+        owned = {p: grads[0].new_empty(two, b, sum(len(i) for i in heads), d) for p, heads in ctx.send.items()}
+        _exchange(back, owned, ctx.group)
+        dkv = grads[0].new_zeros(ctx.shape)
+        for p, heads in ctx.send.items():
+            offset = 0
+            for h, idx in enumerate(heads):
+                dkv[:, :, idx, h] += owned[p][:, :, offset : offset + len(idx)]
+                offset += len(idx)
+        return dkv, None, None, None
+
+
+def _s2_attention(q, k, v, doc_ids, positions, shares, docs, group, s2: S2Heads, window):
+    """S2 layers: each KV head's queries read their own keys plus the rows peers sent for that head."""
+    cp, rank = len(shares), dist.get_rank(group)
+    seq_len = cp * positions.numel()
+    s2_block, block_size = s2.mask(k.shape[2], seq_len, window).to(q.device), s2.pattern.block_size
+    send, recv = s2_exchange_plan(s2_block, [sh.to(q.device) for sh in shares], block_size, rank)
+    received = dict(zip(sorted(recv), _ExchangeKeys.apply(torch.stack([k, v]), send, recv, group), strict=True))
+    group_size = q.shape[2] // k.shape[2]
+    outs = []
+    for h in range(k.shape[2]):
+        keys, key_positions, key_docs = [torch.stack([k[:, :, h], v[:, :, h]])], [positions], [doc_ids]
+        for p, heads in recv.items():
+            offset = sum(len(i) for i in heads[:h])
+            keys.append(received[p][:, :, offset : offset + len(heads[h])])
+            key_positions.append(shares[p].to(q.device)[heads[h]])
+            key_docs.append(docs[p][:, heads[h]] if doc_ids is not None else None)
+        kv = torch.cat(keys, dim=2)  # [2, b, n, d]
+        k_docs = torch.cat(key_docs, dim=1) if doc_ids is not None else None
+        mask = allowed_keys(positions, torch.cat(key_positions), doc_ids, k_docs, window, s2_block[h : h + 1],
+                            block_size, group_size)  # fmt: skip
+        q_h = q[:, :, h * group_size : (h + 1) * group_size]
+        outs.append(reference_attention(q_h, kv[0][:, :, None], kv[1][:, :, None], mask=mask))
+    return torch.cat(outs, dim=2)
+
+
 def context_parallel_attention(q, k, v, doc_ids, positions, group, s2: S2Heads | None, window: int | None):
-    """This rank's queries [b, s_local, hq, d] against the whole sequence's keys and values."""
+    """This rank's queries [b, s_local, hq, d] against the whole sequence's keys and values: dense
+    layers gather every rank's K/V; S2 layers receive only the rows their heads' patterns read."""
     cp = dist.get_world_size(group)
+    shares = [torch.empty_like(positions) for _ in range(cp)]
+    dist.all_gather(shares, positions, group=group)
+    docs = [None] * cp
+    if doc_ids is not None:
+        docs = [torch.empty_like(doc_ids) for _ in range(cp)]
+        dist.all_gather(docs, doc_ids.contiguous(), group=group)
+    if s2 is not None:
+        return _s2_attention(q, k, v, doc_ids, positions, shares, docs, group, s2, window)
     keys = _GatherSequence.apply(k, group)
     values = _GatherSequence.apply(v, group)
-    key_positions = [torch.empty_like(positions) for _ in range(cp)]
-    dist.all_gather(key_positions, positions, group=group)
-    key_docs = [None] * cp
-    if doc_ids is not None:
-        key_docs = [torch.empty_like(doc_ids) for _ in range(cp)]
-        dist.all_gather(key_docs, doc_ids.contiguous(), group=group)
-    s2_block, block_size = None, 1
-    if s2 is not None:
-        seq_len = cp * positions.numel()
-        s2_block, block_size = s2.mask(k.shape[2], seq_len, window).to(q.device), s2.pattern.block_size
     group_size = q.shape[2] // k.shape[2]
     outs, lses = [], []
-    for k_src, v_src, pos_src, doc_src in zip(keys, values, key_positions, key_docs, strict=True):
-        mask = allowed_keys(positions, pos_src, doc_ids, doc_src, window, s2_block, block_size, group_size)
+    for k_src, v_src, pos_src, doc_src in zip(keys, values, shares, docs, strict=True):
+        mask = allowed_keys(positions, pos_src, doc_ids, doc_src, window, None, 1, group_size)
         out, lse = reference_attention(q, k_src, v_src, mask=mask, return_lse=True)
         outs.append(out)
         lses.append(lse)
