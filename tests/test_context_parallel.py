@@ -51,11 +51,12 @@ def batch():
     return tokens[:, :-1], tokens[:, 1:], starts.int().cumsum(1)
 
 
-def loss_and_grads(config: PhiConfig, cp: bool):
+def loss_and_grads(config: PhiConfig, cp: bool, recompute: str = "none"):
     """Mean token loss and the gradients of every parameter, on one process or this rank's share."""
     import torch.distributed as dist
 
     from training.parallel.context import apply_context_parallel, shard_sequence
+    from training.transforms import apply_activation_checkpointing
 
     torch.manual_seed(0)
     model = PhiModel(config)
@@ -65,6 +66,7 @@ def loss_and_grads(config: PhiConfig, cp: bool):
         positions = apply_context_parallel(model, dist.group.WORLD, SEQ)
         inputs, labels, doc_ids = (shard_sequence(t, positions) for t in (inputs, labels, doc_ids))
         extra = dict(positions=positions, seq_len=SEQ)
+    apply_activation_checkpointing(model, recompute)
     logits = model(inputs, doc_ids=doc_ids, **extra)
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / labels.numel()
     if cp:
@@ -81,15 +83,17 @@ def loss_and_grads(config: PhiConfig, cp: bool):
 
 
 @pytest.mark.parametrize(
-    "cp,s2,window",
-    [(2, False, None), (2, False, 200), (2, True, None), (2, True, 200), (4, True, None)],
-    ids=["cp2-dense", "cp2-dense-window200", "cp2-s2", "cp2-s2-window200", "cp4-s2"],
-)
-def test_context_parallel_equals_one_process(cp, s2, window):
-    """S2 layers receive only the key rows their patterns read, from every peer (cp4: three peers)."""
+    "cp,s2,window,recompute",
+    [(2, False, None, "none"), (2, False, 200, "none"), (2, True, None, "none"), (2, True, 200, "none"),
+     (4, True, None, "none"), (2, True, None, "selective")],
+    ids=["cp2-dense", "cp2-dense-window200", "cp2-s2", "cp2-s2-window200", "cp4-s2", "cp2-s2-recompute"],
+)  # fmt: skip
+def test_context_parallel_equals_one_process(cp, s2, window, recompute):
+    """S2 layers receive only the key rows their patterns read, from every peer (cp4: three peers);
+    selective recompute re-runs the exchange in the backward pass."""
     config = model_config(s2, window)
     want_loss, want_grads = loss_and_grads(config, cp=False)
-    for loss, grads in run_ranks(cp, loss_and_grads, config, True):
+    for loss, grads in run_ranks(cp, loss_and_grads, config, True, recompute):
         assert loss == pytest.approx(want_loss, rel=1e-5)
         for name, grad in grads.items():
             torch.testing.assert_close(grad, want_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
