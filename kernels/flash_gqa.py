@@ -100,6 +100,16 @@ def _query_end(k_last, b, SEG_END, s_db, seq_len, window, HAS_DOC: tl.constexpr)
 
 
 @triton.jit
+def _key_tiles(lo, q_last, hk, row, BLOCK_CNT, s_ch, SPARSE: tl.constexpr, S2_BLOCK: tl.constexpr,
+               BLOCK_N: tl.constexpr):  # fmt: skip
+    """(first tile, count) a query tile walks: its S2 row's blocks split into key tiles (sparse), or
+    the tiles from `lo` to the diagonal (dense)."""
+    if SPARSE:
+        return 0, tl.load(BLOCK_CNT + hk * s_ch + row) * (S2_BLOCK // BLOCK_N)
+    return lo // BLOCK_N, q_last // BLOCK_N + 1 - lo // BLOCK_N
+
+
+@triton.jit
 def _visit(i, lo_tile, row, h, BLOCK_IDX, s_ih, s_iq, SPARSE: tl.constexpr, SUB: tl.constexpr):
     """The i-th tile to visit: lo_tile + i (dense), or sub-tile i % SUB of the (i // SUB)-th S2 block
     of the row's list (sparse; an S2 block holds SUB tiles)."""
@@ -146,11 +156,7 @@ def _fwd_kernel(
     qk_scale = sm_scale * 1.4426950408889634  # exp2 instead of exp
     lo = _key_range(q_first, q_last, b, SEG_START, s_db, window, HAS_DOC)
     row = q_first // S2_BLOCK
-    if SPARSE:
-        lo_tile, n_iter = 0, tl.load(BLOCK_CNT + hk * s_ch + row) * (S2_BLOCK // BLOCK_N)
-    else:
-        lo_tile = lo // BLOCK_N
-        n_iter = q_last // BLOCK_N + 1 - lo_tile
+    lo_tile, n_iter = _key_tiles(lo, q_last, hk, row, BLOCK_CNT, s_ch, SPARSE, S2_BLOCK, BLOCK_N)
     for i in range(0, n_iter):
         k_first = _visit(i, lo_tile, row, hk, BLOCK_IDX, s_ih, s_iq, SPARSE, S2_BLOCK // BLOCK_N) * BLOCK_N
         k_last = k_first + BLOCK_N - 1
@@ -262,11 +268,7 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo = _key_range(q_first, q_last, b, SEG_START, s_db, window, HAS_DOC)
     row = q_first // S2_BLOCK
-    if SPARSE:
-        lo_tile, n_iter = 0, tl.load(BLOCK_CNT + hk * s_ch + row) * (S2_BLOCK // BLOCK_N)
-    else:
-        lo_tile = lo // BLOCK_N
-        n_iter = q_last // BLOCK_N + 1 - lo_tile
+    lo_tile, n_iter = _key_tiles(lo, q_last, hk, row, BLOCK_CNT, s_ch, SPARSE, S2_BLOCK, BLOCK_N)
     for i in range(0, n_iter):
         k_first = _visit(i, lo_tile, row, hk, BLOCK_IDX, s_ih, s_iq, SPARSE, S2_BLOCK // BLOCK_N) * BLOCK_N
         k_last = k_first + BLOCK_N - 1
