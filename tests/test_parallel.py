@@ -161,6 +161,9 @@ def test_tensor_parallel_keeps_each_ranks_s2_head_patterns(small_dataset, tmp_pa
         (dict(tp=4), {}, "does not divide n_kv_heads=2"),
         (dict(tp=2, pp=2), dict(n_layers=1), "exceeds n_layers=1"),
         (dict(pp=2, pp_layers=[1, 1]), {}, "summing to n_layers=4"),
+        (dict(cp=3), {}, "cp=3 x dp=-1 does not match the world size 4"),
+        (dict(cp=2, pp=2), {}, "parallel.cp > 1 with parallel.pp > 1 is not supported yet"),
+        (dict(cp=2, tp=2, sp=True), {}, "parallel.cp > 1 with parallel.sequence_parallel is not supported yet"),
     ],
 )
 def test_layouts_that_do_not_fit_are_refused(layout, model, message, small_dataset, tmp_path):

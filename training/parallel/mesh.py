@@ -44,9 +44,10 @@ class ParallelDims:
                 raise LayoutError(f"parallel.{name} must be >= 1, got {getattr(config, name)}")
         dp = config.dp if config.dp != -1 else world_size // (config.tp * config.pp * config.cp)
         if dp < 1 or dp * config.tp * config.pp * config.cp != world_size:
+            cp = f" x cp={config.cp}" if config.cp > 1 else ""
             raise LayoutError(
-                f"parallel layout tp={config.tp} x cp={config.cp} x pp={config.pp} x dp={config.dp} does not match "
-                f"the world size {world_size}: start tp*pp*dp ranks (deepspeed --num_gpus N, "
+                f"parallel layout tp={config.tp} x pp={config.pp}{cp} x dp={config.dp} does not match "
+                f"the world size {world_size}: start tp*pp*cp*dp ranks (deepspeed --num_gpus N, "
                 f"torchrun --nproc_per_node N; on CPU deepspeed starts one rank per NUMA node "
                 f"unless given --num_gpus) or override parallel.tp / parallel.pp"
             )
