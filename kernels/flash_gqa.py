@@ -311,9 +311,9 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _launch_args(lists, backward):
-    if lists is None:
-        dummy = torch.zeros(1, dtype=torch.int32)
+def _launch_args(lists, backward, device):
+    if lists is None:  # the kernels never read it, but Triton wants a pointer on the kernel's device
+        dummy = torch.zeros(1, dtype=torch.int32, device=device)
         return dummy, dummy, 0, 0, 0
     index, count = (lists.bwd_index, lists.bwd_count) if backward else (lists.fwd_index, lists.fwd_count)
     return index, count, index.stride(0), index.stride(1), count.stride(0)
@@ -390,7 +390,7 @@ class _FlashAttention(torch.autograd.Function):
         has_doc = doc_ids is not None
         doc = doc_ids.to(torch.int32).contiguous() if has_doc else torch.zeros(1, 1, dtype=torch.int32, device=q.device)
         seg_start, seg_end = segment_bounds(doc) if has_doc else (doc, doc)
-        index, count, s_ih, s_iq, s_ch = _launch_args(lists, backward=False)
+        index, count, s_ih, s_iq, s_ch = _launch_args(lists, backward=False, device=q.device)
         common = dict(GROUP=hq // hkv, HAS_DOC=has_doc, SPARSE=lists is not None, S2_BLOCK=cap, BLOCK_D=block_d)
 
         def launch(t: Tiles):
@@ -410,7 +410,7 @@ class _FlashAttention(torch.autograd.Function):
         launch(pick_tiles("fwd", key, options, launch, _autotune(q.device)))
         ctx.save_for_backward(q, k, v, o, lse, doc, seg_start, seg_end)
         ctx.lists, ctx.cap, ctx.has_doc, ctx.sm_scale, ctx.window = lists, cap, has_doc, sm_scale, window
-        ctx.tiles = tiles
+        ctx.tiles, ctx.key = tiles, key
         ctx.mark_non_differentiable(lse)
         return o, lse
 
@@ -427,10 +427,9 @@ class _FlashAttention(torch.autograd.Function):
             GROUP=hq // hkv, HAS_DOC=ctx.has_doc, SPARSE=ctx.lists is not None, S2_BLOCK=ctx.cap, BLOCK_D=block_d
         )
         strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), lse.stride(0), lse.stride(1), doc.stride(0))
-        key = (q.dtype, block_d, hq // hkv, ctx.has_doc, ctx.lists is not None, ctx.cap, triton.next_power_of_2(s))
         tune = _autotune(q.device)
 
-        bwd_lists = _launch_args(ctx.lists, backward=True)
+        bwd_lists = _launch_args(ctx.lists, backward=True, device=q.device)
 
         def launch_dkdv(t: Tiles):
             _bwd_dkdv_kernel[(triton.cdiv(s, t.block_n), b * hkv)](
@@ -439,7 +438,7 @@ class _FlashAttention(torch.autograd.Function):
                 **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
             )  # fmt: skip
 
-        fwd_lists = _launch_args(ctx.lists, backward=False)
+        fwd_lists = _launch_args(ctx.lists, backward=False, device=q.device)
 
         def launch_dq(t: Tiles):
             _bwd_dq_kernel[(triton.cdiv(s, t.block_m), b * hq)](
@@ -450,7 +449,7 @@ class _FlashAttention(torch.autograd.Function):
 
         for name, launch in (("dkdv", launch_dkdv), ("dq", launch_dq)):
             options = [ctx.tiles[name].fit(ctx.cap)] if ctx.tiles else candidates(name, block_d, ctx.cap)
-            launch(pick_tiles(name, key, options, launch, tune))
+            launch(pick_tiles(name, ctx.key, options, launch, tune))
         return dq, dk, dv, None, None, None, None, None
 
 
