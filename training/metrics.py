@@ -157,13 +157,12 @@ class MetricsLogger:
         self.note(f"eval {step:5d} | val loss {evals['val/loss']:.4f} | {families}")
 
     def _tensorboard(self, scalars: dict[str, float], step: int) -> None:
-        """TensorBoard's writer thread reports a failed write at the next call; it is then dropped."""
+        """TensorBoard's writer thread reports a failed write at the next add; it is then dropped."""
         if self.writer is None:
             return
         try:
             for key, value in scalars.items():
                 self.writer.add_scalar(key, value, step)
-            self.writer.flush()
         except Exception as err:  # tensorboard re-raises its thread's error as it was (OSError or other)
             self.note(f"TensorBoard off from step {step}: {err}; metrics.jsonl goes on")
             self.writer = None

@@ -158,7 +158,7 @@ class Trainer:
             apply_tensor_parallel(model, self.mesh["tp"], config.parallel.sequence_parallel)
         self.cp_positions = None  # this rank's share of every sequence under context parallel
         if self.dims.cp > 1:
-            self.cp_positions = apply_context_parallel(model, self.mesh["cp"].get_group(), data_seq_len)
+            self.cp_positions = apply_context_parallel(model, self.mesh["cp"].get_group(), data_seq_len, self.device)
         apply_activation_checkpointing(model, config.activation_checkpointing)
         if config.compile:
             apply_compile(model)
@@ -265,9 +265,8 @@ class Trainer:
         batch = batch.to(self.device)
         model_kwargs = {}
         if self.cp_positions is not None:
-            positions = self.cp_positions.to(self.device)
-            batch = Batch(*(shard_sequence(t, positions) for t in batch.tensors()[:4]), batch.rows)
-            model_kwargs = dict(positions=positions, seq_len=self.loader.dataset.manifest["seq_len"])
+            batch = Batch(*(shard_sequence(t, self.cp_positions) for t in batch.tensors()[:4]), batch.rows)
+            model_kwargs = dict(positions=self.cp_positions, seq_len=self.loader.dataset.manifest["seq_len"])
         self._microbatch_stats.clear()
         target = self._targets(batch)
         self._denominator = self._loss_denominator(batch)

@@ -20,6 +20,8 @@ a kernel that takes per-token positions is what long contexts on a GPU need next
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -139,12 +141,18 @@ class _ExchangeKeys(torch.autograd.Function):
         return dkv, None, None, None
 
 
-def _s2_attention(q, k, v, doc_ids, positions, shares, docs, group, s2: S2Heads, window):
+@functools.lru_cache(maxsize=64)
+def _s2_plan(s2: S2Heads, num_local_heads: int, seq_len: int, window: int | None, cp: int, rank: int, device):
+    """The S2 block mask and this rank's exchange plan, for one layout (every S2 layer shares them)."""
+    s2_block = s2.mask(num_local_heads, seq_len, window).to(device)
+    shares = [balanced_positions(seq_len, cp, r, device) for r in range(cp)]
+    return (s2_block, *s2_exchange_plan(s2_block, shares, s2.pattern.block_size, rank))
+
+
+def _s2_attention(q, k, v, doc_ids, shares, rank, docs, group, s2: S2Heads, window):
     """S2 layers: each KV head's queries read their own keys plus the rows peers sent for that head."""
-    cp, rank = len(shares), dist.get_rank(group)
-    seq_len = cp * positions.numel()
-    s2_block, block_size = s2.mask(k.shape[2], seq_len, window).to(q.device), s2.pattern.block_size
-    send, recv = s2_exchange_plan(s2_block, [sh.to(q.device) for sh in shares], block_size, rank)
+    positions, cp = shares[rank], len(shares)
+    s2_block, send, recv = _s2_plan(s2, k.shape[2], cp * positions.numel(), window, cp, rank, q.device)
     received = dict(zip(sorted(recv), _ExchangeKeys.apply(torch.stack([k, v]), send, recv, group), strict=True))
     group_size = q.shape[2] // k.shape[2]
     outs = []
@@ -153,51 +161,49 @@ def _s2_attention(q, k, v, doc_ids, positions, shares, docs, group, s2: S2Heads,
         for p, heads in recv.items():
             offset = sum(len(i) for i in heads[:h])
             keys.append(received[p][:, :, offset : offset + len(heads[h])])
-            key_positions.append(shares[p].to(q.device)[heads[h]])
+            key_positions.append(shares[p][heads[h]])
             key_docs.append(docs[p][:, heads[h]] if doc_ids is not None else None)
         kv = torch.cat(keys, dim=2)  # [2, b, n, d]
         k_docs = torch.cat(key_docs, dim=1) if doc_ids is not None else None
         mask = allowed_keys(positions, torch.cat(key_positions), doc_ids, k_docs, window, s2_block[h : h + 1],
-                            block_size, group_size)  # fmt: skip
+                            s2.pattern.block_size, group_size)  # fmt: skip
         q_h = q[:, :, h * group_size : (h + 1) * group_size]
         outs.append(reference_attention(q_h, kv[0][:, :, None], kv[1][:, :, None], mask=mask))
     return torch.cat(outs, dim=2)
 
 
-def context_parallel_attention(q, k, v, doc_ids, positions, group, s2: S2Heads | None, window: int | None):
-    """This rank's queries [b, s_local, hq, d] against the whole sequence's keys and values: dense
-    layers gather every rank's K/V; S2 layers receive only the rows their heads' patterns read."""
-    cp = dist.get_world_size(group)
-    shares = [torch.empty_like(positions) for _ in range(cp)]
-    dist.all_gather(shares, positions, group=group)
-    docs = [None] * cp
+def context_parallel_attention(q, k, v, doc_ids, shares, rank, group, s2: S2Heads | None, window: int | None):
+    """This rank's queries [b, s_local, hq, d] against the whole sequence's keys and values (`shares`:
+    every rank's global positions): dense layers gather every rank's K/V; S2 layers receive only the
+    rows their heads' patterns read."""
+    docs = [None] * len(shares)
     if doc_ids is not None:
-        docs = [torch.empty_like(doc_ids) for _ in range(cp)]
+        docs = [torch.empty_like(doc_ids) for _ in shares]
         dist.all_gather(docs, doc_ids.contiguous(), group=group)
     if s2 is not None:
-        return _s2_attention(q, k, v, doc_ids, positions, shares, docs, group, s2, window)
+        return _s2_attention(q, k, v, doc_ids, shares, rank, docs, group, s2, window)
     keys = _GatherSequence.apply(k, group)
     values = _GatherSequence.apply(v, group)
     group_size = q.shape[2] // k.shape[2]
     outs, lses = [], []
     for k_src, v_src, pos_src, doc_src in zip(keys, values, shares, docs, strict=True):
-        mask = allowed_keys(positions, pos_src, doc_ids, doc_src, window, None, 1, group_size)
+        mask = allowed_keys(shares[rank], pos_src, doc_ids, doc_src, window, None, 1, group_size)
         out, lse = reference_attention(q, k_src, v_src, mask=mask, return_lse=True)
         outs.append(out)
         lses.append(lse)
     return merge_partials(outs, lses)
 
 
-def apply_context_parallel(model, group, seq_len: int) -> torch.Tensor:
+def apply_context_parallel(model, group, seq_len: int, device=None) -> torch.Tensor:
     """Make every attention module of `model` attend across `group` (its core attention is replaced,
-    as activation checkpointing replaces it); returns this rank's global positions, which the caller
-    shards its batch by (`shard_sequence`) and passes to the model as `positions`."""
-    positions = balanced_positions(seq_len, dist.get_world_size(group), dist.get_rank(group))
+    as activation checkpointing replaces it); returns this rank's global positions (on `device`),
+    which the caller shards its batch by (`shard_sequence`) and passes to the model as `positions`.
+    Every rank's share follows from the layout, so none is exchanged."""
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    shares = [balanced_positions(seq_len, cp, r, device) for r in range(cp)]
     for block in model.layers.values():
         attention = block.attention
-
-        def core_attention(q, k, v, doc_ids, attention=attention):
-            return context_parallel_attention(q, k, v, doc_ids, positions, group, attention.s2, attention.window)
-
-        attention.core_attention = core_attention
-    return positions
+        attention.core_attention = functools.partial(
+            context_parallel_attention, shares=shares, rank=rank, group=group, s2=attention.s2, window=attention.window
+        )
+    return shares[rank]
