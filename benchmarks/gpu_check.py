@@ -11,7 +11,10 @@
 A step that fails is recorded and the others still run; the exit status is 1 if any failed. The
 kernel tests run without tests/conftest.py (its data fixtures need packages a GPU image may lack).
 `--smoke` runs steps 2-4 on the CPU at toy sizes (the Triton kernels in the interpreter), to check
-the path without a GPU; it writes tables only where `--docs` names a file.
+the path without a GPU; it writes tables only where `--docs` names a file. `--quick` fits a short GPU
+lease (about 8 minutes on an H100): three lengths, FlexAttention dense and at one S2 stride only (each
+length and mask is a compile), fewer MFU steps; `--step-timeout` caps each step, and the kernel
+benchmark keeps every length it finished.
 """
 
 from __future__ import annotations
@@ -32,16 +35,25 @@ sys.path.insert(0, str(ROOT))
 from data_pipeline.shards import atomic_write_text  # noqa: E402
 
 MARKERS = {"kernels": "gpu-check:kernels", "mfu": "gpu-check:mfu"}
+QUICK = {
+    "kernel benchmark": ["--seq-lens", "4096", "32768", "131072",
+                         "--kernels", "triton-*", "sdpa", "flash-attn2", "flex-dense", "flex-s2-stride16"],
+    "MFU benchmark": ["--steps", "5", "--warmup", "2"],
+}  # fmt: skip
 
 
-def run_step(name: str, command: list[str], env: dict) -> dict:
+def run_step(name: str, command: list[str], env: dict, timeout: float | None = None) -> dict:
     print(f"== {name}: {' '.join(command)}", flush=True)
-    result = subprocess.run(command, cwd=ROOT, env=env)
-    status = {0: "passed", 5: "skipped (no tests collected)"}.get(
-        result.returncode, f"failed (exit {result.returncode})"
-    )
+    try:
+        code = subprocess.run(command, cwd=ROOT, env=env, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        code = None
+    if code is None:
+        status = f"timed out after {timeout:.0f} s"
+    else:
+        status = {0: "passed", 5: "skipped (no tests collected)"}.get(code, f"failed (exit {code})")
     print(f"== {name}: {status}", flush=True)
-    return {"step": name, "status": status, "ok": result.returncode in (0, 5)}
+    return {"step": name, "status": status, "ok": code in (0, 5)}
 
 
 def fmt(value, spec: str) -> str:
@@ -122,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default="benchmarks/results/gpu")
     parser.add_argument("--docs", default=None, help="the Markdown file whose gpu-check tables to rewrite")
     parser.add_argument("--smoke", action="store_true", help="the CPU path at toy sizes")
+    parser.add_argument("--quick", action="store_true", help="fewer lengths and kernels, to fit a short lease")
+    parser.add_argument("--step-timeout", type=float, default=None, help="seconds each step may run")
     args = parser.parse_args(argv)
     import torch
 
@@ -132,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     smoke = ["--smoke"] if args.smoke else []
+    extra = QUICK if args.quick and not args.smoke else {}
+    timeout = args.step_timeout
     if args.smoke:
         env["TRITON_INTERPRET"] = "1"
     steps = []
@@ -141,19 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         steps.append({"step": "bf16 kernel tests", "status": "failed (pytest is not installed here)", "ok": False})
     else:
         tests = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "--noconftest", "tests/test_kernels.py"]
-        steps.append(run_step("bf16 kernel tests", tests, env))
-    steps.append(
-        run_step(
-            "kernel benchmark",
-            [sys.executable, "-m", "kernels.bench", *smoke, "--out", str(results / "kernels.json")],
-            env,
-        )
-    )
-    steps.append(
-        run_step(
-            "MFU benchmark", [sys.executable, "benchmarks/mfu.py", *smoke, "--out", str(results / "mfu.json")], env
-        )
-    )
+        steps.append(run_step("bf16 kernel tests", tests, env, timeout))
+    commands = {
+        "kernel benchmark": [sys.executable, "-m", "kernels.bench", "--out", str(results / "kernels.json")],
+        "MFU benchmark": [sys.executable, "benchmarks/mfu.py", "--out", str(results / "mfu.json")],
+    }
+    for name, command in commands.items():
+        steps.append(run_step(name, [*command, *smoke, *extra.get(name, [])], env, timeout))
     if args.docs:
         written = update_docs(Path(args.docs).resolve(), results)
         steps.append(

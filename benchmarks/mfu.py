@@ -24,6 +24,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from data_pipeline.shards import atomic_write_text  # noqa: E402
 from training.metrics import device_peak_tflops  # noqa: E402
 from training.models.phi import PhiConfig, PhiModel, count_params_and_flops  # noqa: E402
 from training.precision import autocast  # noqa: E402
@@ -110,7 +111,11 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         shape, seq_len, backends = TOY, 64, ["sdpa", "triton"]
         run = dict(batch=1, steps=2, warmup=1, device="cpu", precision="fp32")
-    rows = []
+    name = torch.cuda.get_device_name() if cuda else "cpu (smoke: toy model, fp32, no MFU)"
+    result = {"device": name, "peak_tflops": device_peak_tflops() if cuda else None, "rows": []}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = result["rows"]
     for backend in backends:
         config = PhiConfig(**shape, max_seq_len=seq_len, attn_backend=backend)
         try:
@@ -120,12 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        atomic_write_text(out, json.dumps(result, indent=2))  # after each backend: a cut run keeps them
     print_table(rows)
-    name = torch.cuda.get_device_name() if cuda else "cpu (smoke: toy model, fp32, no MFU)"
-    result = {"device": name, "peak_tflops": device_peak_tflops() if cuda else None, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out} ({name})")
+    print(f"wrote {out} ({name})")
     return result
 
 

@@ -14,6 +14,7 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.shards import atomic_write_text
 from kernels.patterns import S2Pattern, block_lists, block_mask
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 64
@@ -94,12 +96,23 @@ def cpu_timer(fn, warmup: int = 1, rep: int = 2) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def time_table(seq_lens, heads, kv_heads, head_dim, patterns, device, dtype, timer) -> list[dict]:
-    """Forward and forward+backward of every implementation at every length; OOMs are rows too."""
+def select(kernels: dict, patterns: list[str] | None) -> dict:
+    """The implementations whose names match one of the shell-style `patterns` (all when None)."""
+    if patterns is None:
+        return kernels
+    chosen = {name: fn for name, fn in kernels.items() if any(fnmatch.fnmatch(name, p) for p in patterns)}
+    if not chosen:
+        raise ValueError(f"--kernels {' '.join(patterns)} matches none of: {', '.join(kernels)}")
+    return chosen
+
+
+def time_table(seq_lens, heads, kv_heads, head_dim, patterns, device, dtype, timer, only=None, on_length=None):
+    """Forward and forward+backward of every implementation at every length; OOMs are rows too.
+    `on_length(rows)` is called after each length, so a run cut short keeps what it measured."""
     from tqdm import tqdm
 
     cuda = device == "cuda"
-    kernels = implementations(patterns, kv_heads)
+    kernels = select(implementations(patterns, kv_heads), only)
     rows = []
     for s in seq_lens:
         shape = lambda h: (1, s, h, head_dim)  # noqa: E731
@@ -127,6 +140,8 @@ def time_table(seq_lens, heads, kv_heads, head_dim, patterns, device, dtype, tim
                 row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             rows.append(row)
         add_speedups([r for r in rows if r["seq_len"] == s])
+        if on_length is not None:
+            on_length(rows)
     return rows
 
 
@@ -153,34 +168,43 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192, 32768, 131072])
+    parser.add_argument("--kernels", nargs="+", default=None, help="shell-style names to time (default: all)")
     parser.add_argument("--out", default="benchmarks/results/kernels.json")
     parser.add_argument("--smoke", action="store_true", help="CPU path at toy sizes (checks the code, not speed)")
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
     density = flop_table(args.seq_lens)
     shape = dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, seq_lens=args.seq_lens)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"device": "cpu (FLOP counts only; timings need a GPU)", **shape, "block": BLOCK, "s2_density": density,
+              "timings": []}  # fmt: skip
+
+    def save(rows: list[dict]) -> None:
+        result["timings"] = rows
+        atomic_write_text(out, json.dumps(result, indent=2))
+
     if gpu and not args.smoke:
         from triton.testing import do_bench
 
+        # FlexAttention compiles once per length and mask: more than dynamo's default of 8.
+        torch._dynamo.config.recompile_limit = 64
+        result["device"] = torch.cuda.get_device_name()
         timer = lambda fn: do_bench(fn, warmup=5, rep=20)  # noqa: E731
-        timings = time_table(**shape, patterns=S2_SETTINGS, device="cuda", dtype=torch.bfloat16, timer=timer)
-        device = torch.cuda.get_device_name()
+        time_table(**shape, patterns=S2_SETTINGS, device="cuda", dtype=torch.bfloat16, timer=timer,
+                   only=args.kernels, on_length=save)  # fmt: skip
     elif args.smoke:
         if os.environ.get("TRITON_INTERPRET") != "1" and not gpu:
             parser.error("--smoke on a CPU needs TRITON_INTERPRET=1 (the Triton kernels run in its interpreter)")
         shape = {k: v for k, v in SMOKE.items() if k != "pattern"}
-        timings = time_table(**shape, patterns={"s2-smoke": SMOKE["pattern"]}, device="cpu", dtype=torch.float32,
-                             timer=cpu_timer)  # fmt: skip
-        device = "cpu (smoke: toy sizes, fp32, timings meaningless)"
-    else:
-        timings, device = [], "cpu (FLOP counts only; timings need a GPU)"
+        result.update(shape, device="cpu (smoke: toy sizes, fp32, timings meaningless)")
+        time_table(**shape, patterns={"s2-smoke": SMOKE["pattern"]}, device="cpu", dtype=torch.float32,
+                   timer=cpu_timer, only=args.kernels, on_length=save)  # fmt: skip
     print_table(density)
-    if timings:
-        print_table(timings)
-    result = {"device": device, **shape, "block": BLOCK, "s2_density": density, "timings": timings}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out} ({device})")
+    if result["timings"]:
+        print_table(result["timings"])
+    save(result["timings"])
+    print(f"wrote {out} ({result['device']})")
     return result
 
 
