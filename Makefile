@@ -46,8 +46,9 @@ chaos: $(STAMP)
 # It runs with a Python whose PyTorch sees the GPU (the project's .venv holds a CPU build):
 # GPU_PYTHON=/path/to/python make gpu-check. Its CPU path: `$(PY) benchmarks/gpu_check.py --smoke`.
 GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
 gpu-check:
-	$(GPU_PYTHON) benchmarks/gpu_check.py --docs docs/benchmarks.md
+	$(GPU_PYTHON) benchmarks/gpu_check.py --docs docs/benchmarks.md $(GPU_CHECK_ARGS)
 
 # Every kernel variant compiled for sm_80 and sm_90 on this CPU: registers, spills, shared memory.
 compile-report: $(STAMP)

@@ -348,7 +348,7 @@ CANDIDATES: dict[tuple[str, int], list[Tiles]] = {
     ("fwd", 64): [Tiles(64, 64, 4, 3), Tiles(128, 64, 8, 3), Tiles(64, 32, 4, 3), Tiles(64, 64, 4, 3, True)],
     ("fwd", 128): [Tiles(64, 64, 8, 3), Tiles(128, 64, 8, 2), Tiles(128, 32, 8, 2), Tiles(64, 64, 8, 3, True)],
     ("dkdv", 64): [Tiles(64, 32, 8, 1), Tiles(32, 32, 4, 1), Tiles(64, 32, 8, 2)],
-    ("dkdv", 128): [Tiles(32, 64, 8, 2), Tiles(16, 64, 8, 2), Tiles(16, 32, 4, 2)],
+    ("dkdv", 128): [Tiles(32, 64, 8, 2), Tiles(64, 64, 8, 2), Tiles(16, 64, 8, 2), Tiles(16, 32, 4, 2)],
     ("dq", 64): [Tiles(64, 32, 4, 2), Tiles(128, 32, 8, 2), Tiles(64, 64, 8, 2)],
     ("dq", 128): [Tiles(64, 64, 8, 2), Tiles(32, 32, 8, 2)],  # (128, 32) spills once fitted to 64-token S2 blocks
 }

@@ -44,7 +44,9 @@ def flex_block_mask(
 
     batch = doc_ids.shape[0] if doc_ids is not None else None
     heads = s2_block.shape[0] * group if s2_block is not None else None
-    block = s2_block_size if s2_block is not None else DENSE_BLOCK
+    # Flex's compiled tiles must divide the mask's blocks (torch 2.11 on an H200 refused 64-token
+    # blocks under its 128-token tiles): S2 blocks smaller than a tile are resolved by mask_mod.
+    block = s2_block_size if s2_block is not None and s2_block_size % DENSE_BLOCK == 0 else DENSE_BLOCK
     # On CUDA the mask is built by a compiled kernel, never as a [seq, seq] tensor (128K tokens fit).
     on_gpu = torch.device(device).type == "cuda"
     return create_block_mask(mask_mod, batch, heads, seq_len, seq_len, device, BLOCK_SIZE=block, _compile=on_gpu)

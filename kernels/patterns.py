@@ -78,7 +78,7 @@ def block_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def token_mask(block: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
     """Expand a block mask [h, qb, kb] to tokens [h, s, s], causal inside the diagonal blocks."""
-    pos = torch.arange(seq_len)
+    pos = torch.arange(seq_len, device=block.device)
     expanded = block[:, pos[:, None] // block_size, pos[None, :] // block_size]
     return expanded & (pos[None, :] <= pos[:, None])
 

@@ -61,7 +61,7 @@ def s2_token_mask(
     """Token mask [b|1, hq, s, s] from a per-KV-head block mask [hkv, qb, kb], GQA-expanded."""
     from kernels.patterns import token_mask
 
-    mask = token_mask(block, seq_len, block_size).to(block.device).repeat_interleave(group, dim=0)[None]
+    mask = token_mask(block, seq_len, block_size).repeat_interleave(group, dim=0)[None]
     return mask & document_causal_mask(doc_ids, seq_len, block.device, window)
 
 

@@ -61,3 +61,19 @@ def test_markers_are_required():
         gpu_check.replace_between_markers("no markers here", "gpu-check:mfu", "table")
     text = "a\n<!-- m -->\nold\n<!-- /m -->\nb"
     assert gpu_check.replace_between_markers(text, "m", "new") == "a\n<!-- m -->\nnew\n<!-- /m -->\nb"
+
+
+def test_a_step_past_its_timeout_is_recorded_and_the_kernel_filter_names_what_exists():
+    """A short lease: a step cut at --step-timeout is a failed step saying so, not a lost run; a
+    --kernels pattern matching nothing lists the names it could have matched."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    from kernels.bench import select
+
+    step = gpu_check.run_step("sleeper", [sys.executable, "-c", "import time; time.sleep(30)"], dict(os.environ), 1)
+    assert step == {"step": "sleeper", "status": "timed out after 1 s", "ok": False}
+    kernels = {"triton-dense": None, "sdpa": None, "flex-s2-stride16": None}
+    assert list(select(kernels, ["triton-*", "flex-s2-*"])) == ["triton-dense", "flex-s2-stride16"]
+    with pytest.raises(ValueError, match="matches none of: triton-dense, sdpa"):
+        select(kernels, ["flash*"])

@@ -160,6 +160,19 @@ def test_backends_agree_on_dense_and_s2(backend):
                 torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL, msg=lambda m, case=case: f"{case}: {m}")
 
 
+def test_masks_are_made_where_the_block_mask_lives_and_fit_flex_tiles():
+    """The S2 token mask follows the block mask's device (built on the CPU, it broke the reference and
+    the SDPA backend with S2 on the first GPU), and Flex gets a block mask its 128-token tiles divide
+    (torch 2.11 on an H200 refused 64-token blocks): smaller S2 blocks are resolved by mask_mod."""
+    from kernels.flex import flex_block_mask
+    from kernels.patterns import token_mask
+
+    heads = S2Heads(S2Pattern(block_size=16, local_blocks=1, vert_stride=2), num_kv_heads=2)
+    assert token_mask(heads.mask(2, 64).to("meta"), 64, 16).device.type == "meta"
+    mask = flex_block_mask(None, 256, "cpu", s2_block=heads.mask(2, 256), s2_block_size=16, group=2)
+    assert mask.BLOCK_SIZE == (128, 128)
+
+
 def test_flex_refuses_to_train_on_cpu_and_says_why():
     q, k, v, doc_ids = inputs(1, 32, 4, 2, 32, docs=False)
     with pytest.raises(NotImplementedError, match="FlexAttention has no backward on CPU"):
