@@ -7,6 +7,8 @@ the bytes an S2-aware exchange sends against a dense ring's.
    dense and one S2), gloo ranks on the CPU: it must fall as 1 / CP.
 2. Key/value rows an S2 layer's exchange sends (from the exchange plans every rank derives), over a
    dense ring's (every rank's keys to every peer), next to the pattern's computed share.
+3. Time of one S2 attention layer's forward and backward on CP 2 with the S2-aware exchange, against
+   the same layer fed by a dense exchange (every rank's K/V gathered, the pattern applied as a mask).
 Prints tables, writes benchmarks/results/context_parallel.json and a plot.
 """
 
@@ -25,10 +27,23 @@ sys.path.insert(0, str(ROOT))
 
 from kernels.bench import counted_density  # noqa: E402
 from kernels.patterns import S2Pattern, block_mask  # noqa: E402
+from kernels.reference import reference_attention  # noqa: E402
+from kernels.s2_attention import S2Heads  # noqa: E402
 from tests.distributed import run_ranks  # noqa: E402
 from training.metrics import peak_rss_bytes  # noqa: E402
 from training.models.phi import PhiConfig, PhiModel  # noqa: E402
-from training.parallel.context import apply_context_parallel, balanced_positions, s2_exchange_plan, shard_sequence  # noqa: E402
+from training.parallel.context import (  # noqa: E402
+    _GatherSequence,
+    allowed_keys,
+    apply_context_parallel,
+    balanced_positions,
+    context_parallel_attention,
+    merge_partials,
+    s2_exchange_plan,
+    shard_sequence,
+)
+
+STEP_PATTERN = S2Pattern(block_size=64, local_blocks=16, vert_stride=16)
 
 
 def activation_peak(seq_len: int, cp: int) -> int:
@@ -50,6 +65,49 @@ def activation_peak(seq_len: int, cp: int) -> int:
     loss = F.cross_entropy(model(inputs, **extra).flatten(0, 1), labels.flatten())
     loss.backward()
     return peak_rss_bytes() - before
+
+
+def dense_exchange_s2(q, k, v, shares, rank, group, s2: S2Heads) -> torch.Tensor:
+    """The S2 layer as a dense ring would run it: every rank's K/V gathered, the pattern a mask."""
+    s2_block = s2.mask(k.shape[2], sum(len(p) for p in shares))
+    group_size = q.shape[2] // k.shape[2]
+    outs, lses = [], []
+    for k_src, v_src, pos_src in zip(_GatherSequence.apply(k, group), _GatherSequence.apply(v, group), shares,
+                                     strict=True):  # fmt: skip
+        mask = allowed_keys(shares[rank], pos_src, None, None, None, s2_block, s2.pattern.block_size, group_size)
+        out, lse = reference_attention(q, k_src, v_src, mask=mask, return_lse=True)
+        outs.append(out)
+        lses.append(lse)
+    return merge_partials(outs, lses)
+
+
+def exchange_step_seconds(seq_len: int, heads: int = 4, head_dim: int = 64, repeats: int = 3) -> dict:
+    """Median seconds of one S2 layer's forward and backward on this rank, S2-aware and dense exchange."""
+    import statistics
+    import time
+
+    import torch.distributed as dist
+
+    group, cp, rank = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
+    shares = [balanced_positions(seq_len, cp, r) for r in range(cp)]
+    s2 = S2Heads(STEP_PATTERN, heads)
+    g = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(1, seq_len // cp, heads, head_dim, generator=g, requires_grad=True) for _ in range(3))
+    runs = {
+        "s2_aware": lambda: context_parallel_attention(q, k, v, None, shares, rank, group, s2, None),
+        "dense": lambda: dense_exchange_s2(q, k, v, shares, rank, group, s2),
+    }
+    seconds = {}
+    for name, run in runs.items():
+        times = []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            dist.barrier()
+            start = time.perf_counter()
+            run().square().sum().backward()
+            dist.barrier()
+            times.append(time.perf_counter() - start)
+        seconds[name] = statistics.median(times[1:])
+    return seconds
 
 
 def exchange_table(seq_lens, cps, strides=(8, 16, 32), heads: int = 8) -> list[dict]:
@@ -74,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--exchange-seq-lens", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--step-seq-lens", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--out", default="benchmarks/results/context_parallel.json")
     args = parser.parse_args(argv)
     memory = []
@@ -91,7 +150,15 @@ def main(argv: list[str] | None = None) -> dict:
     for r in exchange:
         print(f"{r['seq_len']:7d} {r['vert_stride']:6d} {r['cp']:3d} {r['bytes_vs_dense_ring']:11.3f} "
               f"{r['computed_share']:6.3f} {r['bytes_over_share']:6.2f}")  # fmt: skip
-    result = {"machine": "cpu, gloo", "memory": memory, "exchange": exchange}
+    steps = []
+    for seq in args.step_seq_lens:
+        seconds = run_ranks(2, exchange_step_seconds, seq)[0]
+        steps.append({"seq_len": seq, "cp": 2, "vert_stride": STEP_PATTERN.vert_stride, **seconds,
+                      "s2_aware_over_dense": seconds["s2_aware"] / seconds["dense"]})  # fmt: skip
+    print(f"{'seq':>6s} {'S2-aware s':>10s} {'dense s':>8s} {'ratio':>6s}")
+    for r in steps:
+        print(f"{r['seq_len']:6d} {r['s2_aware']:10.3f} {r['dense']:8.3f} {r['s2_aware_over_dense']:6.2f}")
+    result = {"machine": "cpu, gloo", "memory": memory, "exchange": exchange, "step_time": steps}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -15,6 +15,7 @@ from data_pipeline.sources import SourceConfig  # noqa: E402
 
 SMALL_SEQ_LEN = 32
 SMALL_VOCAB = 512
+LONG_SEQ_LEN = 1024
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +35,25 @@ def small_dataset(corpus_dir, tmp_path_factory):
             sources=[SourceConfig(paths=[str(corpus_dir / "*.jsonl")])],
             seq_len=SMALL_SEQ_LEN,
             total_tokens=60_000,
+            valid_docs_per_family=5,
+            sequences_per_shard=500,
+            tokenizer=TokenizerConfig(vocab_size=SMALL_VOCAB),
+        )
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def long_dataset(corpus_dir, tmp_path_factory):
+    """The same corpus packed into 1,024-token rows: each holds several documents, so document
+    boundaries fall inside every context-parallel chunk."""
+    out = tmp_path_factory.mktemp("data") / "long"
+    build(
+        BuildConfig(
+            output_dir=str(out),
+            sources=[SourceConfig(paths=[str(corpus_dir / "*.jsonl")])],
+            seq_len=LONG_SEQ_LEN,
+            total_tokens=24_000,
             valid_docs_per_family=5,
             sequences_per_shard=500,
             tokenizer=TokenizerConfig(vocab_size=SMALL_VOCAB),

@@ -3,6 +3,8 @@ packed documents crossing the chunk boundaries, a sliding window, at 1,024 token
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -81,20 +83,20 @@ def loss_and_grads(config: PhiConfig, cp: bool, recompute: str = "none", precisi
         for grad in grads.values():
             dist.all_reduce(grad)
         loss = total
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 @pytest.mark.parametrize(
     "cp,s2,window,recompute,precision",
     [(2, False, None, "none", "fp32"), (2, False, 200, "none", "fp32"), (2, True, None, "none", "fp32"),
      (2, True, 200, "none", "fp32"), (4, True, None, "none", "fp32"), (2, True, None, "selective", "fp32"),
-     (2, True, None, "none", "bf16")],
+     (2, True, None, "none", "bf16"), (2, True, None, "none", "fp16")],
     ids=["cp2-dense", "cp2-dense-window200", "cp2-s2", "cp2-s2-window200", "cp4-s2", "cp2-s2-recompute",
-         "cp2-s2-bf16"],
+         "cp2-s2-bf16", "cp2-s2-fp16"],
 )  # fmt: skip
 def test_context_parallel_equals_one_process(cp, s2, window, recompute, precision):
     """S2 layers receive only the key rows their patterns read, from every peer (cp4: three peers);
-    selective recompute re-runs the exchange in the backward pass; bf16 autocast within bf16's precision."""
+    selective recompute re-runs the exchange in the backward pass; bf16/fp16 autocast within their precision."""
     config = model_config(s2, window)
     want_loss, want_grads = loss_and_grads(config, False, "none", precision)
     tol = dict(atol=1e-5, rtol=1e-4) if precision == "fp32" else dict(atol=2e-3, rtol=2e-2)
@@ -121,3 +123,38 @@ def test_s2_exchange_sends_at_most_the_patterns_share_of_the_keys():
             sent = sum(len(rows) for plan in plans for per_head in plan.values() for rows in per_head)
             ratio = sent / (cp * (cp - 1) * (seq // cp) * heads)
             assert 0 < ratio <= 1.1 * counted_density(pattern, seq, heads), (stride, cp, ratio)
+
+
+TRAINER_LAYOUTS = [dict(cp=2), dict(cp=2, tp=2), dict(cp=2, pp=2), dict(cp=2, dp=2, dp_mode="fsdp")]
+
+
+@pytest.fixture(scope="module")
+def long_reference(long_dataset, tmp_path_factory):
+    from tests.test_parallel import grads_and_history
+
+    return grads_and_history(long_trainer_config(long_dataset, tmp_path_factory.mktemp("long-ref")))
+
+
+def long_trainer_config(data, out, **layout):
+    """4 layers alternating dense and S2 (so each pipeline stage holds one of each) at 1,024 tokens."""
+    from tests.conftest import LONG_SEQ_LEN
+    from tests.test_parallel import small_config
+
+    pattern = S2Pattern(block_size=64, local_blocks=2, vert_stride=4)
+    return small_config(data, out, **layout, max_seq_len=LONG_SEQ_LEN, global_batch_size=4, s2=pattern,
+                        dense_every=2, attn_backend="sdpa")  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", TRAINER_LAYOUTS, ids=lambda d: "-".join(f"{k}{v}" for k, v in d.items()))
+def test_trainer_at_1024_tokens_matches_one_process(layout, long_reference, long_dataset, tmp_path):
+    """The whole trainer (loss, every gradient, three optimizer steps, evaluation) under CP2 and CP2
+    composed with TP2, PP2 and FSDP2, on 1,024-token rows of packed documents, dense and S2 layers."""
+    from tests.test_parallel import assert_same_training, grads_and_history
+
+    world = math.prod(v for k, v in layout.items() if k in ("cp", "tp", "pp", "dp"))
+    results = run_ranks(world, grads_and_history, long_trainer_config(long_dataset, tmp_path, **layout))
+    ref_grads, ref_history = long_reference
+    assert_same_training(results, ref_grads, ref_history)
+    for _, history in results:
+        for key, value in ref_history[-1].items():
+            assert history[-1][key] == pytest.approx(value, rel=1e-4), key

@@ -278,6 +278,9 @@ class Trainer:
             if self.schedule is not None:
                 args = (batch.tokens,) if self.is_first_stage else ()
                 kwargs = dict(target=target if self.is_last_stage else None, doc_ids=batch.doc_ids)
+                if model_kwargs:  # positions per row, so the schedule splits them with the micro-batches
+                    rows = batch.tokens.shape[0]
+                    kwargs.update(model_kwargs, positions=self.cp_positions.expand(rows, -1))
                 if backward:
                     self.schedule.step(*args, **kwargs, return_outputs=False)
                 else:

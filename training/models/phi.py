@@ -130,9 +130,9 @@ def rope_tables(
     config: PhiConfig, start: int, length: int, device=None, positions: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [length, rotated dims] for positions start .. start + length - 1 (or the given global
-    `positions`, a context-parallel rank's share) of a sequence whose forward reaches position
-    start + length - 1 (which picks LongRoPE's short or long factors). Computed per forward as
-    transformers does, so no max_seq_len-sized table is ever held."""
+    `positions` [s] or per row [b, s], e.g. a context-parallel rank's share; then [b, s, rotated dims])
+    of a sequence whose forward reaches position start + length - 1 (which picks LongRoPE's short or
+    long factors). Computed per forward as transformers does, so no max_seq_len table is ever held."""
     rot = int(config.head_dim * config.rope_fraction)
     exponents = torch.arange(0, rot, 2, dtype=torch.int64, device=device).float() / rot
     scale = 1.0
@@ -146,18 +146,19 @@ def rope_tables(
         scale = lr.scale(config.max_seq_len)
     if positions is None:
         positions = torch.arange(start, start + length, device=device)
-    angles = positions.to(device).float()[:, None] * inv_freq[None, :]
+    angles = positions.to(device).float()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)  # HF "rotate_half" layout, so weights map 1:1 to Phi3
     return angles.cos() * scale, angles.sin() * scale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first `cos.shape[-1]` dims of each head of x [b, s, h, d]; the rest pass through."""
+    """Rotate the first `cos.shape[-1]` dims of each head of x [b, s, h, d]; the rest pass through.
+    cos/sin are [s, rot] (every row at the same positions) or [b, s, rot]."""
     rot = cos.shape[-1]
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     half = rot // 2
     rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # over heads; [s, 1, rot] broadcasts over rows
     return torch.cat([(x_rot * cos + rotated * sin).type_as(x), x_pass], dim=-1)
 
 
@@ -298,8 +299,8 @@ class PhiModel(nn.Module):
         """`inputs`: token ids [b, s] (or hidden states when this is a later pipeline stage).
         `doc_ids` [b, s]: attention stays inside each packed document. `cache`: generation, which
         feeds the prompt first and then one token at a time. `positions` [s]: the tokens' places in a
-        sequence of `seq_len` tokens when they are a share of it (context parallel); by default 0 ..
-        s - 1. Returns logits or hidden states."""
+        sequence of `seq_len` tokens when they are a share of it (context parallel), or [b, s] per
+        row; by default 0 .. s - 1. Returns logits or hidden states."""
         h = self.tok_embeddings(inputs) if self.tok_embeddings is not None else inputs
         start = cache.length if cache is not None else 0
         # A later pipeline stage under sequence parallel receives a sequence shard; doc_ids are whole.

@@ -51,9 +51,6 @@ class ParallelDims:
                 f"torchrun --nproc_per_node N; on CPU deepspeed starts one rank per NUMA node "
                 f"unless given --num_gpus) or override parallel.tp / parallel.pp"
             )
-        if config.cp > 1 and config.pp > 1:
-            raise LayoutError("parallel.cp > 1 with parallel.pp > 1 is not supported yet (positions are not "
-                              "passed through pipeline stages)")  # fmt: skip
         if config.cp > 1 and config.sequence_parallel:
             raise LayoutError("parallel.cp > 1 with parallel.sequence_parallel is not supported yet")
         return cls(dp=dp, tp=config.tp, pp=config.pp, cp=config.cp)
