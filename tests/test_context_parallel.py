@@ -90,13 +90,13 @@ def loss_and_grads(config: PhiConfig, cp: bool, recompute: str = "none", precisi
     "cp,s2,window,recompute,precision",
     [(2, False, None, "none", "fp32"), (2, False, 200, "none", "fp32"), (2, True, None, "none", "fp32"),
      (2, True, 200, "none", "fp32"), (4, True, None, "none", "fp32"), (2, True, None, "selective", "fp32"),
-     (2, True, None, "none", "bf16"), (2, True, None, "none", "fp16")],
+     (2, True, None, "full", "fp32"), (2, True, None, "none", "bf16"), (2, True, None, "none", "fp16")],
     ids=["cp2-dense", "cp2-dense-window200", "cp2-s2", "cp2-s2-window200", "cp4-s2", "cp2-s2-recompute",
-         "cp2-s2-bf16", "cp2-s2-fp16"],
+         "cp2-s2-full-recompute", "cp2-s2-bf16", "cp2-s2-fp16"],
 )  # fmt: skip
 def test_context_parallel_equals_one_process(cp, s2, window, recompute, precision):
     """S2 layers receive only the key rows their patterns read, from every peer (cp4: three peers);
-    selective recompute re-runs the exchange in the backward pass; bf16/fp16 autocast within their precision."""
+    selective and full recompute re-run the exchange in the backward pass; bf16/fp16 autocast within their precision."""
     config = model_config(s2, window)
     want_loss, want_grads = loss_and_grads(config, False, "none", precision)
     tol = dict(atol=1e-5, rtol=1e-4) if precision == "fp32" else dict(atol=2e-3, rtol=2e-2)

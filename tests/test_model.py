@@ -55,6 +55,21 @@ def test_partial_rope_leaves_tail_dims_untouched():
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))  # rotations keep the norm
 
 
+def test_positions_per_row_rotate_each_row_by_its_own_positions():
+    """Position ids [b, s] (how pipeline stages receive a context-parallel rank's share) rotate each
+    row as a forward of that row alone would: row 0 at its own share, row 1 shifted by 5."""
+    config = PhiConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
+    model = PhiModel(config)
+    tokens = torch.randint(0, 64, (2, 8))
+    share = torch.tensor([0, 1, 2, 3, 28, 29, 30, 31])  # a CP rank's front chunk and its mirror
+    rows = torch.stack([share, torch.arange(5, 13)])
+    both = model(tokens, positions=rows, seq_len=32)
+    torch.testing.assert_close(both[0], model(tokens[:1], positions=share, seq_len=32)[0])
+    cos, sin = rope_tables(config, 0, 32, positions=rows)
+    assert cos.shape == (2, 8, config.head_dim)
+    torch.testing.assert_close(cos[1], rope_tables(config, 5, 8)[0])
+
+
 @pytest.mark.parametrize("preset,billions", [("phi-3-mini", 3.82), ("phi-4-mini", 3.84)])
 def test_presets_have_published_sizes(preset, billions):
     nparams, flops = count_params_and_flops(PhiConfig.from_preset(preset), seq_len=4096)
