@@ -40,5 +40,7 @@ setup(
         "gpu": ["flash-attn", "megatron-core==0.16.*"],
         # mpirun launches: Open MPI (its mpirun) and mpi4py for rank discovery
         "mpi": ["openmpi", "mpi4py"],
+        # benchmarks/data_build.py's peers: HF datatrove's executor with the same encoder
+        "bench": ["datatrove", "orjson"],
     },
 )

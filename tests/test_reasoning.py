@@ -54,6 +54,32 @@ def test_cached_generation_equals_recomputing_the_whole_sequence(s2):
             assert not torch.allclose(model(tokens), tiny_model()(tokens))
 
 
+def _generate_tensor_parallel(overrides: dict, prompts, sampled: bool):
+    """Greedy or sampled completions from the model sharded over this process group as training shards it."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from training.parallel.tensor import apply_tensor_parallel
+
+    model = tiny_model(**overrides)  # the same weights on every rank, then sharded
+    apply_tensor_parallel(model, init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))["tp"])
+    greedy = generate(model, prompts, max_new_tokens=40, stop=[[63]])
+    return greedy, generate(model, prompts, max_new_tokens=40, stop=[], temperature=1.0, seed=3) if sampled else None
+
+
+def test_tensor_parallel_generation_equals_one_process_token_for_token():
+    """Rollouts from the sharded policy (each rank caches its own KV heads, logits gathered for the
+    choice): greedy and sampled completions equal one process's, with S2 layers and a sliding window."""
+    overrides = dict(s2=S2Pattern(block_size=16, local_blocks=1, vert_stride=2), dense_every=2, sliding_window=24)
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [3, 3], [5] * 20]
+    model = tiny_model(**overrides)
+    want = generate(model, prompts, max_new_tokens=40, stop=[[63]])
+    want_sampled = generate(model, prompts, max_new_tokens=40, stop=[], temperature=1.0, seed=3)
+    assert max(map(len, want)) > 20, "completions long enough to pass the window and the local S2 block"
+    for greedy, sampled in run_ranks(2, _generate_tensor_parallel, overrides, prompts, True):
+        assert greedy == want
+        assert sampled == want_sampled
+
+
 def test_generation_stops_at_a_stop_sequence_and_excludes_it():
     model = tiny_model()
     with pytest.raises(ValueError, match="prompt 1 has 96 tokens; it must have 1 to 95"):
@@ -245,3 +271,27 @@ def test_an_hf_folder_is_evaluated_like_the_model_it_was_exported_from(small_dat
     assert complete(imported, problems, "chat", max_new_tokens=12) == ours
     result = math_accuracy(imported, 4, "plain", seed=99)
     assert result["problems"] == 4 and 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_transformers_greedy_generation_of_the_export_equals_ours_on_evaluation_prompts(small_dataset, tmp_path):
+    """The exported folder in transformers' own `generate` (greedy) gives our tokens, one for one, on
+    the evaluation's chat prompts, for a Phi-4-mini-like shape (GQA, tied embeddings, partial RoPE)."""
+    from transformers import AutoModelForCausalLM
+
+    from training.models.hf import export_hf
+    from training.posttrain.evaluate import Policy, prompt_ids
+
+    torch.manual_seed(0)
+    config = PhiConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=256,
+                       tie_embeddings=True, rope_fraction=0.75)  # fmt: skip
+    model = PhiModel(config).eval()
+    export_hf(model.state_dict(), config, tmp_path / "hf", small_dataset / "tokenizer.json")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    policy = Policy(model, load_tokenizer(small_dataset))
+    prompts = [prompt_ids(policy, p.question, "chat") for p in generate_problems(4, seed=5)]
+    ours = generate(model, prompts, max_new_tokens=24, stop=[])
+    for prompt, mine in zip(prompts, ours, strict=True):
+        with torch.no_grad():
+            out = theirs.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0, min_new_tokens=24)  # fmt: skip
+        assert out[0, len(prompt) :].tolist() == mine

@@ -163,17 +163,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class LayerCache:
-    """Keys and values of one layer's past tokens, preallocated for `max_len` positions."""
+    """Keys and values of one layer's past tokens, `max_len` positions allocated at the first append
+    with that layer's own heads, dtype and device (under tensor parallel: its rank's KV heads)."""
 
-    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, device, dtype):
-        self.keys = torch.zeros(batch, max_len, n_kv_heads, head_dim, device=device, dtype=dtype)
-        self.values = torch.zeros_like(self.keys)
-        self.length = 0
+    def __init__(self, max_len: int):
+        self.max_len, self.length = max_len, 0
+        self.keys = self.values = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is None:
+            self.keys = k.new_zeros(k.shape[0], self.max_len, *k.shape[2:])
+            self.values = torch.zeros_like(self.keys)
         end = self.length + k.shape[1]
-        if end > self.keys.shape[1]:
-            raise ValueError(f"KV cache full: {end} positions > max_len {self.keys.shape[1]}")
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
         self.keys[:, self.length : end] = k
         self.values[:, self.length : end] = v
         self.length = end
@@ -183,14 +186,8 @@ class LayerCache:
 class KVCache:
     """One `LayerCache` per layer, keyed like `PhiModel.layers`."""
 
-    def __init__(self, model: PhiModel, batch: int, max_len: int | None = None):
-        c = model.config
-        param = next(model.parameters())
-        max_len = max_len or c.max_seq_len
-        self.layers = {
-            name: LayerCache(batch, max_len, c.n_kv_heads, c.head_dim, param.device, param.dtype)
-            for name in model.layers
-        }
+    def __init__(self, model: PhiModel, max_len: int | None = None):
+        self.layers = {name: LayerCache(max_len or model.config.max_seq_len) for name in model.layers}
 
     @property
     def length(self) -> int:

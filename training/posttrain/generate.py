@@ -1,8 +1,9 @@
 """Batched generation with a KV cache: greedy (evaluation) or sampled (rollouts for DPO pairs).
 
-Runs on one process with the full model (consolidate a sharded checkpoint with `training.export`
-first). Prompts are grouped by token length, so a batch needs no padding and every row's positions
-(and its S2 blocks) are the same as in training.
+Runs on one process with the full model, or on every rank of a tensor-parallel group with the
+model as training shards it (each rank caches its own KV heads; the vocab-sharded logits are
+gathered for the choice, which every rank makes alike). Prompts are grouped by token length, so a
+batch needs no padding and every row's positions (and its S2 blocks) are the same as in training.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from training.models.phi import KVCache, PhiModel
 
@@ -56,9 +58,15 @@ def _crosses_longrope_switch(config, cached: int) -> bool:
     return config.longrope is not None and cached == config.longrope.original_max_seq_len
 
 
-def _generate_batch(model, tokens, budget, stop, temperature, generator) -> list[list[int]]:
-    cache = KVCache(model, tokens.shape[0], tokens.shape[1] + budget)
+def _last_logits(model, tokens, cache) -> torch.Tensor:
+    """The last position's logits, whole (under tensor parallel they come sharded over the vocabulary)."""
     logits = model(tokens, cache=cache)[:, -1]
+    return logits.full_tensor() if isinstance(logits, DTensor) else logits
+
+
+def _generate_batch(model, tokens, budget, stop, temperature, generator) -> list[list[int]]:
+    cache = KVCache(model, tokens.shape[1] + budget)
+    logits = _last_logits(model, tokens, cache)
     done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     new_tokens = torch.empty(tokens.shape[0], 0, dtype=torch.long, device=tokens.device)
     ends = [budget] * tokens.shape[0]  # where each row's output stops
@@ -81,8 +89,8 @@ def _generate_batch(model, tokens, budget, stop, temperature, generator) -> list
         if _crosses_longrope_switch(model.config, cache.length):
             # The cached keys were rotated with the short factors; from here on every position uses the
             # long ones, so recompute the whole sequence (what transformers does at the same step).
-            cache = KVCache(model, tokens.shape[0], tokens.shape[1] + budget)
-            logits = model(torch.cat([tokens, new_tokens], dim=1), cache=cache)[:, -1]
+            cache = KVCache(model, tokens.shape[1] + budget)
+            logits = _last_logits(model, torch.cat([tokens, new_tokens], dim=1), cache)
         else:
-            logits = model(next_token[:, None], cache=cache)[:, -1]
+            logits = _last_logits(model, next_token[:, None], cache)
     return [row[:end] for row, end in zip(new_tokens.tolist(), ends, strict=True)]
