@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Continue-train a reasoning variant of a base model, stage by stage, with checkpoints between stages:
-#   base -> (1) CoT mid-training with replay -> (2) SFT -> rollouts scored by the verifier -> (3) LN-DPO,
+#   base -> (1) CoT mid-training with replay -> (2) SFT -> rollouts scored by the verifier -> (3) LN-DPO
+#   -> (4) RL with verifier rewards (GRPO, on-policy rollouts),
 # evaluating verifier accuracy on held-out generated problems after each stage.
 #
 #   launch/continue_train.sh [BASE]
@@ -40,9 +41,9 @@ if [[ -f "$BASE/config.json" ]]; then  # an HF folder: its tokenizer and chat te
 fi
 DATA=${DATA:-data/reasoning}
 
-stage() {  # stage NAME INIT_FROM: train configs/reasoning/NAME.yaml from INIT_FROM
+stage() {  # stage NAME INIT_FROM [DATA_NAME]: train configs/reasoning/NAME.yaml from INIT_FROM
     echo "=== stage $1 (from $2)"
-    $LAUNCH --config "configs/reasoning/$1.yaml" "init_from=$2" "data.path=$DATA/$1" "${overrides[@]}"
+    $LAUNCH --config "configs/reasoning/$1.yaml" "init_from=$2" "data.path=$DATA/${3:-$1}" "${overrides[@]}"
 }
 build_data() {  # build_data NAME [key=value ...]: the dataset of stage NAME
     local name=$1
@@ -72,4 +73,6 @@ $PYTHON -m training.posttrain rollouts "$(run_dir sft)" --count "${ROLLOUTS:-200
 build_data dpo "jsonl=$OUT/rollouts.jsonl"
 stage dpo "$(run_dir sft)"
 evaluate "$(run_dir dpo)" chat dpo
-$PYTHON -m training.posttrain report "$OUT"/eval_{base,cot,sft,dpo}.json --out "$OUT/accuracy.png"
+stage rl "$(run_dir dpo)" sft  # samples its own rollouts; the SFT data gives tokenizer and chat template
+evaluate "$(run_dir rl)" chat rl
+$PYTHON -m training.posttrain report "$OUT"/eval_{base,cot,sft,dpo,rl}.json --out "$OUT/accuracy.png"

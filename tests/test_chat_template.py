@@ -167,7 +167,9 @@ def test_continue_train_runs_every_stage_from_a_phi4_mini_shaped_folder(phi4_sty
     }
     subprocess.run(["bash", str(root / "launch/continue_train.sh"), str(folder)], env=env, check=True)
 
-    assert all((out / f"eval_{stage}.json").is_file() for stage in ("base", "cot", "sft", "dpo"))
+    assert all((out / f"eval_{stage}.json").is_file() for stage in ("base", "cot", "sft", "dpo", "rl"))
+    rl_metrics = [json.loads(line) for line in (runs / "reasoning-rl/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rl_metrics if "reward" in m] == [1, 2], "RL trains on its own scored rollouts"
     for stage in ("cot", "sft", "dpo"):
         manifest = json.loads((out / "data" / stage / "manifest.json").read_text())
         assert manifest["config"]["chat_template"] == str(folder)

@@ -40,14 +40,18 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
 
 
 def build_trainer(config: TrainConfig) -> Trainer:
-    """The trainer for `config.objective`: language modelling or DPO on preference pairs."""
+    """The trainer for `config.objective`: language modelling, DPO on preference pairs, or GRPO."""
     if config.objective == "lm":
         return Trainer(config)
     if config.objective == "dpo":
         from training.posttrain.dpo_trainer import DPOTrainer
 
         return DPOTrainer(config)
-    raise ValueError(f"objective {config.objective!r} is not one of lm, dpo")
+    if config.objective == "grpo":
+        from training.posttrain.grpo_trainer import GRPOTrainer
+
+        return GRPOTrainer(config)
+    raise ValueError(f"objective {config.objective!r} is not one of lm, dpo, grpo")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ from training.parallel.pipeline import (
 )
 from training.parallel.tensor import apply_tensor_parallel, reduce_partial_grads
 from training.posttrain.dpo import DPOConfig
+from training.posttrain.grpo import GRPOConfig
 from training.precision import PRECISIONS, LossScaler, autocast
 from training.transforms import apply_activation_checkpointing, apply_compile
 
@@ -74,8 +75,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block
     nonfinite: str = "stop"  # on a NaN/inf loss or gradient: stop (report step and batch) | skip (and count)
     loss_spike_factor: float = 3.0  # log a spike when the loss exceeds this multiple of its running mean
-    objective: str = "lm"  # lm (pretraining, CoT mid-training, SFT) | dpo (pairs, needs `dpo`)
+    objective: str = "lm"  # lm (pretraining, CoT mid-training, SFT) | dpo (pairs) | grpo (RL, verifier rewards)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     model: PhiConfig = field(default_factory=PhiConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -366,6 +368,10 @@ class Trainer:
         return {**self._summarize(self._replica_stats()), "grad_norm": float(grad_norm), "lr": lr}
 
     # ---- the loop ---------------------------------------------------------------------------
+    def next_batch(self, step: int) -> Batch:
+        """The global batch of `step` (RL makes its own: rollouts of the current policy)."""
+        return self.loader.batch_at(step)
+
     def maybe_resume(self) -> None:
         path = [None]
         if self.is_main:  # one rank reads and checks the files; every rank loads what it chose
@@ -459,7 +465,7 @@ class Trainer:
         self.metrics.start(self.step, end, self.nparams)
         while self.step < end:
             t0 = time.perf_counter()
-            metrics = self.train_step(self.loader.batch_at(self.step))
+            metrics = self.train_step(self.next_batch(self.step))
             self.step += 1
             seconds = time.perf_counter() - t0
             metrics.update(step=self.step, step_time_s=seconds, tokens_per_s=metrics["tokens"] / seconds)
