@@ -90,13 +90,14 @@ class GRPOTrainer(Trainer):
             )
         problems = generate_problems(prompts_per_replica * self.dims.dp, grpo.problem_seed + step, grpo.max_steps)
         mine = problems[self.dp_rank * prompts_per_replica : (self.dp_rank + 1) * prompts_per_replica]
-        prompts = [prompt_ids(self.policy, p.question, "chat") for p in mine for _ in range(grpo.group_size)]
+        grouped = [p for p in mine for _ in range(grpo.group_size)]  # each problem group_size times
+        prompts = [prompt_ids(self.policy, p.question, "chat") for p in grouped]
         stops = stop_sequences(self.policy, "chat")
         budget = min(grpo.max_new_tokens, self.loader.dataset.manifest["seq_len"] + 1 - max(map(len, prompts)))
         seed = (self.config.seed * 1_000_003 + step) * 1_009 + self.dp_rank
         completions = generate(self.model, prompts, budget, stops, grpo.temperature, seed=seed)
-        rewards = [float(verify_solution(self.policy.tokenizer.decode(c), p.answer))
-                   for c, p in zip(completions, (p for p in mine for _ in range(grpo.group_size)), strict=True)]  # fmt: skip
+        decode = self.policy.tokenizer.decode
+        rewards = [float(verify_solution(decode(c), p.answer)) for c, p in zip(completions, grouped, strict=True)]
         # A completion that stopped is trained to stop: its stop sequence is part of it.
         finished = [c + stops[0] if len(c) < budget else c for c in completions]
         local = Rollouts([p + c for p, c in zip(prompts, finished, strict=True)], [len(p) for p in prompts],
