@@ -15,6 +15,7 @@
 #   NPROC       ranks for the default LAUNCH (4: the stage configs use TP=2 x PP=2)
 #   OVERRIDES   dotted overrides for every training stage, e.g. "parallel.tp=1 parallel.pp=1"
 #   EVAL_COUNT  held-out problems per evaluation (200)
+#   EVAL_SEEDS  held-out problem sets, each evaluated and pooled in the report with 95% intervals (99)
 #   ROLLOUTS    problems sampled for DPO pairs (2000, 4 samples each)
 #   OUT         where evaluations, rollouts and the report go (runs/reasoning)
 #   DATA        where the stage datasets go (data/reasoning; $OUT/data for an HF folder)
@@ -51,8 +52,15 @@ build_data() {  # build_data NAME [key=value ...]: the dataset of stage NAME
     $PYTHON -m training.posttrain data "configs/reasoning/data_$name.yaml" "output_dir=$DATA/$name" \
         "${data_overrides[@]}" "$@"
 }
-evaluate() {  # evaluate CHECKPOINTS FORMAT LABEL
-    $PYTHON -m training.posttrain eval "$1" --format "$2" --stage "$3" --count "$EVAL_COUNT" --out "$OUT/eval_$3.json"
+read -r -a eval_seeds <<< "${EVAL_SEEDS:-99}"
+evaluate() {  # evaluate CHECKPOINTS FORMAT LABEL: eval_LABEL.json (first seed), eval_LABEL_sN.json (others)
+    local seed first=1
+    for seed in "${eval_seeds[@]}"; do
+        local out=$OUT/eval_$3_s$seed.json
+        if ((first)); then out=$OUT/eval_$3.json; first=0; fi
+        $PYTHON -m training.posttrain eval "$1" --format "$2" --stage "$3" --count "$EVAL_COUNT" --seed "$seed" \
+            --out "$out"
+    done
 }
 run_dir() {  # where a stage's run writes, after OVERRIDES (out_dir=...)
     local out_dir=runs
@@ -75,4 +83,7 @@ stage dpo "$(run_dir sft)"
 evaluate "$(run_dir dpo)" chat dpo
 stage rl "$(run_dir dpo)" sft  # samples its own rollouts; the SFT data gives tokenizer and chat template
 evaluate "$(run_dir rl)" chat rl
-$PYTHON -m training.posttrain report "$OUT"/eval_{base,cot,sft,dpo,rl}.json --out "$OUT/accuracy.png"
+reports=()
+shopt -s nullglob
+for stage in base cot sft dpo rl; do reports+=("$OUT/eval_$stage.json" "$OUT"/eval_"$stage"_s*.json); done
+$PYTHON -m training.posttrain report "${reports[@]}" --out "$OUT/accuracy.png"

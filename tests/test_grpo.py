@@ -108,3 +108,35 @@ def test_grpo_layouts_match_one_process_on_a_fixed_rollout_batch(layout, grpo_re
         for got, want in zip(history[:-1], ref_history[:-1], strict=True):
             assert got["kl"] == pytest.approx(want["kl"], rel=1e-4, abs=1e-9)
             assert got["clipped"] == pytest.approx(want["clipped"])
+
+
+def test_report_pools_seeds_and_gives_intervals_and_paired_gains(tmp_path):
+    """Accuracy with its Wilson interval per stage (evaluations at two problem seeds pooled) and the
+    paired gain over the stage before on the same problems, whose interval may or may not exclude 0."""
+    import json
+
+    from training.posttrain.__main__ import main
+    from training.posttrain.evaluate import paired_difference, stage_summary, wilson_interval
+
+    low, high = wilson_interval(50, 100)
+    assert (round(low, 4), round(high, 4)) == (0.4038, 0.5962)
+    assert paired_difference([1, 1, 1, 1], [1, 1, 1, 1]) == (0.0, 0.0, 0.0)
+    mean, lo, hi = paired_difference([1, 1, 0, 1], [0, 1, 0, 0])
+    assert mean == 0.5 and lo < 0.5 < hi
+
+    def result(stage, seed, correct):
+        return {"stage": stage, "format": "chat", "seed": seed, "problems": len(correct), "correct": correct,
+                "accuracy": sum(correct) / len(correct), "answered": 1.0}  # fmt: skip
+
+    before = [[0] * 60 + [1] * 40, [0] * 70 + [1] * 30]
+    after = [[0] * 20 + [1] * 80, [0] * 25 + [1] * 75]  # every problem right before is right after
+    files = []
+    for stage, per_seed in (("sft", before), ("rl", after)):
+        for seed, correct in zip((99, 100), per_seed, strict=True):
+            files.append(tmp_path / f"eval_{stage}_{seed}.json")
+            files[-1].write_text(json.dumps(result(stage, seed, correct)))
+    rows = stage_summary([json.loads(f.read_text()) for f in files])
+    assert [r["problems"] for r in rows] == [200, 200] and rows[0]["accuracy"] == 0.35
+    assert rows[1]["gain"] == pytest.approx(0.425) and rows[1]["gain_low"] > 0
+    assert main(["report", *map(str, files), "--out", str(tmp_path / "acc.png")]) == 0
+    assert json.loads((tmp_path / "acc.json").read_text())[1]["seeds"] == 2

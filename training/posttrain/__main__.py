@@ -3,7 +3,7 @@
   data CONFIG [key=value ...]     build a stage's dataset (configs/reasoning/data_*.yaml)
   rollouts CHECKPOINT --out F     sample chat completions, verify them, write DPO pairs (JSONL)
   eval CHECKPOINT --out F         greedy math accuracy on held-out generated problems (JSON)
-  report EVAL.json ... --out P    table and bar chart of the accuracy of each stage
+  report EVAL.json ... --out P    accuracy per stage with 95% intervals and paired gains; table, plot, JSON
 
 Training itself is `python -m training.pretrain configs/reasoning/<stage>.yaml` (or through
 `launch/pretrain.sh` / `launch/continue_train.sh`), so every stage runs under any TP/PP/DP layout.
@@ -58,22 +58,33 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
+    """Accuracy per stage with 95% intervals (evaluations of one stage at several problem seeds are
+    pooled), and each stage's paired gain over the one before on the same problems."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = [json.loads(Path(f).read_text()) for f in args.results]
-    print(f"{'stage':<16} {'format':<7} {'accuracy':>9} {'answered':>9}")
-    for r in results:
-        print(f"{r['stage']:<16} {r['format']:<7} {r['accuracy']:>9.3f} {r['answered']:>9.3f}")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([f"{r['stage']}\n({r['format']})" for r in results], [r["accuracy"] for r in results], color="tab:blue")
-    ax.set_ylabel("verifier accuracy (greedy)")
-    ax.set_title(f"held-out math problems (n={results[0]['problems']})")
+    from data_pipeline.shards import atomic_write_text
+    from training.posttrain.evaluate import stage_summary
+
+    rows = stage_summary([json.loads(Path(f).read_text()) for f in args.results])
+    header = f"{'stage':<16} {'format':<7} {'problems':>8} {'accuracy':>9} {'95% interval':>15}"
+    print(f"{header} {'gain over previous':>26}")
+    for r in rows:
+        gain = f"{r['gain']:+.3f} [{r['gain_low']:+.3f}, {r['gain_high']:+.3f}]" if "gain" in r else ""
+        print(f"{r['stage']:<16} {r['format']:<7} {r['problems']:>8} {r['accuracy']:>9.3f} "
+              f"[{r['low']:.3f}, {r['high']:.3f}] {gain:>26}")  # fmt: skip
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    errors = [[r["accuracy"] - r["low"] for r in rows], [r["high"] - r["accuracy"] for r in rows]]
+    ax.bar([f"{r['stage']}\n({r['format']})" for r in rows], [r["accuracy"] for r in rows], color="tab:blue",
+           yerr=errors, capsize=4)  # fmt: skip
+    ax.set_ylabel("verifier accuracy (greedy), 95% interval")
+    ax.set_title(f"held-out math problems (n={rows[0]['problems']} per stage)")
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
+    atomic_write_text(Path(args.out).with_suffix(".json"), json.dumps(rows, indent=2) + "\n")
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
     return 0
 
 

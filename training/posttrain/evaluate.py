@@ -94,7 +94,9 @@ def math_accuracy(policy: Policy, count: int, fmt: str, seed: int, max_steps: in
     return {
         "format": fmt,
         "problems": count,
+        "seed": seed,
         "accuracy": sum(correct) / count,
+        "correct": [int(ok) for ok in correct],  # per problem: the report pairs stages problem by problem
         "answered": sum("Answer:" in c for c in completions) / count,
         "examples": [
             {"question": p.question, "completion": c, "answer": p.answer, "correct": ok}
@@ -135,3 +137,49 @@ def rollout_pairs(
 
 def write_jsonl(path: str | Path, records: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sound near 0 and 1, unlike the normal one)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def paired_difference(after: list[int], before: list[int], z: float = 1.96) -> tuple[float, float, float]:
+    """Mean of after - before over the same problems and its 95% interval (normal, paired)."""
+    if len(after) != len(before) or not after:
+        raise ValueError(f"paired results need the same problems ({len(after)} vs {len(before)})")
+    diffs = [a - b for a, b in zip(after, before, strict=True)]
+    n, mean = len(diffs), sum(diffs) / len(diffs)
+    var = sum((d - mean) ** 2 for d in diffs) / max(n - 1, 1)
+    half = z * (var / n) ** 0.5
+    return mean, mean - half, mean + half
+
+
+def stage_summary(results: list[dict]) -> list[dict]:
+    """Per stage (in order of appearance), every evaluation of it pooled (several problem seeds):
+    accuracy with its 95% interval, and the paired gain over the stage before on the same problems."""
+    stages: dict[str, dict] = {}
+    for r in results:
+        entry = stages.setdefault(r["stage"], {"stage": r["stage"], "format": r["format"], "by_seed": {}})
+        entry["by_seed"][(r.get("seed"), r["problems"])] = r.get("correct")
+    rows, previous = [], None
+    for entry in stages.values():
+        correct = [c for per_seed in entry["by_seed"].values() if per_seed for c in per_seed]
+        k, n = sum(correct), len(correct)
+        low, high = wilson_interval(k, n)
+        row = {"stage": entry["stage"], "format": entry["format"], "problems": n, "seeds": len(entry["by_seed"]),
+               "accuracy": k / n if n else float("nan"), "low": low, "high": high}  # fmt: skip
+        if previous is not None:
+            shared = sorted(set(entry["by_seed"]) & set(previous["by_seed"]))
+            after = [c for key in shared for c in entry["by_seed"][key] or []]
+            before = [c for key in shared for c in previous["by_seed"][key] or []]
+            if after and len(after) == len(before):
+                row["gain"], row["gain_low"], row["gain_high"] = paired_difference(after, before)
+        rows.append(row)
+        previous = entry
+    return rows
