@@ -25,38 +25,30 @@ def corpus_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="session")
-def small_dataset(corpus_dir, tmp_path_factory):
-    """A small built dataset of the bundled corpus: seq_len 32, vocab 512."""
-    out = tmp_path_factory.mktemp("data") / "small"
+def build_corpus(corpus_dir, out, seq_len: int, total_tokens: int):
+    """The bundled corpus built with a 512-token vocabulary at `seq_len`."""
     build(
         BuildConfig(
             output_dir=str(out),
             sources=[SourceConfig(paths=[str(corpus_dir / "*.jsonl")])],
-            seq_len=SMALL_SEQ_LEN,
-            total_tokens=60_000,
+            seq_len=seq_len,
+            total_tokens=total_tokens,
             valid_docs_per_family=5,
             sequences_per_shard=500,
             tokenizer=TokenizerConfig(vocab_size=SMALL_VOCAB),
         )
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def small_dataset(corpus_dir, tmp_path_factory):
+    """A small built dataset of the bundled corpus: seq_len 32, vocab 512."""
+    return build_corpus(corpus_dir, tmp_path_factory.mktemp("data") / "small", SMALL_SEQ_LEN, 60_000)
 
 
 @pytest.fixture(scope="session")
 def long_dataset(corpus_dir, tmp_path_factory):
     """The same corpus packed into 1,024-token rows: each holds several documents, so document
     boundaries fall inside every context-parallel chunk."""
-    out = tmp_path_factory.mktemp("data") / "long"
-    build(
-        BuildConfig(
-            output_dir=str(out),
-            sources=[SourceConfig(paths=[str(corpus_dir / "*.jsonl")])],
-            seq_len=LONG_SEQ_LEN,
-            total_tokens=24_000,
-            valid_docs_per_family=5,
-            sequences_per_shard=500,
-            tokenizer=TokenizerConfig(vocab_size=SMALL_VOCAB),
-        )
-    )
-    return out
+    return build_corpus(corpus_dir, tmp_path_factory.mktemp("data") / "long", LONG_SEQ_LEN, 24_000)
