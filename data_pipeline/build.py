@@ -421,10 +421,12 @@ def pack_train(config, selection, ratios, store, label, eos, pad, writer) -> tup
     bar = tqdm(total=sum(d.drawn_tokens for d in draws), desc="pack", unit="tok", unit_scale=True)
     if config.packing == "concat":
         packer = StreamPacker(config.seq_len, eos, pad, rows)
-        for family, tokens in documents(mixture):
-            for block in packer.add(family, tokens):
+        window = max(1, rows * config.seq_len // 64)  # documents per append: about a shard's worth
+        for start in range(0, len(mixture), window):
+            docs = list(documents(mixture[start : start + window]))
+            for block in packer.add_many(docs):
                 writer.write(label(block))
-            bar.update(len(tokens) + 1)
+            bar.update(sum(len(tokens) + 1 for _, tokens in docs))
         last = packer.finish()
         if last is not None:
             writer.write(label(last))

@@ -128,12 +128,22 @@ class StreamPacker:
 
     def add(self, family: int, tokens: np.ndarray) -> list[PackedSequences]:
         """Append one document (EOS added); returns the blocks it completed."""
-        n = len(tokens) + 1
-        self._tokens.append(np.append(np.asarray(tokens, np.int32), np.int32(self.eos_id)))
-        self._families.append(np.full(n, family, np.int16))
-        self._index.append(np.full(n, self._docs, np.int64))
-        self._docs += 1
-        self._pending += n
+        return self.add_many([(family, tokens)])
+
+    def add_many(self, docs: list[tuple[int, np.ndarray]]) -> list[PackedSequences]:
+        """Append documents (EOS after each) with one concatenation for all of them, not three small
+        arrays per document; returns the blocks they completed."""
+        if not docs:
+            return []
+        eos = np.array([self.eos_id], np.int32)
+        lengths = np.fromiter((len(tokens) + 1 for _, tokens in docs), np.int64, len(docs))
+        self._tokens.append(
+            np.concatenate([part for _, tokens in docs for part in (np.asarray(tokens, np.int32), eos)])
+        )
+        self._families.append(np.repeat(np.fromiter((f for f, _ in docs), np.int16, len(docs)), lengths))
+        self._index.append(np.repeat(np.arange(self._docs, self._docs + len(docs), dtype=np.int64), lengths))
+        self._docs += len(docs)
+        self._pending += int(lengths.sum())
         blocks = []
         while self._pending >= self.rows * self.seq_len:
             blocks.append(self._cut(self.rows * self.seq_len))
