@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -188,15 +189,18 @@ def tokenize_unit(unit: Unit, out_file: str, batch_docs: int) -> dict:
         encoded, agreed = encode_batch(tokenizer, _WORKER["fast"], [d.text for d in docs])
         if not agreed:  # tiktoken disagreed with the tokenizer: use the tokenizer itself from now on
             _WORKER["fast"] = None
-        for doc, ids in zip(docs, encoded, strict=True):
+        for doc in docs:
             columns["family"].append(doc.family)
             columns["lang"].append(doc.lang.lower().replace("_", "-"))
             columns["confidence"].append(doc.confidence)
-            columns["tokens"].append(np.asarray(ids, np.int32))
             columns["key"].append(hashlib.blake2b(doc.text.encode(), digest_size=16).digest())
             if near is not None:
                 columns["minhash"].append(_minhash(doc.text, near))
-            tokens += len(ids)
+        # One flat array per batch: an array per document, then pa.array over them, cost as much as encoding.
+        lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+        columns["lengths"].append(lengths)
+        columns["values"].append(np.fromiter(itertools.chain.from_iterable(encoded), np.int32, int(lengths.sum())))
+        tokens += int(lengths.sum())
 
     batch = []
     for doc in read_file(unit.path, unit.source, table, _WORKER["identify"]):
@@ -209,7 +213,7 @@ def tokenize_unit(unit: Unit, out_file: str, batch_docs: int) -> dict:
         "family": pa.array(columns["family"], pa.string()).dictionary_encode(),
         "lang": pa.array(columns["lang"], pa.string()).dictionary_encode(),
         "confidence": pa.array(columns["confidence"], pa.float32()),
-        "tokens": pa.array(columns["tokens"], pa.list_(pa.int32())),
+        "tokens": _list_array(columns["values"], columns["lengths"]),
         "key": pa.array(columns["key"], pa.binary(16)),
     }
     if near is not None:
@@ -220,6 +224,15 @@ def tokenize_unit(unit: Unit, out_file: str, batch_docs: int) -> dict:
         writer.write_table(table_)
     os.replace(tmp, out_file)
     return {"documents": table_.num_rows, "tokens": tokens}
+
+
+def _list_array(values: list[np.ndarray], lengths: list[np.ndarray]) -> pa.ListArray:
+    """An Arrow list<int32> column from flat token values and per-document lengths."""
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    offsets = np.zeros(len(lengths) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate(values) if values else np.zeros(0, np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int32()))
 
 
 def _sample_texts(units: list[Unit], table: dict[str, str], per_family: int) -> list[str]:
