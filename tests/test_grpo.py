@@ -128,15 +128,15 @@ def test_report_pools_seeds_and_gives_intervals_and_paired_gains(tmp_path):
         return {"stage": stage, "format": "chat", "seed": seed, "problems": len(correct), "correct": correct,
                 "accuracy": sum(correct) / len(correct), "answered": 1.0}  # fmt: skip
 
-    before = [[0] * 60 + [1] * 40, [0] * 70 + [1] * 30]
-    after = [[0] * 20 + [1] * 80, [0] * 25 + [1] * 75]  # every problem right before is right after
+    before = [[0] * 100, [0] * 100]  # 0 right: the interval's low end is 0 (the plot's error bar too)
+    after = [[0] * 20 + [1] * 80, [0] * 25 + [1] * 75]
     files = []
     for stage, per_seed in (("sft", before), ("rl", after)):
         for seed, correct in zip((99, 100), per_seed, strict=True):
             files.append(tmp_path / f"eval_{stage}_{seed}.json")
             files[-1].write_text(json.dumps(result(stage, seed, correct)))
     rows = stage_summary([json.loads(f.read_text()) for f in files])
-    assert [r["problems"] for r in rows] == [200, 200] and rows[0]["accuracy"] == 0.35
-    assert rows[1]["gain"] == pytest.approx(0.425) and rows[1]["gain_low"] > 0
+    assert [r["problems"] for r in rows] == [200, 200] and rows[0]["accuracy"] == 0.0
+    assert rows[1]["gain"] == pytest.approx(0.775) and rows[1]["gain_low"] > 0
     assert main(["report", *map(str, files), "--out", str(tmp_path / "acc.png")]) == 0
     assert json.loads((tmp_path / "acc.json").read_text())[1]["seeds"] == 2

@@ -76,7 +76,7 @@ def cmd_report(args) -> int:
         print(f"{r['stage']:<16} {r['format']:<7} {r['problems']:>8} {r['accuracy']:>9.3f} "
               f"[{r['low']:.3f}, {r['high']:.3f}] {gain:>26}")  # fmt: skip
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    errors = [[r["accuracy"] - r["low"] for r in rows], [r["high"] - r["accuracy"] for r in rows]]
+    errors = [[max(r["accuracy"] - r["low"], 0) for r in rows], [max(r["high"] - r["accuracy"], 0) for r in rows]]
     ax.bar([f"{r['stage']}\n({r['format']})" for r in rows], [r["accuracy"] for r in rows], color="tab:blue",
            yerr=errors, capsize=4)  # fmt: skip
     ax.set_ylabel("verifier accuracy (greedy), 95% interval")
