@@ -162,7 +162,12 @@ class StreamPacker:
         return self._cut(self._pending)
 
     def _cut(self, size: int) -> PackedSequences:
-        tokens, families, index = (np.concatenate(parts) for parts in (self._tokens, self._families, self._index))
+        # One part (what a previous cut left, or one window's append) is sliced, not copied: copying the
+        # remainder at every cut was quadratic in the documents appended at once.
+        tokens, families, index = (
+            parts[0] if len(parts) == 1 else np.concatenate(parts)
+            for parts in (self._tokens, self._families, self._index)
+        )
         self._tokens, self._families, self._index = [tokens[size:]], [families[size:]], [index[size:]]
         self._pending -= size
         shape = (size // self.seq_len, self.seq_len)
