@@ -151,8 +151,10 @@ def test_continue_train_runs_every_stage_from_a_phi4_mini_shaped_folder(phi4_sty
         )  # fmt: skip
     )
     out, runs = tmp_path / "out", tmp_path / "runs"
-    single = (f"parallel.tp=1 parallel.pp=1 parallel.micro_batch_size=4 steps=2 log_every=1 out_dir={runs} "
-              "data.global_batch_size=16 grpo.max_new_tokens=24")
+    single = (
+        f"parallel.tp=1 parallel.pp=1 parallel.micro_batch_size=4 steps=2 log_every=1 out_dir={runs} "
+        "data.global_batch_size=16 grpo.max_new_tokens=24"
+    )
     env = {
         **os.environ,
         "PYTHONPATH": str(root),
