@@ -125,7 +125,12 @@ def test_s2_exchange_sends_at_most_the_patterns_share_of_the_keys():
             assert 0 < ratio <= 1.1 * counted_density(pattern, seq, heads), (stride, cp, ratio)
 
 
-TRAINER_LAYOUTS = [dict(cp=2), dict(cp=2, tp=2), dict(cp=2, pp=2), dict(cp=2, dp=2, dp_mode="fsdp")]
+TRAINER_LAYOUTS = [
+    pytest.param(dict(cp=2), marks=pytest.mark.slow),  # CP2 alone: the model-level tests above cover it
+    dict(cp=2, tp=2),
+    dict(cp=2, pp=2),
+    dict(cp=2, dp=2, dp_mode="fsdp"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +150,7 @@ def long_trainer_config(data, out, **layout):
                         dense_every=2, attn_backend="sdpa")  # fmt: skip
 
 
-@pytest.mark.parametrize("layout", TRAINER_LAYOUTS, ids=lambda d: "-".join(f"{k}{v}" for k, v in d.items()))
+@pytest.mark.parametrize("layout", TRAINER_LAYOUTS, ids=["cp2", "cp2-tp2", "cp2-pp2", "cp2-dp2-fsdp"])
 def test_trainer_at_1024_tokens_matches_one_process(layout, long_reference, long_dataset, tmp_path):
     """The whole trainer (loss, every gradient, three optimizer steps, evaluation) under CP2 and CP2
     composed with TP2, PP2 and FSDP2, on 1,024-token rows of packed documents, dense and S2 layers."""

@@ -114,6 +114,7 @@ def test_torchrun_and_mpirun_equal_deepspeed(program, tiny_data, reference, tmp_
     assert losses(tmp_path / "tiny") == reference
 
 
+@pytest.mark.chaos  # `make chaos`; the faults file keeps killed ranks under every launcher in the default suite
 def test_kill_9_of_one_rank_stops_all_and_resume_reproduces(tiny_data, reference, tmp_path):
     crashed = tmp_path / "crashed"
     proc = start(launcher(["--num_gpus", "4", "--master_port", str(free_port())], tiny_data, crashed,

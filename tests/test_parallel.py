@@ -102,13 +102,13 @@ def reference(small_dataset, tmp_path_factory):
         dict(dp=2, tp=2, dp_mode="fsdp"),
         dict(dp=2, pp=2, dp_mode="fsdp"),
         dict(tp=2, sp=True),
-        dict(tp=2, pp=2, sp=True),
+        pytest.param(dict(tp=2, pp=2, sp=True), marks=pytest.mark.slow),  # sp: tp2-sp; pp: tp2-pp2
         dict(pp=2, pp_layers=[1, 3]),
         dict(pp=2, schedule="Interleaved1F1B", virtual=2),
-        dict(tp=2, pp=2, schedule="Interleaved1F1B", virtual=2),
+        pytest.param(dict(tp=2, pp=2, schedule="Interleaved1F1B", virtual=2), marks=pytest.mark.slow),
         dict(pp=2, schedule="InterleavedZeroBubble", virtual=2),
         dict(pp=2, schedule="ZBVZeroBubble", virtual=2),
-        dict(tp=2, pp=2, schedule="ZBVZeroBubble", virtual=2),
+        pytest.param(dict(tp=2, pp=2, schedule="ZBVZeroBubble", virtual=2), marks=pytest.mark.slow),
     ],
     ids=lambda d: "-".join(f"{k}{v}" for k, v in d.items()),
 )
