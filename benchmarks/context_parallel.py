@@ -27,18 +27,15 @@ sys.path.insert(0, str(ROOT))
 
 from kernels.bench import counted_density  # noqa: E402
 from kernels.patterns import S2Pattern, block_mask  # noqa: E402
-from kernels.reference import reference_attention  # noqa: E402
 from kernels.s2_attention import S2Heads  # noqa: E402
 from tests.distributed import run_ranks  # noqa: E402
 from training.metrics import peak_rss_bytes  # noqa: E402
 from training.models.phi import PhiConfig, PhiModel  # noqa: E402
 from training.parallel.context import (  # noqa: E402
-    _GatherSequence,
-    allowed_keys,
     apply_context_parallel,
     balanced_positions,
     context_parallel_attention,
-    merge_partials,
+    gathered_attention,
     s2_exchange_plan,
     shard_sequence,
 )
@@ -70,15 +67,8 @@ def activation_peak(seq_len: int, cp: int) -> int:
 def dense_exchange_s2(q, k, v, shares, rank, group, s2: S2Heads) -> torch.Tensor:
     """The S2 layer as a dense ring would run it: every rank's K/V gathered, the pattern a mask."""
     s2_block = s2.mask(k.shape[2], sum(len(p) for p in shares))
-    group_size = q.shape[2] // k.shape[2]
-    outs, lses = [], []
-    for k_src, v_src, pos_src in zip(_GatherSequence.apply(k, group), _GatherSequence.apply(v, group), shares,
-                                     strict=True):  # fmt: skip
-        mask = allowed_keys(shares[rank], pos_src, None, None, None, s2_block, s2.pattern.block_size, group_size)
-        out, lse = reference_attention(q, k_src, v_src, mask=mask, return_lse=True)
-        outs.append(out)
-        lses.append(lse)
-    return merge_partials(outs, lses)
+    docs = [None] * len(shares)
+    return gathered_attention(q, k, v, None, docs, shares, rank, group, None, s2_block, s2.pattern.block_size)
 
 
 def exchange_step_seconds(seq_len: int, heads: int = 4, head_dim: int = 64, repeats: int = 3) -> dict:

@@ -182,12 +182,19 @@ def context_parallel_attention(q, k, v, doc_ids, shares, rank, group, s2: S2Head
         dist.all_gather(docs, doc_ids.contiguous(), group=group)
     if s2 is not None:
         return _s2_attention(q, k, v, doc_ids, shares, rank, docs, group, s2, window)
+    return gathered_attention(q, k, v, doc_ids, docs, shares, rank, group, window)
+
+
+def gathered_attention(q, k, v, doc_ids, docs, shares, rank, group, window, s2_block=None, block_size: int = 1):
+    """The dense exchange: every rank's K/V gathered, each source chunk attended under its mask (and
+    S2's block mask `s2_block` when given, as a dense ring would run an S2 layer), the partial
+    outputs merged by their log-sum-exp."""
     keys = _GatherSequence.apply(k, group)
     values = _GatherSequence.apply(v, group)
     group_size = q.shape[2] // k.shape[2]
     outs, lses = [], []
     for k_src, v_src, pos_src, doc_src in zip(keys, values, shares, docs, strict=True):
-        mask = allowed_keys(shares[rank], pos_src, doc_ids, doc_src, window, None, 1, group_size)
+        mask = allowed_keys(shares[rank], pos_src, doc_ids, doc_src, window, s2_block, block_size, group_size)
         out, lse = reference_attention(q, k_src, v_src, mask=mask, return_lse=True)
         outs.append(out)
         lses.append(lse)
