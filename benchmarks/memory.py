@@ -40,6 +40,7 @@ from training.metrics import peak_rss_bytes  # noqa: E402
 from training.models.hf import export_hf  # noqa: E402
 from training.models.phi import LongRoPE, PhiConfig, count_params_and_flops  # noqa: E402
 from training.parallel.mesh import ParallelConfig  # noqa: E402
+from training.parallel.world import return_freed_memory_to_os  # noqa: E402
 from training.trainer import CheckpointConfig, DataConfig, TrainConfig, Trainer  # noqa: E402
 
 SEQ_LEN = 64
@@ -50,6 +51,9 @@ LAYOUTS = {
     "FSDP2": dict(dp=2, dp_mode="fsdp"),
     "TP2xPP2": dict(tp=2, pp=2),
     "FSDP2xTP2": dict(dp=2, tp=2, dp_mode="fsdp"),
+    # FSDP with the lean settings: each linear layer a unit, the vocabulary split over DP x TP
+    "FSDP2 lean": dict(dp=2, dp_mode="fsdp", fsdp_unit="linear", vocab_over_dp=True),
+    "FSDP2xTP2 lean": dict(dp=2, tp=2, dp_mode="fsdp", fsdp_unit="linear", vocab_over_dp=True),
 }
 BYTES_PER_PARAM = 4 + 4 + 8  # fp32 weight, gradient, AdamW exp_avg and exp_avg_sq
 
@@ -85,6 +89,7 @@ def measure(config: TrainConfig, steps: int) -> dict:
     """On one rank: baseline RSS, build, train, peak RSS, and this rank's ideal."""
     import gc
 
+    return_freed_memory_to_os()  # as `python -m training.pretrain` does on CPU
     gc.collect()
     baseline = rss_bytes()
     t0 = time.perf_counter()
@@ -209,7 +214,7 @@ def main(argv=None) -> int:
             model = phi4_mini_cut()
             # Written by a child process: the parent's memory stays small while the ranks run.
             folder = run_ranks(1, random_hf_folder, model, tmp / "phi4-mini-4layers")[0]
-            cases.append(("phi-4-mini, 4 layers, HF", model, PhiConfig(), "FSDP2xTP2", str(folder)))
+            cases.append(("phi-4-mini, 4 layers, HF", model, PhiConfig(), "FSDP2xTP2 lean", str(folder)))
         for label, model, given, layout, init_from in cases:
             try:
                 ranks = run_layout(data, tmp / "runs", given, LAYOUTS[layout], args.steps, init_from)

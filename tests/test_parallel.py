@@ -34,6 +34,8 @@ def small_config(
     virtual=1,
     dp_mode="allreduce",
     pp_layers=None,
+    fsdp_unit="block",
+    vocab_over_dp=False,
     max_seq_len=SMALL_SEQ_LEN,
     global_batch_size=8,
     **model,
@@ -64,6 +66,8 @@ def small_config(
             cp=cp,
             dp_mode=dp_mode,
             pp_layers=pp_layers,
+            fsdp_unit=fsdp_unit,
+            vocab_over_dp=vocab_over_dp,
         ),
         data=DataConfig(path=str(data_path), global_batch_size=global_batch_size),
         checkpoint=CheckpointConfig(resume="none"),
@@ -101,6 +105,8 @@ def reference(small_dataset, tmp_path_factory):
         dict(dp=2, dp_mode="fsdp"),
         dict(dp=2, tp=2, dp_mode="fsdp"),
         dict(dp=2, pp=2, dp_mode="fsdp"),
+        # the lean FSDP: every linear layer a unit, the vocabulary split over DP x TP (never gathered)
+        dict(dp=2, tp=2, sp=True, dp_mode="fsdp", fsdp_unit="linear", vocab_over_dp=True),
         dict(tp=2, sp=True),
         pytest.param(dict(tp=2, pp=2, sp=True), marks=pytest.mark.slow),  # sp: tp2-sp; pp: tp2-pp2
         dict(pp=2, pp_layers=[1, 3]),

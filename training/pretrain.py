@@ -15,7 +15,7 @@ import torch.distributed as dist
 from data_pipeline.config import ConfigError, load_config
 from training.checkpoint import CheckpointError
 from training.parallel.mesh import LayoutError
-from training.parallel.world import exit_with_launcher, init_distributed, limit_cpu_threads
+from training.parallel.world import exit_with_launcher, init_distributed, limit_cpu_threads, return_freed_memory_to_os
 from training.run_lock import RunLockedError
 from training.trainer import NonFiniteLossError, TrainConfig, Trainer
 
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     limit_cpu_threads()
+    return_freed_memory_to_os()
     exit_with_launcher()
     init_distributed(config.dist_timeout_s)
     try:

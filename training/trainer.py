@@ -27,7 +27,7 @@ from training.models.phi import PhiConfig, count_params_and_flops
 from training.optim import OptimConfig, build_optimizer, build_scheduler, clip_grad_norm, resolve_lr
 from training.parallel.context import apply_context_parallel, shard_sequence
 from training.parallel.data import allreduce_gradients, apply_fsdp
-from training.parallel.mesh import ParallelConfig, ParallelDims, device_type
+from training.parallel.mesh import LayoutError, ParallelConfig, ParallelDims, device_type
 from training.parallel.pipeline import (
     V_SHAPE_SCHEDULES,
     build_schedule,
@@ -37,6 +37,7 @@ from training.parallel.pipeline import (
     tied_embedding_group,
 )
 from training.parallel.tensor import apply_tensor_parallel, reduce_partial_grads
+from training.parallel.vocab import apply_vocab_over_dp
 from training.posttrain.dpo import DPOConfig
 from training.posttrain.grpo import GRPOConfig
 from training.precision import PRECISIONS, LossScaler, autocast
@@ -157,7 +158,7 @@ class Trainer:
             tied_embedding_group(self.mesh, self.dims, self.stages, num_stages, pc) if mc.tie_embeddings else None
         )
         if self.dims.tp > 1:
-            apply_tensor_parallel(model, self.mesh["tp"], config.parallel.sequence_parallel)
+            apply_tensor_parallel(model, self.mesh["tp"], pc.sequence_parallel, vocab=not pc.vocab_over_dp)
         self.cp_positions = None  # this rank's share of every sequence under context parallel
         if self.dims.cp > 1:
             self.cp_positions = apply_context_parallel(model, self.mesh["cp"].get_group(), data_seq_len, self.device)
@@ -167,13 +168,22 @@ class Trainer:
         self.fsdp = self.dims.dp > 1 and pc.dp_mode == "fsdp"
         if pc.dp_mode not in ("allreduce", "fsdp"):
             raise ValueError(f"parallel.dp_mode {pc.dp_mode!r} is not one of allreduce, fsdp")
+        self.vocab_shards = None  # the embedding and head split over DP x TP (parallel.vocab_over_dp)
+        if pc.vocab_over_dp:
+            if not self.fsdp or self.dims.cp > 1:
+                raise LayoutError(
+                    "parallel.vocab_over_dp splits the vocabulary over FSDP's ranks: it needs parallel.dp_mode=fsdp "
+                    f"with dp > 1 (got dp_mode={pc.dp_mode}, dp={self.dims.dp}) and no context parallel (cp={pc.cp})"
+                )
+            self.vocab_shards = apply_vocab_over_dp(model, self.mesh, pc.sequence_parallel)
         self._replica_factor = self.dims.dp if self.fsdp else 1  # FSDP averages over replicas; we need the sum
         if self.fsdp:
             if len(self.stages) > 1:
                 raise ValueError("parallel.dp_mode=fsdp with virtual pipeline stages is not supported yet")
             # Pipelines run many micro-batches per step: keep gathered weights between them.
             param_dtype = PRECISIONS.get(config.precision)
-            apply_fsdp(model, self.mesh["dp"], reshard_after_forward=self.dims.pp == 1, param_dtype=param_dtype)
+            ignored = set(self.vocab_shards.parameters(model)) if self.vocab_shards else set()
+            apply_fsdp(model, self.mesh["dp"], self.dims.pp == 1, param_dtype, pc.fsdp_unit, ignored)
         materialize(model, self.device, config.seed, config.init_from)
         autocast(config.precision, self.device.type)  # refuses an unknown precision before training
         self.scaler = LossScaler(enabled=config.precision == "fp16")
@@ -250,9 +260,10 @@ class Trainer:
                 out[f"{prefix}loss/{family}"] = float(sums[i] / counts[i])
         return out
 
-    @staticmethod
-    def _token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _token_nll(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-token negative log-likelihood, flat, 0 where the label is ignored (works on TP-sharded logits)."""
+        if self.vocab_shards is not None:
+            return self.vocab_shards.token_nll(logits, labels)
         per_token = F.cross_entropy(
             logits.flatten(0, 1), labels.flatten().long(), reduction="none", ignore_index=IGNORE_INDEX
         )
@@ -301,6 +312,8 @@ class Trainer:
         self._run_batch(batch, backward=True)
         if self.tied_group is not None:
             sync_tied_embedding_grads(self.model, self.tied_group)
+        if self.vocab_shards is not None:
+            self.vocab_shards.average_gradients(self.model)
         if self.config.parallel.sequence_parallel:
             reduce_partial_grads(self.model.parameters())
         if self.dims.dp > 1 and not self.fsdp:

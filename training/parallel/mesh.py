@@ -23,6 +23,12 @@ class ParallelConfig:
     pp_layers: list[int] | None = None  # layers per stage, e.g. [3, 5]; default an even split
     micro_batch_size: int = 4  # sequences per forward; the local batch is split into these
     dp_mode: str = "allreduce"  # allreduce (replicated, DDP-like) | fsdp (FSDP2: params, grads, optimizer sharded)
+    # fsdp: what is gathered at once: a block (torchtitan's units, fewest collectives) or each linear
+    # layer (a matrix's gathered weight and unsharded gradient instead of a block's: less memory)
+    fsdp_unit: str = "block"
+    # fsdp: the embedding and head split over the vocabulary across DP x TP ranks and never gathered
+    # (large vocabularies); each micro-batch all-gathers token ids and final hidden states over DP instead
+    vocab_over_dp: bool = False
     sequence_parallel: bool = False  # with tp > 1: shard norms and the residual stream over the sequence
 
 

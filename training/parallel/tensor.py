@@ -27,14 +27,17 @@ from torch.distributed.tensor.parallel import (
 from training.models.phi import PhiModel
 
 
-def apply_tensor_parallel(model: PhiModel, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
+def apply_tensor_parallel(
+    model: PhiModel, tp_mesh: DeviceMesh, sequence_parallel: bool = False, vocab: bool = True
+) -> None:
     """With `sequence_parallel`, the residual stream between blocks (and each norm) is sharded over the
-    sequence: all-gather before the column-parallel layers, reduce-scatter after the row-parallel ones."""
+    sequence: all-gather before the column-parallel layers, reduce-scatter after the row-parallel ones.
+    `vocab=False` leaves the embedding and head to `training.parallel.vocab` (split over DP x TP)."""
     between_blocks = Shard(1) if sequence_parallel else Replicate()
     plan = {}
     if model.norm is not None and sequence_parallel:
         plan["norm"] = SequenceParallel()
-    if model.output is not None:
+    if model.output is not None and vocab:
         plan["output"] = ColwiseParallel(input_layouts=between_blocks, output_layouts=Shard(-1), use_local_output=False)
     for name in model.layers:
         prefix = f"layers.{name}"
@@ -65,7 +68,7 @@ def apply_tensor_parallel(model: PhiModel, tp_mesh: DeviceMesh, sequence_paralle
                 }
             )
     parallelize_module(model, tp_mesh, plan)
-    if model.tok_embeddings is not None:
+    if model.tok_embeddings is not None and vocab:
         embedding = model.tok_embeddings
         embedding.weight = nn.Parameter(distribute_tensor(embedding.weight, tp_mesh, [Shard(0)]))
         embedding.forward = functools.partial(vocab_parallel_embedding, embedding, tp_mesh, between_blocks)
@@ -74,7 +77,7 @@ def apply_tensor_parallel(model: PhiModel, tp_mesh: DeviceMesh, sequence_paralle
         if layer.attention.s2 is not None:  # keep this rank's heads' S2 shards
             head_start = tp_mesh.get_local_rank() * local_kv_heads
             layer.attention.s2 = dataclasses.replace(layer.attention.s2, head_start=head_start)
-    if model.config.tie_embeddings and model.tok_embeddings is not None and model.output is not None:
+    if vocab and model.config.tie_embeddings and model.tok_embeddings is not None and model.output is not None:
         model.output.weight = model.tok_embeddings.weight  # both are Shard(0) over the vocabulary
 
 
@@ -87,12 +90,12 @@ def vocab_parallel_embedding(embedding: nn.Embedding, tp_mesh: DeviceMesh, outpu
     local_ids = ids - tp_mesh.get_local_rank() * local_rows
     outside = (local_ids < 0) | (local_ids >= local_rows)
     anchor = torch.empty(0, device=ids.device, requires_grad=torch.is_grad_enabled())
-    partial = _LocalLookup.apply(local_ids.masked_fill(outside, 0), outside, anchor, embedding)
+    partial = LocalLookup.apply(local_ids.masked_fill(outside, 0), outside, anchor, embedding)
     summed = DTensor.from_local(partial, tp_mesh, [Partial()], run_check=False)
     return summed.redistribute(tp_mesh, [output_layout]).to_local()
 
 
-class _LocalLookup(torch.autograd.Function):
+class LocalLookup(torch.autograd.Function):
     """Rows of the local vocabulary slice, whose gradient backward adds straight into `weight.grad`
     (as Megatron's gradient-accumulation fusion adds into `main_grad`).
 

@@ -140,6 +140,26 @@ def exit_with_launcher(poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def return_freed_memory_to_os(threshold_bytes: int = 4 * 2**20) -> None:
+    """On CPU, give memory blocks above `threshold_bytes` back to the OS as soon as they are freed.
+
+    glibc serves allocations below its mmap threshold from the heap and raises that threshold (up to
+    32 MiB) each time a larger block is freed, so FSDP's shards, gathered weights and unsharded
+    gradients of a few MiB stay resident after they are freed: measured on 4 CPU ranks under
+    FSDP2 x TP2 at 0.42B parameters, 0.4-0.6 GiB per rank, with no step-time difference."""
+    if torch.cuda.is_available():
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, threshold_bytes)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def limit_cpu_threads() -> None:
     """Ranks sharing a CPU split its cores instead of each spawning one thread per core."""
     if not torch.cuda.is_available():

@@ -57,6 +57,8 @@ class GRPOTrainer(Trainer):
         grpo = config.grpo
         if config.parallel.cp > 1:
             raise ValueError("objective=grpo with parallel.cp > 1 is not supported yet")
+        if config.parallel.vocab_over_dp:  # each replica samples on its own: no per-token exchange over DP
+            raise ValueError("objective=grpo with parallel.vocab_over_dp is not supported: each replica samples alone")
         if config.data.global_batch_size % grpo.group_size:
             raise ValueError(
                 f"objective=grpo: data.global_batch_size ({config.data.global_batch_size}) must be a multiple "
