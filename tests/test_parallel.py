@@ -192,7 +192,7 @@ def chunked_and_whole_reduce_scatter(numel: int, chunk_bytes: int):
     rank, world = dist.get_rank(), dist.get_world_size()
     source = torch.randn(numel, generator=torch.Generator().manual_seed(rank))
     whole, chunked = torch.empty(numel // world), torch.empty(numel // world)
-    dist.reduce_scatter_tensor(whole, source.clone())
+    dist.reduce_scatter_single(whole, source.clone())
     ChunkedReduceScatter(chunk_bytes)(chunked, source.clone(), dist.group.WORLD, dist.ReduceOp.SUM)
     return whole, chunked
 

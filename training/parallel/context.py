@@ -75,7 +75,7 @@ class _GatherSequence(torch.autograd.Function):
     """Every rank's tensor (forward all-gather); each rank's gradient is the sum of what every rank's
     queries sent it (backward reduce-scatter). On gloo (torch 2.13), inside a backward pass, both
     torch.distributed.nn's all_gather (all-to-all) and the list form of reduce_scatter returned wrong
-    sums for these tensors; the flat reduce_scatter_tensor is what FSDP uses, and is right."""
+    sums for these tensors; the flat reduce_scatter_single (reduce_scatter_tensor) is what FSDP uses, and is right."""
 
     @staticmethod
     def forward(ctx, tensor, group):
@@ -87,7 +87,7 @@ class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         mine = torch.empty_like(grads[0], memory_format=torch.contiguous_format)
-        dist.reduce_scatter_tensor(mine, torch.cat(grads), group=ctx.group)
+        dist.reduce_scatter_single(mine, torch.cat(grads), group=ctx.group)
         return mine, None
 
 

@@ -31,14 +31,14 @@ from training.parallel.tensor import LocalLookup
 
 def _gather_rows(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     out = x.new_empty((group.size() * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    dist.all_gather_single(out, x.contiguous(), group=group)
     return out
 
 
 def _sum_own_rows(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Sum over the group, keeping this rank's share of the rows (gloo reduces in fp32 here)."""
     out = x.new_empty((x.shape[0] // group.size(), *x.shape[1:]), dtype=torch.float32)
-    dist.reduce_scatter_tensor(out, x.float().contiguous(), group=group)
+    dist.reduce_scatter_single(out, x.float().contiguous(), group=group)
     return out.to(x.dtype)
 
 
