@@ -9,7 +9,8 @@ on every rank would show up as a ratio near the number of shards.
 
 Also: a Phi-4-mini-shaped model (dim 3072, 24/8 heads, head_dim 128, vocab 200,064, tied, LongRoPE,
 partial RoPE 0.75) cut to 4 layers, written as an HF folder in bf16 and trained a few steps from it
-under FSDP2 x TP2 on 4 ranks.
+under FSDP2 x TP2 on 4 ranks with the lean settings (each linear layer an FSDP unit, the
+vocabulary split over DP x TP: `parallel.fsdp_unit=linear`, `parallel.vocab_over_dp=true`).
 
     python benchmarks/memory.py [--sizes 2,4,8] [--layouts all] [--steps 2] [--skip-phi4]
 
