@@ -202,3 +202,11 @@ def test_chunked_reduce_scatter_equals_gloos_own(chunk_bytes):
     """FSDP's gradient reduce-scatter on gloo goes chunk by chunk (gloo copies a whole input): the same sums."""
     for whole, chunked in run_ranks(2, chunked_and_whole_reduce_scatter, 2 * 25_000, chunk_bytes):
         torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+
+
+def test_vocab_over_dp_needs_fsdp(small_dataset, tmp_path):
+    from training.parallel.mesh import LayoutError
+
+    config = small_config(small_dataset, tmp_path, vocab_over_dp=True)
+    with pytest.raises(LayoutError, match="it needs parallel.dp_mode=fsdp with dp > 1 \\(got dp_mode=allreduce, dp=1\\)"):
+        Trainer(config)
