@@ -208,5 +208,5 @@ def test_vocab_over_dp_needs_fsdp(small_dataset, tmp_path):
     from training.parallel.mesh import LayoutError
 
     config = small_config(small_dataset, tmp_path, vocab_over_dp=True)
-    with pytest.raises(LayoutError, match="it needs parallel.dp_mode=fsdp with dp > 1 \\(got dp_mode=allreduce, dp=1\\)"):
+    with pytest.raises(LayoutError, match=r"needs parallel.dp_mode=fsdp with dp > 1 \(got dp_mode=allreduce, dp=1\)"):
         Trainer(config)
