@@ -42,44 +42,31 @@ def _sum_own_rows(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-class GatherRows(torch.autograd.Function):
-    """Every replica's rows on every rank; backward sums each row's gradient back to its owner."""
+def _own_rows(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    return x.view(group.size(), -1, *x.shape[1:])[group.rank()].clone()
 
+
+# Row exchanges over the DP group, each with its adjoint as backward:
+# "gather": every replica's rows on every rank; backward sums each row's gradient back to its owner.
+# "sum": partial rows of every replica summed onto their replica; backward gives every rank all rows' gradients.
+# "own": this replica's rows of a value every rank computed for all replicas; backward collects every
+#        replica's gradient for its rows (each rank's vocabulary slice served all of them).
+_EXCHANGES = {
+    "gather": (_gather_rows, _sum_own_rows),
+    "sum": (_sum_own_rows, _gather_rows),
+    "own": (_own_rows, _gather_rows),
+}
+
+
+class RowExchange(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return _gather_rows(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _sum_own_rows(grad, ctx.group), None
-
-
-class SumToOwnRows(torch.autograd.Function):
-    """Partial rows of every replica summed onto their replica; backward hands every rank all the rows' gradients."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return _sum_own_rows(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _gather_rows(grad, ctx.group), None
-
-
-class OwnRows(torch.autograd.Function):
-    """This replica's rows of a value every rank computed for all replicas; backward collects every
-    replica's gradient for its rows (each rank's shard of the vocabulary served all of them)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return x.view(group.size(), -1, *x.shape[1:])[group.rank()].clone()
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup, kind: str) -> torch.Tensor:
+        ctx.group, ctx.kind = group, kind
+        return _EXCHANGES[kind][0](x, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _gather_rows(grad, ctx.group), None
+        return _EXCHANGES[ctx.kind][1](grad, ctx.group), None, None
 
 
 class VocabParallelNLL(torch.autograd.Function):
@@ -127,7 +114,7 @@ class VocabOverDP:
         """This replica's per-token NLL, flat, from the head's logits of every replica's rows."""
         all_labels = _gather_rows(labels, self.dp_group)
         nll = VocabParallelNLL.apply(logits.flatten(0, 1), all_labels.flatten().long(), self.vocab_start, self.group)
-        return OwnRows.apply(nll, self.dp_group)
+        return RowExchange.apply(nll, self.dp_group, "own")
 
     def parameters(self, model: PhiModel) -> list[nn.Parameter]:
         found = [m.weight for m in (model.tok_embeddings, model.output) if m is not None]
@@ -185,7 +172,7 @@ def _lookup(embedding: nn.Embedding, shards: VocabOverDP, output_layout, ids: to
     outside = (local_ids < 0) | (local_ids >= local_rows)
     anchor = torch.empty(0, device=ids.device, requires_grad=torch.is_grad_enabled())
     partial = LocalLookup.apply(local_ids.masked_fill(outside, 0), outside, anchor, embedding)
-    mine = SumToOwnRows.apply(partial, shards.dp_group)
+    mine = RowExchange.apply(partial, shards.dp_group, "sum")
     if shards.tp_mesh is None:
         return mine
     summed = DTensor.from_local(mine, shards.tp_mesh, [Partial()], run_check=False)
@@ -198,4 +185,4 @@ def _head(head: nn.Linear, shards: VocabOverDP, input_layout, h: torch.Tensor) -
         if not isinstance(h, DTensor):
             h = DTensor.from_local(h, shards.tp_mesh, [input_layout], run_check=False)
         h = h.redistribute(shards.tp_mesh, [Replicate()]).to_local(grad_placements=[Partial()])
-    return F.linear(GatherRows.apply(h, shards.dp_group), head.weight.to_local())
+    return F.linear(RowExchange.apply(h, shards.dp_group, "gather"), head.weight.to_local())
