@@ -142,3 +142,12 @@ def test_report_pools_seeds_and_gives_intervals_and_paired_gains(tmp_path):
     assert rows[1]["gain"] == pytest.approx(0.775) and rows[1]["gain_low"] > 0
     assert main(["report", *map(str, files), "--out", str(tmp_path / "acc.png")]) == 0
     assert json.loads((tmp_path / "acc.json").read_text())[1]["seeds"] == 2
+
+
+def test_rollouts_under_pipeline_parallel_are_refused_at_start(small_dataset, tmp_path):
+    """Sampling needs every layer on each rank: the launch says so before any rank builds a model."""
+    from training.pretrain import build_trainer
+
+    config = grpo_config(small_dataset, tmp_path, pp=2)
+    with pytest.raises(ValueError, match="parallel.pp must be 1"):
+        build_trainer(config)  # one process: a trainer under PP2 would need 2 ranks before it could refuse

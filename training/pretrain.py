@@ -48,8 +48,9 @@ def build_trainer(config: TrainConfig) -> Trainer:
 
         return DPOTrainer(config)
     if config.objective == "grpo":
-        from training.posttrain.grpo_trainer import GRPOTrainer
+        from training.posttrain.grpo_trainer import GRPOTrainer, check_rollout_layout
 
+        check_rollout_layout(config.parallel)  # before any rank builds a model (the step itself runs under PP)
         return GRPOTrainer(config)
     raise ValueError(f"objective {config.objective!r} is not one of lm, dpo, grpo")
 

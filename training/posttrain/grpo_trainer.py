@@ -52,6 +52,12 @@ class Prepared:
     reward: float  # mean reward of the global batch
 
 
+def check_rollout_layout(parallel) -> None:
+    """Rollouts are sampled with every layer on each rank (TP shards within a layer are fine)."""
+    if parallel.pp > 1:
+        raise ValueError("objective=grpo samples rollouts with the whole model on each rank: parallel.pp must be 1")
+
+
 class GRPOTrainer(Trainer):
     def __init__(self, config):
         grpo = config.grpo
@@ -81,8 +87,7 @@ class GRPOTrainer(Trainer):
 
     def rollouts(self, step: int) -> Rollouts:
         """This step's rollout batch, sampled by every replica for its own prompts and gathered."""
-        if self.dims.pp > 1:
-            raise ValueError("objective=grpo samples rollouts with the whole model on each rank: parallel.pp must be 1")
+        check_rollout_layout(self.config.parallel)
         grpo = self.config.grpo
         prompts_per_replica = self.config.data.global_batch_size // grpo.group_size // self.dims.dp
         if prompts_per_replica == 0:
