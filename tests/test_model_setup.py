@@ -33,7 +33,8 @@ def tied_reference(small_dataset, tmp_path_factory):
         dict(dp=2, pp=2, dp_mode="fsdp"),
         dict(tp=2),  # one tied parameter: the head's gradient and the vocab-parallel lookup's meet
         dict(dp=2, tp=2, dp_mode="fsdp"),
-        dict(dp=2, tp=2, dp_mode="fsdp", vocab_over_dp=True),  # the shared table split over DP x TP
+        # the shared table split over DP x TP (untied: test_parallel's lean case)
+        pytest.param(dict(dp=2, tp=2, dp_mode="fsdp", vocab_over_dp=True), marks=pytest.mark.slow),
         dict(dp=2, pp=2, dp_mode="fsdp", vocab_over_dp=True),  # and each stage's copy of it
     ],
     ids=lambda d: "-".join(f"{k}{v}" for k, v in d.items()),
