@@ -194,7 +194,17 @@ def test_dpo_pairs_stay_together_in_batches_and_micro_batches(dpo_dataset):
         assert (rows[0::2] % 2 == 0).all() and (rows[1::2] == rows[0::2] + 1).all()
 
 
-@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2), dict(dp=2)], ids=["tp2", "pp2", "dp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(tp=2),
+        dict(pp=2),
+        dict(dp=2),
+        # per-sequence log-probs from the vocabulary split over DP (each replica keeps its own rows)
+        pytest.param(dict(dp=2, dp_mode="fsdp", vocab_over_dp=True), marks=pytest.mark.slow),
+    ],
+    ids=["tp2", "pp2", "dp2", "dp2-fsdp-vocab"],
+)
 def test_dpo_layouts_match_single_process(dpo_dataset, tmp_path, layout):
     ref_grads, ref_history = run_ranks(1, _dpo_run, dpo_dataset, tmp_path / "single", {})[0]
     results = run_ranks(2, _dpo_run, dpo_dataset, tmp_path / "par", layout)
