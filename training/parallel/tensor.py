@@ -86,16 +86,24 @@ def vocab_parallel_embedding(embedding: nn.Embedding, tp_mesh: DeviceMesh, outpu
     (zeros for ids outside it) and the partial results are summed over TP. The weight's gradient is
     computed for the local slice only; DTensor's own embedding backward builds a full-vocabulary
     gradient on every rank (2.4 GB for Phi-4-mini's table in fp32)."""
-    local_rows = embedding.weight.to_local().shape[0]
-    local_ids = ids - tp_mesh.get_local_rank() * local_rows
-    outside = (local_ids < 0) | (local_ids >= local_rows)
-    anchor = torch.empty(0, device=ids.device, requires_grad=torch.is_grad_enabled())
-    partial = LocalLookup.apply(local_ids.masked_fill(outside, 0), outside, anchor, embedding)
+    first_row = tp_mesh.get_local_rank() * embedding.weight.to_local().shape[0]
+    partial = lookup_local_rows(embedding, ids, first_row)
     summed = DTensor.from_local(partial, tp_mesh, [Partial()], run_check=False)
     return summed.redistribute(tp_mesh, [output_layout]).to_local()
 
 
-class LocalLookup(torch.autograd.Function):
+def lookup_local_rows(embedding: nn.Embedding, ids: torch.Tensor, first_row: int) -> torch.Tensor:
+    """The ids looked up in this rank's rows of a vocabulary-sharded table, which start at global
+    row `first_row` (zeros for ids outside them); summing over the ranks that share the table gives
+    the embedding."""
+    local_rows = embedding.weight.to_local().shape[0]
+    local_ids = ids - first_row
+    outside = (local_ids < 0) | (local_ids >= local_rows)
+    anchor = torch.empty(0, device=ids.device, requires_grad=torch.is_grad_enabled())
+    return _LocalLookup.apply(local_ids.masked_fill(outside, 0), outside, anchor, embedding)
+
+
+class _LocalLookup(torch.autograd.Function):
     """Rows of the local vocabulary slice, whose gradient backward adds straight into `weight.grad`
     (as Megatron's gradient-accumulation fusion adds into `main_grad`).
 

@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from data_pipeline.loader import IGNORE_INDEX
 from training.models.phi import PhiModel
 from training.parallel.data import local_tensor
-from training.parallel.tensor import LocalLookup
+from training.parallel.tensor import lookup_local_rows
 
 
 def _gather_rows(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -167,11 +167,7 @@ def apply_vocab_over_dp(model: PhiModel, mesh: DeviceMesh, sequence_parallel: bo
 def _lookup(embedding: nn.Embedding, shards: VocabOverDP, output_layout, ids: torch.Tensor) -> torch.Tensor:
     """Every replica's ids looked up in this rank's rows (zeros elsewhere), summed over DP onto their
     replica, then over TP as the tensor-parallel lookup does."""
-    local_rows = embedding.weight.to_local().shape[0]
-    local_ids = _gather_rows(ids, shards.dp_group) - shards.vocab_start
-    outside = (local_ids < 0) | (local_ids >= local_rows)
-    anchor = torch.empty(0, device=ids.device, requires_grad=torch.is_grad_enabled())
-    partial = LocalLookup.apply(local_ids.masked_fill(outside, 0), outside, anchor, embedding)
+    partial = lookup_local_rows(embedding, _gather_rows(ids, shards.dp_group), shards.vocab_start)
     mine = RowExchange.apply(partial, shards.dp_group, "sum")
     if shards.tp_mesh is None:
         return mine
