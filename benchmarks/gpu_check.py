@@ -82,13 +82,15 @@ def kernels_table(result: dict) -> str:
 
 
 def mfu_table(result: dict) -> str:
-    lines = ["| attention | params | seq | batch | step s | tokens/s | TFLOP/s | MFU | peak GiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| attention | torch.compile | params | seq | batch | step s | tokens/s | TFLOP/s | MFU | peak GiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in result["rows"]:
+        compiled = "yes" if r.get("compiled") else "no"
         if "error" in r:
-            lines.append(f"| {r['attn_backend']} | {r['error']} | | | | | | | |")
+            error = r["error"].replace("\n", " ").replace("|", "/")
+            lines.append(f"| {r['attn_backend']} | {compiled} | {error} | | | | | | | |")
             continue
-        cells = [r["attn_backend"], f"{r['params'] / 1e9:.2f}B", str(r["seq_len"]), str(r["batch"]),
+        cells = [r["attn_backend"], compiled, f"{r['params'] / 1e9:.2f}B", str(r["seq_len"]), str(r["batch"]),
                  f"{r['step_s']:.3f}", f"{r['tokens_per_s']:,.0f}", f"{r['tflops']:.1f}", fmt(r["mfu"], ".1%"),
                  fmt(r["peak_mem_gib"], ".1f")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")

@@ -1,17 +1,18 @@
 """MFU of a ~1B-parameter Phi-style model on one GPU: bf16 autocast over fp32 weights, AdamW.
 
-    python benchmarks/mfu.py [--attn-backend triton flash_attn sdpa flex] [--seq-len 4096] [--out FILE]
+    python benchmarks/mfu.py [--attn-backend triton flash_attn sdpa flex] [--modes eager compiled] [--out FILE]
     python benchmarks/mfu.py --smoke      # the same loop on the CPU with a toy model (checks the path)
 
 MFU = training FLOPs per token (6 per matmul weight + attention, `count_params_and_flops`, as
 torchtitan counts) x tokens per second / the device's dense bf16 peak. Each attention backend is
-measured in the same run, on the same model and batches. Target: >= 45% at seq 4096 on an H100.
-Prints a table and writes JSON.
+measured in the same run, on the same model and batches, eagerly and with each block compiled
+(torch.compile). Target: >= 45% at seq 4096 on an H100. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -66,6 +67,7 @@ def measure(config: PhiConfig, batch: int, steps: int, warmup: int, device: str,
     peak = device_peak_tflops() if device == "cuda" else None
     return {
         "attn_backend": config.attn_backend,
+        "compiled": compile_blocks,
         "params": nparams,
         "seq_len": config.max_seq_len,
         "batch": batch,
@@ -78,15 +80,15 @@ def measure(config: PhiConfig, batch: int, steps: int, warmup: int, device: str,
 
 
 def print_table(rows: list[dict]) -> None:
-    columns = ("backend", "params", "seq", "batch", "step s", "tok/s", "TFLOP/s", "MFU")
+    columns = ("backend", "compiled", "params", "seq", "batch", "step s", "tok/s", "TFLOP/s", "MFU")
     print(" ".join(f"{c:>9s}" for c in columns))
     for r in rows:
         if "error" in r:
-            print(f"{r['attn_backend']:>9s} error: {r['error']}")
+            print(f"{r['attn_backend']:>9s} {r['compiled']!s:>9s} error: {r['error']}")
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        cells = (r["attn_backend"], f"{r['params'] / 1e9:.2f}B", r["seq_len"], r["batch"], f"{r['step_s']:.3f}",
-                 f"{r['tokens_per_s']:.0f}", f"{r['tflops']:.1f}", mfu)  # fmt: skip
+        cells = (r["attn_backend"], r["compiled"], f"{r['params'] / 1e9:.2f}B", r["seq_len"], r["batch"],
+                 f"{r['step_s']:.3f}", f"{r['tokens_per_s']:.0f}", f"{r['tflops']:.1f}", mfu)  # fmt: skip
         print(" ".join(f"{c!s:>9s}" for c in cells))
 
 
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--activation-checkpointing", default="none", choices=["none", "selective", "full"])
-    parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
+                        help="run each backend eagerly and/or with torch.compile on each block")  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results/mfu.json")
     parser.add_argument("--smoke", action="store_true", help="a toy model on the CPU in fp32 (checks the path)")
     args = parser.parse_args(argv)
@@ -109,19 +112,20 @@ def main(argv: list[str] | None = None) -> dict:
         shape, seq_len, backends = ONE_B, args.seq_len, args.attn_backend
         run = dict(batch=args.batch, steps=args.steps, warmup=args.warmup, device="cuda", precision="bf16")
     else:
-        shape, seq_len, backends = TOY, 64, ["sdpa", "triton"]
+        shape, seq_len, backends, args.modes = TOY, 64, ["sdpa", "triton"], ["eager"]
         run = dict(batch=1, steps=2, warmup=1, device="cpu", precision="fp32")
     name = torch.cuda.get_device_name() if cuda else "cpu (smoke: toy model, fp32, no MFU)"
     result = {"device": name, "peak_tflops": device_peak_tflops() if cuda else None, "rows": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = result["rows"]
-    for backend in backends:
+    for mode, backend in itertools.product(args.modes, backends):
         config = PhiConfig(**shape, max_seq_len=seq_len, attn_backend=backend)
+        compiled = mode == "compiled"
         try:
-            rows.append(measure(config, **run, ac=args.activation_checkpointing, compile_blocks=args.compile))
+            rows.append(measure(config, **run, ac=args.activation_checkpointing, compile_blocks=compiled))
         except Exception as err:  # flash-attn missing, out of memory, ...: the others still run
-            rows.append({"attn_backend": backend, "error": f"{type(err).__name__}: {str(err)[:200]}"})
+            rows.append({"attn_backend": backend, "compiled": compiled, "error": f"{type(err).__name__}: {err}"[:300]})
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

@@ -17,6 +17,7 @@ must label contiguous segments (as packing writes them). Runs on CPU under TRITO
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -306,17 +307,12 @@ class SparsityLists:
         self.fwd_index, self.fwd_count = (t.to(device) for t in block_lists(mask))
         self.bwd_index, self.bwd_count = (t.to(device) for t in block_lists(mask.transpose(1, 2)))
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.fwd_index, self.fwd_count, self.bwd_index, self.bwd_count]
+
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
-
-
-def _launch_args(lists, backward, device):
-    if lists is None:  # the kernels never read it, but Triton wants a pointer on the kernel's device
-        dummy = torch.zeros(1, dtype=torch.int32, device=device)
-        return dummy, dummy, 0, 0, 0
-    index, count = (lists.bwd_index, lists.bwd_count) if backward else (lists.fwd_index, lists.fwd_count)
-    return index, count, index.stride(0), index.stride(1), count.stride(0)
 
 
 @dataclass(frozen=True)
@@ -336,6 +332,25 @@ class Tiles:
     def fits_group(self, group: int) -> bool:
         """Packed GQA needs the group to be a power of two that divides the query tile."""
         return not self.pack_gqa or (group & (group - 1) == 0 and self.block_m % group == 0)
+
+    @staticmethod
+    def encode(tiles: dict[str, Tiles] | None) -> str:
+        """{"fwd", "dkdv", "dq"} -> Tiles as a string a custom operator can take ("": none)."""
+        if not tiles:
+            return ""
+        return ",".join(str(int(x)) for name in KERNELS for x in dataclasses.astuple(tiles[name]))
+
+    @staticmethod
+    def decode(encoded: str) -> dict[str, Tiles]:
+        if not encoded:
+            return {}
+        flat = [int(x) for x in encoded.split(",")]
+        width = len(dataclasses.fields(Tiles))
+        rows = [flat[i : i + width] for i in range(0, len(flat), width)]
+        return {name: Tiles(*row[:-1], pack_gqa=bool(row[-1])) for name, row in zip(KERNELS, rows, strict=True)}
+
+
+KERNELS = ("fwd", "dkdv", "dq")
 
 
 # What the autotuner may pick, per kernel and padded head dim; the first is used untuned (CPU, or
@@ -378,79 +393,138 @@ def _autotune(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("KERNELS_AUTOTUNE", "1") != "0"
 
 
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, doc_ids, lists, cap, window, tiles):
-        b, s, hq, d = q.shape
-        hkv = k.shape[2]
-        block_d = triton.next_power_of_2(d)
-        sm_scale = 1.0 / math.sqrt(d)
-        o = torch.empty_like(q)
-        lse = torch.empty(b, hq, s, device=q.device, dtype=torch.float32)
-        has_doc = doc_ids is not None
-        doc = doc_ids.to(torch.int32).contiguous() if has_doc else torch.zeros(1, 1, dtype=torch.int32, device=q.device)
-        seg_start, seg_end = segment_bounds(doc) if has_doc else (doc, doc)
-        index, count, s_ih, s_iq, s_ch = _launch_args(lists, backward=False, device=q.device)
-        common = dict(GROUP=hq // hkv, HAS_DOC=has_doc, SPARSE=lists is not None, S2_BLOCK=cap, BLOCK_D=block_d)
+def _list_args(lists: list[torch.Tensor], backward: bool, device) -> tuple:
+    """(index, count, their strides) for a launch; dense (no lists), the kernels never read them,
+    but Triton wants a pointer on the kernel's device."""
+    if not lists:
+        dummy = torch.zeros(1, dtype=torch.int32, device=device)
+        return dummy, dummy, 0, 0, 0
+    index, count = lists[2:] if backward else lists[:2]
+    return index, count, index.stride(0), index.stride(1), count.stride(0)
 
-        def launch(t: Tiles):
-            positions, grid_heads = (t.block_m // (hq // hkv), hkv) if t.pack_gqa else (t.block_m, hq)
-            _fwd_kernel[(triton.cdiv(s, positions), b * grid_heads)](
-                q, k, v, o, lse, doc, seg_start, seg_end, index, count,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(o), lse.stride(0), lse.stride(1), doc.stride(0),
-                s_ih, s_iq, s_ch, s, d, grid_heads, sm_scale, window,
-                **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, PACK_GQA=t.pack_gqa, num_warps=t.num_warps,
-                num_stages=t.num_stages,
-            )  # fmt: skip
 
-        key = (q.dtype, block_d, hq // hkv, has_doc, lists is not None, cap, triton.next_power_of_2(s))
-        options = [tiles["fwd"].fit(cap)] if tiles else candidates("fwd", block_d, cap, hq // hkv)
-        if not options[0].fits_group(hq // hkv):
-            raise ValueError(f"{options[0]}: packed GQA needs a power-of-two group dividing BLOCK_M, not {hq // hkv}")
-        launch(pick_tiles("fwd", key, options, launch, _autotune(q.device)))
-        ctx.save_for_backward(q, k, v, o, lse, doc, seg_start, seg_end)
-        ctx.lists, ctx.cap, ctx.has_doc, ctx.sm_scale, ctx.window = lists, cap, has_doc, sm_scale, window
-        ctx.tiles, ctx.key = tiles, key
-        ctx.mark_non_differentiable(lse)
-        return o, lse
+def _doc_args(doc_ids: torch.Tensor | None, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int32 document ids and each position's segment bounds (placeholders without documents)."""
+    if doc_ids is None:
+        doc = torch.zeros(1, 1, dtype=torch.int32, device=device)
+        return doc, doc, doc
+    doc = doc_ids.to(torch.int32).contiguous()
+    return (doc, *segment_bounds(doc))
 
-    @staticmethod
-    def backward(ctx, do, _dlse):
-        q, k, v, o, lse, doc, seg_start, seg_end = ctx.saved_tensors
-        b, s, hq, d = q.shape
-        hkv = k.shape[2]
-        block_d = triton.next_power_of_2(d)
-        do = do.contiguous()
-        delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        common = dict(
-            GROUP=hq // hkv, HAS_DOC=ctx.has_doc, SPARSE=ctx.lists is not None, S2_BLOCK=ctx.cap, BLOCK_D=block_d
-        )
-        strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), lse.stride(0), lse.stride(1), doc.stride(0))
-        tune = _autotune(q.device)
 
-        bwd_lists = _launch_args(ctx.lists, backward=True, device=q.device)
+def _tuning_key(q: torch.Tensor, k: torch.Tensor, has_doc: bool, sparse: bool, cap: int) -> tuple:
+    hq, hkv, s = q.shape[2], k.shape[2], q.shape[1]
+    return (q.dtype, triton.next_power_of_2(q.shape[3]), hq // hkv, has_doc, sparse, cap, triton.next_power_of_2(s))
 
-        def launch_dkdv(t: Tiles):
-            _bwd_dkdv_kernel[(triton.cdiv(s, t.block_n), b * hkv)](
-                q, k, v, do, lse, delta, dk, dv, doc, seg_start, seg_end, *bwd_lists[:2],
-                *strides, *bwd_lists[2:], *_strides(dk), *_strides(dv), s, d, hkv, ctx.sm_scale, ctx.window,
-                **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
-            )  # fmt: skip
 
-        fwd_lists = _launch_args(ctx.lists, backward=False, device=q.device)
+def _options(kernel: str, tiles: str, block_d: int, cap: int, group: int = 1) -> list[Tiles]:
+    """The fixed configuration of `kernel` when `tiles` (Tiles.encode) names one, else the candidates."""
+    fixed = Tiles.decode(tiles)
+    return [fixed[kernel].fit(cap)] if fixed else candidates(kernel, block_d, cap, group)
 
-        def launch_dq(t: Tiles):
-            _bwd_dq_kernel[(triton.cdiv(s, t.block_m), b * hq)](
-                q, k, v, do, lse, delta, dq, doc, seg_start, seg_end, *fwd_lists[:2],
-                *strides, *fwd_lists[2:], *_strides(dq), s, d, hq, ctx.sm_scale, ctx.window,
-                **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
-            )  # fmt: skip
 
-        for name, launch in (("dkdv", launch_dkdv), ("dq", launch_dq)):
-            options = [ctx.tiles[name].fit(ctx.cap)] if ctx.tiles else candidates(name, block_d, ctx.cap)
-            launch(pick_tiles(name, ctx.key, options, launch, tune))
-        return dq, dk, dv, None, None, None, None, None
+# The kernels run inside custom operators so that torch.compile treats them as opaque calls with
+# known output shapes: traced into, Dynamo and Inductor re-derive every Triton launch (and the
+# autotuner's timing runs), which fails for these kernels on the GPU and under the interpreter.
+@torch.library.custom_op("kernels::flash_gqa_fwd", mutates_args=())
+def _flash_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None, lists: list[torch.Tensor],
+    cap: int, window: int, tiles: str,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(out, lse); `lists`: SparsityLists.tensors() (S2) or empty (dense); `tiles`: Tiles.encode."""
+    b, s, hq, d = q.shape
+    hkv = k.shape[2]
+    block_d = triton.next_power_of_2(d)
+    o = torch.empty_like(q)
+    lse = torch.empty(b, hq, s, device=q.device, dtype=torch.float32)
+    doc, seg_start, seg_end = _doc_args(doc_ids, q.device)
+    index, count, s_ih, s_iq, s_ch = _list_args(lists, backward=False, device=q.device)
+    common = dict(GROUP=hq // hkv, HAS_DOC=doc_ids is not None, SPARSE=bool(lists), S2_BLOCK=cap,
+                  BLOCK_D=block_d)  # fmt: skip
+
+    def launch(t: Tiles):
+        positions, grid_heads = (t.block_m // (hq // hkv), hkv) if t.pack_gqa else (t.block_m, hq)
+        _fwd_kernel[(triton.cdiv(s, positions), b * grid_heads)](
+            q, k, v, o, lse, doc, seg_start, seg_end, index, count,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o), lse.stride(0), lse.stride(1), doc.stride(0),
+            s_ih, s_iq, s_ch, s, d, grid_heads, 1.0 / math.sqrt(d), window,
+            **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, PACK_GQA=t.pack_gqa, num_warps=t.num_warps,
+            num_stages=t.num_stages,
+        )  # fmt: skip
+
+    options = _options("fwd", tiles, block_d, cap, hq // hkv)
+    if not options[0].fits_group(hq // hkv):
+        raise ValueError(f"{options[0]}: packed GQA needs a power-of-two group dividing BLOCK_M, not {hq // hkv}")
+    key = _tuning_key(q, k, doc_ids is not None, bool(lists), cap)
+    launch(pick_tiles("fwd", key, options, launch, _autotune(q.device)))
+    return o, lse
+
+
+@_flash_fwd.register_fake
+def _(q, k, v, doc_ids, lists, cap, window, tiles):
+    b, s, hq, _ = q.shape
+    return torch.empty_like(q), q.new_empty(b, hq, s, dtype=torch.float32)
+
+
+@torch.library.custom_op("kernels::flash_gqa_bwd", mutates_args=())
+def _flash_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    doc_ids: torch.Tensor | None, lists: list[torch.Tensor], cap: int, window: int, tiles: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dq, dk, dv): dK/dV by key tile over the backward lists, dQ by query tile over the forward ones."""
+    b, s, hq, d = q.shape
+    hkv = k.shape[2]
+    block_d = triton.next_power_of_2(d)
+    do = do.contiguous()
+    delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    doc, seg_start, seg_end = _doc_args(doc_ids, q.device)
+    sm_scale = 1.0 / math.sqrt(d)
+    common = dict(GROUP=hq // hkv, HAS_DOC=doc_ids is not None, SPARSE=bool(lists), S2_BLOCK=cap,
+                  BLOCK_D=block_d)  # fmt: skip
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), lse.stride(0), lse.stride(1), doc.stride(0))
+    bwd_lists = _list_args(lists, backward=True, device=q.device)
+    fwd_lists = _list_args(lists, backward=False, device=q.device)
+
+    def launch_dkdv(t: Tiles):
+        _bwd_dkdv_kernel[(triton.cdiv(s, t.block_n), b * hkv)](
+            q, k, v, do, lse, delta, dk, dv, doc, seg_start, seg_end, *bwd_lists[:2],
+            *strides, *bwd_lists[2:], *_strides(dk), *_strides(dv), s, d, hkv, sm_scale, window,
+            **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
+        )  # fmt: skip
+
+    def launch_dq(t: Tiles):
+        _bwd_dq_kernel[(triton.cdiv(s, t.block_m), b * hq)](
+            q, k, v, do, lse, delta, dq, doc, seg_start, seg_end, *fwd_lists[:2],
+            *strides, *fwd_lists[2:], *_strides(dq), s, d, hq, sm_scale, window,
+            **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
+        )  # fmt: skip
+
+    key = _tuning_key(q, k, doc_ids is not None, bool(lists), cap)
+    for name, launch in (("dkdv", launch_dkdv), ("dq", launch_dq)):
+        launch(pick_tiles(name, key, _options(name, tiles, block_d, cap), launch, _autotune(q.device)))
+    return dq, dk, dv
+
+
+@_flash_bwd.register_fake
+def _(do, q, k, v, o, lse, doc_ids, lists, cap, window, tiles):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, doc_ids, lists, cap, window, tiles = inputs
+    ctx.save_for_backward(q, k, v, *output, doc_ids, *lists)
+    ctx.cap, ctx.window, ctx.tiles = cap, window, tiles
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, doc_ids, *lists = ctx.saved_tensors
+    dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, doc_ids, lists, ctx.cap, ctx.window, ctx.tiles)
+    return dq, dk, dv, None, [None] * len(lists), None, None, None  # a tensor list's gradient: one per element
+
+
+_flash_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def flash_attention(
@@ -458,7 +532,7 @@ def flash_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     doc_ids: torch.Tensor | None = None,
-    lists: SparsityLists | None = None,
+    lists: SparsityLists | list[torch.Tensor] | None = None,
     block: int = 128,
     return_lse: bool = False,
     window: int | None = None,
@@ -473,5 +547,6 @@ def flash_attention(
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    o, lse = _FlashAttention.apply(q, k, v, doc_ids, lists, block, window or q.shape[1], tiles)
+    tensors = lists.tensors() if isinstance(lists, SparsityLists) else list(lists or [])
+    o, lse = _flash_fwd(q, k, v, doc_ids, tensors, block, window or q.shape[1], Tiles.encode(tiles))
     return (o, lse) if return_lse else o

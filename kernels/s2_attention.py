@@ -43,6 +43,13 @@ def _cached_lists(heads: S2Heads, num_local_heads: int, num_blocks: int, device:
     return SparsityLists(_cached_mask(heads, num_local_heads, num_blocks, window), device)
 
 
+@torch.compiler.assume_constant_result
+def _list_tensors(heads: S2Heads, num_local_heads: int, num_blocks: int, device: torch.device, window: int | None):
+    """The kernels' block lists: fixed by the shapes, so torch.compile takes them as constants
+    instead of tracing the mask's construction into every step's graph."""
+    return _cached_lists(heads, num_local_heads, num_blocks, device, window).tensors()
+
+
 def s2_attention(
     q, k, v, heads: S2Heads, doc_ids: torch.Tensor | None = None, return_lse: bool = False, window: int | None = None
 ):
@@ -50,7 +57,7 @@ def s2_attention(
     from kernels.flash_gqa import flash_attention
 
     num_blocks = math.ceil(q.shape[1] / heads.pattern.block_size)
-    lists = _cached_lists(heads, k.shape[2], num_blocks, q.device, window)
+    lists = _list_tensors(heads, k.shape[2], num_blocks, q.device, window)
     block = heads.pattern.block_size
     return flash_attention(q, k, v, doc_ids, lists=lists, block=block, return_lse=return_lse, window=window)
 

@@ -39,7 +39,7 @@ def test_smoke_path_writes_results_and_rewrites_only_the_marked_tables(tmp_path)
     assert [s["ok"] for s in summary["steps"]] == [True] * 4, summary
 
     after = docs.read_text()
-    assert "| 128 | triton-s2-smoke |" in after and "| sdpa | 0.00B | 64 | 1 |" in after
+    assert "| 128 | triton-s2-smoke |" in after and "| sdpa | no | 0.00B | 64 | 1 |" in after
 
     def outside_the_markers(text: str) -> list[str]:
         return [part.split("<!-- /gpu-check")[-1] for part in text.split("<!-- gpu-check")]

@@ -204,6 +204,25 @@ def test_gpu_bf16_realistic_shapes(d, docs):
     compare(out, lse, ref, ref_lse, q, k, v, atol=2e-2, rtol=2e-2)
 
 
+def test_kernels_are_opaque_to_torch_compile():
+    """torch.compile calls the kernels as custom operators (traced into, Dynamo re-derived every
+    Triton launch and failed, on an H100 and in the interpreter) and takes the S2 lists as
+    constants: one graph, equal to eager forward and backward, dense and S2 with documents."""
+    q, k, v, doc_ids = inputs(1, 128, 4, 2, 16, docs=True, seed=3)
+    heads = S2Heads(S2Pattern(block_size=32, local_blocks=1, vert_stride=2), num_kv_heads=2)
+
+    def both(q, k, v, doc_ids):
+        return flash_attention(q * 2, k, v, doc_ids, block=32).sin() + s2_attention(q, k, v, heads, doc_ids)
+
+    want = both(q, k, v, doc_ids)
+    want_grads = torch.autograd.grad(want.square().sum(), (q, k, v))
+    got = torch.compile(both, fullgraph=True)(q, k, v, doc_ids)
+    got_grads = torch.autograd.grad(got.square().sum(), (q, k, v))
+    torch.testing.assert_close(got, want)
+    for name, g, w in zip("qkv", got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, msg=lambda m, name=name: f"d{name}: {m}")
+
+
 @pytest.mark.parametrize("window", [1, 20, 33])
 @pytest.mark.parametrize("docs", [False, True])
 def test_sliding_window_matches_reference(window, docs):
