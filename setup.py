@@ -40,6 +40,8 @@ setup(
         "gpu": ["flash-attn", "megatron-core==0.16.*"],
         # mpirun launches: Open MPI (its mpirun) and mpi4py for rank discovery
         "mpi": ["openmpi", "mpi4py"],
+        # data builds on a Ray cluster (python -m data_pipeline build --engine ray)
+        "ray": ["ray"],
         # benchmarks/data_build.py's peers: HF datatrove's executor with the same encoder
         "bench": ["datatrove", "orjson"],
     },

@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     build = sub.add_parser("build", help="build Arrow shards from a data config")
     build.add_argument("config")
     build.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. seq_len=512")
+    build.add_argument("--engine", choices=["local", "ray"], help="where the work runs (default: the config's)")
+    build.add_argument("--address", help="engine ray: the cluster's address (auto, HOST:PORT); none starts one")
     inspect = sub.add_parser("inspect", help="summarise a built dataset")
     inspect.add_argument("data_dir")
     args = parser.parse_args(argv)
@@ -72,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             from data_pipeline.build import BuildConfig
             from data_pipeline.build import build as run_build
 
-            config = load_config(BuildConfig, args.config, args.overrides)
+            overrides = list(args.overrides)
+            overrides += [f"engine={args.engine}"] if args.engine else []
+            overrides += [f"ray_address={args.address}"] if args.address else []
+            config = load_config(BuildConfig, args.config, overrides)
             run_build(config)
             print(summarize(config.output_dir))
         else:

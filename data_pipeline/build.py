@@ -24,9 +24,7 @@ import re
 import shutil
 import time
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +33,15 @@ import yaml
 from tqdm import tqdm
 
 from data_pipeline.config import ConfigError, to_dict
+from data_pipeline.engine import ENGINES, LocalEngine, RayEngine, make_engine
 from data_pipeline.languages import family_of, language_table
 from data_pipeline.mixing import draw_documents, normalize_ratios
 from data_pipeline.packing import (
     PackedSequences,
-    StreamPacker,
     best_fit_bins,
+    concat_shard_plan,
     pack_bins,
+    pack_concat_shard,
     pack_documents,
     split_long_documents,
 )
@@ -95,7 +95,9 @@ class BuildConfig:
     sequences_per_shard: int = 1024
     families_file: str | None = None
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    workers: int = 0  # tokenizer processes; 0 = every core, 1 = in this process
+    workers: int = 0  # processes (local engine); 0 = every core, 1 = in this process
+    engine: str = "local"  # local (a process pool) | ray (tasks on a Ray cluster); same output either way
+    ray_address: str | None = None  # engine ray: "auto", "HOST:PORT", or None for a Ray started here
     batch_docs: int = 256  # documents per tokenizer call in a worker (bounds its memory)
     seed: int = 0
     # No family is repeated more than this many times to meet its ratio (data-constrained scaling:
@@ -110,6 +112,10 @@ class BuildConfig:
             raise ConfigError("total_tokens must be >= 0 and sequences_per_shard positive")
         if self.packing not in PACKINGS:
             raise ConfigError(f"packing {self.packing!r} is not one of {PACKINGS}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine {self.engine!r} is not one of {ENGINES}")
+        if self.ray_address and self.engine != "ray":
+            raise ConfigError(f"ray_address {self.ray_address!r} is only used with engine: ray")
         if self.max_epochs is not None and self.max_epochs <= 0:
             raise ConfigError(f"max_epochs must be > 0 (or null for no cap), got {self.max_epochs}")
         if self.total_tokens == 0 and (self.ratios or self.temperature is not None):
@@ -256,34 +262,20 @@ def _sample_texts(units: list[Unit], table: dict[str, str], per_family: int) -> 
     return texts
 
 
-def tokenize_all(config: BuildConfig, units: list[Unit], staging: Path, tokenizer_file: Path) -> list[Path]:
+def tokenize_all(config: BuildConfig, units: list[Unit], staging: Path, tokenizer_file: Path, engine) -> list[Path]:
     out_dir = staging / "tokenized"
     out_dir.mkdir(exist_ok=True)
     outputs = [out_dir / f"unit_{u.index:05d}.arrow" for u in units]
-    todo = [(u, o) for u, o in zip(units, outputs, strict=True) if not o.is_file()]
+    todo = [(u, str(o), config.batch_docs) for u, o in zip(units, outputs, strict=True) if not o.is_file()]
     if len(todo) < len(units):
         tqdm.write(f"resuming: {len(units) - len(todo)} of {len(units)} source files already tokenized")
-    workers = config.workers or os.cpu_count() or 1
     init = (str(tokenizer_file), config.families_file, config.near_dedup)
     bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="tokenize", unit="file")
     start, tokens = time.perf_counter(), 0
-
-    def done(stats):
-        nonlocal tokens
+    for _, stats in engine.map_unordered(tokenize_unit, todo, _init_worker, init):
         tokens += stats["tokens"]
         bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):,.0f}")
         bar.update(1)
-
-    if workers == 1 or len(todo) <= 1:
-        _init_worker(*init)
-        for unit, out in todo:
-            done(tokenize_unit(unit, str(out), config.batch_docs))
-    else:
-        # spawn, not fork: the parent may hold threads (tokenizers, torch) that fork would copy mid-state
-        with ProcessPoolExecutor(min(workers, len(todo)), get_context("spawn"), _init_worker, init) as pool:
-            futures = [pool.submit(tokenize_unit, u, str(o), config.batch_docs) for u, o in todo]
-            for future in as_completed(futures):
-                done(future.result())
     bar.close()
     return outputs
 
@@ -401,27 +393,82 @@ class ShardWriter:
         atomic_write_text(self.staging / "progress.json", json.dumps(self.progress))
 
 
-def languages_to_families(languages: dict[str, dict], families: list[str]):
+@dataclass(frozen=True)
+class FamilyLabels:
     """Documents are packed with their language id as label; this turns such sequences into ones
     with family ids (what the loss is split by) and language ids (recorded in the shards)."""
-    family_of_language = np.array([families.index(s["family"]) for s in languages.values()], dtype=np.int8)
 
-    def label(packed: PackedSequences) -> PackedSequences:
+    family_of_language: tuple[int, ...]
+
+    @classmethod
+    def of(cls, languages: dict[str, dict], families: list[str]) -> FamilyLabels:
+        return cls(tuple(families.index(s["family"]) for s in languages.values()))
+
+    def __call__(self, packed: PackedSequences) -> PackedSequences:
         langs = packed.family_ids.astype(np.int16)
-        family = np.where(langs >= 0, family_of_language[np.maximum(langs, 0)], -1).astype(np.int8)
+        family_of = np.array(self.family_of_language, dtype=np.int8)
+        family = np.where(langs >= 0, family_of[np.maximum(langs, 0)], -1).astype(np.int8)
         return dataclasses.replace(packed, family_ids=family, lang_ids=langs)
 
-    return label
+
+_STORES: dict[tuple[str, ...], TokenStore] = {}  # per worker process: the memory-mapped unit files
 
 
-def pack_train(config, selection, ratios, store, label, eos, pad, writer) -> tuple[list, int]:
+def write_concat_shard(staging: str, unit_files: tuple[str, ...], refs: np.ndarray, offset: int, index: int,
+                       shape: tuple[int, int, int, int], label: FamilyLabels) -> dict:  # fmt: skip
+    """Pack and write train shard `index` of a concat build (runs on a worker): `refs` rows are
+    (unit, row, language id, tokens kept or -1) of the documents in it, the first `offset` tokens of
+    the first one already in the shard before; `shape` is (seq_len, eos, pad, rows per shard)."""
+    if unit_files not in _STORES:
+        _STORES.clear()
+        _STORES[unit_files] = TokenStore([Path(f) for f in unit_files])
+    store = _STORES[unit_files]
+    docs = []
+    for unit, row, lang, keep in refs.tolist():
+        tokens = store.get(unit, row)
+        docs.append((lang, tokens if keep < 0 else tokens[:keep]))
+    seq_len, eos, pad, rows = shape
+    packed = label(pack_concat_shard(docs, offset, seq_len, eos, pad, rows))
+    return write_shard(Path(staging), "train", f"shard_{index:05d}", packed)
+
+
+def pack_train(config, selection, ratios, unit_files, label, eos, pad, engine, staging, progress) -> tuple:
     """The training split, documents labelled by language and relabelled by `label`; returns the
-    per-family draws and the documents split into sequence-long pieces (best_fit)."""
+    per-family draws, the shard entries, the padding and the documents split into sequence-long
+    pieces (best_fit). Concat shards are packed and written by the engine's workers, each on its
+    own (`concat_shard_plan`); best-fit windows are packed here."""
     lengths = {f: selection.train_lengths[f] for f in ratios}
     total = config.total_tokens or sum(int(n.sum()) + len(n) for n in lengths.values())
     mixture, draws = draw_documents(lengths, ratios, total, config.seed, config.max_epochs)
     drawn_families = sorted(ratios)
     rows = config.sequences_per_shard
+    if config.packing == "concat":
+        refs = np.empty((len(mixture), 4), np.int64)  # unit, row, language id, tokens kept (-1: all)
+        sizes = np.empty(len(mixture), np.int64)  # tokens in the stream, EOS included
+        for position, family in enumerate(drawn_families):
+            mine = mixture[:, 0] == position
+            docs, keep = mixture[mine, 1], mixture[mine, 2]
+            refs[mine, :3] = selection.train[family][docs]
+            refs[mine, 3] = keep
+            sizes[mine] = np.where(keep < 0, selection.train_lengths[family][docs], keep) + 1
+        plan = concat_shard_plan(sizes, config.seq_len, rows)
+        done = progress.setdefault("train_shards", {})
+        files = tuple(str(f) for f in unit_files)
+        shape = (config.seq_len, eos, pad, rows)
+        todo = [(str(staging), files, refs[first:last], offset, k, shape, label)
+                for k, (first, offset, last) in enumerate(plan) if str(k) not in done]  # fmt: skip
+        bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="pack", unit="shard")
+        for i, entry in engine.map_unordered(write_concat_shard, todo):
+            done[str(todo[i][4])] = entry
+            atomic_write_text(staging / "progress.json", json.dumps(progress))
+            bar.update(1)
+        bar.close()
+        entries = [done[str(k)] for k in range(len(plan))]
+        padding = sum(e["sequences"] * config.seq_len - e["tokens"] for e in entries)
+        return draws, entries, padding, 0
+
+    store = TokenStore(unit_files)
+    writer = ShardWriter(staging, "train", progress)
 
     def documents(part):
         for position, doc, keep in part:
@@ -432,30 +479,18 @@ def pack_train(config, selection, ratios, store, label, eos, pad, writer) -> tup
 
     split = 0
     bar = tqdm(total=sum(d.drawn_tokens for d in draws), desc="pack", unit="tok", unit_scale=True)
-    if config.packing == "concat":
-        packer = StreamPacker(config.seq_len, eos, pad, rows)
-        window = max(1, rows * config.seq_len // 64)  # documents per append: about a shard's worth
-        for start in range(0, len(mixture), window):
-            docs = list(documents(mixture[start : start + window]))
-            for block in packer.add_many(docs):
-                writer.write(label(block))
-            bar.update(sum(len(tokens) + 1 for _, tokens in docs))
-        last = packer.finish()
-        if last is not None:
-            writer.write(label(last))
-    else:  # best fit inside windows of documents, so memory stays bounded
-        window = max(1, rows * config.seq_len // 64)
-        for start in range(0, len(mixture), window):
-            docs = list(documents(mixture[start : start + window]))
-            pieces = split_long_documents(docs, config.seq_len)
-            split += sum(len(t) >= config.seq_len for _, t in docs)
-            bins = best_fit_bins([len(p[1]) + p[2] for p in pieces], config.seq_len)
-            packed = pack_bins(pieces, config.seq_len, eos, pad, bins)
-            for block_start in range(0, len(packed), rows):
-                writer.write(label(packed.take(slice(block_start, block_start + rows))))
-            bar.update(sum(len(t) + 1 for _, t in docs))
+    window = max(1, rows * config.seq_len // 64)  # best fit inside windows of documents: bounded memory
+    for start in range(0, len(mixture), window):
+        docs = list(documents(mixture[start : start + window]))
+        pieces = split_long_documents(docs, config.seq_len)
+        split += sum(len(t) >= config.seq_len for _, t in docs)
+        bins = best_fit_bins([len(p[1]) + p[2] for p in pieces], config.seq_len)
+        packed = pack_bins(pieces, config.seq_len, eos, pad, bins)
+        for block_start in range(0, len(packed), rows):
+            writer.write(label(packed.take(slice(block_start, block_start + rows))))
+        bar.update(sum(len(t) + 1 for _, t in docs))
     bar.close()
-    return draws, split
+    return draws, writer.entries, writer.padding, split
 
 
 def mixture_warnings(config: BuildConfig, draws, total: int, selection) -> list[str]:
@@ -477,18 +512,26 @@ def mixture_warnings(config: BuildConfig, draws, total: int, selection) -> list[
     return warnings
 
 
+def output_config(config: BuildConfig) -> dict:
+    """The config without the knobs that change only where and how fast it runs (workers, engine),
+    as the manifest records it: the same build gives the same manifest on any engine."""
+    return {k: v for k, v in to_dict(config).items() if k not in ("workers", "engine", "ray_address")}
+
+
 def _build_key(config: BuildConfig, units: list[Unit]) -> str:
     """What decides the output: the config without the knobs that only change speed, and the
     source files as they are now (a file changed since an interrupted build restarts it)."""
-    relevant = {k: v for k, v in to_dict(config).items() if k not in ("workers", "output_dir")}
+    relevant = {k: v for k, v in output_config(config).items() if k != "output_dir"}
     relevant["files"] = [(str(u.path), u.path.stat().st_size, u.path.stat().st_mtime_ns) for u in units]
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def build(config: BuildConfig) -> dict:
-    out = Path(config.output_dir)
+    # Absolute paths: workers (Ray's, on other nodes too) do not run in this process's folder.
+    out = Path(config.output_dir).absolute()
     staging = out.with_name(out.name + ".building")
-    units = [Unit(i, s, p) for i, (s, p) in enumerate((s, p) for s in config.sources for p in source_files(s))]
+    files = ((s, p.absolute()) for s in config.sources for p in source_files(s))
+    units = [Unit(i, source, path) for i, (source, path) in enumerate(files)]
     if not units:
         raise ConfigError("sources: no files")
     check_config(config)
@@ -544,18 +587,25 @@ def _build(config: BuildConfig, units: list[Unit], out: Path, staging: Path) -> 
         tokenizer.save(str(tmp))
         os.replace(tmp, tokenizer_file)
     tokenizer = load_tokenizer(tokenizer_file)
-    eos, pad = special_ids(tokenizer)
+    engine = make_engine(config.engine, config.workers, config.ray_address)
+    try:
+        return _run_passes(config, units, out, staging, engine, progress, tokenizer_file, tokenizer)
+    finally:
+        engine.close()
 
-    unit_files = tokenize_all(config, units, staging, tokenizer_file)
+
+def _run_passes(config, units, out, staging, engine: LocalEngine | RayEngine, progress, tokenizer_file, tokenizer):
+    eos, pad = special_ids(tokenizer)
+    unit_files = tokenize_all(config, units, staging, tokenizer_file, engine)
     selection = select_documents(config, unit_files)
     families = sorted(set(selection.train) | set(selection.valid))
     available = {f: int(selection.train_lengths[f].sum() + len(selection.train_lengths[f])) for f in selection.train}
     ratios = normalize_ratios(read_ratios(config.ratios), {f: n for f, n in available.items() if n}, config.temperature)
+    label = FamilyLabels.of(selection.languages, families)
+    draws, train_entries, train_padding, split = pack_train(
+        config, selection, ratios, unit_files, label, eos, pad, engine, staging, progress
+    )
     store = TokenStore(unit_files)
-
-    train_writer = ShardWriter(staging, "train", progress)
-    label = languages_to_families(selection.languages, families)
-    draws, split = pack_train(config, selection, ratios, store, label, eos, pad, train_writer)
     valid_entries, valid_padding = [], 0
     for family in families:  # one set of validation shards per family
         docs = [(lang, store.get(u, r)) for u, r, lang in selection.valid[family]]
@@ -572,7 +622,7 @@ def _build(config: BuildConfig, units: list[Unit], out: Path, staging: Path) -> 
     warnings = mixture_warnings(config, draws, drawn, selection)
     for warning in warnings:
         print(f"warning: {warning}")
-    train_slots = sum(e["sequences"] for e in train_writer.entries) * config.seq_len
+    train_slots = sum(e["sequences"] for e in train_entries) * config.seq_len
     manifest = {
         **manifest_header(tokenizer, config.seq_len, families),
         "family_stats": {
@@ -587,10 +637,10 @@ def _build(config: BuildConfig, units: list[Unit], out: Path, staging: Path) -> 
             }
             for d in draws
         },
-        "padding_tokens": {"train": train_writer.padding, "valid": valid_padding},
+        "padding_tokens": {"train": train_padding, "valid": valid_padding},
         "packing": {
             "strategy": config.packing,
-            "padding_fraction": round(train_writer.padding / max(1, train_slots), 6),
+            "padding_fraction": round(train_padding / max(1, train_slots), 6),
             "truncated_docs": 0,  # best_fit splits long documents; concat cuts at sequence ends
             "split_docs": split,  # best_fit: documents longer than a sequence, packed as pieces
         },
@@ -598,10 +648,10 @@ def _build(config: BuildConfig, units: list[Unit], out: Path, staging: Path) -> 
         "warnings": warnings,
         "duplicates_removed": selection.duplicates,
         "near_duplicates_removed": selection.near_duplicates,
-        "splits": {"train": train_writer.entries, "valid": valid_entries},
-        "config": to_dict(config),
+        "splits": {"train": train_entries, "valid": valid_entries},
+        "config": output_config(config),
     }
     shutil.rmtree(staging / "tokenized")
-    progress_file.unlink()
+    (staging / "progress.json").unlink()
     finish_dataset(staging, out, manifest)
     return manifest

@@ -178,6 +178,33 @@ class StreamPacker:
         )
 
 
+def concat_shard_plan(lengths: np.ndarray, seq_len: int, rows: int) -> list[tuple[int, int, int]]:
+    """Where each shard of `StreamPacker(seq_len, ..., rows)` over documents of `lengths` (EOS
+    included) begins and ends, without packing: per shard (first document, its tokens already in
+    earlier shards, one past the last document). Each shard can then be packed on its own."""
+    cumulative = np.cumsum(np.asarray(lengths, np.int64))
+    total = int(cumulative[-1]) if len(cumulative) else 0
+    size = rows * seq_len
+    plan = []
+    for start in range(0, total, size):
+        first = int(np.searchsorted(cumulative, start, side="right"))
+        offset = start - (int(cumulative[first - 1]) if first else 0)
+        last = int(np.searchsorted(cumulative, min(start + size, total), side="left")) + 1
+        plan.append((first, offset, last))
+    return plan
+
+
+def pack_concat_shard(
+    docs: list[tuple[int, np.ndarray]], offset: int, seq_len: int, eos_id: int, pad_id: int, rows: int
+) -> PackedSequences:
+    """One shard of `concat_shard_plan`: the same sequences `StreamPacker` makes of the whole stream
+    (doc ids are renumbered inside each sequence, so where the numbering starts does not matter)."""
+    packer = StreamPacker(seq_len, eos_id, pad_id, rows)
+    label, tokens = docs[0]
+    blocks = packer.add_many([(label, tokens[offset:]), *docs[1:]])
+    return blocks[0] if blocks else packer.finish()  # only the last shard can be short
+
+
 def best_fit_bins(lengths: list[int], capacity: int) -> list[list[int]]:
     """Best-fit decreasing: document indices per bin, each bin's total length <= capacity."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])

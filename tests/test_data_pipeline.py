@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import unicodedata
 from pathlib import Path
@@ -255,22 +256,25 @@ def test_interrupted_build_resumes_and_matches_an_uninterrupted_one(tmp_path, mo
     assert (out / "keep.txt").is_file()
     Path(paths[2]).write_text(good)
     # ... and once after two training shards are written.
-    original, calls = build_module.ShardWriter.write, []
+    original, written = build_module.write_shard, []
 
-    def failing_write(self, packed):
-        if self.split == "train" and len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(1)
-        original(self, packed)
+    def recording_write(out_dir, split, name, packed, fail_after=None):
+        if split == "train":
+            if len(written) == fail_after:
+                raise KeyboardInterrupt
+            written.append(name)
+        return original(out_dir, split, name, packed)
 
-    monkeypatch.setattr(build_module.ShardWriter, "write", failing_write)
+    monkeypatch.setattr(build_module, "write_shard", functools.partial(recording_write, fail_after=2))
     with pytest.raises(KeyboardInterrupt):
         build(config)
     assert (out / "keep.txt").is_file()
-    monkeypatch.setattr(build_module.ShardWriter, "write", original)
+    monkeypatch.setattr(build_module, "write_shard", recording_write)
     capsys.readouterr()
     resumed = build(config)
     assert "4 of 4 source files already tokenized" in capsys.readouterr().out
+    train_shards = len(reference["splits"]["train"])
+    assert written[2:] == [f"shard_{i:05d}" for i in range(2, train_shards)], "finished shards are not rewritten"
     assert shard_hashes(out) == shard_hashes(tmp_path / "ref" / "out")
     assert resumed["family_stats"] == reference["family_stats"]
     assert not out.with_name("out.building").exists() and not (out / "keep.txt").exists()

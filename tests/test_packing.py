@@ -10,7 +10,13 @@ import torch
 
 from data_pipeline.loader import IGNORE_INDEX, DataLoader, PackedDataset
 from data_pipeline.mixing import draw_documents, normalize_ratios
-from data_pipeline.packing import StreamPacker, pack_best_fit, pack_documents
+from data_pipeline.packing import (
+    StreamPacker,
+    concat_shard_plan,
+    pack_best_fit,
+    pack_concat_shard,
+    pack_documents,
+)
 from data_pipeline.shards import read_manifest
 from kernels.reference import document_causal_mask
 
@@ -110,6 +116,23 @@ def test_stream_packer_equals_packing_the_whole_stream(rows):
     assert all(len(b) == rows for b in blocks[:-1])
     for name in ("tokens", "doc_ids", "family_ids"):
         np.testing.assert_array_equal(np.concatenate([getattr(b, name) for b in blocks]), getattr(whole, name))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 50])
+@pytest.mark.parametrize("exact", [False, True], ids=["short-last-shard", "exact-multiple"])
+def test_shards_packed_each_on_its_own_equal_the_stream(rows, exact):
+    """What lets workers pack concat shards in parallel: each shard from its plan entry alone equals
+    the same rows of the whole stream, documents cut across shard edges included."""
+    docs = [(family, np.array(tokens, np.int32)) for family, tokens in random_docs(150, seed=3)]
+    if exact:  # the stream fills its last shard exactly: no padded shard at the end
+        extra = -sum(len(t) + 1 for _, t in docs) % (rows * 32)
+        docs.append((0, np.arange(2, 2 + extra - 1, dtype=np.int32))) if extra else None
+    whole = pack_documents([(f, t.tolist()) for f, t in docs], 32, EOS, PAD)
+    plan = concat_shard_plan(np.array([len(t) + 1 for _, t in docs]), 32, rows)
+    shards = [pack_concat_shard(docs[first:last], offset, 32, EOS, PAD, rows) for first, offset, last in plan]
+    assert all(len(shard) == rows for shard in shards[:-1]) and len(plan) == -(-len(whole) // rows)
+    for name in ("tokens", "doc_ids", "family_ids"):
+        np.testing.assert_array_equal(np.concatenate([getattr(b, name) for b in shards]), getattr(whole, name))
 
 
 def test_best_fit_keeps_documents_whole_and_beats_first_come_padding():
