@@ -24,6 +24,7 @@ import re
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import pyarrow as pa
 import yaml
 from tqdm import tqdm
 
+from data_pipeline import dedup
 from data_pipeline.config import ConfigError, to_dict
 from data_pipeline.engine import ENGINES, LocalEngine, RayEngine, make_engine
 from data_pipeline.languages import family_of, language_table
@@ -294,39 +296,44 @@ class Selection:
     languages: dict[str, dict]  # per language of the kept documents: family, documents, tokens, confidence
 
 
-def select_documents(config: BuildConfig, unit_files: list[Path]) -> Selection:
-    seen: set[bytes] = set()
-    lsh = None
-    if config.near_dedup is not None:
-        from datasketch import LeanMinHash, MinHashLSH
+def deduplicate(config: BuildConfig, unit_files: list[Path], staging: Path, engine) -> Path:
+    """Exact and near duplicates as shuffles over the engine's workers (`data_pipeline.dedup`);
+    returns the file of dropped documents. Steps whose outputs exist are not run again."""
+    folder = staging / "dedup"
+    folder.mkdir(exist_ok=True)
+    dropped = folder / "dropped.npz"
+    if dropped.is_file():
+        return dropped
+    near = config.near_dedup
+    bands = dedup.lsh_bands(near.threshold, near.num_perm) if near is not None else None
+    partitions = max(1, min(64, len(unit_files)))
+    maps = [(u, str(f), str(folder), partitions, config.dedup, bands) for u, f in enumerate(unit_files)
+            if not (folder / f"map_u{u:05d}_p{partitions - 1:03d}.npz").is_file()]  # fmt: skip
+    reduces = [(p, len(unit_files), str(folder)) for p in range(partitions)]
+    for name, fn, items in (("hash", dedup.partition_unit, maps), ("group", dedup.resolve_partition, reduces)):
+        for _ in tqdm(engine.map_unordered(fn, items), total=len(items), desc=f"deduplicate: {name}", leave=False):
+            pass
+    next(engine.map_unordered(dedup.resolve_near, [(partitions, str(folder))]))
+    return dropped
 
-        lsh = MinHashLSH(threshold=config.near_dedup.threshold, num_perm=config.near_dedup.num_perm)
+
+def select_documents(config: BuildConfig, unit_files: list[Path], dropped_file: Path) -> Selection:
+    """The documents the shuffles kept, per family, with validation documents held out."""
+    dropped = np.load(dropped_file)
+    exact, near_dropped = dropped["exact"], dropped["near"]
     refs: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
     languages: dict[str, dict] = {}
     first_seen: dict[str, int] = {}
-    duplicates = near = 0
-    for u, path in enumerate(tqdm(unit_files, desc="deduplicate", unit="file", leave=False)):
+    for u, path in enumerate(unit_files):
         table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
         families = table.column("family").to_pylist()
         langs = table.column("lang").to_pylist()
         confidences = table.column("confidence").to_numpy()
-        keys = table.column("key").to_pylist()
         lengths = table.column("tokens").combine_chunks().value_lengths().to_numpy()
-        signatures = table.column("minhash").to_pylist() if lsh is not None else None
-        for row, (family, key) in enumerate(zip(families, keys, strict=True)):
-            if config.dedup:
-                if key in seen:
-                    duplicates += 1
-                    continue
-                seen.add(key)
-            if lsh is not None:
-                signature = LeanMinHash(
-                    seed=1, hashvalues=np.asarray(signatures[row], np.uint64), scheme=MINHASH_SCHEME
-                )
-                if lsh.query(signature):
-                    near += 1
-                    continue
-                lsh.insert(f"{u}:{row}", signature)
+        codes = dedup.doc_codes(u, np.arange(len(families)))
+        kept = ~(np.isin(codes, exact) | np.isin(codes, near_dropped))
+        for row in np.flatnonzero(kept).tolist():
+            family = families[row]
             stats = languages.setdefault(langs[row], {"family": family, "documents": 0, "tokens": 0, "confidence": 0.0})
             lang_id = first_seen.setdefault(langs[row], len(first_seen))  # renumbered in sorted order below
             refs[family].append((u, row, int(lengths[row]), lang_id))
@@ -349,7 +356,8 @@ def select_documents(config: BuildConfig, unit_files: list[Path]) -> Selection:
     renumber = np.array([order.index(lang) for lang in first_seen], dtype=np.int64)
     for rows in (*train.values(), *valid.values()):
         rows[:, 2] = renumber[rows[:, 2]]
-    return Selection(train, train_lengths, valid, duplicates, near, {lang: languages[lang] for lang in order})
+    selected = {lang: languages[lang] for lang in order}
+    return Selection(train, train_lengths, valid, len(exact), len(near_dropped), selected)
 
 
 # ---- pass 3: mix and pack ---------------------------------------------------------------------
@@ -369,28 +377,21 @@ class TokenStore:
 
 
 class ShardWriter:
-    """Writes a split's shards as blocks arrive; shards already in `progress.json` are skipped, so a
-    resumed build rewrites nothing it finished."""
+    """Writes a split's shards in order as blocks arrive."""
 
-    def __init__(self, staging: Path, split: str, progress: dict, family: str | None = None):
-        self.staging, self.split, self.progress, self.family = staging, split, progress, family
-        self.key = split if family is None else f"{split}/{family}"
-        self.entries: list[dict] = progress.setdefault(self.key, [])
-        self.index = 0
+    def __init__(self, staging: Path, split: str, family: str | None = None):
+        self.staging, self.split, self.family = staging, split, family
+        self.entries: list[dict] = []
         self.padding = 0
 
     def write(self, packed: PackedSequences) -> None:
         self.padding += packed.padding_tokens
-        if self.index < len(self.entries):  # written before an interruption
-            self.index += 1
-            return
-        name = f"shard_{self.index:05d}" if self.family is None else f"{self.family}_{self.index:05d}"
+        index = len(self.entries)
+        name = f"shard_{index:05d}" if self.family is None else f"{self.family}_{index:05d}"
         entry = write_shard(self.staging, self.split, name, packed)
         if self.family is not None:
             entry["family"] = self.family
         self.entries.append(entry)
-        self.index += 1
-        atomic_write_text(self.staging / "progress.json", json.dumps(self.progress))
 
 
 @dataclass(frozen=True)
@@ -411,86 +412,147 @@ class FamilyLabels:
         return dataclasses.replace(packed, family_ids=family, lang_ids=langs)
 
 
-_STORES: dict[tuple[str, ...], TokenStore] = {}  # per worker process: the memory-mapped unit files
+def _save_array(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
 
 
-def write_concat_shard(staging: str, unit_files: tuple[str, ...], refs: np.ndarray, offset: int, index: int,
-                       shape: tuple[int, int, int, int], label: FamilyLabels) -> dict:  # fmt: skip
-    """Pack and write train shard `index` of a concat build (runs on a worker): `refs` rows are
-    (unit, row, language id, tokens kept or -1) of the documents in it, the first `offset` tokens of
-    the first one already in the shard before; `shape` is (seq_len, eos, pad, rows per shard)."""
-    if unit_files not in _STORES:
-        _STORES.clear()
-        _STORES[unit_files] = TokenStore([Path(f) for f in unit_files])
-    store = _STORES[unit_files]
-    docs = []
-    for unit, row, lang, keep in refs.tolist():
+def mixture_refs(selection: Selection, mixture: np.ndarray, drawn_families: list[str]):
+    """The mixture as (unit, row, language id, tokens kept or -1) rows, and each one's tokens in the
+    packed stream (EOS included)."""
+    refs = np.empty((len(mixture), 4), np.int64)
+    sizes = np.empty(len(mixture), np.int64)
+    for position, family in enumerate(drawn_families):
+        mine = mixture[:, 0] == position
+        docs, keep = mixture[mine, 1], mixture[mine, 2]
+        refs[mine, :3] = selection.train[family][docs]
+        refs[mine, 3] = keep
+        sizes[mine] = np.where(keep < 0, selection.train_lengths[family][docs], keep) + 1
+    return refs, sizes
+
+
+def _documents(store: TokenStore, refs) -> Iterator[tuple[int, np.ndarray]]:
+    for unit, row, lang, keep in refs:
         tokens = store.get(unit, row)
-        docs.append((lang, tokens if keep < 0 else tokens[:keep]))
-    seq_len, eos, pad, rows = shape
-    packed = label(pack_concat_shard(docs, offset, seq_len, eos, pad, rows))
-    return write_shard(Path(staging), "train", f"shard_{index:05d}", packed)
+        yield lang, tokens if keep < 0 else tokens[:keep]
 
 
-def pack_train(config, selection, ratios, unit_files, label, eos, pad, engine, staging, progress) -> tuple:
-    """The training split, documents labelled by language and relabelled by `label`; returns the
-    per-family draws, the shard entries, the padding and the documents split into sequence-long
-    pieces (best_fit). Concat shards are packed and written by the engine's workers, each on its
-    own (`concat_shard_plan`); best-fit windows are packed here."""
-    lengths = {f: selection.train_lengths[f] for f in ratios}
-    total = config.total_tokens or sum(int(n.sum()) + len(n) for n in lengths.values())
-    mixture, draws = draw_documents(lengths, ratios, total, config.seed, config.max_epochs)
-    drawn_families = sorted(ratios)
-    rows = config.sequences_per_shard
-    if config.packing == "concat":
-        refs = np.empty((len(mixture), 4), np.int64)  # unit, row, language id, tokens kept (-1: all)
-        sizes = np.empty(len(mixture), np.int64)  # tokens in the stream, EOS included
-        for position, family in enumerate(drawn_families):
-            mine = mixture[:, 0] == position
-            docs, keep = mixture[mine, 1], mixture[mine, 2]
-            refs[mine, :3] = selection.train[family][docs]
-            refs[mine, 3] = keep
-            sizes[mine] = np.where(keep < 0, selection.train_lengths[family][docs], keep) + 1
-        plan = concat_shard_plan(sizes, config.seq_len, rows)
-        done = progress.setdefault("train_shards", {})
-        files = tuple(str(f) for f in unit_files)
-        shape = (config.seq_len, eos, pad, rows)
-        todo = [(str(staging), files, refs[first:last], offset, k, shape, label)
-                for k, (first, offset, last) in enumerate(plan) if str(k) not in done]  # fmt: skip
-        bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="pack", unit="shard")
-        for i, entry in engine.map_unordered(write_concat_shard, todo):
-            done[str(todo[i][4])] = entry
-            atomic_write_text(staging / "progress.json", json.dumps(progress))
-            bar.update(1)
-        bar.close()
-        entries = [done[str(k)] for k in range(len(plan))]
-        padding = sum(e["sequences"] * config.seq_len - e["tokens"] for e in entries)
-        return draws, entries, padding, 0
-
-    store = TokenStore(unit_files)
-    writer = ShardWriter(staging, "train", progress)
-
-    def documents(part):
-        for position, doc, keep in part:
-            family = drawn_families[position]
-            unit, row, lang = selection.train[family][doc]
-            tokens = store.get(unit, row)
-            yield lang, tokens if keep < 0 else tokens[:keep]
-
-    split = 0
-    bar = tqdm(total=sum(d.drawn_tokens for d in draws), desc="pack", unit="tok", unit_scale=True)
-    window = max(1, rows * config.seq_len // 64)  # best fit inside windows of documents: bounded memory
-    for start in range(0, len(mixture), window):
-        docs = list(documents(mixture[start : start + window]))
+def pack_best_fit_train(config, refs: np.ndarray, store: TokenStore, label, eos, pad, writer: ShardWriter) -> int:
+    """Best fit inside windows of documents (bounded memory); returns the documents split into
+    sequence-long pieces."""
+    split, rows = 0, config.sequences_per_shard
+    window = max(1, rows * config.seq_len // 64)
+    for start in tqdm(range(0, len(refs), window), desc="pack (best fit)", unit="window", leave=False):
+        docs = list(_documents(store, refs[start : start + window].tolist()))
         pieces = split_long_documents(docs, config.seq_len)
         split += sum(len(t) >= config.seq_len for _, t in docs)
         bins = best_fit_bins([len(p[1]) + p[2] for p in pieces], config.seq_len)
         packed = pack_bins(pieces, config.seq_len, eos, pad, bins)
         for block_start in range(0, len(packed), rows):
             writer.write(label(packed.take(slice(block_start, block_start + rows))))
-        bar.update(sum(len(t) + 1 for _, t in docs))
+    return split
+
+
+def plan_build(config: BuildConfig, unit_files: list[str], staging: str, eos: int, pad: int) -> dict:
+    """The build's one sequential unit, run by the engine (on a worker, not the driver): the kept
+    documents per family, validation held out, the mixture, then for concat the shard plan (each
+    shard's documents, packed later by many workers), for best_fit the train shards themselves, and
+    the validation shards. Writes `plan/summary.json` (what the manifest needs) and returns it."""
+    staging_dir, files = Path(staging), [Path(f) for f in unit_files]
+    plan_dir = staging_dir / "plan"
+    plan_dir.mkdir(exist_ok=True)
+    selection = select_documents(config, files, staging_dir / "dedup" / "dropped.npz")
+    families = sorted(set(selection.train) | set(selection.valid))
+    available = {f: int(selection.train_lengths[f].sum() + len(selection.train_lengths[f])) for f in selection.train}
+    ratios = normalize_ratios(read_ratios(config.ratios), {f: n for f, n in available.items() if n}, config.temperature)
+    lengths = {f: selection.train_lengths[f] for f in ratios}
+    total = config.total_tokens or sum(int(n.sum()) + len(n) for n in lengths.values())
+    mixture, draws = draw_documents(lengths, ratios, total, config.seed, config.max_epochs)
+    refs, sizes = mixture_refs(selection, mixture, sorted(ratios))
+    label = FamilyLabels.of(selection.languages, families)
+    store = TokenStore(files)
+    summary: dict = {"families": families, "languages": selection.languages, "split_docs": 0}
+    if config.packing == "concat":
+        _save_array(plan_dir / "train_refs.npy", refs)
+        plan = np.array(concat_shard_plan(sizes, config.seq_len, config.sequences_per_shard), np.int64)
+        _save_array(plan_dir / "train_plan.npy", plan.reshape(-1, 3))
+        summary["train_shards"] = len(plan)
+    else:
+        writer = ShardWriter(staging_dir, "train")
+        summary["split_docs"] = pack_best_fit_train(config, refs, store, label, eos, pad, writer)
+        summary["train"] = {"entries": writer.entries, "padding": writer.padding}
+    valid_entries, valid_padding = [], 0
+    for family in families:  # one set of validation shards per family
+        docs = [(lang, store.get(u, r)) for u, r, lang in selection.valid[family]]
+        if not docs:
+            continue
+        writer = ShardWriter(staging_dir, "valid", family)
+        packed = label(pack_documents(docs, config.seq_len, eos, pad))
+        for start in range(0, len(packed), config.sequences_per_shard):
+            writer.write(packed.take(slice(start, start + config.sequences_per_shard)))
+        valid_entries += writer.entries
+        valid_padding += writer.padding
+    drawn = sum(d.drawn_tokens for d in draws)
+    summary["family_stats"] = {
+        d.family: {
+            "ratio": round(d.ratio, 6),
+            "share": round(d.drawn_tokens / max(1, drawn), 6),
+            "available_tokens": d.available_tokens,
+            "tokens": d.drawn_tokens,
+            "documents": d.drawn_docs,
+            "epochs": round(d.epochs, 4),
+            "valid_documents": len(selection.valid[d.family]),
+        }
+        for d in draws
+    }
+    summary.update(
+        valid={"entries": valid_entries, "padding": valid_padding},
+        warnings=mixture_warnings(config, draws, drawn, selection),
+        duplicates=selection.duplicates,
+        near_duplicates=selection.near_duplicates,
+    )
+    atomic_write_text(plan_dir / "summary.json", json.dumps(summary))
+    return summary
+
+
+_STORES: dict[tuple[str, ...], TokenStore] = {}  # per worker process: the memory-mapped unit files
+
+
+def write_concat_shard(staging: str, unit_files: tuple[str, ...], index: int, shape: tuple[int, int, int, int],
+                       label: FamilyLabels) -> dict:  # fmt: skip
+    """Pack and write train shard `index` of a concat build from its plan (runs on a worker);
+    `shape` is (seq_len, eos, pad, rows per shard)."""
+    if unit_files not in _STORES:
+        _STORES.clear()
+        _STORES[unit_files] = TokenStore([Path(f) for f in unit_files])
+    plan_dir = Path(staging) / "plan"
+    first, offset, last = np.load(plan_dir / "train_plan.npy", mmap_mode="r")[index].tolist()
+    refs = np.load(plan_dir / "train_refs.npy", mmap_mode="r")[first:last].tolist()
+    seq_len, eos, pad, rows = shape
+    packed = pack_concat_shard(list(_documents(_STORES[unit_files], refs)), offset, seq_len, eos, pad, rows)
+    return write_shard(Path(staging), "train", f"shard_{index:05d}", label(packed))
+
+
+def write_train_shards(config, summary: dict, unit_files, staging: Path, engine, progress: dict, eos, pad):
+    """Concat train shards, packed and written by the engine's workers as the plan says; a shard in
+    `progress.json` is not written again. Returns their entries and padding."""
+    if "train" in summary:  # best fit: written by the planning unit
+        return summary["train"]["entries"], summary["train"]["padding"]
+    count = summary["train_shards"]
+    done = progress.setdefault("train_shards", {})
+    files = tuple(str(f) for f in unit_files)
+    label = FamilyLabels.of(summary["languages"], summary["families"])
+    shape = (config.seq_len, eos, pad, config.sequences_per_shard)
+    todo = [(str(staging), files, k, shape, label) for k in range(count) if str(k) not in done]
+    bar = tqdm(total=count, initial=count - len(todo), desc="pack", unit="shard")
+    for i, entry in engine.map_unordered(write_concat_shard, todo):
+        done[str(todo[i][2])] = entry
+        atomic_write_text(staging / "progress.json", json.dumps(progress))
+        bar.update(1)
     bar.close()
-    return draws, writer.entries, writer.padding, split
+    entries = [done[str(k)] for k in range(count)]
+    return entries, sum(e["sequences"] * config.seq_len - e["tokens"] for e in entries)
 
 
 def mixture_warnings(config: BuildConfig, draws, total: int, selection) -> list[str]:
@@ -595,63 +657,40 @@ def _build(config: BuildConfig, units: list[Unit], out: Path, staging: Path) -> 
 
 
 def _run_passes(config, units, out, staging, engine: LocalEngine | RayEngine, progress, tokenizer_file, tokenizer):
+    """Tokenize, deduplicate, plan, pack: each a set of units the engine runs; the driver keeps
+    file names, shard entries and per-family and per-language totals."""
     eos, pad = special_ids(tokenizer)
     unit_files = tokenize_all(config, units, staging, tokenizer_file, engine)
-    selection = select_documents(config, unit_files)
-    families = sorted(set(selection.train) | set(selection.valid))
-    available = {f: int(selection.train_lengths[f].sum() + len(selection.train_lengths[f])) for f in selection.train}
-    ratios = normalize_ratios(read_ratios(config.ratios), {f: n for f, n in available.items() if n}, config.temperature)
-    label = FamilyLabels.of(selection.languages, families)
-    draws, train_entries, train_padding, split = pack_train(
-        config, selection, ratios, unit_files, label, eos, pad, engine, staging, progress
-    )
-    store = TokenStore(unit_files)
-    valid_entries, valid_padding = [], 0
-    for family in families:  # one set of validation shards per family
-        docs = [(lang, store.get(u, r)) for u, r, lang in selection.valid[family]]
-        if not docs:
-            continue
-        writer = ShardWriter(staging, "valid", progress, family)
-        packed = label(pack_documents(docs, config.seq_len, eos, pad))
-        for start in range(0, len(packed), config.sequences_per_shard):
-            writer.write(packed.take(slice(start, start + config.sequences_per_shard)))
-        valid_entries += writer.entries
-        valid_padding += writer.padding
-
-    drawn = sum(d.drawn_tokens for d in draws)
-    warnings = mixture_warnings(config, draws, drawn, selection)
-    for warning in warnings:
+    deduplicate(config, unit_files, staging, engine)
+    summary_file = staging / "plan" / "summary.json"
+    if summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+    else:
+        plan = (config, [str(f) for f in unit_files], str(staging), eos, pad)
+        _, summary = next(engine.map_unordered(plan_build, [plan]))
+    train_entries, train_padding = write_train_shards(config, summary, unit_files, staging, engine, progress, eos, pad)
+    for warning in summary["warnings"]:
         print(f"warning: {warning}")
     train_slots = sum(e["sequences"] for e in train_entries) * config.seq_len
     manifest = {
-        **manifest_header(tokenizer, config.seq_len, families),
-        "family_stats": {
-            d.family: {
-                "ratio": round(d.ratio, 6),
-                "share": round(d.drawn_tokens / max(1, drawn), 6),
-                "available_tokens": d.available_tokens,
-                "tokens": d.drawn_tokens,
-                "documents": d.drawn_docs,
-                "epochs": round(d.epochs, 4),
-                "valid_documents": len(selection.valid[d.family]),
-            }
-            for d in draws
-        },
-        "padding_tokens": {"train": train_padding, "valid": valid_padding},
+        **manifest_header(tokenizer, config.seq_len, summary["families"]),
+        "family_stats": summary["family_stats"],
+        "padding_tokens": {"train": train_padding, "valid": summary["valid"]["padding"]},
         "packing": {
             "strategy": config.packing,
             "padding_fraction": round(train_padding / max(1, train_slots), 6),
             "truncated_docs": 0,  # best_fit splits long documents; concat cuts at sequence ends
-            "split_docs": split,  # best_fit: documents longer than a sequence, packed as pieces
+            "split_docs": summary["split_docs"],  # best_fit: documents longer than a sequence, packed as pieces
         },
-        "languages": selection.languages,
-        "warnings": warnings,
-        "duplicates_removed": selection.duplicates,
-        "near_duplicates_removed": selection.near_duplicates,
-        "splits": {"train": train_entries, "valid": valid_entries},
+        "languages": summary["languages"],
+        "warnings": summary["warnings"],
+        "duplicates_removed": summary["duplicates"],
+        "near_duplicates_removed": summary["near_duplicates"],
+        "splits": {"train": train_entries, "valid": summary["valid"]["entries"]},
         "config": output_config(config),
     }
-    shutil.rmtree(staging / "tokenized")
+    for folder in ("tokenized", "dedup", "plan"):
+        shutil.rmtree(staging / folder)
     (staging / "progress.json").unlink()
     finish_dataset(staging, out, manifest)
     return manifest

@@ -315,6 +315,47 @@ def test_language_identification_when_records_have_no_language(tmp_path):
     )
 
 
+@pytest.mark.parametrize("partitions", [1, 3, 8])
+def test_dedup_shuffle_drops_what_the_sequential_rule_drops(tmp_path, partitions):
+    """Exact and near duplicates found by hash and band shuffles equal the walk in document order
+    with a set of hashes and datasketch's MinHashLSH, on signatures drawn from a tiny alphabet so
+    that buckets collide in chains (a document near one that was itself dropped is kept)."""
+    from datasketch import LeanMinHash, MinHashLSH
+
+    from data_pipeline import dedup
+
+    rng = np.random.default_rng(partitions)
+    num_perm, units, rows = 32, 4, 60
+    bands = dedup.lsh_bands(0.5, num_perm)
+    lsh, seen, want_exact, want_near = MinHashLSH(threshold=0.5, num_perm=num_perm), set(), [], []
+    for u in range(units):
+        keys = [bytes([int(rng.integers(0, 40))]) * 16 for _ in range(rows)]
+        signatures = rng.integers(0, 3, size=(rows, num_perm)).astype(np.uint64)
+        table = pa.table({"key": pa.array(keys, pa.binary(16)),
+                          "minhash": pa.array(list(signatures), pa.list_(pa.uint64(), num_perm))})  # fmt: skip
+        with pa.OSFile(str(tmp_path / f"u{u}.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+            w.write_table(table)
+        for row in range(rows):
+            code = (u << 32) | row
+            if keys[row] in seen:
+                want_exact.append(code)
+                continue
+            seen.add(keys[row])
+            signature = LeanMinHash(seed=1, hashvalues=signatures[row], scheme="affine32")
+            if lsh.query(signature):
+                want_near.append(code)
+                continue
+            lsh.insert(code, signature)
+    for u in range(units):
+        dedup.partition_unit(u, str(tmp_path / f"u{u}.arrow"), str(tmp_path), partitions, True, bands)
+    for p in range(partitions):
+        dedup.resolve_partition(p, units, str(tmp_path))
+    dedup.resolve_near(partitions, str(tmp_path))
+    dropped = np.load(tmp_path / "dropped.npz")
+    assert dropped["exact"].tolist() == want_exact and dropped["near"].tolist() == want_near
+    assert 0 < len(want_near) < units * rows - len(want_exact) - 1, "the case must keep some and drop some"
+
+
 def test_minhash_removes_near_duplicates_that_exact_dedup_keeps(tmp_path):
     from data_pipeline.build import NearDedupConfig
 

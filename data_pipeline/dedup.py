@@ -1,0 +1,137 @@
+"""Exact and MinHash near-duplicate removal as shuffles, so that no process holds every document.
+
+The result is the sequential rule's, document for document: walking the documents in (source file,
+row) order, a document is an exact duplicate when an earlier one has its content hash, and a near
+duplicate when it shares an LSH band bucket (datasketch's banding of its MinHash) with an earlier
+document that was kept. Three steps, each a set of independent units an engine runs:
+
+1. `partition_unit`, per tokenized file: its content hashes and band values, split by hash into
+   `partitions` files (the shuffle's map side);
+2. `resolve_partition`, per partition: exact duplicates are the later copies of each hash; the
+   band buckets that hold two or more documents are written as collision groups;
+3. `resolve_near`, once: the greedy walk over the documents that share a bucket with another
+   (usually a small fraction), which needs their order and nothing else.
+
+Everything travels through files in the build's staging folder, so a resumed build skips the
+steps whose outputs exist and the engine only moves file names.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+
+def doc_codes(unit: int, rows: np.ndarray) -> np.ndarray:
+    """One int64 per document that sorts in (unit, row) order."""
+    return (np.int64(unit) << 32) | rows.astype(np.int64)
+
+
+def lsh_bands(threshold: float, num_perm: int) -> list[tuple[int, int]]:
+    """The (start, end) hash ranges of datasketch's MinHashLSH for these settings."""
+    from datasketch import MinHashLSH
+
+    return list(MinHashLSH(threshold=threshold, num_perm=num_perm).hashranges)
+
+
+def _save(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def partition_unit(unit: int, unit_file: str, out_dir: str, partitions: int, exact: bool, bands: list | None) -> None:
+    """Map side: this unit's hashes (exact) and band values (bands) split into partitions."""
+    out = Path(out_dir)
+    table = pa.ipc.open_file(pa.memory_map(unit_file)).read_all()
+    rows = np.arange(table.num_rows, dtype=np.int64)
+    codes = doc_codes(unit, rows)
+    parts: dict[int, dict[str, np.ndarray]] = {p: {} for p in range(partitions)}
+    if exact:
+        keys = np.frombuffer(table.column("key").combine_chunks().buffers()[1], np.uint8)[: 16 * len(rows)]
+        keys = keys.reshape(-1, 16)
+        where = keys[:, :8].copy().view(np.uint64)[:, 0] % np.uint64(partitions)
+        for p in range(partitions):
+            parts[p].update(keys=keys[where == p], key_docs=codes[where == p])
+    if bands:
+        signatures = np.asarray(table.column("minhash").combine_chunks().values.to_numpy(), np.uint64)
+        signatures = signatures.reshape(len(rows), -1)
+        width = bands[0][1] - bands[0][0]
+        values = np.stack([signatures[:, start:end] for start, end in bands], axis=1)  # docs, bands, width
+        band_ids = np.broadcast_to(np.arange(len(bands), dtype=np.int64), (len(rows), len(bands)))
+        flat_values, flat_bands = values.reshape(-1, width), band_ids.reshape(-1)
+        flat_docs = np.repeat(codes, len(bands))
+        where = (flat_values[:, 0] ^ flat_bands.astype(np.uint64)) % np.uint64(partitions)
+        for p in range(partitions):
+            mine = where == p
+            parts[p].update(band_values=flat_values[mine], band_ids=flat_bands[mine], band_docs=flat_docs[mine])
+    for p, arrays in parts.items():
+        _save(out / f"map_u{unit:05d}_p{p:03d}.npz", **arrays)
+
+
+def _group_starts(sorted_columns: np.ndarray) -> np.ndarray:
+    """Where a new group begins in rows sorted so that equal rows are adjacent."""
+    if len(sorted_columns) == 0:
+        return np.zeros(0, bool)
+    starts = np.ones(len(sorted_columns), bool)
+    starts[1:] = np.any(sorted_columns[1:] != sorted_columns[:-1], axis=1)
+    return starts
+
+
+def resolve_partition(partition: int, units: int, out_dir: str) -> dict:
+    """Reduce side: the later copies of each hash (exact duplicates) and the band buckets shared by
+    two or more documents, for the hashes and buckets of this partition."""
+    out = Path(out_dir)
+    maps = [np.load(out / f"map_u{u:05d}_p{partition:03d}.npz") for u in range(units)]
+    result = {"exact_dropped": np.zeros(0, np.int64), "group_docs": np.zeros(0, np.int64),
+              "group_ids": np.zeros(0, np.int64)}  # fmt: skip
+    if maps and "keys" in maps[0]:
+        keys = np.concatenate([m["keys"] for m in maps])
+        docs = np.concatenate([m["key_docs"] for m in maps])
+        order = np.lexsort((docs, *keys.T[::-1]))  # by key, then document order
+        result["exact_dropped"] = np.sort(docs[order][~_group_starts(keys[order])])
+    if maps and "band_values" in maps[0]:
+        values = np.concatenate([m["band_values"] for m in maps])
+        bands = np.concatenate([m["band_ids"] for m in maps])
+        docs = np.concatenate([m["band_docs"] for m in maps])
+        columns = np.concatenate([bands[:, None].astype(np.uint64), values], axis=1)
+        order = np.lexsort((docs, *columns.T[::-1]))
+        group = np.cumsum(_group_starts(columns[order])) - 1
+        sizes = np.bincount(group)
+        shared = sizes[group] >= 2
+        result["group_docs"], result["group_ids"] = docs[order][shared], group[shared]
+    _save(out / f"reduce_p{partition:03d}.npz", **result)
+    return {"exact": len(result["exact_dropped"]), "colliding": len(np.unique(result["group_docs"]))}
+
+
+def resolve_near(partitions: int, out_dir: str) -> int:
+    """The sequential rule over the documents in shared buckets: in document order, one is dropped
+    when a bucket it is in already holds a kept document; exact duplicates take no part."""
+    out = Path(out_dir)
+    reduced = [np.load(out / f"reduce_p{p:03d}.npz") for p in range(partitions)]
+    exact = np.concatenate([r["exact_dropped"] for r in reduced])
+    docs, groups, offset = [], [], 0
+    for r in reduced:  # group ids made unique across partitions
+        docs.append(r["group_docs"])
+        groups.append(r["group_ids"] + offset)
+        offset += int(r["group_ids"].max()) + 1 if len(r["group_ids"]) else 0
+    docs, groups = np.concatenate(docs), np.concatenate(groups)
+    live = ~np.isin(docs, exact)
+    docs, groups = docs[live], groups[live]
+    order = np.argsort(docs, kind="stable")
+    docs, groups = docs[order], groups[order]
+    boundaries = np.flatnonzero(np.diff(docs)) + 1
+    occupied = np.zeros(offset, bool)
+    dropped = []
+    if len(docs):
+        for doc, doc_groups in zip(docs[np.r_[0, boundaries]], np.split(groups, boundaries), strict=True):
+            if occupied[doc_groups].any():
+                dropped.append(doc)
+            else:
+                occupied[doc_groups] = True
+    near = np.array(dropped, np.int64)
+    _save(out / "dropped.npz", exact=np.sort(exact), near=near)
+    return len(near)
