@@ -1,15 +1,19 @@
-"""`build`: sources -> families -> tokenizer -> mixture -> packed sequences -> Arrow shards + manifest.
+"""`build`: sources -> families -> tokenizer -> dedup -> mixture -> packed sequences -> Arrow shards + manifest.
 
-Streaming and resumable, in three passes over `<output_dir>.building/`:
-1. tokenize: every source file is one work unit, tokenized by a pool of processes into
-   `tokenized/unit_XXXXX.arrow` (family, token ids, content hash, MinHash); a finished unit is
-   renamed into place, so an interrupted build redoes only the unfinished ones;
-2. select: one pass over the tokenized units drops exact and (optionally) near duplicates and
-   holds out validation documents per family, keeping only document references in memory;
-3. mix and pack: documents are drawn per family by ratio and streamed through the packer into
-   shards, each written under a temp name and recorded in `progress.json` as it completes.
-The finished folder replaces `output_dir` in one rename. Memory is bounded by one tokenization
-batch per worker, one shard, and a few integers per document (references, lengths, hashes).
+Streaming and resumable, in passes over `<output_dir>.building/`, each a set of units that an
+engine (`data_pipeline.engine`: this machine's process pool, or a Ray cluster) runs:
+1. tokenize: every source file is one unit, tokenized into `tokenized/unit_XXXXX.arrow` (family,
+   token ids, content hash, MinHash); a finished unit is renamed into place;
+2. deduplicate: exact and near duplicates as hash and band shuffles (`data_pipeline.dedup`);
+3. plan: one unit selects the kept documents, holds out validation documents per family, draws the
+   mixture by family ratios and cuts the packed stream into shards (`plan/`), writing the
+   validation shards (and best-fit train shards) itself;
+4. pack: every concat train shard is packed and written by its own unit, recorded in
+   `progress.json` as it completes.
+An interrupted build redoes only unfinished units, on either engine. The finished folder replaces
+`output_dir` in one rename. The driver holds file names, shard entries and per-family and
+per-language totals; a worker holds one tokenization batch, one shard, or (the plan unit) a few
+integers per document.
 """
 
 from __future__ import annotations

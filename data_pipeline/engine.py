@@ -82,7 +82,13 @@ class RayEngine:
         pending = list(refs)
         while pending:
             done, pending = self.ray.wait(pending, num_returns=1)
-            yield refs[done[0]], self.ray.get(done[0])
+            try:
+                result = self.ray.get(done[0])
+            except self.ray.exceptions.RayTaskError as err:  # the unit's own error (bad input), as local raises it
+                for ref in pending:
+                    self.ray.cancel(ref)
+                raise err.cause from None
+            yield refs[done[0]], result
 
     def close(self) -> None:
         if self._started:

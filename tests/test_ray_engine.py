@@ -182,3 +182,18 @@ def test_a_killed_driver_resumes_where_it_stopped(cluster, corpus, local_build, 
     reused = re.search(r"resuming: (\d+) of", resumed.stdout + resumed.stderr)
     assert reused and int(reused.group(1)) >= done, "finished source files are not tokenized again"
     assert output_files(tmp_path / "out") == local_build
+
+
+def test_bad_input_on_a_worker_is_reported_as_on_this_machine(cluster, corpus, tmp_path):
+    """A unit's error reaches the user as the local engine reports it: file, line, what is wrong."""
+    broken = tmp_path / "corpus"
+    broken.mkdir()
+    (broken / "en.jsonl").write_text((corpus / "en.jsonl").read_text())
+    good = (corpus / "de.jsonl").read_text().splitlines()[:100]  # past the tokenizer's sample: a worker reads it
+    (broken / "zz.jsonl").write_text("\n".join([*good, "{not json"]) + "\n")
+    config = write_config(tmp_path, "out", broken)
+    command = build_command(config, "--engine", "ray", "--address", cluster.address)
+    run = subprocess.run(command, cwd=tmp_path, env=cluster.env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 2
+    assert "error: " in run.stderr and "zz.jsonl:101: not valid JSON" in run.stderr.split("error: ")[-1]
+    assert not (tmp_path / "out.building").exists() and not (tmp_path / "out").exists()
