@@ -321,34 +321,46 @@ def deduplicate(config: BuildConfig, unit_files: list[Path], staging: Path, engi
     return dropped
 
 
+def _strings(column: pa.ChunkedArray) -> np.ndarray:
+    """A dictionary-encoded string column as an object array (its to_pylist would import pandas)."""
+    array = column.combine_chunks()
+    return np.array(array.dictionary.to_pylist(), dtype=object)[array.indices.to_numpy(zero_copy_only=False)]
+
+
 def select_documents(config: BuildConfig, unit_files: list[Path], dropped_file: Path) -> Selection:
     """The documents the shuffles kept, per family, with validation documents held out."""
     dropped = np.load(dropped_file)
     exact, near_dropped = dropped["exact"], dropped["near"]
-    refs: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
+    refs: dict[str, list[np.ndarray]] = defaultdict(list)  # per family: (unit, row, length, language) blocks
     languages: dict[str, dict] = {}
     first_seen: dict[str, int] = {}
     for u, path in enumerate(unit_files):
         table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-        families = table.column("family").to_pylist()
-        langs = table.column("lang").to_pylist()
-        confidences = table.column("confidence").to_numpy()
-        lengths = table.column("tokens").combine_chunks().value_lengths().to_numpy()
-        codes = dedup.doc_codes(u, np.arange(len(families)))
-        kept = ~(np.isin(codes, exact) | np.isin(codes, near_dropped))
-        for row in np.flatnonzero(kept).tolist():
-            family = families[row]
-            stats = languages.setdefault(langs[row], {"family": family, "documents": 0, "tokens": 0, "confidence": 0.0})
-            lang_id = first_seen.setdefault(langs[row], len(first_seen))  # renumbered in sorted order below
-            refs[family].append((u, row, int(lengths[row]), lang_id))
-            stats["documents"] += 1
-            stats["tokens"] += int(lengths[row])
-            stats["confidence"] += float(confidences[row])
+        codes = dedup.doc_codes(u, np.arange(table.num_rows))
+        rows = np.flatnonzero(~(np.isin(codes, exact) | np.isin(codes, near_dropped)))
+        families, langs = (_strings(table.column(name))[rows] for name in ("family", "lang"))
+        confidences = table.column("confidence").to_numpy()[rows].tolist()
+        lengths = table.column("tokens").combine_chunks().value_lengths().to_numpy()[rows].astype(np.int64)
+        for lang, family in zip(langs.tolist(), families.tolist(), strict=True):  # in document order
+            if lang not in first_seen:
+                first_seen[lang] = len(first_seen)  # renumbered in sorted order below
+                languages[lang] = {"family": family, "documents": 0, "tokens": 0, "confidence": 0.0}
+        lang_ids = np.array([first_seen[lang] for lang in langs.tolist()], dtype=np.int64)
+        for lang in dict.fromkeys(langs.tolist()):
+            mine = np.flatnonzero(langs == lang)
+            stats = languages[lang]
+            stats["documents"] += len(mine)
+            stats["tokens"] += int(lengths[mine].sum())
+            for i in mine.tolist():  # one by one, in document order: the same float sum on every engine
+                stats["confidence"] += confidences[i]
+        for family in dict.fromkeys(families.tolist()):
+            mine = families == family
+            refs[family].append(np.stack([np.full(int(mine.sum()), u), rows[mine], lengths[mine], lang_ids[mine]], 1))
     if not refs:
         raise ConfigError("sources: no documents found")
     train, train_lengths, valid = {}, {}, {}
     for position, family in enumerate(sorted(refs)):
-        array = np.array(refs[family], dtype=np.int64)
+        array = np.concatenate(refs[family]).astype(np.int64)
         order = np.random.default_rng([config.seed, position]).permutation(len(array))
         held = min(config.valid_docs_per_family, len(array) // 5)
         valid[family] = array[order[:held]][:, [0, 1, 3]]

@@ -20,31 +20,40 @@ RAY_TASK_RETRIES = 3  # a unit whose worker (or node) dies is run again elsewher
 
 class LocalEngine:
     """A pool of `workers` spawned processes (spawn, not fork: the parent may hold threads, from
-    tokenizers or torch, that fork would copy mid-state); one worker runs units in this process."""
+    tokenizers or torch, that fork would copy mid-state), started once and kept for every pass of
+    the build; one worker, or one unit, runs in this process."""
 
     def __init__(self, workers: int = 0):
         self.workers = workers or os.cpu_count() or 1
+        self._pool: ProcessPoolExecutor | None = None
 
     def map_unordered(
         self, fn: Callable, items: Sequence[tuple], setup: Callable | None = None, setup_args: tuple = ()
     ) -> Iterator[tuple[int, Any]]:
         """(position in `items`, fn(*item)) as each finishes; `setup(*setup_args)` runs once per worker."""
         if self.workers == 1 or len(items) <= 1:
-            if setup is not None:
+            if setup is not None and items:  # every time: this process outlives the build
                 setup(*setup_args)
             for i, item in enumerate(items):
                 yield i, fn(*item)
             return
-        with ProcessPoolExecutor(min(self.workers, len(items)), get_context("spawn"), setup, setup_args) as pool:
-            futures = {pool.submit(fn, *item): i for i, item in enumerate(items)}
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, get_context("spawn"))
+        futures = {self._pool.submit(_run_with_setup, fn, setup, setup_args, item): i for i, item in enumerate(items)}
+        try:
             for future in as_completed(futures):
                 yield futures[future], future.result()
+        finally:
+            for future in futures:
+                future.cancel()
 
     def close(self) -> None:
-        pass
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
 
 
-_SETUP_DONE: set = set()  # per Ray worker process: which (setup, args) already ran there
+_SETUP_DONE: set = set()  # per worker process (pool or Ray, living one build): which setups ran there
 
 
 def _run_with_setup(fn: Callable, setup: Callable | None, setup_args: tuple, item: tuple):
