@@ -36,12 +36,15 @@ setup(
         "triton>=3.2; platform_system == 'Linux'",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "ruff", "mfusepy"],  # mfusepy: the EIO filesystem of the fault tests
+        # mfusepy: the EIO filesystem of the fault tests; moto's server: the S3 of the object-store tests
+        "dev": ["pytest", "pytest-timeout", "ruff", "mfusepy", "moto[server]", "s3fs"],
         "gpu": ["flash-attn", "megatron-core==0.16.*"],
         # mpirun launches: Open MPI (its mpirun) and mpi4py for rank discovery
         "mpi": ["openmpi", "mpi4py"],
         # data builds on a Ray cluster (python -m data_pipeline build --engine ray)
         "ray": ["ray"],
+        # data sources and outputs on S3 (other object stores: their fsspec package, e.g. gcsfs, adlfs)
+        "s3": ["s3fs"],
         # benchmarks/data_build.py's peers: HF datatrove's executor with the same encoder
         "bench": ["datatrove", "orjson"],
     },

@@ -243,7 +243,7 @@ def main() -> None:
 
     tokenizer_dir = work / "tokenizer"
     tokenizer_dir.mkdir(exist_ok=True)
-    units = [Unit(i, SourceConfig(paths=[f]), Path(f)) for i, f in enumerate(files)]
+    units = [Unit(i, SourceConfig(paths=[f]), f) for i, f in enumerate(files)]
     train_bpe(_sample_texts(units, language_table(), 400), 32000).save(str(tokenizer_dir / "tokenizer.json"))
 
     results = {}

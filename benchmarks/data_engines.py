@@ -114,7 +114,7 @@ def main() -> None:
 
     tokenizer = work / "tokenizer_engines"
     tokenizer.mkdir(parents=True, exist_ok=True)
-    units = [Unit(i, SourceConfig(paths=[f]), Path(f)) for i, f in enumerate(files)]
+    units = [Unit(i, SourceConfig(paths=[f]), f) for i, f in enumerate(files)]
     train_bpe(_sample_texts(units, language_table(), 400), 32000).save(str(tokenizer / "tokenizer.json"))
 
     runs = [("local", 1, files), ("local", 2, files), ("ray", 1, files), ("ray", 2, files), ("ray", 2, quarter)]

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -52,7 +53,14 @@ from data_pipeline.packing import (
     split_long_documents,
 )
 from data_pipeline.shards import atomic_write_text, finish_dataset, manifest_header, write_shard
-from data_pipeline.sources import LanguageIdentifier, SourceConfig, read_file, source_files
+from data_pipeline.sources import (
+    LanguageIdentifier,
+    SourceConfig,
+    file_identity,
+    is_url,
+    read_file,
+    source_files,
+)
 from data_pipeline.tokenizer import (
     TOKENIZER_FILE,
     encode_batch,
@@ -104,6 +112,7 @@ class BuildConfig:
     workers: int = 0  # processes (local engine); 0 = every core, 1 = in this process
     engine: str = "local"  # local (a process pool) | ray (tasks on a Ray cluster); same output either way
     ray_address: str | None = None  # engine ray: "auto", "HOST:PORT", or None for a Ray started here
+    staging_dir: str | None = None  # output_dir on an object store: build here, then upload (default: temp)
     batch_docs: int = 256  # documents per tokenizer call in a worker (bounds its memory)
     seed: int = 0
     # No family is repeated more than this many times to meet its ratio (data-constrained scaling:
@@ -150,7 +159,7 @@ def read_ratios(ratios: dict[str, float] | str) -> dict[str, float]:
 class Unit:
     index: int
     source: SourceConfig
-    path: Path
+    path: str  # an absolute local path or an fsspec URL
 
 
 _WORKER: dict = {}
@@ -591,34 +600,73 @@ def mixture_warnings(config: BuildConfig, draws, total: int, selection) -> list[
 
 
 def output_config(config: BuildConfig) -> dict:
-    """The config without the knobs that change only where and how fast it runs (workers, engine),
+    """The config without the knobs that change only where and how fast it runs (workers, engine, staging),
     as the manifest records it: the same build gives the same manifest on any engine."""
-    return {k: v for k, v in to_dict(config).items() if k not in ("workers", "engine", "ray_address")}
+    return {k: v for k, v in to_dict(config).items() if k not in ("workers", "engine", "ray_address", "staging_dir")}
 
 
 def _build_key(config: BuildConfig, units: list[Unit]) -> str:
     """What decides the output: the config without the knobs that only change speed, and the
     source files as they are now (a file changed since an interrupted build restarts it)."""
     relevant = {k: v for k, v in output_config(config).items() if k != "output_dir"}
-    relevant["files"] = [(str(u.path), u.path.stat().st_size, u.path.stat().st_mtime_ns) for u in units]
+    relevant["files"] = [file_identity(u.path) for u in units]
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def build(config: BuildConfig) -> dict:
-    # Absolute paths: workers (Ray's, on other nodes too) do not run in this process's folder.
-    out = Path(config.output_dir).absolute()
+    out = local_output(config)
     staging = out.with_name(out.name + ".building")
-    files = ((s, p.absolute()) for s in config.sources for p in source_files(s))
+    if is_url(config.output_dir):
+        refuse_to_replace(config.output_dir)
+    files = ((s, p) for s in config.sources for p in source_files(s))
     units = [Unit(i, source, path) for i, (source, path) in enumerate(files)]
     if not units:
         raise ConfigError("sources: no files")
     check_config(config)
     try:
-        return _build(config, units, out, staging)
+        manifest = _build(config, units, out, staging)
     except (ConfigError, ValueError, OSError):
         # Bad input or a full disk: nothing half-built is kept (an interrupt keeps it to resume).
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if is_url(config.output_dir):
+        publish(out, config.output_dir)
+        shutil.rmtree(out)
+    return manifest
+
+
+def local_output(config: BuildConfig) -> Path:
+    """Where the dataset is built: `output_dir` itself (made absolute: workers, Ray's on other nodes
+    too, do not run in this process's folder), or for an object-store URL a folder under
+    `staging_dir` (default: this machine's temp folder; give a shared one for Ray on several nodes)
+    named after the URL, so an interrupted build resumes."""
+    if not is_url(config.output_dir):
+        return Path(config.output_dir).absolute()
+    root = Path(config.staging_dir or Path(tempfile.gettempdir()) / "data_pipeline_builds").absolute()
+    return root / hashlib.sha256(config.output_dir.encode()).hexdigest()[:16]
+
+
+def refuse_to_replace(url: str) -> None:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    if fs.exists(f"{root}/manifest.json"):
+        raise ConfigError(
+            f"output_dir {url}: holds a dataset (manifest.json); an object store cannot replace one in a single "
+            "step (no rename), so the build does not overwrite it: choose a new prefix, or delete that one first"
+        )
+
+
+def publish(local: Path, url: str) -> None:
+    """Upload a finished dataset: every file, then `manifest.json` last, so a reader that finds the
+    manifest finds every file it names (an object store has no rename; each object appears whole)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != "manifest.json")
+    for path in tqdm(files, desc=f"upload to {url}", unit="file"):
+        fs.put_file(str(path), f"{root}/{path.relative_to(local).as_posix()}")
+    fs.put_file(str(local / "manifest.json"), f"{root}/manifest.json")
 
 
 def check_config(config: BuildConfig) -> None:

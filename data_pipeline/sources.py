@@ -59,23 +59,58 @@ class Document:
     confidence: float = 1.0  # of language identification; 1 when the record gave its language
 
 
-def expand_paths(patterns: list[str]) -> list[Path]:
-    files: list[Path] = []
+def is_url(path: str | Path) -> bool:
+    """A location on a filesystem fsspec reaches by protocol (s3://, gs://, az://, https://, ...)."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def expand_paths(patterns: list[str]) -> list[str]:
+    """The files each pattern matches, sorted: local paths (made absolute, since workers, Ray's on
+    other nodes too, run elsewhere) and fsspec URLs."""
+    files: list[str] = []
     for pattern in patterns:
-        matched = sorted(glob.glob(pattern, recursive=True))
+        if is_url(pattern):
+            import fsspec
+
+            fs, _ = fsspec.core.url_to_fs(pattern)
+            matched = sorted(fs.unstrip_protocol(m) for m in fs.glob(pattern))
+        else:
+            matched = sorted(str(Path(m).absolute()) for m in glob.glob(pattern, recursive=True))
         if not matched:
             raise ConfigError(f"source path {pattern!r} matches no file")
-        files.extend(Path(m) for m in matched)
+        files.extend(matched)
     return files
+
+
+def file_identity(path: str) -> tuple:
+    """What tells whether a source file changed since an interrupted build: size and modification
+    time (local), or size and ETag / modification time (object stores)."""
+    if not is_url(path):
+        stat = Path(path).stat()
+        return path, stat.st_size, stat.st_mtime_ns
+    import fsspec
+
+    fs, _ = fsspec.core.url_to_fs(path)
+    info = fs.info(path)
+    return path, info.get("size"), str(info.get("ETag") or info.get("LastModified") or info.get("mtime"))
 
 
 JSONL_SUFFIXES = tuple(f".{ext}{comp}" for ext in ("jsonl", "json") for comp in ("", ".gz", ".zst", ".bz2"))
 
 
-def _records(path: Path) -> Iterator[dict]:
-    name = path.name
-    if name.endswith(JSONL_SUFFIXES):  # compression detected from the suffix
-        with pa.input_stream(str(path), compression="detect") as stream, io.BufferedReader(stream) as f:
+def _open(path: str):
+    """A binary stream of the file, decompressed by its suffix (.gz, .zst, .bz2)."""
+    if is_url(path):
+        import fsspec
+
+        return fsspec.open(path, "rb", compression="infer").open()
+    return io.BufferedReader(pa.input_stream(path, compression="detect"))
+
+
+def _records(path: str) -> Iterator[dict]:
+    name = Path(path).name
+    if name.endswith(JSONL_SUFFIXES):
+        with _open(path) as f:
             for line_no, raw in enumerate(f, 1):
                 try:
                     line = raw.decode("utf-8")
@@ -89,10 +124,11 @@ def _records(path: Path) -> Iterator[dict]:
                     except json.JSONDecodeError as err:
                         raise ValueError(f"{path}:{line_no}: not valid JSON: {err.msg}") from err
     elif name.endswith(".parquet"):
-        for batch in pq.ParquetFile(path).iter_batches():
-            yield from batch.to_pylist()
+        with _open(path) if is_url(path) else open(path, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches():
+                yield from batch.to_pylist()
     elif name.endswith(".arrow"):
-        with pa.memory_map(str(path)) as source:
+        with pa.BufferReader(_open(path).read()) if is_url(path) else pa.memory_map(path) as source:
             try:
                 reader = pa.ipc.open_file(source)
                 batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
@@ -105,14 +141,14 @@ def _records(path: Path) -> Iterator[dict]:
         raise ConfigError(f"{path}: unsupported file type (use .jsonl[.gz|.zst|.bz2], .parquet or .arrow)")
 
 
-def source_files(source: SourceConfig) -> list[Path]:
+def source_files(source: SourceConfig) -> list[str]:
     """The files a source reads, each one work unit of the build."""
     if not source.hf_dataset:
         return expand_paths(source.paths)
     folder = Path(source.hf_dataset)
     if (folder / "state.json").is_file():  # Dataset.save_to_disk
         state = json.loads((folder / "state.json").read_text())
-        return [folder / f["filename"] for f in state["_data_files"]]
+        return [str((folder / f["filename"]).absolute()) for f in state["_data_files"]]
     if (folder / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk: take the split
         return source_files(SourceConfig(hf_dataset=str(folder / source.hf_split), lang=source.lang or "auto"))
     import datasets
@@ -122,12 +158,12 @@ def source_files(source: SourceConfig) -> list[Path]:
         dataset = datasets.load_dataset(
             source.hf_dataset,
             source.hf_config,
-            data_files=[str(f) for f in data_files] if data_files else None,
+            data_files=data_files,
             split=source.hf_split,
         )
     except Exception as err:  # the hub, a missing builder, a bad file: say which source
         raise ConfigError(f"hf_dataset {source.hf_dataset!r}: {type(err).__name__}: {err}") from err
-    return [Path(f["filename"]) for f in dataset.cache_files]
+    return [str(Path(f["filename"]).absolute()) for f in dataset.cache_files]
 
 
 class LanguageIdentifier:
@@ -154,7 +190,7 @@ class LanguageIdentifier:
         return lang, float(probability)
 
 
-def read_file(path: Path, source: SourceConfig, table: dict[str, str], identify=None) -> Iterator[Document]:
+def read_file(path: str, source: SourceConfig, table: dict[str, str], identify=None) -> Iterator[Document]:
     """NFC-normalised documents of one file that pass the length filters, with their family."""
     records = 0
     for i, record in enumerate(_records(path)):
