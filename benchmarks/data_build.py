@@ -211,12 +211,13 @@ def run_loader(data_dir: str, batch_size: int = 16, steps: int = 200) -> dict:
     return {"samples_per_s": steps * batch_size / seconds, "tokens_per_s": steps * batch.tokens.numel() / seconds}
 
 
-def in_subprocess(kind: str, *args) -> dict:
-    code = f"import json, benchmarks.data_build as b; print(json.dumps(b.run_{kind}(*{list(args)!r})))"
+def in_subprocess(function: str, *args, module: str = "benchmarks.data_build") -> dict:
+    """`module.function(*args)` in a fresh process (its own peak memory), returning its JSON result."""
+    code = f"import json, {module} as b; print(json.dumps(b.{function}(*{list(args)!r})))"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if done.returncode:
-        raise RuntimeError(f"{kind} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{function}{args[3:]} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -252,11 +253,11 @@ def main() -> None:
     for name, kind, subset in runs:
         out = work / f"out_{name}"
         subprocess.run(["rm", "-rf", str(out), str(out) + ".building"], check=True)
-        results[name] = in_subprocess(kind, subset, str(tokenizer_dir), str(out))
+        results[name] = in_subprocess(f"run_{kind}", subset, str(tokenizer_dir), str(out))
         results[name]["megabytes"] = len(subset) * FILE_MB
         results[name]["tokens_per_s"] = results[name]["tokens"] / results[name]["seconds"]
         print(f"{name}: {results[name]}", flush=True)
-    results["loader"] = in_subprocess("loader", str(work / "out_ours"))
+    results["loader"] = in_subprocess("run_loader", str(work / "out_ours"))
 
     raw = results["raw_encoder"]["tokens_per_s"]
     for r in results.values():
@@ -279,16 +280,21 @@ def main() -> None:
         f"{loader_ratio:,.0f}x the tiny trainer's {args.trainer_tokens_per_s:,.0f} tokens/s (target >= 10)"
     )
     summary = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "seq_len": SEQ_LEN,
         "results": results,
         "ours_over_raw_encoder": results["ours"]["vs_raw_encoder"],
         "memory_full_over_half": memory_growth,
         "loader_over_trainer": loader_ratio,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    save_summary(args.out, summary)
+
+
+def save_summary(out: str, summary: dict) -> None:
+    """The results as JSON, with the machine they were measured on."""
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"machine": machine, **summary}, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,6 @@ corpus, exact and near dedup on, concat packing, every token once.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import subprocess
 import sys
 import threading
@@ -25,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.data_build import FILE_MB, write_corpus  # noqa: E402
+from benchmarks.data_build import FILE_MB, in_subprocess, save_summary, write_corpus  # noqa: E402
 
 
 class MemorySampler(threading.Thread):
@@ -88,15 +85,6 @@ def run_build(files: list[str], tokenizer: str, out: str, engine: str, workers: 
             "shards": len(shards), "train_sha256": shards}  # fmt: skip
 
 
-def in_subprocess(*args) -> dict:
-    code = f"import json, benchmarks.data_engines as b; print(json.dumps(b.run_build(*{list(args)!r})))"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"{args[3:]} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--megabytes", type=int, default=160)
@@ -123,7 +111,8 @@ def main() -> None:
         out = work / f"out_{engine}{workers}_{len(subset)}"
         subprocess.run(["rm", "-rf", str(out), str(out) + ".building"], check=True)
         row = {"engine": engine, "workers": workers, "megabytes": len(subset) * FILE_MB,
-               **in_subprocess(subset, str(tokenizer), str(out), engine, workers)}  # fmt: skip
+               **in_subprocess("run_build", subset, str(tokenizer), str(out), engine, workers,
+                               module="benchmarks.data_engines")}  # fmt: skip
         rows.append(row)
         print(f"{engine} x{workers}, {row['megabytes']} MB: {row['tokens_per_s']:,.0f} tokens/s", flush=True)
     full = [r for r in rows if r["megabytes"] == len(files) * FILE_MB]
@@ -143,15 +132,8 @@ def main() -> None:
     )
     for r in rows:
         r.pop("train_sha256")
-    summary = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "rows": rows,
-        "identical_shards": identical,
-        "ray_driver_peak_4x_over_1x": driver_growth,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    summary = {"rows": rows, "identical_shards": identical, "ray_driver_peak_4x_over_1x": driver_growth}
+    save_summary(args.out, summary)
 
 
 if __name__ == "__main__":
