@@ -107,20 +107,24 @@ def _open(path: str):
     return io.BufferedReader(pa.input_stream(path, compression="detect"))
 
 
+def _utf8_error(raw: bytes) -> str:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+    return "not valid UTF-8"
+
+
 def _records(path: str) -> Iterator[dict]:
     name = Path(path).name
     if name.endswith(JSONL_SUFFIXES):
         with _open(path) as f:
             for line_no, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise ValueError(
-                        f"{path}:{line_no}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
-                    ) from None
-                if line.strip():
+                if raw.strip():
                     try:
-                        yield json.loads(line)
+                        yield json.loads(raw)  # bytes: decoded as UTF-8 inside the parser
+                    except UnicodeDecodeError:
+                        raise ValueError(f"{path}:{line_no}: {_utf8_error(raw)}") from None
                     except json.JSONDecodeError as err:
                         raise ValueError(f"{path}:{line_no}: not valid JSON: {err.msg}") from err
     elif name.endswith(".parquet"):
@@ -201,7 +205,8 @@ def read_file(path: str, source: SourceConfig, table: dict[str, str], identify=N
         value = record[source.text_field]
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{where}: field {source.text_field!r} is {type(value).__name__} {value!r:.40}, not text")
-        text = unicodedata.normalize("NFC", value or "").strip()
+        value = value or ""
+        text = (value if unicodedata.is_normalized("NFC", value) else unicodedata.normalize("NFC", value)).strip()
         if len(text) < max(1, source.min_chars) or (source.max_chars and len(text) > source.max_chars):
             continue
         confidence = 1.0
