@@ -128,7 +128,9 @@ def test_a_full_disk_under_the_metrics_does_not_stop_training(small_dataset, tmp
         assert "metrics.jsonl: cannot write (No space left on device); training goes on" in out, out[-3000:]
         rows = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
         steps = [row["step"] for row in rows]
-        assert 0 < len(steps) < 12 and steps == list(range(1, len(steps) + 1)), steps
+        # Rows stop when the disk fills; one may land again once the failed save frees its partial
+        # files. Every line is whole (parsed above) and in order, and some steps are missing.
+        assert 0 < len(steps) < 12 and steps[0] == 1 and steps == sorted(set(steps)), steps
         assert "step    12 | loss" in out, "training reached its last step"
         (disk / "filler").unlink()
         assert fit_or_error(config) is None
