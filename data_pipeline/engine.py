@@ -1,8 +1,9 @@
 """Where a build's work units run: a process pool on this machine, or the workers of a Ray cluster.
 
-Both engines run the same pure functions (tokenize a source file, pack and write a shard) on the
-same inputs, each writing its output under a temp name and renaming it, so the output does not
-depend on the engine, on the number of workers, or on a worker dying and its unit being run again.
+Both engines run the same functions (tokenize a source file, a step of the dedup shuffles, the
+plan, pack and write a shard) on the same inputs, each writing its output under a temp name and
+renaming it, so the output does not depend on the engine, on the number of workers, or on a worker
+dying and its unit being run again.
 The driver only submits units and collects their small results (statistics, shard entries).
 """
 
