@@ -403,13 +403,21 @@ def _list_args(lists: list[torch.Tensor], backward: bool, device) -> tuple:
     return index, count, index.stride(0), index.stride(1), count.stride(0)
 
 
-def _doc_args(doc_ids: torch.Tensor | None, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """int32 document ids and each position's segment bounds (placeholders without documents)."""
+def _documents(doc_ids: torch.Tensor | None) -> list[torch.Tensor]:
+    """[int32 document ids, each position's segment start, its end], made once for the forward and
+    the backward; empty without documents."""
     if doc_ids is None:
+        return []
+    doc = doc_ids.to(torch.int32).contiguous()
+    return [doc, *segment_bounds(doc)]
+
+
+def _doc_args(documents: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(doc, segment start, segment end) for a launch; placeholders on the device without documents."""
+    if not documents:
         doc = torch.zeros(1, 1, dtype=torch.int32, device=device)
         return doc, doc, doc
-    doc = doc_ids.to(torch.int32).contiguous()
-    return (doc, *segment_bounds(doc))
+    return tuple(documents)
 
 
 def _tuning_key(q: torch.Tensor, k: torch.Tensor, has_doc: bool, sparse: bool, cap: int) -> tuple:
@@ -428,18 +436,19 @@ def _options(kernel: str, tiles: str, block_d: int, cap: int, group: int = 1) ->
 # autotuner's timing runs), which fails for these kernels on the GPU and under the interpreter.
 @torch.library.custom_op("kernels::flash_gqa_fwd", mutates_args=())
 def _flash_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None, lists: list[torch.Tensor],
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: list[torch.Tensor], lists: list[torch.Tensor],
     cap: int, window: int, tiles: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(out, lse); `lists`: SparsityLists.tensors() (S2) or empty (dense); `tiles`: Tiles.encode."""
+    """(out, lse); `documents`: `_documents` (or empty); `lists`: SparsityLists.tensors() (S2) or empty
+    (dense); `tiles`: Tiles.encode."""
     b, s, hq, d = q.shape
     hkv = k.shape[2]
     block_d = triton.next_power_of_2(d)
     o = torch.empty_like(q)
     lse = torch.empty(b, hq, s, device=q.device, dtype=torch.float32)
-    doc, seg_start, seg_end = _doc_args(doc_ids, q.device)
+    doc, seg_start, seg_end = _doc_args(documents, q.device)
     index, count, s_ih, s_iq, s_ch = _list_args(lists, backward=False, device=q.device)
-    common = dict(GROUP=hq // hkv, HAS_DOC=doc_ids is not None, SPARSE=bool(lists), S2_BLOCK=cap,
+    common = dict(GROUP=hq // hkv, HAS_DOC=bool(documents), SPARSE=bool(lists), S2_BLOCK=cap,
                   BLOCK_D=block_d)  # fmt: skip
 
     def launch(t: Tiles):
@@ -455,13 +464,13 @@ def _flash_fwd(
     options = _options("fwd", tiles, block_d, cap, hq // hkv)
     if not options[0].fits_group(hq // hkv):
         raise ValueError(f"{options[0]}: packed GQA needs a power-of-two group dividing BLOCK_M, not {hq // hkv}")
-    key = _tuning_key(q, k, doc_ids is not None, bool(lists), cap)
+    key = _tuning_key(q, k, bool(documents), bool(lists), cap)
     launch(pick_tiles("fwd", key, options, launch, _autotune(q.device)))
     return o, lse
 
 
 @_flash_fwd.register_fake
-def _(q, k, v, doc_ids, lists, cap, window, tiles):
+def _(q, k, v, documents, lists, cap, window, tiles):
     b, s, hq, _ = q.shape
     return torch.empty_like(q), q.new_empty(b, hq, s, dtype=torch.float32)
 
@@ -469,7 +478,7 @@ def _(q, k, v, doc_ids, lists, cap, window, tiles):
 @torch.library.custom_op("kernels::flash_gqa_bwd", mutates_args=())
 def _flash_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    doc_ids: torch.Tensor | None, lists: list[torch.Tensor], cap: int, window: int, tiles: str,
+    documents: list[torch.Tensor], lists: list[torch.Tensor], cap: int, window: int, tiles: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dq, dk, dv): dK/dV by key tile over the backward lists, dQ by query tile over the forward ones."""
     b, s, hq, d = q.shape
@@ -478,9 +487,9 @@ def _flash_bwd(
     do = do.contiguous()
     delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    doc, seg_start, seg_end = _doc_args(doc_ids, q.device)
+    doc, seg_start, seg_end = _doc_args(documents, q.device)
     sm_scale = 1.0 / math.sqrt(d)
-    common = dict(GROUP=hq // hkv, HAS_DOC=doc_ids is not None, SPARSE=bool(lists), S2_BLOCK=cap,
+    common = dict(GROUP=hq // hkv, HAS_DOC=bool(documents), SPARSE=bool(lists), S2_BLOCK=cap,
                   BLOCK_D=block_d)  # fmt: skip
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), lse.stride(0), lse.stride(1), doc.stride(0))
     bwd_lists = _list_args(lists, backward=True, device=q.device)
@@ -500,28 +509,30 @@ def _flash_bwd(
             **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
         )  # fmt: skip
 
-    key = _tuning_key(q, k, doc_ids is not None, bool(lists), cap)
+    key = _tuning_key(q, k, bool(documents), bool(lists), cap)
     for name, launch in (("dkdv", launch_dkdv), ("dq", launch_dq)):
         launch(pick_tiles(name, key, _options(name, tiles, block_d, cap), launch, _autotune(q.device)))
     return dq, dk, dv
 
 
 @_flash_bwd.register_fake
-def _(do, q, k, v, o, lse, doc_ids, lists, cap, window, tiles):
+def _(do, q, k, v, o, lse, documents, lists, cap, window, tiles):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, doc_ids, lists, cap, window, tiles = inputs
-    ctx.save_for_backward(q, k, v, *output, doc_ids, *lists)
-    ctx.cap, ctx.window, ctx.tiles = cap, window, tiles
+    q, k, v, documents, lists, cap, window, tiles = inputs
+    ctx.save_for_backward(q, k, v, *output, *documents, *lists)
+    ctx.documents, ctx.cap, ctx.window, ctx.tiles = len(documents), cap, window, tiles
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, o, lse, doc_ids, *lists = ctx.saved_tensors
-    dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, doc_ids, lists, ctx.cap, ctx.window, ctx.tiles)
-    return dq, dk, dv, None, [None] * len(lists), None, None, None  # a tensor list's gradient: one per element
+    q, k, v, o, lse, *rest = ctx.saved_tensors
+    documents, lists = rest[: ctx.documents], rest[ctx.documents :]
+    dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, documents, lists, ctx.cap, ctx.window, ctx.tiles)
+    # a tensor list's gradient: one per element
+    return dq, dk, dv, [None] * len(documents), [None] * len(lists), None, None, None
 
 
 _flash_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -548,5 +559,5 @@ def flash_attention(
         raise ValueError(f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     tensors = lists.tensors() if isinstance(lists, SparsityLists) else list(lists or [])
-    o, lse = _flash_fwd(q, k, v, doc_ids, tensors, block, window or q.shape[1], Tiles.encode(tiles))
+    o, lse = _flash_fwd(q, k, v, _documents(doc_ids), tensors, block, window or q.shape[1], Tiles.encode(tiles))
     return (o, lse) if return_lse else o
