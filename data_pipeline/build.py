@@ -340,13 +340,14 @@ def select_documents(config: BuildConfig, unit_files: list[Path], dropped_file: 
     """The documents the shuffles kept, per family, with validation documents held out."""
     dropped = np.load(dropped_file)
     exact, near_dropped = dropped["exact"], dropped["near"]
+    dropped_codes = np.union1d(exact, near_dropped)  # sorted: each unit's are one slice of it
     refs: dict[str, list[np.ndarray]] = defaultdict(list)  # per family: (unit, row, length, language) blocks
     languages: dict[str, dict] = {}
     first_seen: dict[str, int] = {}
     for u, path in enumerate(unit_files):
         table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-        codes = dedup.doc_codes(u, np.arange(table.num_rows))
-        rows = np.flatnonzero(~(np.isin(codes, exact) | np.isin(codes, near_dropped)))
+        lo, hi = np.searchsorted(dropped_codes, dedup.doc_codes(u, np.array([0, table.num_rows])))
+        rows = np.setdiff1d(np.arange(table.num_rows), dedup.code_rows(dropped_codes[lo:hi]))
         families, langs = (_strings(table.column(name))[rows] for name in ("family", "lang"))
         confidences = table.column("confidence").to_numpy()[rows].tolist()
         lengths = table.column("tokens").combine_chunks().value_lengths().to_numpy()[rows].astype(np.int64)
@@ -418,6 +419,11 @@ class ShardWriter:
             entry["family"] = self.family
         self.entries.append(entry)
 
+    def write_all(self, packed: PackedSequences, rows: int) -> None:
+        """`packed` as shards of `rows` sequences (the last one shorter)."""
+        for start in range(0, len(packed), rows):
+            self.write(packed.take(slice(start, start + rows)))
+
 
 @dataclass(frozen=True)
 class FamilyLabels:
@@ -473,9 +479,7 @@ def pack_best_fit_train(config, refs: np.ndarray, store: TokenStore, label, eos,
         pieces = split_long_documents(docs, config.seq_len)
         split += sum(len(t) >= config.seq_len for _, t in docs)
         bins = best_fit_bins([len(p[1]) + p[2] for p in pieces], config.seq_len)
-        packed = pack_bins(pieces, config.seq_len, eos, pad, bins)
-        for block_start in range(0, len(packed), rows):
-            writer.write(label(packed.take(slice(block_start, block_start + rows))))
+        writer.write_all(label(pack_bins(pieces, config.seq_len, eos, pad, bins)), rows)
     return split
 
 
@@ -513,9 +517,7 @@ def plan_build(config: BuildConfig, unit_files: list[str], staging: str, eos: in
         if not docs:
             continue
         writer = ShardWriter(staging_dir, "valid", family)
-        packed = label(pack_documents(docs, config.seq_len, eos, pad))
-        for start in range(0, len(packed), config.sequences_per_shard):
-            writer.write(packed.take(slice(start, start + config.sequences_per_shard)))
+        writer.write_all(label(pack_documents(docs, config.seq_len, eos, pad)), config.sequences_per_shard)
         valid_entries += writer.entries
         valid_padding += writer.padding
     drawn = sum(d.drawn_tokens for d in draws)

@@ -30,6 +30,11 @@ def doc_codes(unit: int, rows: np.ndarray) -> np.ndarray:
     return (np.int64(unit) << 32) | rows.astype(np.int64)
 
 
+def code_rows(codes: np.ndarray) -> np.ndarray:
+    """The rows in their unit of documents given by `doc_codes`."""
+    return codes & np.int64(0xFFFFFFFF)
+
+
 def lsh_bands(threshold: float, num_perm: int) -> list[tuple[int, int]]:
     """The (start, end) hash ranges of datasketch's MinHashLSH for these settings."""
     from datasketch import MinHashLSH

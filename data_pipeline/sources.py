@@ -107,6 +107,15 @@ def _open(path: str):
     return io.BufferedReader(pa.input_stream(path, compression="detect"))
 
 
+def _seekable(path: str):
+    """The file for readers that seek (Parquet, Arrow): memory-mapped here, or fsspec's file."""
+    if is_url(path):
+        import fsspec
+
+        return fsspec.open(path, "rb").open()
+    return pa.memory_map(path)
+
+
 def _utf8_error(raw: bytes) -> str:
     try:
         raw.decode("utf-8")
@@ -128,11 +137,11 @@ def _records(path: str) -> Iterator[dict]:
                     except json.JSONDecodeError as err:
                         raise ValueError(f"{path}:{line_no}: not valid JSON: {err.msg}") from err
     elif name.endswith(".parquet"):
-        with _open(path) if is_url(path) else open(path, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches():
+        with _seekable(path) as source:
+            for batch in pq.ParquetFile(source).iter_batches():
                 yield from batch.to_pylist()
     elif name.endswith(".arrow"):
-        with pa.BufferReader(_open(path).read()) if is_url(path) else pa.memory_map(path) as source:
+        with _seekable(path) as source:
             try:
                 reader = pa.ipc.open_file(source)
                 batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
