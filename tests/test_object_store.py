@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import socket
 import uuid
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 from data_pipeline.build import BuildConfig, TokenizerConfig, build
 from data_pipeline.config import ConfigError
 from data_pipeline.sources import SourceConfig
+from tests.distributed import free_port
 
 pytest.importorskip("s3fs", reason="object-store sources need s3fs")
 moto_server = pytest.importorskip("moto.server", reason="the local S3 server is moto's (the dev extra)")
@@ -30,9 +30,7 @@ def s3(monkeypatch, tmp_path):
     import fsspec
     import s3fs
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -10,7 +10,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.distributed import free_port
+
 ray = pytest.importorskip("ray", reason="the Ray engine needs the ray extra")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,18 +28,12 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.e
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Cluster:
     """`ray start --block` processes, each in its own session so that it can be killed whole. Ray
     clusters authenticate by token (Ray >= 2.5x): every node and driver gets this cluster's."""
 
     def __init__(self):
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: list[subprocess.Popen] = []
         self.env = {**ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
