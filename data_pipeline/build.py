@@ -38,7 +38,7 @@ import pyarrow as pa
 import yaml
 from tqdm import tqdm
 
-from data_pipeline import dedup
+from data_pipeline import arrow, dedup
 from data_pipeline.config import ConfigError, to_dict
 from data_pipeline.engine import ENGINES, LocalEngine, RayEngine, make_engine
 from data_pipeline.languages import family_of, language_table
@@ -207,7 +207,8 @@ def tokenize_unit(unit: Unit, out_file: str, batch_docs: int) -> dict:
 
     def flush(docs):
         nonlocal tokens
-        encoded, agreed = encode_batch(tokenizer, _WORKER["fast"], [d.text for d in docs])
+        # tiktoken is checked against the tokenizer once per file (per batch, the check cost 10%)
+        encoded, agreed = encode_batch(tokenizer, _WORKER["fast"], [d.text for d in docs], check=not tokens)
         if not agreed:  # tiktoken disagreed with the tokenizer: use the tokenizer itself from now on
             _WORKER["fast"] = None
         for doc in docs:
@@ -217,7 +218,7 @@ def tokenize_unit(unit: Unit, out_file: str, batch_docs: int) -> dict:
             columns["key"].append(hashlib.blake2b(doc.text.encode(), digest_size=16).digest())
             if near is not None:
                 columns["minhash"].append(_minhash(doc.text, near))
-        # One flat array per batch: an array per document, then pa.array over them, cost as much as encoding.
+        # One flat array per batch: an array per document, then an Arrow array over them, cost as much as encoding.
         lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
         columns["lengths"].append(lengths)
         columns["values"].append(np.fromiter(itertools.chain.from_iterable(encoded), np.int32, int(lengths.sum())))
@@ -231,14 +232,15 @@ def tokenize_unit(unit: Unit, out_file: str, batch_docs: int) -> dict:
             batch = []
     flush(batch)
     arrays = {
-        "family": pa.array(columns["family"], pa.string()).dictionary_encode(),
-        "lang": pa.array(columns["lang"], pa.string()).dictionary_encode(),
-        "confidence": pa.array(columns["confidence"], pa.float32()),
+        "family": arrow.dictionary_strings(columns["family"]),
+        "lang": arrow.dictionary_strings(columns["lang"]),
+        "confidence": arrow.from_numpy(np.array(columns["confidence"], np.float32)),
         "tokens": _list_array(columns["values"], columns["lengths"]),
-        "key": pa.array(columns["key"], pa.binary(16)),
+        "key": arrow.fixed_binary(columns["key"], 16),
     }
     if near is not None:
-        arrays["minhash"] = pa.array(columns["minhash"], pa.list_(pa.uint64(), near.num_perm))
+        signatures = np.concatenate(columns["minhash"]) if columns["minhash"] else np.zeros(0, np.uint64)
+        arrays["minhash"] = pa.FixedSizeListArray.from_arrays(arrow.from_numpy(signatures), near.num_perm)
     table_ = pa.table(arrays)
     tmp = out_file + ".tmp"
     with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table_.schema) as writer:
@@ -253,7 +255,7 @@ def _list_array(values: list[np.ndarray], lengths: list[np.ndarray]) -> pa.ListA
     offsets = np.zeros(len(lengths) + 1, np.int32)
     np.cumsum(lengths, out=offsets[1:])
     flat = np.concatenate(values) if values else np.zeros(0, np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int32()))
+    return pa.ListArray.from_arrays(arrow.from_numpy(offsets), arrow.from_numpy(flat.astype(np.int32, copy=False)))
 
 
 def _sample_texts(units: list[Unit], table: dict[str, str], per_family: int) -> list[str]:
@@ -332,8 +334,8 @@ def deduplicate(config: BuildConfig, unit_files: list[Path], staging: Path, engi
 
 def _strings(column: pa.ChunkedArray) -> np.ndarray:
     """A dictionary-encoded string column as an object array (its to_pylist would import pandas)."""
-    array = column.combine_chunks()
-    return np.array(array.dictionary.to_pylist(), dtype=object)[array.indices.to_numpy(zero_copy_only=False)]
+    array = arrow.one_chunk(column)
+    return np.array(array.dictionary.to_pylist(), dtype=object)[arrow.to_numpy(array.indices)]
 
 
 def select_documents(config: BuildConfig, unit_files: list[Path], dropped_file: Path) -> Selection:
@@ -349,8 +351,8 @@ def select_documents(config: BuildConfig, unit_files: list[Path], dropped_file: 
         lo, hi = np.searchsorted(dropped_codes, dedup.doc_codes(u, np.array([0, table.num_rows])))
         rows = np.setdiff1d(np.arange(table.num_rows), dedup.code_rows(dropped_codes[lo:hi]))
         families, langs = (_strings(table.column(name))[rows] for name in ("family", "lang"))
-        confidences = table.column("confidence").to_numpy()[rows].tolist()
-        lengths = table.column("tokens").combine_chunks().value_lengths().to_numpy()[rows].astype(np.int64)
+        confidences = arrow.to_numpy(table.column("confidence"))[rows].tolist()
+        lengths = arrow.to_numpy(arrow.one_chunk(table.column("tokens")).value_lengths())[rows].astype(np.int64)
         for lang, family in zip(langs.tolist(), families.tolist(), strict=True):  # in document order
             if lang not in first_seen:
                 first_seen[lang] = len(first_seen)  # renumbered in sorted order below
@@ -393,9 +395,9 @@ class TokenStore:
     def __init__(self, unit_files: list[Path]):
         self._values, self._offsets = [], []
         for path in unit_files:
-            column = pa.ipc.open_file(pa.memory_map(str(path))).read_all().column("tokens").combine_chunks()
-            self._values.append(column.values.to_numpy())
-            self._offsets.append(column.offsets.to_numpy())
+            column = arrow.one_chunk(pa.ipc.open_file(pa.memory_map(str(path))).read_all().column("tokens"))
+            self._values.append(arrow.to_numpy(column.values))
+            self._offsets.append(arrow.to_numpy(column.offsets))
 
     def get(self, unit: int, row: int) -> np.ndarray:
         offsets = self._offsets[unit]

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from data_pipeline import arrow
+
 
 def doc_codes(unit: int, rows: np.ndarray) -> np.ndarray:
     """One int64 per document that sorts in (unit, row) order."""
@@ -56,13 +58,13 @@ def partition_unit(unit: int, unit_file: str, out_dir: str, partitions: int, exa
     codes = doc_codes(unit, rows)
     parts: dict[int, dict[str, np.ndarray]] = {p: {} for p in range(partitions)}
     if exact:
-        keys = np.frombuffer(table.column("key").combine_chunks().buffers()[1], np.uint8)[: 16 * len(rows)]
+        keys = np.frombuffer(arrow.one_chunk(table.column("key")).buffers()[1], np.uint8)[: 16 * len(rows)]
         keys = keys.reshape(-1, 16)
         where = keys[:, :8].copy().view(np.uint64)[:, 0] % np.uint64(partitions)
         for p in range(partitions):
             parts[p].update(keys=keys[where == p], key_docs=codes[where == p])
     if bands:
-        signatures = np.asarray(table.column("minhash").combine_chunks().values.to_numpy(), np.uint64)
+        signatures = arrow.to_numpy(arrow.one_chunk(table.column("minhash")).values)
         signatures = signatures.reshape(len(rows), -1)
         width = bands[0][1] - bands[0][0]
         values = np.stack([signatures[:, start:end] for start, end in bands], axis=1)  # docs, bands, width

@@ -113,73 +113,8 @@ def pack_documents(
     )
 
 
-class StreamPacker:
-    """`pack_documents` over a stream: documents go in one at a time and full blocks of
-    `rows_per_block` sequences come out, so memory stays bounded by one block whatever the corpus
-    size. The sequences are exactly those `pack_documents` makes of the whole stream."""
-
-    def __init__(self, seq_len: int, eos_id: int, pad_id: int, rows_per_block: int):
-        self.seq_len, self.eos_id, self.pad_id, self.rows = seq_len, eos_id, pad_id, rows_per_block
-        self._tokens: list[np.ndarray] = []
-        self._families: list[np.ndarray] = []
-        self._index: list[np.ndarray] = []
-        self._pending = 0
-        self._docs = 0
-
-    def add(self, family: int, tokens: np.ndarray) -> list[PackedSequences]:
-        """Append one document (EOS added); returns the blocks it completed."""
-        return self.add_many([(family, tokens)])
-
-    def add_many(self, docs: list[tuple[int, np.ndarray]]) -> list[PackedSequences]:
-        """Append documents (EOS after each) with one concatenation for all of them, not three small
-        arrays per document; returns the blocks they completed."""
-        if not docs:
-            return []
-        eos = np.array([self.eos_id], np.int32)
-        lengths = np.fromiter((len(tokens) + 1 for _, tokens in docs), np.int64, len(docs))
-        self._tokens.append(
-            np.concatenate([part for _, tokens in docs for part in (np.asarray(tokens, np.int32), eos)])
-        )
-        self._families.append(np.repeat(np.fromiter((f for f, _ in docs), np.int16, len(docs)), lengths))
-        self._index.append(np.repeat(np.arange(self._docs, self._docs + len(docs), dtype=np.int64), lengths))
-        self._docs += len(docs)
-        self._pending += int(lengths.sum())
-        blocks = []
-        while self._pending >= self.rows * self.seq_len:
-            blocks.append(self._cut(self.rows * self.seq_len))
-        return blocks
-
-    def finish(self) -> PackedSequences | None:
-        """The last, padded block (None when nothing is left)."""
-        if not self._pending:
-            return None
-        rows = -(-self._pending // self.seq_len)
-        pad = rows * self.seq_len - self._pending
-        self._tokens.append(np.full(pad, self.pad_id, np.int32))
-        self._families.append(np.full(pad, -1, np.int16))
-        self._index.append(np.full(pad, -1, np.int64))
-        self._pending += pad
-        return self._cut(self._pending)
-
-    def _cut(self, size: int) -> PackedSequences:
-        # One part (what a previous cut left, or one window's append) is sliced, not copied: copying the
-        # remainder at every cut was quadratic in the documents appended at once.
-        tokens, families, index = (
-            parts[0] if len(parts) == 1 else np.concatenate(parts)
-            for parts in (self._tokens, self._families, self._index)
-        )
-        self._tokens, self._families, self._index = [tokens[size:]], [families[size:]], [index[size:]]
-        self._pending -= size
-        shape = (size // self.seq_len, self.seq_len)
-        return PackedSequences(
-            tokens=tokens[:size].reshape(shape),
-            doc_ids=_renumber(index[:size].reshape(shape)),
-            family_ids=families[:size].reshape(shape),
-        )
-
-
 def concat_shard_plan(lengths: np.ndarray, seq_len: int, rows: int) -> list[tuple[int, int, int]]:
-    """Where each shard of `StreamPacker(seq_len, ..., rows)` over documents of `lengths` (EOS
+    """Where each shard of `rows` sequences of the concat stream of documents of `lengths` (EOS
     included) begins and ends, without packing: per shard (first document, its tokens already in
     earlier shards, one past the last document). Each shard can then be packed on its own."""
     cumulative = np.cumsum(np.asarray(lengths, np.int64))
@@ -197,12 +132,31 @@ def concat_shard_plan(lengths: np.ndarray, seq_len: int, rows: int) -> list[tupl
 def pack_concat_shard(
     docs: list[tuple[int, np.ndarray]], offset: int, seq_len: int, eos_id: int, pad_id: int, rows: int
 ) -> PackedSequences:
-    """One shard of `concat_shard_plan`: the same sequences `StreamPacker` makes of the whole stream
-    (doc ids are renumbered inside each sequence, so where the numbering starts does not matter)."""
-    packer = StreamPacker(seq_len, eos_id, pad_id, rows)
-    label, tokens = docs[0]
-    blocks = packer.add_many([(label, tokens[offset:]), *docs[1:]])
-    return blocks[0] if blocks else packer.finish()  # only the last shard can be short
+    """One shard of `concat_shard_plan`: rows of the stream `pack_documents` makes of all the
+    documents, from the shard's documents alone (the first without its `offset` tokens already in
+    earlier shards). Only the last shard can be short: it is padded to whole sequences. Written
+    for speed (a shard is millions of tokens): int32 throughout, document ids as a running count
+    of document starts, labels gathered by it."""
+    label, first = docs[0]
+    docs = [(label, first[offset:]), *docs[1:]]
+    eos = np.array([eos_id], np.int32)
+    stream = np.concatenate([part for _, tokens in docs for part in (tokens, eos)])
+    total = min(len(stream), rows * seq_len)
+    size = -(-total // seq_len) * seq_len
+    tokens = np.full(size, pad_id, np.int32)
+    tokens[:total] = stream[:total]
+    starts = np.cumsum([len(t) + 1 for _, t in docs[:-1]], dtype=np.int64)
+    document = np.zeros(size, np.int32)
+    document[starts[starts < total]] = 1
+    np.cumsum(document, out=document)  # the stream's document index of every token
+    labels = np.fromiter((f for f, _ in docs), np.int16, len(docs))
+    family = np.full(size, -1, np.int16)
+    family[:total] = labels[document[:total]]
+    shape = (size // seq_len, seq_len)
+    doc_ids = document.reshape(shape)
+    doc_ids -= doc_ids[:, :1].copy()  # numbered from 0 in every sequence
+    doc_ids.reshape(-1)[total:] = -1
+    return PackedSequences(tokens=tokens.reshape(shape), doc_ids=doc_ids, family_ids=family.reshape(shape))
 
 
 def best_fit_bins(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from data_pipeline import arrow
 from data_pipeline.packing import PackedSequences
 
 MANIFEST = "manifest.json"
@@ -44,10 +45,8 @@ def write_shard(out_dir: Path, split: str, name: str, packed: PackedSequences) -
     (out_dir / split).mkdir(parents=True, exist_ok=True)
     seq_len = packed.tokens.shape[1]
     columns = {**COLUMNS, **{k: v for k, v in OPTIONAL_COLUMNS.items() if getattr(packed, k) is not None}}
-    arrays = [
-        pa.FixedSizeListArray.from_arrays(pa.array(getattr(packed, column).ravel(), dtype), seq_len)
-        for column, dtype in columns.items()
-    ]
+    values = [getattr(packed, column).ravel().astype(t.to_pandas_dtype(), copy=False) for column, t in columns.items()]
+    arrays = [pa.FixedSizeListArray.from_arrays(arrow.from_numpy(v), seq_len) for v in values]
     table = pa.Table.from_arrays(arrays, names=list(columns))
     rel = f"{split}/{name}.arrow"
     tmp = out_dir / (rel + ".tmp")
@@ -154,6 +153,6 @@ def open_shard(data_dir: Path, entry: dict, verify: bool = True) -> dict[str, np
         raise ValueError(f"shard {path} is not a readable Arrow file: {err}") from err
     out = {}
     for name in [*COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in table.column_names)]:
-        column = table.column(name).combine_chunks()
-        out[name] = column.flatten().to_numpy().reshape(len(column), column.type.list_size)
+        column = arrow.one_chunk(table.column(name))
+        out[name] = arrow.to_numpy(column.flatten()).reshape(len(column), column.type.list_size)
     return out

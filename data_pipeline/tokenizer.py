@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from itertools import chain, islice
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -78,9 +79,9 @@ def _byte_alphabet() -> dict[str, int]:
 
 
 def fast_encoder(tokenizer: Tokenizer):
-    """The same byte-level BPE as a tiktoken encoding (several times faster per core), or None when
-    the tokenizer is not a plain byte-level BPE tiktoken can reproduce. Callers check a sample against
-    `tokenizer` before trusting it (`encode_batch` below)."""
+    """The same byte-level BPE as a tiktoken encoding behind a word cache (several times faster per
+    core than `tokenizers`), or None when the tokenizer is not a plain byte-level BPE tiktoken can
+    reproduce. Callers check a sample against `tokenizer` before trusting it (`encode_batch` below)."""
     spec = json.loads(tokenizer.to_str())
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     plain = (
@@ -100,17 +101,66 @@ def fast_encoder(tokenizer: Tokenizer):
     special = {t["content"] for t in spec.get("added_tokens", [])}
     try:
         ranks = {bytes(alphabet[c] for c in token): i for token, i in model["vocab"].items() if token not in special}
-        return tiktoken.Encoding("bpe", pat_str=BYTE_LEVEL_PATTERN, mergeable_ranks=ranks, special_tokens={})
+        encoding = tiktoken.Encoding("bpe", pat_str=BYTE_LEVEL_PATTERN, mergeable_ranks=ranks, special_tokens={})
     except (KeyError, ValueError):  # a token outside the byte alphabet, or ranks tiktoken refuses
         return None
+    return WordCachedEncoder(encoding.encode_ordinary)
 
 
-def encode_batch(tokenizer: Tokenizer, fast, texts: list[str]) -> tuple[list[list[int]], bool]:
-    """Token ids of `texts`, by `fast` when given and it agrees with `tokenizer` on the batch's first
-    text. Returns the ids and False when it disagreed (the caller should stop using it)."""
+class _WordCache(dict):
+    """word -> the ids of `prefix + word`, encoded on a miss; full, it stops adding (as the BPE
+    cache of `tokenizers` does): the words seen first are mostly the frequent ones."""
+
+    def __init__(self, encode, prefix: str, capacity: int):
+        super().__init__()
+        self.encode, self.prefix, self.capacity = encode, prefix, capacity
+
+    def __missing__(self, word: str) -> tuple[int, ...]:
+        ids = tuple(self.encode(self.prefix + word))
+        if len(self) < self.capacity:
+            self[word] = ids
+        return ids
+
+
+class WordCachedEncoder:
+    """`encode` (a byte-level BPE's encode_ordinary under the GPT-2 pattern) with a cache of words.
+
+    The pattern's pieces never cross a single space or newline that stands between two characters
+    that are not whitespace: no piece holds whitespace after other characters, a space joins the
+    word after it (` ?\\p{L}+`, ...), and an isolated newline is a piece of its own (`\\s+(?!\\S)`
+    fails before a non-space, `\\s+` takes it alone). So a text whose lines are words separated by
+    single spaces encodes as its words' ids laid end to end: each line's first word, then " word"
+    for every further one, and "\\n" between lines. Most prose is such text; ~1.5x faster than
+    `encode` on it (a dict lookup per word instead of the regex and merges). Any other text
+    (tabs, runs of spaces, blank lines, non-printable characters) is encoded whole: exact either way.
+    """
+
+    def __init__(self, encode, capacity: int = 1 << 16):
+        self.encode = encode
+        self._first = _WordCache(encode, "", capacity)
+        self._spaced = _WordCache(encode, " ", capacity)
+        self._newline = tuple(encode("\n"))
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for i, line in enumerate(text.split("\n")):
+            # printable: no whitespace but " " (the others are control or separator characters)
+            if not (line.isprintable() and line and "  " not in line and " " not in (line[0], line[-1])):
+                return self.encode(text)
+            words = line.split(" ")
+            if i:
+                ids += self._newline
+            ids += self._first[words[0]]
+            ids.extend(chain.from_iterable(map(self._spaced.__getitem__, islice(words, 1, None))))
+        return ids
+
+
+def encode_batch(tokenizer: Tokenizer, fast, texts: list[str], check: bool = True) -> tuple[list[list[int]], bool]:
+    """Token ids of `texts`, by `fast` when given and (with `check`) it agrees with `tokenizer` on the
+    batch's first text. Returns the ids and False when it disagreed (the caller should stop using it)."""
     if fast is not None and texts:
         # A loop, not encode_ordinary_batch: with one thread its pool costs ~20% of the encoding.
         ids = [fast.encode_ordinary(text) for text in texts]
-        if ids[0] == tokenizer.encode(texts[0], add_special_tokens=False).ids:
+        if not check or ids[0] == tokenizer.encode(texts[0], add_special_tokens=False).ids:
             return ids, True
     return [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)], fast is None

@@ -404,11 +404,35 @@ def test_fast_encoder_gives_the_tokenizers_ids_or_is_not_used(corpus_dir, small_
     texts += ["  spaces\tand\ttabs\n\n", "émojis 🙂 and ünïcödé", "it's we're 12345 x=1;"]
     fast = fast_encoder(tokenizer)
     assert fast is not None
-    assert fast.encode_ordinary_batch(texts) == [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    assert [fast.encode_ordinary(t) for t in texts] == [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
     tokenizer.normalizer = normalizers.Lowercase()  # something tiktoken cannot reproduce
     assert fast_encoder(tokenizer) is None
     ids, agreed = encode_batch(tokenizer, fast, ["Upper Case"])  # a stale fast encoder is caught
     assert not agreed and ids == [tokenizer.encode("Upper Case", add_special_tokens=False).ids]
+
+
+def test_word_cache_gives_the_encoders_ids_on_any_whitespace(corpus_dir):
+    """The word cache takes a text's words one by one only where its pieces cannot cross a word
+    boundary: random texts over every kind of whitespace (runs, tabs, blank lines, no-break and
+    ideographic spaces, line and file separators), contractions, digits, marks and emoji, and the
+    corpus's prose with newlines, give tiktoken's ids on the whole text, with a cache of 3 words too.
+    The BPE is trained on those texts, so it has merges across whitespace for a wrong split to show."""
+    from data_pipeline.tokenizer import WordCachedEncoder, fast_encoder, train_bpe
+
+    pieces = [*"ab Zé", "\u044f\u0437", "\u4e2d\u6587", "\u0639\u0631", "42", "'s", "'t", "'", ".", ",", "\u0301",
+              "\U0001f642", " ", " ", " ", "  ", "\n", "\n\n", "\t", "\r\n", "\u00a0", "\u3000", "\x1c", "\u2028",
+              "\u200b", "\u00ad"]  # fmt: skip
+    rng = np.random.default_rng(0)
+    texts = ["".join(rng.choice(pieces, size=int(rng.integers(1, 40)))) for _ in range(3000)]
+    prose = [json.loads(line)["text"] for p in sorted(corpus_dir.glob("*.jsonl")) for line in p.open()][::5]
+    texts += prose + ["\n".join(prose[i : i + 3]) for i in range(0, len(prose), 3)]
+    cached = fast_encoder(train_bpe(texts, 1000))
+    tiny = WordCachedEncoder(cached.encode, capacity=3)
+    for text in texts:
+        want = cached.encode(text)
+        assert cached.encode_ordinary(text) == want, repr(text)
+        assert tiny.encode_ordinary(text) == want, repr(text)
+    assert len(cached._spaced) > 100 and len(tiny._spaced) == 3  # the words did go through the cache
 
 
 def test_document_text_never_becomes_a_control_token(small_dataset):

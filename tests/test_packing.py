@@ -11,7 +11,6 @@ import torch
 from data_pipeline.loader import IGNORE_INDEX, DataLoader, PackedDataset
 from data_pipeline.mixing import draw_documents, normalize_ratios
 from data_pipeline.packing import (
-    StreamPacker,
     concat_shard_plan,
     pack_best_fit,
     pack_concat_shard,
@@ -102,20 +101,6 @@ def test_loader_shards_only_over_data_parallel_ranks(small_dataset):
     halves = [DataLoader(dataset, global_batch_size=8, dp_rank=r, dp_size=2).batch_at(3) for r in range(2)]
     assert torch.equal(torch.cat([h.tokens for h in halves]).sort(0).values, full.tokens.sort(0).values)
     assert not torch.equal(halves[0].tokens, halves[1].tokens)
-
-
-@pytest.mark.parametrize("rows", [1, 3, 50])
-def test_stream_packer_equals_packing_the_whole_stream(rows):
-    docs = random_docs(150, seed=2)
-    whole = pack_documents(docs, 32, EOS, PAD)
-    packer = StreamPacker(32, EOS, PAD, rows_per_block=rows)
-    blocks = [b for family, tokens in docs[:40] for b in packer.add(family, np.array(tokens))]
-    for start, stop in ((40, 41), (41, 97), (97, 97), (97, 150)):  # and in windows, as the build appends
-        blocks += packer.add_many([(family, np.array(tokens)) for family, tokens in docs[start:stop]])
-    blocks.append(packer.finish())
-    assert all(len(b) == rows for b in blocks[:-1])
-    for name in ("tokens", "doc_ids", "family_ids"):
-        np.testing.assert_array_equal(np.concatenate([getattr(b, name) for b in blocks]), getattr(whole, name))
 
 
 @pytest.mark.parametrize("rows", [1, 3, 50])
