@@ -470,6 +470,24 @@ def test_a_built_dataset_holds_one_eos_per_document_whatever_its_text(tmp_path):
     assert eos_count == len(records)
 
 
+def test_minhash_signatures_are_datasketchs(corpus_dir):
+    """The build's MinHash (permutations made once, letters counted only in text with unspaced
+    scripts) gives datasketch's own signatures, on spaced, unspaced and mark-only text."""
+    from datasketch import MinHash
+
+    from data_pipeline.build import MINHASH_SCHEME, NearDedupConfig, _minhash, shingles
+
+    texts = [json.loads(line)["text"] for p in sorted(corpus_dir.glob("*.jsonl")) for line in p.open()][::40]
+    texts += ["\u0e31\u0e34\u0e35" * 4, "中文没有空格的句子在这里" * 3, "mixed 中文 and words " * 4]
+    near = NearDedupConfig(num_perm=32, ngram=3)
+    for text in texts:
+        want = MinHash(num_perm=32, seed=1, scheme=MINHASH_SCHEME)
+        want.update_batch([g.encode() for g in shingles(text, 3)])
+        np.testing.assert_array_equal(_minhash(text, near), want.hashvalues.astype(np.uint64))
+    assert shingles("\u0e31\u0e34\u0e35", 2) == {"\u0e31\u0e34\u0e35"}  # marks, no letters: one word
+    assert shingles("中文没有空格", 2) == {"中文", "文没", "没有", "有空", "空格"}
+
+
 @pytest.mark.parametrize("script", ["zh", "ja"])
 def test_near_duplicates_without_spaces_are_found(tmp_path, script):
     """Chinese and Japanese are written without spaces: shingles of characters, not of words."""
