@@ -497,10 +497,11 @@ def pack_best_fit_train(config, refs: np.ndarray, store: TokenStore, label, eos,
 
 
 def plan_build(config: BuildConfig, unit_files: list[str], staging: str, eos: int, pad: int) -> dict:
-    """The build's one sequential unit, run by the engine (on a worker, not the driver): the kept
-    documents per family, validation held out, the mixture, then for concat the shard plan (each
-    shard's documents, packed later by many workers), for best_fit the train shards themselves, and
-    the validation shards. Writes `plan/summary.json` (what the manifest needs) and returns it."""
+    """The build's one sequential unit, run by the engine (on Ray a worker, not the driver; the local
+    engine runs a lone unit in its own process): the kept documents per family, validation held out,
+    the mixture, then for concat the shard plan (each shard's documents, packed later by many
+    workers), for best_fit the train shards themselves, and the validation shards. Writes
+    `plan/summary.json` (what the manifest needs) and returns it."""
     staging_dir, files = Path(staging), [Path(f) for f in unit_files]
     plan_dir = staging_dir / "plan"
     plan_dir.mkdir(exist_ok=True)
