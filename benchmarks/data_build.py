@@ -132,7 +132,7 @@ def run_raw_cached(files: list[str], tokenizer: str, out: str) -> dict:
 
 
 def run_hf(files: list[str], tokenizer: str, out: str) -> dict:
-    """load_dataset("json") -> map(encode, batched, num_proc) writing Arrow, with the build's encoder."""
+    """load_dataset("json") -> map(encode, batched, num_proc) writing Arrow, encoding with tiktoken."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -163,7 +163,7 @@ def run_datatrove(files: list[str], tokenizer: str, out: str) -> dict:
     from datatrove.pipeline.readers import JsonlReader
 
     class Encode(PipelineStep):
-        name = "encode (the build's tiktoken encoding)"
+        name = "encode (tiktoken, per text)"
 
         def run(self, data, rank: int = 0, world_size: int = 1):
             encode, batch, tokens = encoder(tokenizer), [], 0
