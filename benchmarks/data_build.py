@@ -93,25 +93,26 @@ def run_ours(files: list[str], tokenizer: str, out: str) -> dict:
     return {"seconds": seconds, "tokens": tokens, "peak_rss_mib": peak_rss_mib()}
 
 
-def encoder(tokenizer: str, cached: bool = False):
-    """text -> ids for this tokenizer folder: tiktoken's encoding of the same BPE (the build's word
-    cache in front of it when `cached`)."""
+def encoder(tokenizer: str):
+    """The build's encoder for this tokenizer folder: `.encode` is tiktoken's encoding of the same
+    BPE, `.encode_texts` the build's word cache in front of it."""
     from data_pipeline.tokenizer import fast_encoder, load_tokenizer
 
     fast = fast_encoder(load_tokenizer(tokenizer))
     if fast is None:
         raise RuntimeError(f"{tokenizer}: not a byte-level BPE tiktoken can run; the peers need one encoder")
-    return fast.encode_ordinary if cached else fast.encode
+    return fast
 
 
 def _encode_files(args: tuple[list[str], str, bool]) -> int:
     files, tokenizer, cached = args
-    encode, tokens = encoder(tokenizer, cached), 0
+    fast, tokens = encoder(tokenizer), 0
     for path in files:
         with open(path, encoding="utf-8") as f:
             texts = [json.loads(line)["text"] for line in f]
         for start in range(0, len(texts), 1000):
-            tokens += sum(len(encode(text)) for text in texts[start : start + 1000])
+            batch = texts[start : start + 1000]
+            tokens += len(fast.encode_texts(batch)[0]) if cached else sum(len(fast.encode(text)) for text in batch)
     return tokens
 
 
@@ -136,7 +137,7 @@ def run_hf(files: list[str], tokenizer: str, out: str) -> dict:
     import datasets
 
     datasets.disable_progress_bars()
-    encode = encoder(tokenizer)
+    encode = encoder(tokenizer).encode
     eos = 0  # any id: appended per document as the build appends its EOS
     start = time.perf_counter()
     dataset = datasets.load_dataset("json", data_files=files, split="train", cache_dir=str(Path(out) / "cache"))
@@ -166,7 +167,7 @@ def run_datatrove(files: list[str], tokenizer: str, out: str) -> dict:
         name = "encode (tiktoken, per text)"
 
         def run(self, data, rank: int = 0, world_size: int = 1):
-            encode, batch, tokens = encoder(tokenizer), [], 0
+            encode, batch, tokens = encoder(tokenizer).encode, [], 0
             with open(Path(out) / f"tokens_{rank:05d}.bin", "wb") as sink:
 
                 def flush():

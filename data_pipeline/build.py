@@ -22,7 +22,6 @@ import dataclasses
 import difflib
 import functools
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -172,8 +171,8 @@ UNSPACED_SCRIPTS = re.compile(
 
 def _init_worker(tokenizer_file: str, families_file: str | None, near_dedup: NearDedupConfig | None) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
-    tokenizer = load_tokenizer(tokenizer_file)
-    _WORKER.update(tokenizer=text_only(tokenizer), fast=fast_encoder(tokenizer), table=language_table(families_file))
+    spec = json.loads(Path(tokenizer_file).read_text(encoding="utf-8"))  # the build's own copy, checked when written
+    _WORKER.update(tokenizer=text_only(spec), fast=fast_encoder(spec), table=language_table(families_file))
     _WORKER.update(near=near_dedup, identify=None)
 
 
@@ -219,7 +218,7 @@ def tokenize_unit(unit: Unit, out_file: str, batch_docs: int) -> dict:
     def flush(docs):
         nonlocal tokens
         # tiktoken is checked against the tokenizer once per file (per batch, the check cost 10%)
-        encoded, agreed = encode_batch(tokenizer, _WORKER["fast"], [d.text for d in docs], check=not tokens)
+        ids, lengths, agreed = encode_batch(tokenizer, _WORKER["fast"], [d.text for d in docs], check=not tokens)
         if not agreed:  # tiktoken disagreed with the tokenizer: use the tokenizer itself from now on
             _WORKER["fast"] = None
         for doc in docs:
@@ -230,10 +229,9 @@ def tokenize_unit(unit: Unit, out_file: str, batch_docs: int) -> dict:
             if near is not None:
                 columns["minhash"].append(_minhash(doc.text, near))
         # One flat array per batch: an array per document, then an Arrow array over them, cost as much as encoding.
-        lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
         columns["lengths"].append(lengths)
-        columns["values"].append(np.fromiter(itertools.chain.from_iterable(encoded), np.int32, int(lengths.sum())))
-        tokens += int(lengths.sum())
+        columns["values"].append(ids)
+        tokens += len(ids)
 
     batch = []
     for doc in read_file(unit.path, unit.source, table, _WORKER["identify"]):
@@ -363,7 +361,7 @@ def select_documents(config: BuildConfig, unit_files: list[Path], dropped_file: 
         rows = np.setdiff1d(np.arange(table.num_rows), dedup.code_rows(dropped_codes[lo:hi]))
         families, langs = (_strings(table.column(name))[rows] for name in ("family", "lang"))
         confidences = arrow.to_numpy(table.column("confidence"))[rows].tolist()
-        lengths = arrow.to_numpy(arrow.one_chunk(table.column("tokens")).value_lengths())[rows].astype(np.int64)
+        lengths = np.diff(arrow.to_numpy(arrow.one_chunk(table.column("tokens")).offsets))[rows].astype(np.int64)
         for lang, family in zip(langs.tolist(), families.tolist(), strict=True):  # in document order
             if lang not in first_seen:
                 first_seen[lang] = len(first_seen)  # renumbered in sorted order below
@@ -450,10 +448,9 @@ class FamilyLabels:
         return cls(tuple(families.index(s["family"]) for s in languages.values()))
 
     def __call__(self, packed: PackedSequences) -> PackedSequences:
-        langs = packed.family_ids.astype(np.int16)
-        family_of = np.array(self.family_of_language, dtype=np.int8)
-        family = np.where(langs >= 0, family_of[np.maximum(langs, 0)], -1).astype(np.int8)
-        return dataclasses.replace(packed, family_ids=family, lang_ids=langs)
+        langs = packed.family_ids.astype(np.int16, copy=False)
+        family_of = np.array([*self.family_of_language, -1], dtype=np.int8)  # padding's -1 picks the last: -1
+        return dataclasses.replace(packed, family_ids=family_of[langs], lang_ids=langs)
 
 
 def _save_array(path: Path, array: np.ndarray) -> None:

@@ -135,25 +135,27 @@ def pack_concat_shard(
     """One shard of `concat_shard_plan`: rows of the stream `pack_documents` makes of all the
     documents, from the shard's documents alone (the first without its `offset` tokens already in
     earlier shards). Only the last shard can be short: it is padded to whole sequences. Written
-    for speed (a shard is millions of tokens): int32 throughout, document ids as a running count
-    of document starts, labels gathered by it."""
+    for speed (a shard is millions of tokens): tokens concatenated in place, document indices and
+    labels repeated per document (sequential writes, no per-token gathers)."""
     label, first = docs[0]
     docs = [(label, first[offset:]), *docs[1:]]
-    eos = np.array([eos_id], np.int32)
-    stream = np.concatenate([part for _, tokens in docs for part in (tokens, eos)])
-    total = min(len(stream), rows * seq_len)
+    counts = np.fromiter((len(tokens) + 1 for _, tokens in docs), np.int64, len(docs))  # tokens with EOS
+    stream = int(counts.sum())
+    total = min(stream, rows * seq_len)
+    counts[-1] -= stream - total  # the last document runs on into the next shard
     size = -(-total // seq_len) * seq_len
-    tokens = np.full(size, pad_id, np.int32)
-    tokens[:total] = stream[:total]
-    starts = np.cumsum([len(t) + 1 for _, t in docs[:-1]], dtype=np.int64)
-    document = np.zeros(size, np.int32)
-    document[starts[starts < total]] = 1
-    np.cumsum(document, out=document)  # the stream's document index of every token
-    labels = np.fromiter((f for f, _ in docs), np.int16, len(docs))
-    family = np.full(size, -1, np.int16)
-    family[:total] = labels[document[:total]]
+    eos = np.array([eos_id], np.int32)
+    parts = [part for _, tokens in docs for part in (tokens, eos)]
+    parts[-2:] = parts[-2:] if stream == total else [parts[-2][: counts[-1]]]
+    tokens = np.empty(size, np.int32)
+    np.concatenate(parts, out=tokens[:total])
+    tokens[total:] = pad_id
+    padding = size - total
+    document = np.repeat(np.arange(len(docs), dtype=np.int32), counts)
+    labels = np.fromiter((label for label, _ in docs), np.int16, len(docs))
+    family = np.concatenate([np.repeat(labels, counts), np.full(padding, -1, np.int16)])
     shape = (size // seq_len, seq_len)
-    doc_ids = document.reshape(shape)
+    doc_ids = np.concatenate([document, np.zeros(padding, np.int32)]).reshape(shape)
     doc_ids -= doc_ids[:, :1].copy()  # numbered from 0 in every sequence
     doc_ids.reshape(-1)[total:] = -1
     return PackedSequences(tokens=tokens.reshape(shape), doc_ids=doc_ids, family_ids=family.reshape(shape))

@@ -7,6 +7,7 @@ import json
 from itertools import chain, islice
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOS = "<|endoftext|>"
@@ -41,13 +42,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return tokenizer
 
 
-def text_only(tokenizer: Tokenizer) -> Tokenizer:
+def tokenizer_spec(tokenizer: Tokenizer | dict) -> dict:
+    """The tokenizer's JSON as a dict (given one, as is: a worker parses its file once for both
+    `text_only` and `fast_encoder`)."""
+    return tokenizer if isinstance(tokenizer, dict) else json.loads(tokenizer.to_str())
+
+
+def text_only(tokenizer: Tokenizer | dict) -> Tokenizer:
     """The tokenizer without its added tokens, for document text: a literal `<|endoftext|>`, `<|pad|>`
     or chat role in a document is encoded as the characters it is, never as the control token
     (tiktoken's `encode_ordinary` does the same), so both encoders give the same ids."""
-    spec = json.loads(tokenizer.to_str())
-    spec["added_tokens"] = []
-    return Tokenizer.from_str(json.dumps(spec))
+    return Tokenizer.from_str(json.dumps({**tokenizer_spec(tokenizer), "added_tokens": []}))
 
 
 def tokenizer_hash(tokenizer: Tokenizer) -> str:
@@ -78,11 +83,11 @@ def _byte_alphabet() -> dict[str, int]:
     return chars
 
 
-def fast_encoder(tokenizer: Tokenizer):
+def fast_encoder(tokenizer: Tokenizer | dict):
     """The same byte-level BPE as a tiktoken encoding behind a word cache (several times faster per
     core than `tokenizers`), or None when the tokenizer is not a plain byte-level BPE tiktoken can
     reproduce. Callers check a sample against `tokenizer` before trusting it (`encode_batch` below)."""
-    spec = json.loads(tokenizer.to_str())
+    spec = tokenizer_spec(tokenizer)
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     plain = (
         model.get("type") == "BPE"
@@ -108,18 +113,19 @@ def fast_encoder(tokenizer: Tokenizer):
 
 
 class _WordCache(dict):
-    """word -> the ids of `prefix + word`, encoded on a miss; full, it stops adding (as the BPE
-    cache of `tokenizers` does): the words seen first are mostly the frequent ones."""
+    """word -> its entry in the encoder's table of pieces (the ids of `prefix + word`), encoded on a
+    miss; once the encoder is full, a new word gets an entry for the current batch only (as the BPE
+    cache of `tokenizers` stops adding: the words seen first are mostly the frequent ones)."""
 
-    def __init__(self, encode, prefix: str, capacity: int):
+    def __init__(self, encoder: WordCachedEncoder, prefix: str):
         super().__init__()
-        self.encode, self.prefix, self.capacity = encode, prefix, capacity
+        self.encoder, self.prefix = encoder, prefix
 
-    def __missing__(self, word: str) -> tuple[int, ...]:
-        ids = tuple(self.encode(self.prefix + word))
-        if len(self) < self.capacity:
-            self[word] = ids
-        return ids
+    def __missing__(self, word: str) -> int:
+        entry = self.encoder._entry(self.encoder.encode(self.prefix + word), cached=True)
+        if entry >= 0:
+            self[word] = entry
+        return entry
 
 
 class WordCachedEncoder:
@@ -130,37 +136,93 @@ class WordCachedEncoder:
     word after it (` ?\\p{L}+`, ...), and an isolated newline is a piece of its own (`\\s+(?!\\S)`
     fails before a non-space, `\\s+` takes it alone). So a text whose lines are words separated by
     single spaces encodes as its words' ids laid end to end: each line's first word, then " word"
-    for every further one, and "\\n" between lines. Most prose is such text; ~1.5x faster than
-    `encode` on it (a dict lookup per word instead of the regex and merges). Any other text
-    (tabs, runs of spaces, blank lines, non-printable characters) is encoded whole: exact either way.
+    for every further one, and "\\n" between lines. Most prose is such text. Any other text (tabs,
+    runs of spaces, blank lines, non-printable characters) is encoded whole: exact either way.
+
+    A batch of texts becomes a list of entries (a dict lookup per word instead of the regex and
+    merges), then one gather from the flat table of the entries' ids: ~1.8x faster than `encode`,
+    and the ids come out as the one int32 array the caller stores.
     """
 
     def __init__(self, encode, capacity: int = 1 << 16):
-        self.encode = encode
-        self._first = _WordCache(encode, "", capacity)
-        self._spaced = _WordCache(encode, " ", capacity)
-        self._newline = tuple(encode("\n"))
+        self.encode, self.capacity = encode, capacity  # capacity: cached words, both caches together
+        self._first = _WordCache(self, "")
+        self._spaced = _WordCache(self, " ")
+        self._newline = 0
+        self._pieces: list[list[int]] = [encode("\n")]  # entry (>= 0) -> ids; entries < 0: the batch's `_uncached`
+        self._uncached: list[list[int]] = []
+        self._ids, self._starts, self._lengths = np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+
+    def _entry(self, ids: list[int], cached: bool) -> int:
+        if cached and len(self._first) + len(self._spaced) < self.capacity:
+            self._pieces.append(ids)
+            return len(self._pieces) - 1
+        self._uncached.append(ids)
+        return -len(self._uncached)
 
     def encode_ordinary(self, text: str) -> list[int]:
-        ids: list[int] = []
+        return self.encode_texts([text])[0].tolist()
+
+    def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of `texts` end to end (int32) and each text's count of them."""
+        entries: list[int] = []
+        counts = np.zeros(len(texts), np.int64)
+        self._uncached = []
+        for t, text in enumerate(texts):
+            start = len(entries)
+            if not self._add_words(text, entries):
+                del entries[start:]
+                entries.append(self._entry(self.encode(text), cached=False))
+            counts[t] = len(entries) - start
+        return self._gather(np.array(entries, np.int64), counts)
+
+    def _add_words(self, text: str, entries: list[int]) -> bool:
+        """Append the entries of `text`'s words; False (having appended some) where it is not simple prose."""
         for i, line in enumerate(text.split("\n")):
             # printable: no whitespace but " " (the others are control or separator characters)
             if not (line.isprintable() and line and "  " not in line and " " not in (line[0], line[-1])):
-                return self.encode(text)
+                return False
             words = line.split(" ")
             if i:
-                ids += self._newline
-            ids += self._first[words[0]]
-            ids.extend(chain.from_iterable(map(self._spaced.__getitem__, islice(words, 1, None))))
-        return ids
+                entries.append(self._newline)
+            entries.append(self._first[words[0]])
+            entries.extend(map(self._spaced.__getitem__, islice(words, 1, None)))
+        return True
+
+    def _gather(self, entries: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if len(self._pieces) > len(self._lengths):  # words cached since the last batch: into the flat table
+            new = self._pieces[len(self._lengths) :]
+            self._ids, self._starts, self._lengths = _appended(self._ids, self._starts, self._lengths, new)
+        ids, starts, lengths = self._ids, self._starts, self._lengths
+        if self._uncached:  # after the table, for this batch only
+            ids, starts, lengths = _appended(ids, starts, lengths, self._uncached)
+            entries = np.where(entries < 0, len(self._lengths) - 1 - entries, entries)
+        piece_lengths = lengths[entries]
+        ends = np.cumsum(piece_lengths)
+        total = int(ends[-1]) if len(ends) else 0
+        shift = np.repeat(starts[entries] - (ends - piece_lengths), piece_lengths)  # table position - output position
+        text_ends = ends[np.cumsum(counts) - 1] if len(ends) else np.zeros(len(counts), np.int64)
+        return ids[np.arange(total) + shift], np.diff(text_ends, prepend=0)
 
 
-def encode_batch(tokenizer: Tokenizer, fast, texts: list[str], check: bool = True) -> tuple[list[list[int]], bool]:
-    """Token ids of `texts`, by `fast` when given and (with `check`) it agrees with `tokenizer` on the
-    batch's first text. Returns the ids and False when it disagreed (the caller should stop using it)."""
+def _appended(ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray, pieces: list[list[int]]):
+    """The flat table (`ids`, each entry's start and length) with `pieces` added as new entries."""
+    new_lengths = np.fromiter(map(len, pieces), np.int64, len(pieces))
+    new_ids = np.fromiter(chain.from_iterable(pieces), np.int32, int(new_lengths.sum()))
+    new_starts = len(ids) + np.cumsum(new_lengths) - new_lengths
+    return np.concatenate([ids, new_ids]), np.concatenate([starts, new_starts]), np.concatenate([lengths, new_lengths])
+
+
+def encode_batch(
+    tokenizer: Tokenizer, fast, texts: list[str], check: bool = True
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Token ids of `texts` end to end (int32) and each text's count, by `fast` when given and (with
+    `check`) it agrees with `tokenizer` on the batch's first text; False when it disagreed (the
+    caller should stop using it)."""
     if fast is not None and texts:
-        # A loop, not encode_ordinary_batch: with one thread its pool costs ~20% of the encoding.
-        ids = [fast.encode_ordinary(text) for text in texts]
-        if not check or ids[0] == tokenizer.encode(texts[0], add_special_tokens=False).ids:
-            return ids, True
-    return [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)], fast is None
+        ids, lengths = fast.encode_texts(texts)
+        if not check or ids[: lengths[0]].tolist() == tokenizer.encode(texts[0], add_special_tokens=False).ids:
+            return ids, lengths, True
+    encoded = [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+    lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+    return np.fromiter(chain.from_iterable(encoded), np.int32, int(lengths.sum())), lengths, fast is None

@@ -408,16 +408,18 @@ def test_fast_encoder_gives_the_tokenizers_ids_or_is_not_used(corpus_dir, small_
     assert [fast.encode_ordinary(t) for t in texts] == want
     tokenizer.normalizer = normalizers.Lowercase()  # something tiktoken cannot reproduce
     assert fast_encoder(tokenizer) is None
-    ids, agreed = encode_batch(tokenizer, fast, ["Upper Case"])  # a stale fast encoder is caught
-    assert not agreed and ids == [tokenizer.encode("Upper Case", add_special_tokens=False).ids]
+    ids, lengths, agreed = encode_batch(tokenizer, fast, ["Upper Case"])  # a stale fast encoder is caught
+    assert not agreed and ids.tolist() == tokenizer.encode("Upper Case", add_special_tokens=False).ids
+    assert lengths.tolist() == [len(ids)]
 
 
 def test_word_cache_gives_the_encoders_ids_on_any_whitespace(corpus_dir):
     """The word cache takes a text's words one by one only where its pieces cannot cross a word
     boundary: random texts over every kind of whitespace (runs, tabs, blank lines, no-break and
     ideographic spaces, line and file separators), contractions, digits, marks and emoji, and the
-    corpus's prose with newlines, give tiktoken's ids on the whole text, with a cache of 3 words too.
-    The BPE is trained on those texts, so it has merges across whitespace for a wrong split to show."""
+    corpus's prose with newlines, give tiktoken's ids on the whole text, one by one and in batches
+    that mix cached words, words past a full cache (3 words) and texts encoded whole. The BPE is
+    trained on those texts, so it has merges across whitespace for a wrong split to show."""
     from data_pipeline.tokenizer import WordCachedEncoder, fast_encoder, train_bpe
 
     pieces = [*"ab Zé", "\u044f\u0437", "\u4e2d\u6587", "\u0639\u0631", "42", "'s", "'t", "'", ".", ",", "\u0301",
@@ -429,11 +431,18 @@ def test_word_cache_gives_the_encoders_ids_on_any_whitespace(corpus_dir):
     texts += prose + ["\n".join(prose[i : i + 3]) for i in range(0, len(prose), 3)]
     cached = fast_encoder(train_bpe(texts, 1000))
     tiny = WordCachedEncoder(cached.encode, capacity=3)
-    for text in texts:
+    for text in texts[::3]:
         want = cached.encode(text)
         assert cached.encode_ordinary(text) == want, repr(text)
         assert tiny.encode_ordinary(text) == want, repr(text)
-    assert len(cached._spaced) > 100 and len(tiny._spaced) == 3  # the words did go through the cache
+    order = rng.permutation(len(texts))
+    for start in range(0, len(texts), 97):
+        batch = [texts[i] for i in order[start : start + 97]]
+        want = [cached.encode(text) for text in batch]
+        for encoder in (cached, tiny):
+            ids, lengths = encoder.encode_texts(batch)
+            assert lengths.tolist() == [len(w) for w in want] and ids.tolist() == sum(want, []), batch
+    assert len(cached._spaced) > 100 and len(tiny._first) + len(tiny._spaced) == 3  # words went through the cache
 
 
 def test_document_text_never_becomes_a_control_token(small_dataset):
@@ -447,9 +456,10 @@ def test_document_text_never_becomes_a_control_token(small_dataset):
     documents, fast = text_only(tokenizer), fast_encoder(tokenizer)
     results = []
     for order in (texts, texts[::-1]):
-        by_tiktoken, agreed = encode_batch(documents, fast, order)
-        by_tokenizers, _ = encode_batch(documents, None, order)
-        assert agreed and by_tiktoken == by_tokenizers
+        ids, lengths, agreed = encode_batch(documents, fast, order)
+        by_tiktoken = [part.tolist() for part in np.split(ids, np.cumsum(lengths)[:-1])]
+        ids, lengths, _ = encode_batch(documents, None, order)
+        assert agreed and by_tiktoken == [part.tolist() for part in np.split(ids, np.cumsum(lengths)[:-1])]
         results.append(dict(zip(order, by_tiktoken, strict=True)))
         assert not {eos, pad} & {i for ids in by_tiktoken for i in ids}
     assert results[0] == results[1]
