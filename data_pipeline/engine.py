@@ -25,7 +25,7 @@ class LocalEngine:
     the build; one worker, or one unit, runs in this process."""
 
     def __init__(self, workers: int = 0):
-        self.workers = workers or os.cpu_count() or 1
+        self.workers = workers or usable_cores()
         self._pool: ProcessPoolExecutor | None = None
 
     def map_unordered(
@@ -52,6 +52,15 @@ class LocalEngine:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity (a SLURM or container cpuset, `taskset`),
+    which `os.cpu_count()` ignores (it counts the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform (macOS)
+        return os.cpu_count() or 1
 
 
 _SETUP_DONE: set = set()  # per worker process (pool or Ray, living one build): which setups ran there
