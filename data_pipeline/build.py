@@ -72,6 +72,8 @@ from data_pipeline.tokenizer import (
 )
 
 PACKINGS = ("concat", "best_fit")
+BATCH_CHARS = 1 << 22  # characters per tokenizer call at most, whatever the documents' length
+SPEED_KNOBS = ("workers", "engine", "ray_address", "staging_dir", "batch_docs")  # where and how fast, not what
 MINHASH_SCHEME = "affine32"  # datasketch's default; stored signatures are only comparable within one scheme
 
 
@@ -113,7 +115,7 @@ class BuildConfig:
     engine: str = "local"  # local (a process pool) | ray (tasks on a Ray cluster); same output either way
     ray_address: str | None = None  # engine ray: "auto", "HOST:PORT", or None for a Ray started here
     staging_dir: str | None = None  # output_dir on an object store: build here, then upload (default: temp)
-    batch_docs: int = 256  # documents per tokenizer call in a worker (bounds its memory)
+    batch_docs: int = 1024  # documents per tokenizer call in a worker (and at most BATCH_CHARS: bounds its memory)
     seed: int = 0
     # No family is repeated more than this many times to meet its ratio (data-constrained scaling:
     # up to about 4 epochs is worth nearly as much as new data); its share then falls short, with a
@@ -233,12 +235,13 @@ def tokenize_unit(unit: Unit, out_file: str, batch_docs: int) -> dict:
         columns["values"].append(ids)
         tokens += len(ids)
 
-    batch = []
+    batch, chars = [], 0
     for doc in read_file(unit.path, unit.source, table, _WORKER["identify"]):
         batch.append(doc)
-        if len(batch) == batch_docs:
+        chars += len(doc.text)
+        if len(batch) == batch_docs or chars >= BATCH_CHARS:
             flush(batch)
-            batch = []
+            batch, chars = [], 0
     flush(batch)
     arrays = {
         "family": arrow.dictionary_strings(columns["family"]),
@@ -613,9 +616,9 @@ def mixture_warnings(config: BuildConfig, draws, total: int, selection) -> list[
 
 
 def output_config(config: BuildConfig) -> dict:
-    """The config without the knobs that change only where and how fast it runs (workers, engine, staging),
-    as the manifest records it: the same build gives the same manifest on any engine."""
-    return {k: v for k, v in to_dict(config).items() if k not in ("workers", "engine", "ray_address", "staging_dir")}
+    """The config without the knobs that change only where and how fast it runs (`SPEED_KNOBS`), as
+    the manifest records it: the same build gives the same manifest on any engine and batch size."""
+    return {k: v for k, v in to_dict(config).items() if k not in SPEED_KNOBS}
 
 
 def _build_key(config: BuildConfig, units: list[Unit]) -> str:

@@ -215,7 +215,8 @@ def read_file(path: str, source: SourceConfig, table: dict[str, str], identify=N
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{where}: field {source.text_field!r} is {type(value).__name__} {value!r:.40}, not text")
         value = value or ""
-        text = (value if unicodedata.is_normalized("NFC", value) else unicodedata.normalize("NFC", value)).strip()
+        nfc = value.isascii() or unicodedata.is_normalized("NFC", value)  # isascii: O(1), and ASCII is NFC
+        text = (value if nfc else unicodedata.normalize("NFC", value)).strip()
         if len(text) < max(1, source.min_chars) or (source.max_chars and len(text) > source.max_chars):
             continue
         confidence = 1.0
