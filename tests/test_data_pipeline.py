@@ -415,8 +415,8 @@ def test_fast_encoder_gives_the_tokenizers_ids_or_is_not_used(corpus_dir, small_
 
 def test_word_cache_gives_the_encoders_ids_on_any_whitespace(corpus_dir):
     """The word cache takes a text's words one by one only where its pieces cannot cross a word
-    boundary: random texts over every kind of whitespace (runs, tabs, blank lines, no-break and
-    ideographic spaces, line and file separators), contractions, digits, marks and emoji, and the
+    boundary: random texts over every kind of whitespace (runs, tabs, blank lines, every White_Space
+    character, and characters that look like space but are not), contractions, digits, marks and emoji, and the
     corpus's prose with newlines, give tiktoken's ids on the whole text, one by one and in batches
     that mix cached words, words past a full cache (3 words) and texts encoded whole. The BPE is
     trained on those texts, so it has merges across whitespace for a wrong split to show."""
@@ -424,7 +424,8 @@ def test_word_cache_gives_the_encoders_ids_on_any_whitespace(corpus_dir):
 
     pieces = [*"ab Zé", "\u044f\u0437", "\u4e2d\u6587", "\u0639\u0631", "42", "'s", "'t", "'", ".", ",", "\u0301",
               "\U0001f642", " ", " ", " ", "  ", "\n", "\n\n", "\t", "\r\n", "\u00a0", "\u3000", "\x1c", "\u2028",
-              "\u200b", "\u00ad"]  # fmt: skip
+              "\u200b", "\u00ad", "\x0b", "\x0c", "\x85", "\u1680", "\u2000", "\u200a", "\u2029", "\u202f", "\u205f",
+              "\u180e", "\ufeff"]  # fmt: skip
     rng = np.random.default_rng(0)
     texts = ["".join(rng.choice(pieces, size=int(rng.integers(1, 40)))) for _ in range(3000)]
     prose = [json.loads(line)["text"] for p in sorted(corpus_dir.glob("*.jsonl")) for line in p.open()][::5]
@@ -442,6 +443,9 @@ def test_word_cache_gives_the_encoders_ids_on_any_whitespace(corpus_dir):
         for encoder in (cached, tiny):
             ids, lengths = encoder.encode_texts(batch)
             assert lengths.tolist() == [len(w) for w in want] and ids.tolist() == sum(want, []), batch
+    for encoder in (cached, tiny):  # empty texts, first and last
+        ids, lengths = encoder.encode_texts(["", "ab Zé", ""])
+        assert lengths.tolist() == [0, len(ids), 0] and ids.tolist() == cached.encode("ab Zé")
     assert len(cached._cache) > 100 and len(tiny._cache) == 3  # the words went through the cache
 
 
