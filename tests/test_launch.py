@@ -149,6 +149,22 @@ def test_rank_discovery_from_scheduler_variables():
     assert rank_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == {}, "a one-task job is not distributed"
 
 
+def test_ranks_split_the_cores_they_may_use_not_the_machines():
+    """Under a cpuset (here `taskset` pins the process to one core; SLURM and containers do the
+    same), torch's threads and the data build's workers count the cores the process may use."""
+    probe = ("from training.parallel.world import limit_cpu_threads; import torch; "
+             "from data_pipeline.engine import LocalEngine; limit_cpu_threads(); "
+             "print(torch.get_num_threads(), LocalEngine().workers)")  # fmt: skip
+    env = {**os.environ, "LOCAL_WORLD_SIZE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", probe], env=env, capture_output=True,
+                            text=True, check=True, cwd=Path(__file__).parents[1])  # fmt: skip
+    assert pinned.stdout.split() == ["1", "1"], pinned.stdout + pinned.stderr
+    if (os.cpu_count() or 1) > 1:  # unpinned: the rank takes every core it may use
+        free = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parents[1])  # fmt: skip
+        assert free.stdout.split() == [str(len(os.sched_getaffinity(0)))] * 2, free.stdout + free.stderr
+
+
 def launch_of_four(program: str, tiny_data: Path, out_dir: Path, *extra: str) -> subprocess.Popen:
     """4 ranks of the tiny job under `program` (deepspeed, torchrun or mpirun), on a fresh port."""
     port = str(free_port())

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
+from data_pipeline.engine import usable_cores
+
 DEFAULT_PORT = "29500"
 
 
@@ -161,8 +163,9 @@ def return_freed_memory_to_os(threshold_bytes: int = 4 * 2**20) -> None:
 
 
 def limit_cpu_threads() -> None:
-    """Ranks sharing a CPU split its cores instead of each spawning one thread per core."""
+    """Ranks sharing a CPU split the cores they may use (a SLURM or container cpuset, not the
+    machine's count) instead of each spawning one thread per core."""
     if not torch.cuda.is_available():
         found = {**os.environ, **rank_env(os.environ)}
         local_world = int(found.get("LOCAL_WORLD_SIZE", found.get("WORLD_SIZE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(max(1, usable_cores() // local_world))
