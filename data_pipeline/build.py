@@ -230,8 +230,7 @@ def tokenize_unit(unit: Unit, out_file: str, batch_docs: int) -> dict:
             columns["key"].append(hashlib.blake2b(doc.text.encode(), digest_size=16).digest())
             if near is not None:
                 columns["minhash"].append(_minhash(doc.text, near))
-        # One flat array per batch: an array per document, then an Arrow array over them, cost as much as encoding.
-        columns["lengths"].append(lengths)
+        columns["lengths"].append(lengths)  # one flat array per batch: an array per document cost as much as encoding
         columns["values"].append(ids)
         tokens += len(ids)
 

@@ -225,10 +225,15 @@ class WordCachedEncoder:
         return ids[np.arange(total) + shift], np.diff(text_ends, prepend=0)
 
 
+def _flatten(encoded: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Lists of ids as one int32 array of them end to end and each list's length."""
+    lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+    return np.fromiter(chain.from_iterable(encoded), np.int32, int(lengths.sum())), lengths
+
+
 def _appended(ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray, pieces: list[list[int]]):
     """The flat table (`ids`, each entry's start and length) with `pieces` added as new entries."""
-    new_lengths = np.fromiter(map(len, pieces), np.int64, len(pieces))
-    new_ids = np.fromiter(chain.from_iterable(pieces), np.int32, int(new_lengths.sum()))
+    new_ids, new_lengths = _flatten(pieces)
     new_starts = len(ids) + np.cumsum(new_lengths) - new_lengths
     return np.concatenate([ids, new_ids]), np.concatenate([starts, new_starts]), np.concatenate([lengths, new_lengths])
 
@@ -243,6 +248,5 @@ def encode_batch(
         ids, lengths = fast.encode_texts(texts)
         if not check or ids[: lengths[0]].tolist() == tokenizer.encode(texts[0], add_special_tokens=False).ids:
             return ids, lengths, True
-    encoded = [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
-    lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
-    return np.fromiter(chain.from_iterable(encoded), np.int32, int(lengths.sum())), lengths, fast is None
+    ids, lengths = _flatten([e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)])
+    return ids, lengths, fast is None
