@@ -12,7 +12,7 @@ setup(
     version="0.1.0",
     description=__doc__.strip().splitlines()[0],
     python_requires=">=3.10",
-    packages=find_packages(include=["training*", "kernels*", "data_pipeline*"]),
+    packages=find_packages(include=["common*", "training*", "kernels*", "data_pipeline*"]),
     package_data={"data_pipeline": ["*.yaml"]},
     install_requires=[
         "torch>=2.6",

@@ -254,7 +254,7 @@ def main() -> None:
     files = [str(p) for p in write_corpus(work / "corpus", args.megabytes)]
     half = files[: len(files) // 2]
 
-    from data_pipeline.build import Unit, _sample_texts
+    from data_pipeline.build_tokenize import Unit, sample_texts
     from data_pipeline.languages import language_table
     from data_pipeline.sources import SourceConfig
     from data_pipeline.tokenizer import train_bpe
@@ -262,7 +262,7 @@ def main() -> None:
     tokenizer_dir = work / "tokenizer"
     tokenizer_dir.mkdir(exist_ok=True)
     units = [Unit(i, SourceConfig(paths=[f]), f) for i, f in enumerate(files)]
-    train_bpe(_sample_texts(units, language_table(), 400), 32000).save(str(tokenizer_dir / "tokenizer.json"))
+    train_bpe(sample_texts(units, language_table(), 400), 32000).save(str(tokenizer_dir / "tokenizer.json"))
 
     runs = [(name, kind, half if name == "ours_half" else files) for name, kind in RUNS.items() if name in only]
     trials: dict[str, list[dict]] = {name: [] for name, _, _ in runs}

@@ -95,7 +95,7 @@ def main() -> None:
     files = [str(p) for p in write_corpus(work / "corpus", args.megabytes)]
     quarter = files[: max(1, len(files) // 4)]
 
-    from data_pipeline.build import Unit, _sample_texts
+    from data_pipeline.build_tokenize import Unit, sample_texts
     from data_pipeline.languages import language_table
     from data_pipeline.sources import SourceConfig
     from data_pipeline.tokenizer import train_bpe
@@ -103,7 +103,7 @@ def main() -> None:
     tokenizer = work / "tokenizer_engines"
     tokenizer.mkdir(parents=True, exist_ok=True)
     units = [Unit(i, SourceConfig(paths=[f]), f) for i, f in enumerate(files)]
-    train_bpe(_sample_texts(units, language_table(), 400), 32000).save(str(tokenizer / "tokenizer.json"))
+    train_bpe(sample_texts(units, language_table(), 400), 32000).save(str(tokenizer / "tokenizer.json"))
 
     runs = [("local", 1, files), ("local", 2, files), ("ray", 1, files), ("ray", 2, files), ("ray", 2, quarter)]
     rows = []

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_pipeline.shards import atomic_write_text  # noqa: E402
+from common.files import atomic_write_text  # noqa: E402
 
 MARKERS = {"kernels": "gpu-check:kernels", "mfu": "gpu-check:mfu"}
 QUICK = {

@@ -37,12 +37,13 @@ from data_pipeline.build import BuildConfig, TokenizerConfig, build  # noqa: E40
 from data_pipeline.corpus import write_default_corpus  # noqa: E402
 from data_pipeline.sources import SourceConfig  # noqa: E402
 from tests.distributed import run_ranks  # noqa: E402
+from training.config import CheckpointConfig, DataConfig, TrainConfig  # noqa: E402
 from training.metrics import peak_rss_bytes  # noqa: E402
 from training.models.hf import export_hf  # noqa: E402
 from training.models.phi import LongRoPE, PhiConfig, count_params_and_flops  # noqa: E402
+from training.objectives import trainer_for  # noqa: E402
 from training.parallel.mesh import ParallelConfig  # noqa: E402
 from training.parallel.world import return_freed_memory_to_os  # noqa: E402
-from training.trainer import CheckpointConfig, DataConfig, TrainConfig, Trainer  # noqa: E402
 
 SEQ_LEN = 64
 LAYOUTS = {
@@ -94,7 +95,7 @@ def measure(config: TrainConfig, steps: int) -> dict:
     gc.collect()
     baseline = rss_bytes()
     t0 = time.perf_counter()
-    trainer = Trainer(config)
+    trainer = trainer_for(config)
     build_s = time.perf_counter() - t0
     params = [p.to_local() if hasattr(p, "to_local") else p for p in trainer.model.parameters()]
     local_params = sum(p.numel() for p in params)

@@ -25,11 +25,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_pipeline.shards import atomic_write_text  # noqa: E402
+from common.files import atomic_write_text  # noqa: E402
 from training.metrics import device_peak_tflops  # noqa: E402
 from training.models.phi import PhiConfig, PhiModel, count_params_and_flops  # noqa: E402
+from training.parallel.transforms import apply_activation_checkpointing, apply_compile  # noqa: E402
 from training.precision import autocast  # noqa: E402
-from training.transforms import apply_activation_checkpointing, apply_compile  # noqa: E402
 
 # ~1.2B parameters: 24 layers of width 2048, 16 query / 4 KV heads of 128, SwiGLU 5632, Phi-3's vocab.
 ONE_B = dict(vocab_size=32064, dim=2048, n_layers=24, n_heads=16, n_kv_heads=4, ffn_dim=5632)

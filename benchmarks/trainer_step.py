@@ -27,12 +27,13 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_pipeline.config import load_config  # noqa: E402
+from common.config import load_config  # noqa: E402
 from data_pipeline.loader import IGNORE_INDEX  # noqa: E402
 from tests.distributed import run_ranks  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
 from training.models.phi import PhiModel  # noqa: E402
+from training.objectives import trainer_for  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
-from training.trainer import TrainConfig, Trainer  # noqa: E402
 
 
 def tiny_config(data: str, **parallel) -> TrainConfig:
@@ -55,7 +56,7 @@ def plain_step(model, optimizer, batch, grad_clip: float) -> None:
 
 def overhead(data: str, steps: int) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    trainer = Trainer(tiny_config(data))
+    trainer = trainer_for(tiny_config(data))
     torch.manual_seed(0)
     model = PhiModel(trainer.config.model)
     optimizer = build_optimizer(model, trainer.config.optim, 3e-3)
@@ -75,7 +76,7 @@ def overhead(data: str, steps: int) -> dict:
 
 
 def layout_step_time(config: TrainConfig, steps: int) -> float:
-    trainer = Trainer(config)
+    trainer = trainer_for(config)
     times = []
     for step in range(steps + 3):
         t0 = time.perf_counter()

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_pipeline.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 from data_pipeline.shards import read_manifest
 
 

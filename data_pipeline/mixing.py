@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_pipeline.config import ConfigError
+from common.config import ConfigError
 
 
 @dataclass

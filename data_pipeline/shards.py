@@ -6,7 +6,6 @@ half-written shard or manifest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from common.files import atomic_write_text, sha256_file
 from data_pipeline import arrow
 from data_pipeline.packing import PackedSequences
 
@@ -23,21 +23,6 @@ MANIFEST = "manifest.json"
 COLUMNS = {"tokens": pa.int32(), "doc_ids": pa.int32(), "family_ids": pa.int8()}
 # loss_mask (SFT / DPO): 1 where the token is a training target; lang_ids: each token's language
 OPTIONAL_COLUMNS = {"loss_mask": pa.int8(), "lang_ids": pa.int16()}
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_shard(out_dir: Path, split: str, name: str, packed: PackedSequences) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipeline.config import ConfigError
+from common.config import ConfigError
 from data_pipeline.languages import family_of
 
 

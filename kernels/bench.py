@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.shards import atomic_write_text
+from common.files import atomic_write_text
 from kernels.patterns import S2Pattern, block_lists, block_mask
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 64

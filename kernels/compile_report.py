@@ -10,6 +10,7 @@ spills or needs more shared memory than its architecture has. No GPU or CUDA dri
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import itertools
 import json
@@ -25,7 +26,8 @@ from pathlib import Path
 
 # Largest dynamic shared memory one block may use (bytes): A100 163 KB, H100 227 KB.
 SHARED_LIMIT = {80: 166_912, 90: 232_448}
-KERNELS = {"fwd": "_fwd_kernel", "dkdv": "_bwd_dkdv_kernel", "dq": "_bwd_dq_kernel"}
+KERNELS = {"fwd": "kernels.flash_gqa_fwd:fwd_kernel", "dkdv": "kernels.flash_gqa_bwd:bwd_dkdv_kernel",
+           "dq": "kernels.flash_gqa_bwd:bwd_dq_kernel"}  # fmt: skip
 TENSOR_ARGS = {"Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV"}  # in the activation dtype
 FLOAT_ARGS = {"LSE": "*fp32", "DELTA": "*fp32", "sm_scale": "fp32"}
 INDEX_ARGS = {"DOC", "SEG_START", "SEG_END", "BLOCK_IDX", "BLOCK_CNT"}  # int32 tensors
@@ -53,7 +55,7 @@ def variants(head_dims, dtypes, archs, docs=(False, True)) -> list[Variant]:
     every tile configuration the autotuner may pick for the head dim (fitted under the S2 block)."""
     import triton
 
-    from kernels.flash_gqa import candidates
+    from kernels.flash_gqa_tuning import candidates
 
     found = []
     for kernel, sparse, has_docs, d, dtype, arch in itertools.product(
@@ -102,9 +104,8 @@ def compile_variant(variant: Variant) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import flash_gqa
-
-    fn = getattr(flash_gqa, KERNELS[variant.kernel])
+    module, name = KERNELS[variant.kernel].split(":")
+    fn = getattr(importlib.import_module(module), name)
     types, names = _signature(fn, variant.dtype)
     constants = {
         "GROUP": variant.group,

@@ -112,7 +112,8 @@ def test_a_template_whose_tokenizer_differs_from_the_dataset_is_refused(phi4_sty
 def phi4_mini_shaped_folder(tokenizer_folder, out):
     """A Phi-4-mini-shaped model (GQA, tied embeddings, partial RoPE 0.75, LongRoPE, a vocabulary
     padded past its tokenizer's) with random weights, saved with the folder's tokenizer and template."""
-    from training.models.hf import export_hf, save_tokenizer
+    from training.export import save_tokenizer
+    from training.models.hf import export_hf
     from training.models.phi import LongRoPE, PhiConfig, PhiModel
 
     pairs = int(16 * 0.75) // 2

@@ -58,8 +58,8 @@ def loss_and_grads(config: PhiConfig, cp: bool, recompute: str = "none", precisi
     import torch.distributed as dist
 
     from training.parallel.context import apply_context_parallel, shard_sequence
+    from training.parallel.transforms import apply_activation_checkpointing
     from training.precision import autocast
-    from training.transforms import apply_activation_checkpointing
 
     torch.manual_seed(0)
     model = PhiModel(config)

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from common.config import ConfigError, load_config
 from data_pipeline.__main__ import main as cli
 from data_pipeline.build import BuildConfig, TokenizerConfig, build
-from data_pipeline.config import ConfigError, load_config
 from data_pipeline.languages import family_of, language_table
 from data_pipeline.loader import PackedDataset
 from data_pipeline.shards import read_manifest
@@ -489,7 +489,8 @@ def test_minhash_signatures_are_datasketchs(corpus_dir):
     scripts) gives datasketch's own signatures, on spaced, unspaced and mark-only text."""
     from datasketch import MinHash
 
-    from data_pipeline.build import MINHASH_SCHEME, NearDedupConfig, _minhash, shingles
+    from data_pipeline.build import NearDedupConfig
+    from data_pipeline.build_tokenize import MINHASH_SCHEME, _minhash, shingles
 
     texts = [json.loads(line)["text"] for p in sorted(corpus_dir.glob("*.jsonl")) for line in p.open()][::40]
     texts += ["\u0e31\u0e34\u0e35" * 4, "中文没有空格的句子在这里" * 3, "mixed 中文 and words " * 4]

@@ -15,10 +15,12 @@ from tests.distributed import run_ranks
 from tests.faulty_fs import faulty_filesystem, fill, small_filesystem
 from tests.test_parallel import small_config
 from training.checkpoint import LATEST, TRAINER_STATE, CheckpointError
-from training.trainer import CheckpointConfig, NonFiniteLossError, Trainer
+from training.config import CheckpointConfig
+from training.objectives import trainer_for
+from training.trainer import NonFiniteLossError
 
 
-def poison(trainer: Trainer, at_step: int) -> None:
+def poison(trainer, at_step: int) -> None:
     """Make the gradients of step `at_step` (0-based) NaN, as a bad batch or an overflow would."""
     original = trainer.forward_backward
 
@@ -31,7 +33,7 @@ def poison(trainer: Trainer, at_step: int) -> None:
 
 
 def test_nonfinite_step_is_skipped_and_counted(small_dataset, tmp_path):
-    trainer = Trainer(dataclasses.replace(small_config(small_dataset, tmp_path), steps=4, nonfinite="skip"))
+    trainer = trainer_for(dataclasses.replace(small_config(small_dataset, tmp_path), steps=4, nonfinite="skip"))
     poison(trainer, at_step=1)
     history = []
     for step in range(4):
@@ -46,7 +48,7 @@ def test_nonfinite_step_is_skipped_and_counted(small_dataset, tmp_path):
 
 
 def test_nonfinite_step_stops_with_a_report(small_dataset, tmp_path):
-    trainer = Trainer(dataclasses.replace(small_config(small_dataset, tmp_path), steps=4, nonfinite="stop"))
+    trainer = trainer_for(dataclasses.replace(small_config(small_dataset, tmp_path), steps=4, nonfinite="stop"))
     poison(trainer, at_step=2)
     with pytest.raises(NonFiniteLossError, match=r"at step 3 \(global batch rows \[\d+"):
         trainer.fit()
@@ -82,14 +84,14 @@ def test_a_full_disk_keeps_the_previous_checkpoint(async_save, small_dataset, tm
 def fit_or_error(config) -> str | None:
     """Train; the CheckpointError's message if a save failed."""
     try:
-        Trainer(config).fit()
+        trainer_for(config).fit()
     except CheckpointError as err:
         return str(err)
     return None
 
 
 def resumed_step(config) -> int:
-    trainer = Trainer(config)
+    trainer = trainer_for(config)
     trainer.maybe_resume()
     return trainer.step
 
@@ -99,7 +101,7 @@ def test_an_io_error_keeps_the_previous_checkpoint(small_dataset, tmp_path):
     the same clean stop as a full disk, naming the step folder and the cause."""
     save = CheckpointConfig(resume="auto", save_every=2)
     probe = dataclasses.replace(small_config(small_dataset, tmp_path / "probe"), steps=2, checkpoint=save)
-    Trainer(probe).fit()
+    trainer_for(probe).fit()
     size = folder_bytes(probe.run_dir / "checkpoints")
     config = dataclasses.replace(probe, out_dir=str(tmp_path / "runs"), steps=4)
     ckpt_dir = config.run_dir / "checkpoints"
@@ -175,7 +177,7 @@ def test_tokenizer_and_sequence_length_mismatches_are_refused(small_dataset, tmp
     tokenizer.add_tokens(["<|extra|>"])  # a different tokenizer file next to the shards
     tokenizer.save(str(data / "tokenizer.json"))
     with pytest.raises(ValueError, match=f"not {tokenizer_hash(tokenizer)}"):
-        Trainer(small_config(data, tmp_path / "run"))
+        trainer_for(small_config(data, tmp_path / "run"))
 
 
 def test_missing_checkpoint_is_refused(small_dataset, tmp_path):
@@ -183,7 +185,7 @@ def test_missing_checkpoint_is_refused(small_dataset, tmp_path):
         small_config(small_dataset, tmp_path), checkpoint=CheckpointConfig(resume=str(tmp_path / "nope"))
     )
     with pytest.raises(FileNotFoundError, match=r"not an intact checkpoint: .*nope.*trainer_state.json is missing"):
-        Trainer(config).fit()
+        trainer_for(config).fit()
 
 
 def two_checkpoints(small_dataset, tmp_path):
@@ -192,7 +194,7 @@ def two_checkpoints(small_dataset, tmp_path):
         steps=4,
         checkpoint=CheckpointConfig(resume="auto", save_every=2, keep_last=2),
     )
-    Trainer(config).fit()
+    trainer_for(config).fit()
     return config, config.run_dir / "checkpoints"
 
 
@@ -219,7 +221,7 @@ def test_resume_falls_back_from_a_damaged_latest_checkpoint(damage, small_datase
     else:
         (ckpt_dir / LATEST).write_bytes(b"\x00\xff garbage")
     capsys.readouterr()
-    resumed = Trainer(config)
+    resumed = trainer_for(config)
     resumed.maybe_resume()
     said = capsys.readouterr()
     if damage == "garbage-latest":
@@ -249,14 +251,15 @@ def test_resuming_on_data_from_another_tokenizer_is_refused(small_dataset, corpu
     assert read_manifest(other)["tokenizer_hash"] != read_manifest(small_dataset)["tokenizer_hash"]
     moved = dataclasses.replace(config, data=dataclasses.replace(config.data, path=str(other)))
     with pytest.raises(ValueError, match="tokenized with .* was tokenized with"):
-        Trainer(moved).maybe_resume()
+        trainer_for(moved).maybe_resume()
 
 
 def test_resuming_on_other_data_is_refused_and_a_rebuild_is_not(small_dataset, corpus_dir, tmp_path):
     """Same tokenizer, other sequences (a build of fewer tokens): refused naming both datasets. The
     same build written to another folder holds the same sequences, and resumes."""
-    from data_pipeline.build import BuildConfig, SourceConfig, TokenizerConfig, build
+    from data_pipeline.build import BuildConfig, TokenizerConfig, build
     from data_pipeline.loader import PackedDataset
+    from data_pipeline.sources import SourceConfig
     from tests.conftest import SMALL_SEQ_LEN
 
     config, _ = two_checkpoints(small_dataset, tmp_path)
@@ -274,10 +277,10 @@ def test_resuming_on_other_data_is_refused_and_a_rebuild_is_not(small_dataset, c
     other = build_with_the_same_tokenizer("fewer-tokens", 50_000)
     refusal = rf"trained on {small_dataset} \(train shards \w+\); .*fewer-tokens holds other sequences"
     with pytest.raises(ValueError, match=refusal):
-        Trainer(other).maybe_resume()
+        trainer_for(other).maybe_resume()
     again = build_with_the_same_tokenizer("rebuilt", 60_000)
     assert PackedDataset(tmp_path / "rebuilt").fingerprint == PackedDataset(small_dataset).fingerprint
-    resumed = Trainer(again)
+    resumed = trainer_for(again)
     resumed.maybe_resume()
     assert resumed.step == 4
 
@@ -291,7 +294,7 @@ def test_one_job_per_run_folder_and_no_stale_lock_after_a_kill(small_dataset, tm
     import sys
     import time
 
-    from data_pipeline.config import to_dict
+    from common.config import to_dict
 
     config = dataclasses.replace(small_config(small_dataset, tmp_path), steps=100_000, log_every=1000)
     path = tmp_path / "run.yaml"

@@ -13,7 +13,8 @@ from torch.distributed.tensor import DTensor
 from data_pipeline.loader import IGNORE_INDEX
 from tests.distributed import run_ranks
 from tests.test_parallel import assert_same_training, small_config
-from training.posttrain.grpo import GRPOConfig, group_advantages, grpo_token_loss, rollout_batch
+from training.objectives import trainer_for
+from training.objectives.grpo import GRPOConfig, group_advantages, grpo_token_loss, rollout_batch
 
 
 def test_advantages_are_standardised_within_each_group():
@@ -48,7 +49,7 @@ def test_rollout_rows_target_only_the_completion():
 
 
 def fixed_rollouts(vocab: int, seq_len: int, groups: int = 2, group_size: int = 4):
-    from training.posttrain.grpo_trainer import Rollouts
+    from training.objectives.grpo import Rollouts
 
     g = torch.Generator().manual_seed(7)
     sequences, prompts = [], []
@@ -65,15 +66,15 @@ def fixed_rollouts(vocab: int, seq_len: int, groups: int = 2, group_size: int = 
 def grpo_config(data, out, **layout):
     config = small_config(data, out, **layout)
     grpo = GRPOConfig(group_size=4, updates_per_rollout=2, kl_beta=0.1)
-    return dataclasses.replace(config, objective="grpo", grpo=grpo, optim=dataclasses.replace(config.optim, lr=3e-2))
+    return dataclasses.replace(config, objective="grpo", optim=dataclasses.replace(config.optim, lr=3e-2)), grpo
 
 
-def grpo_grads_and_history(config, rollouts):
-    from training.posttrain.grpo_trainer import GRPOTrainer
-
-    trainer = GRPOTrainer(config)
-    trainer._prepared = trainer.prepare(rollouts)
-    trainer.forward_backward(trainer._prepared.batch)
+def grpo_grads_and_history(config_and_section, rollouts):
+    config, grpo = config_and_section
+    trainer = trainer_for(config, grpo=grpo)
+    objective = trainer.objective
+    objective._prepared = objective.prepare(rollouts)
+    trainer.forward_backward(objective._prepared.batch)
     grads = {}
     for name, p in trainer.model.named_parameters():
         g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
@@ -81,7 +82,7 @@ def grpo_grads_and_history(config, rollouts):
     trainer.optimizer.zero_grad(set_to_none=True)
     # Three updates on one rollout batch: the second and third see the ratio leave 1 (and clip at
     # this learning rate) and the policy leave the reference (the KL term's gradient is no longer 0).
-    history = [trainer.train_step(trainer._prepared.batch) for _ in range(3)] + [{}]
+    history = [trainer.train_step(objective._prepared.batch) for _ in range(3)] + [{}]
     keep = trainer.tp_rank == 0 and trainer.dp_rank == 0
     return (grads if keep else {}), history
 
@@ -146,8 +147,6 @@ def test_report_pools_seeds_and_gives_intervals_and_paired_gains(tmp_path):
 
 def test_rollouts_under_pipeline_parallel_are_refused_at_start(small_dataset, tmp_path):
     """Sampling needs every layer on each rank: the launch says so before any rank builds a model."""
-    from training.pretrain import build_trainer
-
-    config = grpo_config(small_dataset, tmp_path, pp=2)
+    config, grpo = grpo_config(small_dataset, tmp_path, pp=2)
     with pytest.raises(ValueError, match="parallel.pp must be 1"):
-        build_trainer(config)  # one process: a trainer under PP2 would need 2 ranks before it could refuse
+        trainer_for(config, grpo=grpo)  # one process: a trainer under PP2 would need 2 ranks before it could refuse

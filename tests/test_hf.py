@@ -9,11 +9,12 @@ import torch
 
 from tests.distributed import run_ranks
 from tests.test_parallel import small_config
-from training.export import load_consolidated
+from training.config import CheckpointConfig
 from training.export import main as export_main
+from training.model_setup import load_model_weights
 from training.models.hf import export_hf, import_hf
 from training.models.phi import PhiConfig, PhiModel
-from training.trainer import CheckpointConfig, Trainer
+from training.objectives import trainer_for
 
 # fp32 on CPU; the two models differ only in summation order.
 LOGITS_ATOL = 1e-4
@@ -44,14 +45,14 @@ def test_export_import_round_trip(overrides, tmp_path):
 
 
 def evaluate_only(config) -> dict:
-    return Trainer(config).evaluate()
+    return trainer_for(config).evaluate()
 
 
 def test_checkpoint_exports_and_any_layout_starts_from_it(small_dataset, tmp_path):
     from transformers import Phi3ForCausalLM
 
     config = dataclasses.replace(small_config(small_dataset, tmp_path / "run"), steps=2)
-    trainer = Trainer(config)
+    trainer = trainer_for(config)
     trainer.fit()
     trained_eval = trainer.evaluate()
     checkpoint = config.run_dir / "checkpoints" / "step_00000002"
@@ -59,7 +60,7 @@ def test_checkpoint_exports_and_any_layout_starts_from_it(small_dataset, tmp_pat
     assert export_main([str(checkpoint), "hf", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
 
-    _, state = load_consolidated(checkpoint)
+    state = load_model_weights(checkpoint, config.model)
     torch.testing.assert_close(state, trainer.model.state_dict())
     tokens = trainer.loader.batch_at(0).tokens[:2]
     with torch.no_grad():

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kernels.attention import attention
-from kernels.flash_gqa import CANDIDATES, Tiles, candidates, flash_attention, pick_tiles, segment_bounds
+from kernels.flash_gqa import flash_attention, segment_bounds
+from kernels.flash_gqa_tuning import CANDIDATES, Tiles, candidates, pick_tiles
 from kernels.patterns import S2Pattern, block_lists, block_mask, density
 from kernels.reference import reference_attention, reference_s2_attention
 from kernels.s2_attention import S2Heads, _cached_lists, s2_attention, s2_decode_attention

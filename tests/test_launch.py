@@ -19,8 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from common.config import load_config
 from data_pipeline.build import BuildConfig, build
-from data_pipeline.config import load_config
 from tests.distributed import free_port
 from tests.faulty_fs import faulty_filesystem
 

@@ -9,14 +9,15 @@ import json
 import pytest
 import torch
 
-from data_pipeline.config import ConfigError
+from common.config import ConfigError
 from tests.conftest import SMALL_SEQ_LEN, SMALL_VOCAB
 from tests.distributed import run_ranks
 from tests.test_parallel import GRAD_ATOL, GRAD_RTOL, LOSS_RTOL, grads_and_history, small_config
 from tests.test_resume import STOP, TOTAL, fit_losses
+from training.config import CheckpointConfig
 from training.models.hf import export_hf
 from training.models.phi import LongRoPE, PhiConfig, PhiModel
-from training.trainer import CheckpointConfig, Trainer
+from training.objectives import trainer_for
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def hf_folder(tmp_path, **overrides):
 
 
 def eval_losses(config) -> dict:
-    trainer = Trainer(config)
+    trainer = trainer_for(config)
     return {"config": trainer.config.model, "eval": trainer.evaluate()}
 
 
@@ -114,7 +115,7 @@ def test_init_from_hf_adopts_its_model_config(small_dataset, tmp_path):
     for key in ("dim", "head_dim", "norm_eps", "rope_theta", "rope_fraction", "longrope", "sliding_window"):
         assert getattr(got["config"], key) == getattr(source.config, key), key
     # The adopted model is the exported one: same evaluation as the source model itself.
-    trainer = Trainer(single)
+    trainer = trainer_for(single)
     tokens = trainer.loader.batch_at(0).tokens[:2]
     with torch.no_grad():
         torch.testing.assert_close(trainer.model(tokens), source.eval()(tokens))
@@ -125,19 +126,19 @@ def test_init_from_refuses_a_conflicting_model_key(small_dataset, tmp_path):
     folder, _ = hf_folder(tmp_path)
     config = dataclasses.replace(small_config(small_dataset, tmp_path / "run"), init_from=str(folder))
     with pytest.raises(ConfigError, match=r"model\.dim=64 conflicts with init_from=.*dim=96"):
-        Trainer(config)
+        trainer_for(config)
 
 
 def test_vocab_and_length_default_to_the_dataset(small_dataset, tmp_path):
     config = small_config(small_dataset, tmp_path)
     config.model = dataclasses.replace(PhiConfig(), dim=64, n_layers=2)
-    model = Trainer(config).config.model
+    model = trainer_for(config).config.model
     manifest = json.loads((small_dataset / "manifest.json").read_text())
     assert (model.vocab_size, model.max_seq_len) == (manifest["vocab_size"], manifest["seq_len"])
 
 
 def local_param_bytes(config) -> int:
-    trainer = Trainer(config)
+    trainer = trainer_for(config)
     return sum(
         (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in trainer.model.parameters()
     )

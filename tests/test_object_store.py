@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from common.config import ConfigError
 from data_pipeline.build import BuildConfig, TokenizerConfig, build
-from data_pipeline.config import ConfigError
 from data_pipeline.sources import SourceConfig
 from tests.distributed import free_port
 

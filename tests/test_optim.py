@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from data_pipeline.config import ConfigError, load_config
+from common.config import ConfigError, load_config
+from training.config import TrainConfig
 from training.optim import OptimConfig, clip_grad_norm, lr_multiplier, resolve_lr
-from training.trainer import TrainConfig
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd"])

@@ -186,8 +186,8 @@ def test_best_fit_splits_long_documents_instead_of_dropping_them(tmp_path):
 
 
 def test_every_token_once_refuses_ratios():
+    from common.config import ConfigError
     from data_pipeline.build import BuildConfig
-    from data_pipeline.config import ConfigError
     from data_pipeline.sources import SourceConfig
 
     with pytest.raises(ConfigError, match="total_tokens: 0 takes every token once"):

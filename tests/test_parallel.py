@@ -11,10 +11,11 @@ from torch.distributed.tensor import DTensor
 from kernels.patterns import S2Pattern
 from tests.conftest import SMALL_SEQ_LEN, SMALL_VOCAB
 from tests.distributed import run_ranks
+from training.config import CheckpointConfig, DataConfig, TrainConfig
 from training.models.phi import PhiConfig
+from training.objectives import trainer_for
 from training.parallel.mesh import ParallelConfig
 from training.parallel.pipeline import V_SHAPE_SCHEDULES
-from training.trainer import CheckpointConfig, DataConfig, TrainConfig, Trainer
 
 STEPS = 3
 # fp32 on CPU; differences come only from summation order across shards and micro-batches.
@@ -74,8 +75,8 @@ def small_config(
     )
 
 
-def grads_and_history(config: TrainConfig, trainer_class: type[Trainer] = Trainer):
-    trainer = trainer_class(config)
+def grads_and_history(config: TrainConfig, **objective_sections):
+    trainer = trainer_for(config, **objective_sections)
     trainer.forward_backward(trainer.loader.batch_at(0))
     grads = {}
     for name, p in trainer.model.named_parameters():
@@ -210,4 +211,4 @@ def test_vocab_over_dp_needs_fsdp(small_dataset, tmp_path):
 
     config = small_config(small_dataset, tmp_path, vocab_over_dp=True)
     with pytest.raises(LayoutError, match=r"needs parallel.dp_mode=fsdp with dp > 1 \(got dp_mode=allreduce, dp=1\)"):
-        Trainer(config)
+        trainer_for(config)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from training.objectives.dpo import dpo_loss
 from training.posttrain.chat import END, encode_conversation, render
-from training.posttrain.dpo import dpo_loss, sequence_logprobs
 
 
 def byte_tokenizer() -> Tokenizer:
@@ -60,13 +60,6 @@ def test_ln_dpo_is_dpo_on_length_normalised_ratios():
     assert float(ln) == pytest.approx(float(plain))
     with pytest.raises(ValueError, match="lengths"):
         dpo_loss(pc, pr, rc, rr, length_normalized=True)
-
-
-def test_sequence_logprobs_sum_only_masked_tokens():
-    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]]]))
-    labels = torch.tensor([[0, 1, 1]])
-    total, count = sequence_logprobs(logits, labels, torch.tensor([[False, True, True]]))
-    assert float(total) == pytest.approx(math.log(0.75) + math.log(0.1)) and float(count) == 2
 
 
 def test_a_literal_role_or_end_marker_in_a_message_stays_text():

@@ -9,8 +9,8 @@ import torch
 
 from tests.distributed import run_ranks
 from tests.test_parallel import grads_and_history, small_config
+from training.objectives import trainer_for
 from training.precision import LossScaler
-from training.trainer import Trainer
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
@@ -30,7 +30,7 @@ def test_low_precision_tracks_fp32(precision, tolerance, small_dataset, tmp_path
     config = dataclasses.replace(small_config(small_dataset, tmp_path / "b"), precision=precision)
     got = [h["loss"] for h in grads_and_history(config)[1][:-1]]
     assert got == pytest.approx(ref, rel=tolerance)
-    trainer = Trainer(config)
+    trainer = trainer_for(config)
     assert next(trainer.model.parameters()).dtype == torch.float32, "master weights stay fp32"
 
 

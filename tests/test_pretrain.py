@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common.config import load_config
 from data_pipeline.build import BuildConfig, build
-from data_pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.config import ConfigError
+from common.config import ConfigError
 from data_pipeline.loader import IGNORE_INDEX, DataLoader, PackedDataset
 from data_pipeline.packing import pack_documents
 from data_pipeline.shards import write_dataset
@@ -23,6 +23,8 @@ from kernels.patterns import S2Pattern
 from tests.distributed import run_ranks
 from tests.test_parallel import GRAD_ATOL, GRAD_RTOL, LOSS_RTOL, grads_and_history, small_config
 from training.models.phi import PhiConfig, PhiModel
+from training.objectives import trainer_for
+from training.objectives.dpo import DPOConfig
 from training.posttrain.chat import encode_conversation
 from training.posttrain.data import GeneratedProblems, ReasoningDataConfig, build_reasoning_data, chat_prompt
 from training.posttrain.generate import generate
@@ -172,18 +174,14 @@ def dpo_dataset(long_base, tmp_path_factory):
     return out / "data"
 
 
-def dpo_config(data, out_dir, sft_weight=0.5, **layout):
+def dpo_config(data, out_dir, **layout):
     config = small_config(data, out_dir, **layout)
     model = dataclasses.replace(config.model, max_seq_len=LONG_SEQ_LEN)
-    return dataclasses.replace(
-        config, model=model, objective="dpo", dpo=dataclasses.replace(config.dpo, sft_weight=sft_weight)
-    )
+    return dataclasses.replace(config, model=model, objective="dpo")
 
 
 def _dpo_run(data, out_dir, layout):
-    from training.posttrain.dpo_trainer import DPOTrainer
-
-    return grads_and_history(dpo_config(data, out_dir, **layout), trainer_class=DPOTrainer)
+    return grads_and_history(dpo_config(data, out_dir, **layout), dpo=DPOConfig(sft_weight=0.5))
 
 
 def test_dpo_pairs_stay_together_in_batches_and_micro_batches(dpo_dataset):
@@ -223,24 +221,24 @@ def test_dpo_layouts_match_single_process(dpo_dataset, tmp_path, layout):
 
 
 def test_ln_dpo_reference_is_the_initial_policy_even_when_resuming(dpo_dataset, tmp_path):
-    from training.posttrain.dpo_trainer import REFERENCE_FILE, DPOTrainer
+    from training.objectives.dpo import REFERENCE_FILE
 
-    config = dpo_config(dpo_dataset, tmp_path, sft_weight=0.0)
-    config.dpo.length_normalized = True
+    config = dpo_config(dpo_dataset, tmp_path)
+    dpo = DPOConfig(sft_weight=0.0, length_normalized=True)
     config.checkpoint.resume = "auto"
-    trainer = DPOTrainer(config)
+    trainer = trainer_for(config, dpo=dpo)
     first = trainer.train_step(trainer.loader.batch_at(0))
     assert first["loss"] == pytest.approx(np.log(2), rel=1e-6)  # policy == reference at step 0
     assert first["reward_margin"] == pytest.approx(0.0, abs=1e-6)
     trainer.step = 1
     trainer.save()
     trainer.checkpointer.wait()
-    recorded = trainer.reference["train"].clone()
+    recorded = trainer.objective.reference["train"].clone()
     (tmp_path / config.name / REFERENCE_FILE).unlink()  # recomputed from init weights, not the checkpoint
-    resumed = DPOTrainer(config)
+    resumed = trainer_for(config, dpo=dpo)
     resumed.maybe_resume()
     assert resumed.step == 1
-    torch.testing.assert_close(resumed.reference["train"], recorded)
+    torch.testing.assert_close(resumed.objective.reference["train"], recorded)
 
 
 @pytest.mark.slow
@@ -268,13 +266,16 @@ def test_reasoning_stages_improve_verifier_accuracy_over_the_base(tmp_path):
 
 
 def test_an_hf_folder_is_evaluated_like_the_model_it_was_exported_from(small_dataset, tmp_path):
+    from training.export import save_tokenizer
     from training.models.hf import export_hf
     from training.posttrain.evaluate import Policy, complete, load_policy, math_accuracy
 
     torch.manual_seed(0)
     config = PhiConfig(vocab_size=512, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=256)
     model = PhiModel(config).eval()
-    export_hf(model.state_dict(), config, tmp_path / "hf", small_dataset / "tokenizer.json")
+    export_hf(
+        model.state_dict(), config, tmp_path / "hf", lambda out: save_tokenizer(small_dataset / "tokenizer.json", out)
+    )
     problems = generate_problems(4, seed=5)
     ours = complete(Policy(model, load_tokenizer(small_dataset)), problems, "chat", max_new_tokens=12)
     imported = load_policy(str(tmp_path / "hf"))
@@ -288,6 +289,7 @@ def test_transformers_greedy_generation_of_the_export_equals_ours_on_evaluation_
     the evaluation's chat prompts, for a Phi-4-mini-like shape (GQA, tied embeddings, partial RoPE)."""
     from transformers import AutoModelForCausalLM
 
+    from training.export import save_tokenizer
     from training.models.hf import export_hf
     from training.posttrain.evaluate import Policy, prompt_ids
 
@@ -295,7 +297,9 @@ def test_transformers_greedy_generation_of_the_export_equals_ours_on_evaluation_
     config = PhiConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=256,
                        tie_embeddings=True, rope_fraction=0.75)  # fmt: skip
     model = PhiModel(config).eval()
-    export_hf(model.state_dict(), config, tmp_path / "hf", small_dataset / "tokenizer.json")
+    export_hf(
+        model.state_dict(), config, tmp_path / "hf", lambda out: save_tokenizer(small_dataset / "tokenizer.json", out)
+    )
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
     policy = Policy(model, load_tokenizer(small_dataset))
     prompts = [prompt_ids(policy, p.question, "chat") for p in generate_problems(4, seed=5)]

@@ -10,13 +10,14 @@ import pytest
 from tests.distributed import run_ranks
 from tests.test_parallel import small_config
 from training.checkpoint import LATEST
-from training.trainer import CheckpointConfig, Trainer
+from training.config import CheckpointConfig
+from training.objectives import trainer_for
 
 TOTAL, STOP = 6, 3
 
 
 def fit_losses(config) -> list[float]:
-    return [m["loss"] for m in Trainer(config).fit()]
+    return [m["loss"] for m in trainer_for(config).fit()]
 
 
 @pytest.mark.parametrize(
@@ -86,9 +87,9 @@ def test_resume_refuses_a_different_data_order(small_dataset, tmp_path):
     config = dataclasses.replace(
         small_config(small_dataset, tmp_path), steps=4, stop_after=2, checkpoint=CheckpointConfig(resume="auto")
     )
-    Trainer(config).fit()
+    trainer_for(config).fit()
     state = json.loads((config.run_dir / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
     assert state["data"] == {"step": 2, "epoch": 0, "position": 2, "seed": 0, "global_batch_size": 8, "dp_size": 1}
     reseeded = dataclasses.replace(config, data=dataclasses.replace(config.data, seed=7))
     with pytest.raises(ValueError, match="saved with data seed=0, this config has 7"):
-        Trainer(reseeded).fit()
+        trainer_for(reseeded).fit()

@@ -131,7 +131,7 @@ def sweep_spec(path, data, out, grid) -> None:
 
 
 def test_sweep_runs_skips_finished_and_collects(small_dataset, tmp_path):
-    from data_pipeline.config import load_config
+    from common.config import load_config
     from training.scaling_laws.sweep import SweepSpec, expand, write_slurm_array
 
     spec_file = tmp_path / "sweep.yaml"

@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflatten_state_dict
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from data_pipeline.shards import atomic_write_text, sha256_file
+from common.files import atomic_write_text, sha256_file
+from training.models.init import TIED_COPY, TIED_SOURCE
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -221,10 +223,6 @@ def load_state(state: dict, path: Path, no_dist: bool = False) -> dict:
     """`dcp.load` of a nested state dict, returning it with every value loaded (tensors in place, other
     values replaced). A key the checkpoint lacks that names a pipeline's copy of tied embeddings
     (`output.weight`, also in its optimizer state) is read from the embedding's entry."""
-    from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflatten_state_dict
-
-    from training.materialize import TIED_COPY, TIED_SOURCE
-
     flat, mapping = flatten_state_dict(state)
     stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     renamed = {}
@@ -262,25 +260,10 @@ def find_checkpoint(path: str | Path) -> Path | None:
     return None
 
 
-def load_model_weights(path: str | Path, model_config) -> dict[str, torch.Tensor]:
-    """Full-model weights in one process from a checkpoint (any layout), a run's `checkpoints/`
-    folder, an HF Phi3 folder or a `python -m training.export ... torch` file."""
-    from training.model_setup import materialize, meta_model
-
-    model = meta_model(model_config)
-    materialize(model, torch.device("cpu"), seed=0, init_from=str(path))
-    return model.state_dict()
-
-
-def checkpoint_tensors(checkpoint: Path, model_config):
-    """A function reading named full-model tensors from a DCP checkpoint on demand, so a consumer
-    (the HF export) holds only what it asked for."""
-    from training.model_setup import meta_model
-
-    shapes = {name: t.shape for name, t in meta_model(model_config).state_dict().items()}
-
-    def read(names: list[str]) -> dict[str, torch.Tensor]:
-        request = {name: torch.empty(shapes[name]) for name in names}
-        return load_state({"model": request}, checkpoint, no_dist=True)["model"]
-
-    return read
+def saved_run_config(path: str | Path) -> tuple[Path, dict]:
+    """A complete checkpoint (`path`, or the latest of a run's `checkpoints/`) and the run config it
+    was saved with, as written (a mapping: each consumer reads the sections it knows)."""
+    found = find_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {TRAINER_STATE} or {LATEST})")
+    return found, json.loads((found / TRAINER_STATE).read_text())["config"]

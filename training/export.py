@@ -9,34 +9,30 @@ streams one safetensors shard at a time from the checkpoint, never the whole mod
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerFast
 
-from data_pipeline.config import from_dict
-from data_pipeline.tokenizer import TOKENIZER_FILE
-from training.checkpoint import LATEST, TRAINER_STATE, checkpoint_tensors, find_checkpoint, load_model_weights
+from common.files import atomic_write
+from data_pipeline.tokenizer import EOS, PAD, TOKENIZER_FILE
+from training.model_setup import checkpoint_model_config, checkpoint_tensors, load_model_weights
 from training.models.hf import DEFAULT_SHARD_BYTES, export_hf
-from training.trainer import TrainConfig
 
 
-def checkpoint_config(checkpoint: str | Path) -> tuple[Path, TrainConfig]:
-    """A complete checkpoint folder (or a run's `checkpoints/`, meaning its latest) and its run config."""
-    found = find_checkpoint(checkpoint)
-    if found is None:
-        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no {TRAINER_STATE} or {LATEST})")
-    state_file = found / TRAINER_STATE
-    return found, from_dict(TrainConfig, json.loads(state_file.read_text())["config"], where=str(state_file))
-
-
-def load_consolidated(checkpoint: str | Path) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
-    """The run config and full model's weights of a checkpoint, whatever layout wrote it."""
-    found, config = checkpoint_config(checkpoint)
-    return config, load_model_weights(found, config.model)
+def save_tokenizer(tokenizer_file: str | Path, out_dir: Path) -> None:
+    """The dataset's tokenizer as an HF tokenizer: a folder's own files are copied as they are (chat
+    template included); a bare tokenizer.json gets our EOS/PAD tokens."""
+    source = Path(tokenizer_file)
+    if source.is_dir():
+        for file in source.iterdir():
+            if file.name.startswith("tokenizer") or file.name in ("special_tokens_map.json", "chat_template.jinja"):
+                shutil.copy2(file, out_dir / file.name)
+        return
+    PreTrainedTokenizerFast(tokenizer_file=str(source), eos_token=EOS, pad_token=PAD).save_pretrained(out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,18 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     try:
-        found, config = checkpoint_config(args.checkpoint)
+        found, model_config, run_config = checkpoint_model_config(args.checkpoint)
         if args.format == "torch":
-            tmp = out.with_name(out.name + ".tmp")
-            torch.save(load_model_weights(found, config.model), tmp)
-            os.replace(tmp, out)
+            weights = load_model_weights(found, model_config)
+            atomic_write(out, lambda tmp: torch.save(weights, tmp))
         else:
-            tokenizer = Path(config.data.path) / TOKENIZER_FILE
+            tokenizer = Path(run_config["data"]["path"]) / TOKENIZER_FILE
             export_hf(
-                checkpoint_tensors(found, config.model),
-                config.model,
+                checkpoint_tensors(found, model_config),
+                model_config,
                 out,
-                tokenizer if tokenizer.is_file() else None,
+                (lambda folder: save_tokenizer(tokenizer, folder)) if tokenizer.is_file() else None,
                 dtype=getattr(torch, args.dtype) if args.dtype else None,
                 max_shard_bytes=int(args.max_shard_gb * 1024**3),
                 progress=lambda shards: tqdm(shards, desc="safetensors shards", unit="shard"),

@@ -48,9 +48,6 @@ def device_peak_tflops() -> float | None:
     return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
-PREFERENCE_METRICS = ("reward_accuracy", "reward_margin")  # DPO's, shown on the console next to the loss
-
-
 class JsonLines:
     """An append-only JSON-lines file whose lines are whole or absent, even on a full disk."""
 
@@ -100,8 +97,12 @@ def _tensorboard_thread_errors_are_reported_by_the_logger() -> None:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, families: list[str], flops_per_token: int, enabled: bool = True):
-        self.run_dir, self.families, self.enabled = run_dir, families, enabled
+    """`console`: the objective's metrics shown next to the loss (DPO's reward accuracy and margin)."""
+
+    def __init__(
+        self, run_dir: Path, families: list[str], flops_per_token: int, enabled: bool = True, console: tuple = ()
+    ):
+        self.run_dir, self.families, self.enabled, self.console = run_dir, families, enabled, console
         self.flops_per_token, self.peak = flops_per_token, device_peak_tflops()
         self.bar = self.writer = self.jsonl = self.eval_jsonl = None
 
@@ -140,7 +141,7 @@ class MetricsLogger:
         self.bar.update(1)
         if console:
             families = " ".join(f"{f}={metrics[f'loss/{f}']:.2f}" for f in self.families if f"loss/{f}" in metrics)
-            families += " ".join(f"{k}={metrics[k]:.3f}" for k in PREFERENCE_METRICS if k in metrics)
+            families += " ".join(f"{k}={metrics[k]:.3f}" for k in self.console if k in metrics)
             self.note(
                 f"step {step:5d} | loss {metrics['loss']:.4f} | grad_norm {metrics['grad_norm']:.3f} | "
                 f"lr {metrics['lr']:.2e} | {metrics['tokens_per_s']:.0f} tok/s | {families}"
@@ -153,7 +154,7 @@ class MetricsLogger:
         self._tensorboard(evals, step)
         self.eval_jsonl.append({"step": step, **evals})
         families = " ".join(f"{k[9:]}={v:.2f}" for k, v in evals.items() if k.startswith("val/loss/"))
-        families += " ".join(f"{k}={evals['val/' + k]:.3f}" for k in PREFERENCE_METRICS if "val/" + k in evals)
+        families += " ".join(f"{k}={evals['val/' + k]:.3f}" for k in self.console if "val/" + k in evals)
         self.note(f"eval {step:5d} | val loss {evals['val/loss']:.4f} | {families}")
 
     def _tensorboard(self, scalars: dict[str, float], step: int) -> None:
@@ -175,3 +176,20 @@ class MetricsLogger:
                     self.writer.close()
             except Exception as err:
                 self.note(f"TensorBoard's last events were not written: {err}")
+
+
+class SpikeWatcher:
+    """Flags a loss far above its running mean (a spike) in the metrics and the log, changing nothing."""
+
+    def __init__(self, factor: float, note):
+        self.factor, self.note, self.mean = factor, note, None
+
+    def watch(self, step: int, metrics: dict[str, float]) -> None:
+        loss = metrics["loss"]
+        if metrics["skipped"]:
+            return
+        if self.mean is not None and loss > self.factor * self.mean:
+            metrics["loss_spike"] = 1.0
+            self.note(f"loss spike at step {step}: {loss:.4f} vs running mean {self.mean:.4f}")
+        if loss == loss:
+            self.mean = loss if self.mean is None else 0.9 * self.mean + 0.1 * loss

@@ -1,20 +1,27 @@
-"""Model construction as its own step: resolve the config, build on the meta device, apply
-pipeline / tensor / FSDP sharding, then give only the local shards memory and weights.
+"""Model construction: resolve the config, build on the meta device, then give this rank's shards
+memory and weights (drawn from the seed, or read from a checkpoint, an HF folder or a .pt file).
 
-Order as in torchtitan: pipeline stages -> tensor parallel -> activation checkpointing ->
-torch.compile -> FSDP -> allocate -> initialise or load.
+No rank ever holds the whole model: the trainer builds it on `meta`, applies pipeline, tensor and
+FSDP sharding (`training.parallel`), allocates only the local shards (`to_empty`), and then either
+initialises them (`training.models.init`: identical in every layout) or reads them, each rank only
+its slice: DCP checkpoints through DCP's own resharding, HF folders through safetensors slices,
+`.pt` files through a memory map.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from data_pipeline.config import ConfigError, from_dict
-from training.materialize import allocate, init_weights, load_weights
+from common.config import ConfigError, from_dict
+from training.checkpoint import TRAINER_STATE, find_checkpoint, load_state, saved_run_config
+from training.models.hf import CONFIG_FILE, HFWeights, config_from_hf, read_hf_config
+from training.models.init import canonical_name, init_weights, local_region
 from training.models.phi import PhiConfig, PhiModel
 
 # What shapes the computation of a checkpoint's weights: taken from the checkpoint under init_from.
@@ -27,18 +34,21 @@ ARCHITECTURE_FIELDS = (
 def source_model_config(path: str | Path) -> PhiConfig | None:
     """The model config stored with `init_from` weights: an HF folder's config.json or a checkpoint's
     run config; None for a bare .pt file."""
-    from training.checkpoint import TRAINER_STATE, find_checkpoint
-    from training.models.hf import CONFIG_FILE, config_from_hf, read_hf_config
-
-    checkpoint = find_checkpoint(path)
-    if checkpoint is not None:
-        state_file = checkpoint / TRAINER_STATE
-        return from_dict(PhiConfig, json.loads(state_file.read_text())["config"]["model"], where=f"{state_file}: model")
+    if find_checkpoint(path) is not None:
+        return checkpoint_model_config(path)[1]
     if Path(path, CONFIG_FILE).is_file():
         return config_from_hf(read_hf_config(path), where=str(Path(path) / CONFIG_FILE))
     if not Path(path).exists():
         raise FileNotFoundError(f"init_from={path}: no such checkpoint, HF folder or weights file")
     return None
+
+
+def checkpoint_model_config(path: str | Path) -> tuple[Path, PhiConfig, dict]:
+    """A complete checkpoint (or a run's `checkpoints/`: its latest), the model config it was trained
+    with, and its whole run config as saved."""
+    found, run_config = saved_run_config(path)
+    where = f"{found / TRAINER_STATE}: model"
+    return found, from_dict(PhiConfig, run_config["model"], where=where), run_config
 
 
 def _defaults(given: PhiConfig) -> PhiConfig:
@@ -96,3 +106,79 @@ def materialize(model: PhiModel, device: torch.device, seed: int, init_from: str
         load_weights(model, init_from)
     else:
         init_weights(model, seed)
+
+
+@contextlib.contextmanager
+def _swap_params_on_conversion():
+    """`to_empty` swaps tensors in place (keeping tied parameters tied and FSDP's references valid)."""
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        yield
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+
+
+def allocate(model: nn.Module, device: torch.device) -> None:
+    """Real (uninitialised) memory for the local shards of a model built on the meta device."""
+    with _swap_params_on_conversion():
+        model.to_empty(device=device)
+
+
+class TorchFileWeights:
+    """Slices of a `python -m training.export ... torch` file, memory-mapped (nothing read up front)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+
+    def read(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        if name not in self.state:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        return self.state[name][index]
+
+
+@torch.no_grad()
+def copy_slices(model: nn.Module, weights) -> None:
+    """Fill every local shard from `weights.read(name, global index ranges)`."""
+    for name, param in model.named_parameters():
+        local, region = local_region(param)
+        local.copy_(weights.read(canonical_name(model, name), region))
+
+
+def load_dcp_weights(model: nn.Module, checkpoint: Path) -> None:
+    """Model weights of a DCP checkpoint written by any layout, each rank reading only its shards."""
+    set_model_state_dict(model, load_state({"model": get_model_state_dict(model)}, checkpoint)["model"])
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Local shards from a checkpoint (or a run's checkpoints folder), an HF Phi3 folder or a .pt file."""
+    checkpoint = find_checkpoint(path)
+    if checkpoint is not None:
+        load_dcp_weights(model, checkpoint)
+    elif Path(path, CONFIG_FILE).is_file():
+        copy_slices(model, HFWeights(path, model.config))
+    elif Path(path).is_file():
+        copy_slices(model, TorchFileWeights(path))
+    else:
+        raise FileNotFoundError(f"{path}: neither a checkpoint, a checkpoints folder, an HF folder nor a weights file")
+
+
+def load_model_weights(path: str | Path, model_config: PhiConfig) -> dict[str, torch.Tensor]:
+    """Full-model weights in one process from a checkpoint (any layout), a run's `checkpoints/`
+    folder, an HF Phi3 folder or a `python -m training.export ... torch` file."""
+    model = meta_model(model_config)
+    materialize(model, torch.device("cpu"), seed=0, init_from=str(path))
+    return model.state_dict()
+
+
+def checkpoint_tensors(checkpoint: Path, model_config: PhiConfig):
+    """A function reading named full-model tensors from a DCP checkpoint on demand, so a consumer
+    (the HF export) holds only what it asked for."""
+    shapes = {name: t.shape for name, t in meta_model(model_config).state_dict().items()}
+
+    def read(names: list[str]) -> dict[str, torch.Tensor]:
+        request = {name: torch.empty(shapes[name]) for name in names}
+        return load_state({"model": request}, checkpoint, no_dist=True)["model"]
+
+    return read

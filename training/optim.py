@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from data_pipeline.config import ConfigError
+from common.config import ConfigError
+from training.models.init import canonical_name
 
 
 @dataclass
@@ -77,8 +78,6 @@ def resolve_lr(config: OptimConfig, nparams: int, tokens: int) -> tuple[float, s
 
 def build_optimizer(model: torch.nn.Module, config: OptimConfig, lr: float) -> torch.optim.AdamW:
     """No weight decay on norms and embeddings, as in Megatron-LM and torchtitan."""
-    from training.materialize import canonical_name
-
     groups: dict[tuple[float, bool], list] = {}
     for name, param in model.named_parameters():
         # A pipeline's last stage names its copy of tied embeddings `output.weight`.

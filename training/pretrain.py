@@ -12,12 +12,14 @@ import sys
 
 import torch.distributed as dist
 
-from data_pipeline.config import ConfigError, load_config
+from common.config import ConfigError
 from training.checkpoint import CheckpointError
+from training.components import build_trainer
+from training.objectives import load_run_config
 from training.parallel.mesh import LayoutError
 from training.parallel.world import exit_with_launcher, init_distributed, limit_cpu_threads, return_freed_memory_to_os
 from training.run_lock import RunLockedError
-from training.trainer import NonFiniteLossError, TrainConfig, Trainer
+from training.trainer import NonFiniteLossError
 
 
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
@@ -39,26 +41,10 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
     return path, overrides
 
 
-def build_trainer(config: TrainConfig) -> Trainer:
-    """The trainer for `config.objective`: language modelling, DPO on preference pairs, or GRPO."""
-    if config.objective == "lm":
-        return Trainer(config)
-    if config.objective == "dpo":
-        from training.posttrain.dpo_trainer import DPOTrainer
-
-        return DPOTrainer(config)
-    if config.objective == "grpo":
-        from training.posttrain.grpo_trainer import GRPOTrainer, check_rollout_layout
-
-        check_rollout_layout(config.parallel)  # before any rank builds a model (the step itself runs under PP)
-        return GRPOTrainer(config)
-    raise ValueError(f"objective {config.objective!r} is not one of lm, dpo, grpo")
-
-
 def main(argv: list[str] | None = None) -> int:
     path, overrides = parse_args(argv)
     try:
-        config = load_config(TrainConfig, path, overrides)
+        config, objective = load_run_config(path, overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -67,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_with_launcher()
     init_distributed(config.dist_timeout_s)
     try:
-        build_trainer(config).fit()
+        build_trainer(config, objective).fit()
     except (LayoutError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -7,12 +7,15 @@ releases it with its process: nothing stale to clean up. Within one process the 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import socket
 import time
 from pathlib import Path
+
+import torch.distributed as dist
 
 LOCK_FILE = "run.lock"
 _HELD: dict[Path, int] = {}  # lock path -> open descriptor, in this process
@@ -48,3 +51,23 @@ def release(run_dir: Path) -> None:
     fd = _HELD.pop((Path(run_dir) / LOCK_FILE).resolve(), None)
     if fd is not None:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+@contextlib.contextmanager
+def held_by_job(run_dir: Path, is_main: bool):
+    """Rank 0 holds the run folder's lock for the block; every rank of a refused job raises with its message."""
+    refusal = [None]
+    if is_main:
+        try:
+            acquire(run_dir)
+        except RunLockedError as err:
+            refusal[0] = str(err)
+    if dist.is_initialized():
+        dist.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        raise RunLockedError(refusal[0])
+    try:
+        yield
+    finally:
+        if is_main:
+            release(run_dir)

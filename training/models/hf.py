@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from training.models.phi import LongRoPE, PhiConfig
+from common.files import replace_dir
+from training.models.phi import LongRoPE, PhiConfig, PhiModel
 
 ARCHITECTURE = "Phi3ForCausalLM"
 CONFIG_FILE = "config.json"
@@ -301,8 +302,6 @@ class HFWeights:
 
 def import_hf(path: str | Path) -> tuple[PhiConfig, dict[str, torch.Tensor]]:
     """A whole Phi3 folder as our config and fp32 state dict (for one-process uses: evaluation)."""
-    from training.models.phi import PhiModel
-
     config = config_from_hf(read_hf_config(path), where=str(Path(path) / CONFIG_FILE))
     weights = HFWeights(path, config)
     with torch.device("meta"):
@@ -314,10 +313,10 @@ def import_hf(path: str | Path) -> tuple[PhiConfig, dict[str, torch.Tensor]]:
 # ---- writing --------------------------------------------------------------------------------------
 def hf_parts(config: PhiConfig) -> dict[str, list[str]]:
     """For each HF tensor, ours that it is made of, in row order (the inverse of `hf_source`)."""
-    from training.model_setup import meta_model
-
     placed: dict[str, list[tuple[int, str]]] = {}
-    for name in meta_model(config).state_dict():
+    with torch.device("meta"):
+        names = list(PhiModel(config).state_dict())
+    for name in names:
         if name == "output.weight" and config.tie_embeddings:
             continue
         source, row = hf_source(name, config)
@@ -342,14 +341,15 @@ def export_hf(
     weights: dict[str, torch.Tensor] | Callable[[list[str]], dict[str, torch.Tensor]],
     config: PhiConfig,
     out_dir: str | Path,
-    tokenizer_file=None,
+    write_tokenizer: Callable[[Path], None] | None = None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: Callable[[Iterator], Iterator] = iter,
 ) -> Path:
     """Write a `transformers` Phi3 folder: config.json, safetensors shards (+ index when more than
-    one) and the tokenizer when given. `weights` is a state dict or a function that loads the named
-    tensors on demand, so only one shard is ever held. Written to a temporary folder, then renamed."""
+    one) and, with `write_tokenizer(folder)`, the tokenizer's files. `weights` is a state dict or a
+    function that loads the named tensors on demand, so only one shard is ever held. Written to a
+    temporary folder, then renamed."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -377,12 +377,12 @@ def export_hf(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
-        if tokenizer_file is not None:
-            save_tokenizer(tokenizer_file, tmp)
+        if write_tokenizer is not None:
+            write_tokenizer(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _replace_dir(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     return out_dir
 
 
@@ -392,30 +392,3 @@ def origin_dtype(config: PhiConfig) -> torch.dtype | None:
     name = meta.get("torch_dtype") or meta.get("dtype")
     found = getattr(torch, name, None) if isinstance(name, str) else None
     return found if isinstance(found, torch.dtype) else None
-
-
-def save_tokenizer(tokenizer_file: str | Path, out_dir: Path) -> None:
-    """The dataset's tokenizer as an HF tokenizer: a folder's own files are copied as they are (chat
-    template included); a bare tokenizer.json gets our EOS/PAD tokens."""
-    source = Path(tokenizer_file)
-    if source.is_dir():
-        for file in source.iterdir():
-            if file.name.startswith("tokenizer") or file.name in ("special_tokens_map.json", "chat_template.jinja"):
-                shutil.copy2(file, out_dir / file.name)
-        return
-    from transformers import PreTrainedTokenizerFast
-
-    from data_pipeline.tokenizer import EOS, PAD
-
-    PreTrainedTokenizerFast(tokenizer_file=str(source), eos_token=EOS, pad_token=PAD).save_pretrained(out_dir)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Put `new` at `target`; an existing `target` is removed only once `new` is in place."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)

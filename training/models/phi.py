@@ -22,6 +22,7 @@ from torch import nn
 from kernels.attention import BACKENDS, attention, decode_attention
 from kernels.patterns import S2Pattern
 from kernels.s2_attention import S2Heads
+from training.models.init import init_weights
 
 
 @dataclass
@@ -279,8 +280,6 @@ class PhiModel(nn.Module):
     def reset_parameters(self, seed: int | None = None) -> None:
         """Initialise as `init_std` says, drawn per parameter name (the same values in every layout);
         without a seed, one is drawn from torch's global generator."""
-        from training.materialize import init_weights
-
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))
         init_weights(self, seed)

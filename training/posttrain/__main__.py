@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from data_pipeline.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 
 EVAL_SEED = 99  # held-out problems: the stages' generated data use other seeds
 
@@ -44,7 +44,7 @@ def cmd_rollouts(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from data_pipeline.shards import atomic_write_text
+    from common.files import atomic_write_text
     from training.posttrain.evaluate import load_policy, math_accuracy
 
     policy = load_policy(args.checkpoint, args.tokenizer, args.chat_template)
@@ -65,7 +65,7 @@ def cmd_report(args) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from data_pipeline.shards import atomic_write_text
+    from common.files import atomic_write_text
     from training.posttrain.evaluate import stage_summary
 
     rows = stage_summary([json.loads(Path(f).read_text()) for f in args.results])

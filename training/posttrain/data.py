@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from data_pipeline.config import ConfigError, to_dict
+from common.config import ConfigError, to_dict
 from data_pipeline.loader import PackedDataset
 from data_pipeline.packing import PackedSequences, pack_best_fit, pack_bins, pack_documents
 from data_pipeline.shards import read_manifest, write_dataset

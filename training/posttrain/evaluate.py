@@ -13,10 +13,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from data_pipeline.shards import atomic_write_text, read_manifest
+from common.files import atomic_write_text
+from data_pipeline.shards import read_manifest
 from data_pipeline.synthetic.math_problems import MathProblem, generate_problems, verify_solution
 from data_pipeline.tokenizer import EOS, load_tokenizer
-from training.export import load_consolidated
+from training.model_setup import checkpoint_model_config, load_model_weights
 from training.models.hf import import_hf
 from training.models.phi import PhiModel
 from training.posttrain.chat import HFChatTemplate, PhiChat, chat_format
@@ -48,10 +49,12 @@ def load_policy(checkpoint: str, tokenizer: str | None = None, chat_template: st
         if chat_template is None and HFChatTemplate.present(checkpoint):
             chat_template = checkpoint
     else:
-        config, state = load_consolidated(checkpoint)
-        model_config, tokenizer = config.model, tokenizer or config.data.path
+        found, model_config, run_config = checkpoint_model_config(checkpoint)
+        state = load_model_weights(found, model_config)
+        data_path = run_config["data"]["path"]
+        tokenizer = tokenizer or data_path
         if chat_template is None:
-            chat_template = read_manifest(config.data.path).get("config", {}).get("chat_template")
+            chat_template = read_manifest(data_path).get("config", {}).get("chat_template")
     model = PhiModel(model_config)
     model.load_state_dict(state)
     loaded = load_tokenizer(tokenizer)

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from data_pipeline.shards import atomic_write_text, read_manifest
+from common.files import atomic_write_text
+from data_pipeline.shards import read_manifest
 from training.scaling_laws.lr_law import fit_lr_law, optimal_lr
 from training.scaling_laws.multilingual import PARAMS, FamilyLaw, fit_family, optimal_mix
 
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "sweep":
-            from data_pipeline.config import load_config
+            from common.config import load_config
             from training.scaling_laws.sweep import SweepSpec, collect, execute, write_slurm_array
 
             spec = load_config(SweepSpec, args.spec)

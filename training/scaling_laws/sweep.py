@@ -29,10 +29,12 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from data_pipeline.config import load_config
-from data_pipeline.shards import atomic_write_text, read_manifest
+from common.config import load_config
+from common.files import atomic_write_text
+from data_pipeline.shards import read_manifest
+from training.config import TrainConfig
 from training.models.phi import count_params_and_flops
-from training.trainer import TrainConfig
+from training.objectives import load_run_config
 
 
 @dataclass
@@ -73,8 +75,8 @@ def expand(spec: SweepSpec) -> list[Run]:
 
 
 def run_config(spec: SweepSpec, run: Run) -> TrainConfig:
-    return load_config(TrainConfig, spec.base, [*spec.overrides, *run.overrides, f"name={run.name}",
-                                                f"out_dir={spec.out_dir}/runs"])  # fmt: skip
+    overrides = [*spec.overrides, *run.overrides, f"name={run.name}", f"out_dir={spec.out_dir}/runs"]
+    return load_run_config(spec.base, overrides)[0]
 
 
 def final_eval(config: TrainConfig) -> dict | None:

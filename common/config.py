@@ -1,6 +1,5 @@
 """One config loader for the whole framework: YAML file -> typed dataclasses, plus dotted overrides.
 
-Lives in `data_pipeline` because that is the first package in the data flow; `training` imports it.
 Unknown keys are refused with a suggestion, so a typo never silently falls back to a default.
 """
 
@@ -71,10 +70,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Build `cls` from a YAML file (optional) with dotted `key=value` overrides applied on top. An
     error names the key and where it was written: the file, or the command line's override."""
+    return load_sections(cls, {}, path, overrides)[0]
+
+
+def load_sections(
+    cls: type[T], sections: dict[str, type], path: str | Path | None = None, overrides: list[str] | None = None
+) -> tuple[T, dict[str, Any]]:
+    """`load_config`, with the top-level `sections` (name -> dataclass) built on their own and returned
+    by name: a config tree whose parts are plug-ins (the training objectives) that `cls` does not know."""
     raw = read_yaml(path) if path else {}
     raw = deep_merge(raw, parse_overrides(overrides or []))
     try:
-        return from_dict(cls, raw, where="")
+        built = {name: from_dict(section, raw.pop(name, {}), where=name) for name, section in sections.items()}
+        return from_dict(cls, raw, where=""), built
     except ConfigError as err:
         given = [item for item in overrides or [] if err.key and _same_key(item.split("=", 1)[0].strip(), err.key)]
         origin = f"command line {given[-1]!r}" if given else str(path) if path else "config"

@@ -1,0 +1,206 @@
+"""Pass 3 of the build, plan (one unit): the mixture drawn by family ratios from the selection, the
+concat shard plan (which documents each train shard holds, packed later by many workers) or the
+best-fit train shards themselves, and the validation shards."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from common.files import atomic_write_text
+from data_pipeline import arrow
+from data_pipeline.build_config import BuildConfig, read_ratios
+from data_pipeline.build_select import Selection, select_documents
+from data_pipeline.mixing import draw_documents, normalize_ratios
+from data_pipeline.packing import (
+    PackedSequences,
+    best_fit_bins,
+    concat_shard_plan,
+    pack_bins,
+    pack_documents,
+    split_long_documents,
+)
+from data_pipeline.shards import write_shard
+
+
+class TokenStore:
+    """Zero-copy access to the tokenized documents: memory-mapped token values and offsets per unit."""
+
+    def __init__(self, unit_files: list[Path]):
+        self._values, self._offsets = [], []
+        for path in unit_files:
+            column = arrow.one_chunk(pa.ipc.open_file(pa.memory_map(str(path))).read_all().column("tokens"))
+            self._values.append(arrow.to_numpy(column.values))
+            self._offsets.append(arrow.to_numpy(column.offsets))
+
+    def get(self, unit: int, row: int) -> np.ndarray:
+        offsets = self._offsets[unit]
+        return self._values[unit][offsets[row] : offsets[row + 1]]
+
+
+class ShardWriter:
+    """Writes a split's shards in order as blocks arrive."""
+
+    def __init__(self, staging: Path, split: str, family: str | None = None):
+        self.staging, self.split, self.family = staging, split, family
+        self.entries: list[dict] = []
+        self.padding = 0
+
+    def write(self, packed: PackedSequences) -> None:
+        self.padding += packed.padding_tokens
+        index = len(self.entries)
+        name = f"shard_{index:05d}" if self.family is None else f"{self.family}_{index:05d}"
+        entry = write_shard(self.staging, self.split, name, packed)
+        if self.family is not None:
+            entry["family"] = self.family
+        self.entries.append(entry)
+
+    def write_all(self, packed: PackedSequences, rows: int) -> None:
+        """`packed` as shards of `rows` sequences (the last one shorter)."""
+        for start in range(0, len(packed), rows):
+            self.write(packed.take(slice(start, start + rows)))
+
+
+@dataclass(frozen=True)
+class FamilyLabels:
+    """Documents are packed with their language id as label; this turns such sequences into ones
+    with family ids (what the loss is split by) and language ids (recorded in the shards)."""
+
+    family_of_language: tuple[int, ...]
+
+    @classmethod
+    def of(cls, languages: dict[str, dict], families: list[str]) -> FamilyLabels:
+        return cls(tuple(families.index(s["family"]) for s in languages.values()))
+
+    def __call__(self, packed: PackedSequences) -> PackedSequences:
+        langs = packed.family_ids.astype(np.int16, copy=False)
+        family_of = np.array([*self.family_of_language, -1], dtype=np.int8)  # padding's -1 picks the last: -1
+        return dataclasses.replace(packed, family_ids=family_of[langs], lang_ids=langs)
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def mixture_refs(selection: Selection, mixture: np.ndarray, drawn_families: list[str]):
+    """The mixture as (unit, row, language id, tokens kept or -1) rows, and each one's tokens in the
+    packed stream (EOS included)."""
+    refs = np.empty((len(mixture), 4), np.int64)
+    sizes = np.empty(len(mixture), np.int64)
+    for position, family in enumerate(drawn_families):
+        mine = mixture[:, 0] == position
+        docs, keep = mixture[mine, 1], mixture[mine, 2]
+        refs[mine, :3] = selection.train[family][docs]
+        refs[mine, 3] = keep
+        sizes[mine] = np.where(keep < 0, selection.train_lengths[family][docs], keep) + 1
+    return refs, sizes
+
+
+def documents_of(store: TokenStore, refs) -> Iterator[tuple[int, np.ndarray]]:
+    for unit, row, lang, keep in refs:
+        tokens = store.get(unit, row)
+        yield lang, tokens if keep < 0 else tokens[:keep]
+
+
+def pack_best_fit_train(config, refs: np.ndarray, store: TokenStore, label, eos, pad, writer: ShardWriter) -> int:
+    """Best fit inside windows of documents (bounded memory); returns the documents split into
+    sequence-long pieces."""
+    split, rows = 0, config.sequences_per_shard
+    window = max(1, rows * config.seq_len // 64)
+    for start in tqdm(range(0, len(refs), window), desc="pack (best fit)", unit="window", leave=False):
+        docs = list(documents_of(store, refs[start : start + window].tolist()))
+        pieces = split_long_documents(docs, config.seq_len)
+        split += sum(len(t) >= config.seq_len for _, t in docs)
+        bins = best_fit_bins([len(p[1]) + p[2] for p in pieces], config.seq_len)
+        writer.write_all(label(pack_bins(pieces, config.seq_len, eos, pad, bins)), rows)
+    return split
+
+
+def plan_build(config: BuildConfig, unit_files: list[str], staging: str, eos: int, pad: int) -> dict:
+    """The build's one sequential unit, run by the engine (on Ray a worker, not the driver; the local
+    engine runs a lone unit in its own process): the kept documents per family, validation held out,
+    the mixture, then for concat the shard plan (each shard's documents, packed later by many
+    workers), for best_fit the train shards themselves, and the validation shards. Writes
+    `plan/summary.json` (what the manifest needs) and returns it."""
+    staging_dir, files = Path(staging), [Path(f) for f in unit_files]
+    plan_dir = staging_dir / "plan"
+    plan_dir.mkdir(exist_ok=True)
+    selection = select_documents(config, files, staging_dir / "dedup" / "dropped.npz")
+    families = sorted(set(selection.train) | set(selection.valid))
+    available = {f: int(selection.train_lengths[f].sum() + len(selection.train_lengths[f])) for f in selection.train}
+    ratios = normalize_ratios(read_ratios(config.ratios), {f: n for f, n in available.items() if n}, config.temperature)
+    lengths = {f: selection.train_lengths[f] for f in ratios}
+    total = config.total_tokens or sum(int(n.sum()) + len(n) for n in lengths.values())
+    mixture, draws = draw_documents(lengths, ratios, total, config.seed, config.max_epochs)
+    refs, sizes = mixture_refs(selection, mixture, sorted(ratios))
+    label = FamilyLabels.of(selection.languages, families)
+    store = TokenStore(files)
+    summary: dict = {"families": families, "languages": selection.languages, "split_docs": 0}
+    if config.packing == "concat":
+        _save_array(plan_dir / "train_refs.npy", refs)
+        plan = np.array(concat_shard_plan(sizes, config.seq_len, config.sequences_per_shard), np.int64)
+        _save_array(plan_dir / "train_plan.npy", plan.reshape(-1, 3))
+        summary["train_shards"] = len(plan)
+    else:
+        writer = ShardWriter(staging_dir, "train")
+        summary["split_docs"] = pack_best_fit_train(config, refs, store, label, eos, pad, writer)
+        summary["train"] = {"entries": writer.entries, "padding": writer.padding}
+    valid_entries, valid_padding = [], 0
+    for family in families:  # one set of validation shards per family
+        docs = [(lang, store.get(u, r)) for u, r, lang in selection.valid[family]]
+        if not docs:
+            continue
+        writer = ShardWriter(staging_dir, "valid", family)
+        writer.write_all(label(pack_documents(docs, config.seq_len, eos, pad)), config.sequences_per_shard)
+        valid_entries += writer.entries
+        valid_padding += writer.padding
+    drawn = sum(d.drawn_tokens for d in draws)
+    summary["family_stats"] = {
+        d.family: {
+            "ratio": round(d.ratio, 6),
+            "share": round(d.drawn_tokens / max(1, drawn), 6),
+            "available_tokens": d.available_tokens,
+            "tokens": d.drawn_tokens,
+            "documents": d.drawn_docs,
+            "epochs": round(d.epochs, 4),
+            "valid_documents": len(selection.valid[d.family]),
+        }
+        for d in draws
+    }
+    summary.update(
+        valid={"entries": valid_entries, "padding": valid_padding},
+        warnings=mixture_warnings(config, draws, drawn, selection),
+        duplicates=selection.duplicates,
+        near_duplicates=selection.near_duplicates,
+    )
+    atomic_write_text(plan_dir / "summary.json", json.dumps(summary))
+    return summary
+
+
+def mixture_warnings(config: BuildConfig, draws, total: int, selection) -> list[str]:
+    """What the user asked for and did not get: a family capped at `max_epochs` short of its ratio,
+    and families too small to hold out `valid_docs_per_family` documents."""
+    warnings = []
+    for d in draws:
+        if config.max_epochs is not None and d.epochs >= config.max_epochs - 1e-9 and d.drawn_tokens / total < d.ratio:
+            warnings.append(
+                f"family {d.family!r}: capped at max_epochs={config.max_epochs:g} ({d.available_tokens:,} tokens); "
+                f"share {d.drawn_tokens / total:.2%} instead of the {d.ratio:.2%} asked"
+            )
+    for family, held in selection.valid.items():
+        if len(held) < config.valid_docs_per_family:
+            warnings.append(
+                f"family {family!r}: {len(held)} validation document(s) held out of the {config.valid_docs_per_family} "
+                f"asked (a family holds out at most a fifth of its documents); its validation loss is noisy"
+            )
+    return warnings

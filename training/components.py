@@ -1,0 +1,117 @@
+"""The construction of a training run, as steps that each return what they build; `build_trainer`
+shows their order: layout -> data -> model config -> mesh -> loaders -> model (meta, parallelize,
+materialise) -> optimizer and LR schedule -> checkpointer -> metrics -> the loop."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline.loader import DataLoader, PackedDataset
+from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
+from training.checkpoint import Checkpointer
+from training.config import TrainConfig
+from training.metrics import MetricsLogger
+from training.model_setup import check_fits_dataset, materialize, meta_model, resolve_model_config
+from training.models.phi import count_params_and_flops
+from training.objective import Objective
+from training.optim import build_optimizer, build_scheduler, resolve_lr
+from training.parallel.mesh import ParallelDims, device_type
+from training.parallel.parallelize import ParallelModel, parallelize
+from training.precision import PRECISIONS, autocast
+from training.trainer import NONFINITE_MODES, Layout, Trainer
+
+
+@dataclass
+class Data:
+    train: DataLoader
+    valid: DataLoader | None  # None: a split smaller than one global batch is not evaluated
+    note: str | None  # why there is no evaluation, if there is none
+
+
+def open_train_split(config: TrainConfig) -> PackedDataset:
+    data_dir = Path(config.data.path)
+    return PackedDataset(data_dir, "train", tokenizer_hash=tokenizer_hash(load_tokenizer(data_dir)))
+
+
+def build_layout(config: TrainConfig, dims: ParallelDims, device: torch.device) -> Layout:
+    """The device mesh, this rank's coordinates on it, and micro-batches per step."""
+    mesh = dims.build_mesh(device.type)
+    pp_rank, dp_rank, cp_rank, tp_rank = dims.coordinates(mesh)
+    global_batch, micro = config.data.global_batch_size, config.parallel.micro_batch_size
+    local_batch, rem = divmod(global_batch, dims.dp)
+    n_microbatches, rem2 = divmod(local_batch, micro) if micro > 0 else (0, 0)
+    if rem or rem2 or n_microbatches == 0:
+        raise ValueError(
+            f"data.global_batch_size={global_batch} must be a multiple of dp ({dims.dp}) x "
+            f"parallel.micro_batch_size ({micro})"
+        )
+    return Layout(dims, mesh, device, pp_rank, dp_rank, cp_rank, tp_rank, n_microbatches)
+
+
+def build_data(config: TrainConfig, train: PackedDataset, layout: Layout, rows_per_sample: int) -> Data:
+    """Loaders of both splits, each global batch split across data-parallel replicas only."""
+    batch, dp_rank, dp = config.data.global_batch_size, layout.dp_rank, layout.dims.dp
+    loader = DataLoader(train, batch, dp_rank, dp, config.data.seed, rows_per_sample)
+    valid = PackedDataset(train.data_dir, "valid", tokenizer_hash=train.manifest["tokenizer_hash"])
+    if len(valid) < batch:
+        note = f"no evaluation: {train.data_dir} has {len(valid)} valid rows, fewer than one global batch"
+        return Data(loader, None, note)
+    return Data(loader, DataLoader(valid, batch, dp_rank, dp, 0, rows_per_sample), None)
+
+
+def build_model(config: TrainConfig, layout: Layout, seq_len: int) -> ParallelModel:
+    """No rank ever holds the whole model: structure on `meta`, sharding, then local memory and weights."""
+    model = meta_model(config.model)
+    parallel = parallelize(
+        model,
+        config.parallel,
+        layout.dims,
+        layout.mesh,
+        layout.device,
+        seq_len,
+        config.activation_checkpointing,
+        config.compile,
+        PRECISIONS.get(config.precision),
+    )
+    materialize(model, layout.device, config.seed, config.init_from)
+    return parallel
+
+
+def build_trainer(config: TrainConfig, objective: Objective) -> Trainer:
+    """Every part of a run, in order, for this rank; `objective` says what is optimised."""
+    objective.check(config)
+    if config.nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite {config.nonfinite!r} is not one of {', '.join(NONFINITE_MODES)}")
+    autocast(config.precision, device_type())  # refuses an unknown precision before anything is built
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    dims = ParallelDims.from_config(config.parallel, world)
+    train = open_train_split(config)
+    vocab, seq_len = train.manifest["vocab_size"], train.manifest["seq_len"]
+    mc = config.model = resolve_model_config(config.model, config.init_from, vocab, seq_len)
+    check_fits_dataset(mc, train.data_dir, vocab, seq_len)
+    dims.check_model(mc.n_heads, mc.n_kv_heads, mc.n_layers, mc.vocab_size)
+    layout = build_layout(config, dims, torch.device(device_type(), int(os.environ.get("LOCAL_RANK", 0))))
+    data = build_data(config, train, layout, objective.rows_per_sample)
+    parallel = build_model(config, layout, seq_len)
+    nparams, flops_per_token = count_params_and_flops(mc, seq_len)
+    peak_lr, lr_note = resolve_lr(config.optim, nparams, config.steps * config.data.global_batch_size * seq_len)
+    optimizer = build_optimizer(parallel.model, config.optim, peak_lr)
+    scheduler = build_scheduler(optimizer, config.steps, config.optim)
+    ckpt = config.checkpoint
+    checkpointer = Checkpointer(config.run_dir / "checkpoints", ckpt.keep_last, ckpt.async_save)
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    metrics = MetricsLogger(
+        config.run_dir, train.families, flops_per_token, enabled=is_main, console=objective.console_metrics
+    )
+    for note in (lr_note, data.note):
+        if note:
+            metrics.note(note)
+    trainer = Trainer(config, objective, layout, data.train, data.valid, parallel, optimizer, scheduler,
+                      checkpointer, metrics, nparams)  # fmt: skip
+    objective.attach(trainer)
+    return trainer
