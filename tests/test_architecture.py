@@ -169,11 +169,13 @@ def _resolve(name: str, graph: dict) -> str | None:
 
 
 def test_layers_import_only_downward():
-    assert layer_violations(import_graph()) == []
+    problems = layer_violations(import_graph())
+    assert not problems, "upward imports:\n" + "\n".join(problems)
 
 
 def test_no_import_cycle():
-    assert cycles(import_graph()) == []
+    found = cycles(import_graph())
+    assert not found, "import cycles:\n" + "\n".join(" <-> ".join(group) for group in found)
 
 
 def test_no_module_over_the_size_limit():
@@ -182,7 +184,7 @@ def test_no_module_over_the_size_limit():
         for path in project_modules().values()
         if (n := len(path.read_text().splitlines())) > MAX_LINES
     }
-    assert long == {}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
 
 
 def test_contract_catches_a_cycle_hidden_in_a_function(tmp_path):
@@ -214,4 +216,4 @@ def test_low_layers_import_nothing_above(module):
         for t in targets
         if t.split(".")[0] in ("data_pipeline", "training")
     }
-    assert above == set()
+    assert not above, f"{module} imports from above: {sorted(above)}"
