@@ -240,7 +240,7 @@ def test_parallel_build_equals_single_process_build(tmp_path):
 
 
 def test_interrupted_build_resumes_and_matches_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
-    from data_pipeline import build as build_module
+    from data_pipeline import build_pack
 
     paths = write_jsonl_files(tmp_path)
     reference = build(dataclasses.replace(small_build(tmp_path / "ref", paths), workers=1, sequences_per_shard=8))
@@ -256,7 +256,7 @@ def test_interrupted_build_resumes_and_matches_an_uninterrupted_one(tmp_path, mo
     assert (out / "keep.txt").is_file()
     Path(paths[2]).write_text(good)
     # ... and once after two training shards are written.
-    original, written = build_module.write_shard, []
+    original, written = build_pack.write_shard, []
 
     def recording_write(out_dir, split, name, packed, fail_after=None):
         if split == "train":
@@ -265,11 +265,11 @@ def test_interrupted_build_resumes_and_matches_an_uninterrupted_one(tmp_path, mo
             written.append(name)
         return original(out_dir, split, name, packed)
 
-    monkeypatch.setattr(build_module, "write_shard", functools.partial(recording_write, fail_after=2))
+    monkeypatch.setattr(build_pack, "write_shard", functools.partial(recording_write, fail_after=2))
     with pytest.raises(KeyboardInterrupt):
         build(config)
     assert (out / "keep.txt").is_file()
-    monkeypatch.setattr(build_module, "write_shard", recording_write)
+    monkeypatch.setattr(build_pack, "write_shard", recording_write)
     capsys.readouterr()
     resumed = build(config)
     assert "4 of 4 source files already tokenized" in capsys.readouterr().out
@@ -528,13 +528,13 @@ def test_near_duplicates_without_spaces_are_found(tmp_path, script):
 def test_shards_are_identical_whichever_encoder_runs(tmp_path, monkeypatch):
     """tiktoken when it reproduces the tokenizer, `tokenizers` otherwise: the same shards, control-token
     literals in the text included."""
-    from data_pipeline import build as build_module
+    from data_pipeline import build_tokenize
 
     plain, literal = "line {} of plain words to tokenize", "line {} with <|endoftext|> and <|pad|> inside"
     texts = [(literal if i % 2 else plain).format(i) for i in range(40)]  # a batch starts with plain text
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": t, "lang": "en"}) + "\n" for t in texts))
     build(dataclasses.replace(small_build(tmp_path / "fast", [str(path)]), workers=1))
-    monkeypatch.setattr(build_module, "fast_encoder", lambda tokenizer: None)  # the `tokenizers` path only
+    monkeypatch.setattr(build_tokenize, "fast_encoder", lambda tokenizer: None)  # the `tokenizers` path only
     build(dataclasses.replace(small_build(tmp_path / "slow", [str(path)]), workers=1))
     assert shard_hashes(tmp_path / "fast" / "out") == shard_hashes(tmp_path / "slow" / "out")

@@ -186,7 +186,7 @@ def ranks_of(proc: subprocess.Popen) -> tuple[list[psutil.Process], list[psutil.
     return family, ranks
 
 
-@pytest.mark.parametrize("program", ["torchrun", "mpirun"])
+@pytest.mark.parametrize("program", ["torchrun", pytest.param("mpirun", marks=pytest.mark.chaos)])
 def test_a_killed_rank_fails_the_launch(program, tiny_data, tmp_path):
     """`kill -9` of one rank: the launcher stops the others and exits non-zero (deepspeed: above)."""
     proc = launch_of_four(program, tiny_data, tmp_path, "steps=100000", "dist_timeout_s=30")
@@ -200,7 +200,13 @@ def test_a_killed_rank_fails_the_launch(program, tiny_data, tmp_path):
 
 @pytest.mark.parametrize(
     "target",
-    ["deepspeed", "deepspeed.launcher.launch", "torchrun", "mpirun"],
+    [
+        "deepspeed",
+        "torchrun",
+        # the same watchdog under two more launchers: `make chaos`
+        pytest.param("deepspeed.launcher.launch", marks=pytest.mark.chaos),
+        pytest.param("mpirun", marks=pytest.mark.chaos),
+    ],
 )
 def test_ranks_exit_when_their_launcher_is_killed(target, tiny_data, tmp_path):
     """`kill -9` of the launcher (deepspeed's runner, its per-node launch process, torchrun or

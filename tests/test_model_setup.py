@@ -31,7 +31,7 @@ def tied_reference(small_dataset, tmp_path_factory):
         dict(pp=2),
         dict(tp=2, pp=2),
         dict(pp=2, schedule="Interleaved1F1B", virtual=2),
-        dict(dp=2, pp=2, dp_mode="fsdp"),
+        pytest.param(dict(dp=2, pp=2, dp_mode="fsdp"), marks=pytest.mark.slow),  # and with vocab_over_dp below
         dict(tp=2),  # one tied parameter: the head's gradient and the vocab-parallel lookup's meet
         dict(dp=2, tp=2, dp_mode="fsdp"),
         # the shared table split over DP x TP (untied: test_parallel's lean case)

@@ -123,8 +123,7 @@ class GRPO(Objective):
         self._prepared: Prepared | None = None
 
     def check(self, run: TrainConfig) -> None:
-        if run.parallel.pp > 1:  # rollouts are sampled with every layer on each rank (TP shards are fine)
-            raise ValueError("objective=grpo samples rollouts with the whole model on each rank: parallel.pp must be 1")
+        self.check_sampling(run)
         if run.parallel.cp > 1:
             raise ValueError("objective=grpo with parallel.cp > 1 is not supported yet")
         if run.parallel.vocab_over_dp:  # each replica samples on its own: no per-token exchange over DP
@@ -134,6 +133,11 @@ class GRPO(Objective):
                 f"objective=grpo: data.global_batch_size ({run.data.global_batch_size}) must be a multiple "
                 f"of grpo.group_size ({self.config.group_size}): it counts completions, group_size per prompt"
             )
+
+    def check_sampling(self, run: TrainConfig) -> None:
+        """Rollouts are sampled with every layer on each rank (TP shards within a layer are fine)."""
+        if run.parallel.pp > 1:
+            raise ValueError("objective=grpo samples rollouts with the whole model on each rank: parallel.pp must be 1")
 
     def attach(self, trainer) -> None:
         self.trainer = trainer
