@@ -11,7 +11,7 @@ import yaml
 
 from common.config import ConfigError, to_dict
 from data_pipeline.engine import ENGINES
-from data_pipeline.languages import family_of, language_table
+from data_pipeline.languages import family_of, language_hint, language_table
 from data_pipeline.sources import SourceConfig
 
 PACKINGS = ("concat", "best_fit")
@@ -113,9 +113,7 @@ def check_config(config: BuildConfig) -> None:
             try:
                 family_of(source.lang, table)
             except KeyError as err:
-                near = difflib.get_close_matches(source.lang.lower(), list(table), n=1)
-                hint = f"; did you mean {near[0]!r}?" if near else ""
-                raise ConfigError(f"sources[{i}].lang: {err.args[0]}{hint}") from None
+                raise ConfigError(f"sources[{i}].lang: {err.args[0]}{language_hint(source.lang, table)}") from None
 
 
 def output_config(config: BuildConfig) -> dict:

@@ -189,7 +189,8 @@ def plan_build(config: BuildConfig, unit_files: list[str], staging: str, eos: in
 
 def mixture_warnings(config: BuildConfig, draws, total: int, selection) -> list[str]:
     """What the user asked for and did not get: a family capped at `max_epochs` short of its ratio,
-    and families too small to hold out `valid_docs_per_family` documents."""
+    source files the filters emptied, and families too small to hold out `valid_docs_per_family`
+    documents."""
     warnings = []
     for d in draws:
         if config.max_epochs is not None and d.epochs >= config.max_epochs - 1e-9 and d.drawn_tokens / total < d.ratio:
@@ -197,6 +198,11 @@ def mixture_warnings(config: BuildConfig, draws, total: int, selection) -> list[
                 f"family {d.family!r}: capped at max_epochs={config.max_epochs:g} ({d.available_tokens:,} tokens); "
                 f"share {d.drawn_tokens / total:.2%} instead of the {d.ratio:.2%} asked"
             )
+    for source in selection.empty_sources:
+        warnings.append(
+            f"{source}: no document left after the length filters (min_chars, max_chars) or blank records; "
+            "nothing of it is in the dataset"
+        )
     for family, held in selection.valid.items():
         if len(held) < config.valid_docs_per_family:
             warnings.append(

@@ -28,6 +28,7 @@ class Selection:
     duplicates: int
     near_duplicates: int
     languages: dict[str, dict]  # per language of the kept documents: family, documents, tokens, confidence
+    empty_sources: list[str]  # source files with no document left after the length filters
 
 
 def deduplicate(config: BuildConfig, unit_files: list[Path], staging: Path, engine) -> Path:
@@ -65,8 +66,11 @@ def select_documents(config: BuildConfig, unit_files: list[Path], dropped_file: 
     refs: dict[str, list[np.ndarray]] = defaultdict(list)  # per family: (unit, row, length, language) blocks
     languages: dict[str, dict] = {}
     first_seen: dict[str, int] = {}
+    empty_sources = []
     for u, path in enumerate(unit_files):
         table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+        if table.num_rows == 0:
+            empty_sources.append(table.schema.metadata[b"source"].decode())
         lo, hi = np.searchsorted(dropped_codes, dedup.doc_codes(u, np.array([0, table.num_rows])))
         rows = np.setdiff1d(np.arange(table.num_rows), dedup.code_rows(dropped_codes[lo:hi]))
         families, langs = (_strings(table.column(name))[rows] for name in ("family", "lang"))
@@ -104,4 +108,4 @@ def select_documents(config: BuildConfig, unit_files: list[Path], dropped_file: 
     for rows in (*train.values(), *valid.values()):
         rows[:, 2] = renumber[rows[:, 2]]
     selected = {lang: languages[lang] for lang in order}
-    return Selection(train, train_lengths, valid, len(exact), len(near_dropped), selected)
+    return Selection(train, train_lengths, valid, len(exact), len(near_dropped), selected, empty_sources)

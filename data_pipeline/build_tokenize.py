@@ -125,7 +125,7 @@ def tokenize_unit(unit: Unit, out_file: str, batch_docs: int) -> dict:
     if near is not None:
         signatures = np.concatenate(columns["minhash"]) if columns["minhash"] else np.zeros(0, np.uint64)
         arrays["minhash"] = pa.FixedSizeListArray.from_arrays(arrow.from_numpy(signatures), near.num_perm)
-    table_ = pa.table(arrays)
+    table_ = pa.table(arrays).replace_schema_metadata({"source": unit.path})  # named if it ends up empty
     tmp = out_file + ".tmp"
     with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table_.schema) as writer:
         writer.write_table(table_)

@@ -65,7 +65,7 @@ def partition_unit(unit: int, unit_file: str, out_dir: str, partitions: int, exa
             parts[p].update(keys=keys[where == p], key_docs=codes[where == p])
     if bands:
         signatures = arrow.to_numpy(arrow.one_chunk(table.column("minhash")).values)
-        signatures = signatures.reshape(len(rows), -1)
+        signatures = signatures.reshape(len(rows), table.column("minhash").type.list_size)  # 0 rows too
         width = bands[0][1] - bands[0][0]
         values = np.stack([signatures[:, start:end] for start, end in bands], axis=1)  # docs, bands, width
         band_ids = np.broadcast_to(np.arange(len(bands), dtype=np.int64), (len(rows), len(bands)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from functools import cache
 from pathlib import Path
 
@@ -39,3 +40,10 @@ def family_of(lang: str, table: dict[str, str]) -> str:
         raise KeyError(
             f"language {lang!r} has no family; add it to a families file (families_file: in the data config)"
         ) from None
+
+
+def language_hint(lang: str, table: dict[str, str]) -> str:
+    """ "; did you mean 'de'?" for a code near a known one (region suffixes ignored), else ""."""
+    code = lang.lower().replace("_", "-").split("-")[0]
+    near = difflib.get_close_matches(code, list(table), n=1)
+    return f"; did you mean {near[0]!r}?" if near else ""

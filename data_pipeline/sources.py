@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.config import ConfigError
-from data_pipeline.languages import family_of
+from data_pipeline.languages import family_of, language_hint
 
 
 @dataclass
@@ -212,9 +212,12 @@ def read_file(path: str, source: SourceConfig, table: dict[str, str], identify=N
         if not isinstance(record, dict) or source.text_field not in record:
             raise ConfigError(f"{where} has no field {source.text_field!r}")
         value = record[source.text_field]
-        if value is not None and not isinstance(value, str):
+        if value is None:
+            raise ConfigError(
+                f"{where}: field {source.text_field!r} is null, not text (drop the record or give it text)"
+            )
+        if not isinstance(value, str):
             raise ConfigError(f"{where}: field {source.text_field!r} is {type(value).__name__} {value!r:.40}, not text")
-        value = value or ""
         nfc = value.isascii() or unicodedata.is_normalized("NFC", value)  # isascii: O(1), and ASCII is NFC
         text = (value if nfc else unicodedata.normalize("NFC", value)).strip()
         if len(text) < max(1, source.min_chars) or (source.max_chars and len(text) > source.max_chars):
@@ -224,11 +227,15 @@ def read_file(path: str, source: SourceConfig, table: dict[str, str], identify=N
             lang, confidence = identify(text)
         else:
             lang = source.lang or record.get(source.lang_field)
-        if not lang or not isinstance(lang, str):
+        if lang is not None and not isinstance(lang, str):
+            raise ConfigError(
+                f"{where}: field {source.lang_field!r} is {type(lang).__name__} {lang!r:.40}, not a language code"
+            )
+        if not lang:
             raise ConfigError(f"{where} has no language in field {source.lang_field!r}")
         try:
             yield Document(text=text, lang=lang, family=family_of(lang, table), confidence=confidence)
         except KeyError as err:
-            raise ConfigError(f"{where}: {err.args[0]}") from None
+            raise ConfigError(f"{where}: {err.args[0]}{language_hint(lang, table)}") from None
     if records == 0:
         raise ConfigError(f"{path}: no records (an empty file); remove it from the sources")

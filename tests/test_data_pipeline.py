@@ -15,7 +15,7 @@ import pytest
 
 from common.config import ConfigError, load_config
 from data_pipeline.__main__ import main as cli
-from data_pipeline.build import BuildConfig, TokenizerConfig, build
+from data_pipeline.build import BuildConfig, NearDedupConfig, TokenizerConfig, build
 from data_pipeline.languages import family_of, language_table
 from data_pipeline.loader import PackedDataset
 from data_pipeline.shards import read_manifest
@@ -128,11 +128,15 @@ FINE = b'{"text": "fine", "lang": "en"}\n'
         (FINE + b'{"text": "caf\xff", "lang": "fr"}\n', r"bad\.jsonl:2: not valid UTF-8 \(byte 0xff"),
         (FINE + b'{"text": 12345, "lang": "en"}\n', r"bad\.jsonl: record 2: field 'text' is int"),
         (b'{"text": "fine", "lang": null}\n', r"bad\.jsonl: record 1 has no language"),
+        (FINE + b'{"text": null, "lang": "en"}\n', r"bad\.jsonl: record 2: field 'text' is null, not text"),
+        (FINE + b'{"text": "fine", "lang": 7}\n', r"bad\.jsonl: record 2: field 'lang' is int 7, not a language code"),
+        (FINE + b'{"text": "fine", "lang": "dee"}\n', r"record 2: language 'dee' has no .*did you mean 'de'"),
         (b"", r"bad\.jsonl: no records"),
         (b"\n\n", r"bad\.jsonl: no records"),
     ],
-    ids=["invalid-utf8", "number-as-text", "no-language", "empty", "blank-lines"],
-)
+    ids=["invalid-utf8", "number-as-text", "no-language", "null-text", "number-as-language", "misspelt-language",
+         "empty", "blank-lines"],
+)  # fmt: skip
 def test_bad_input_names_file_and_line_and_keeps_the_previous_output(tmp_path, content, message):
     good = good_records(tmp_path / "good.jsonl")
     first = build(small_build(tmp_path, [str(good)]))
@@ -141,6 +145,22 @@ def test_bad_input_names_file_and_line_and_keeps_the_previous_output(tmp_path, c
         build(small_build(tmp_path, [str(good), str(tmp_path / "bad.jsonl")]))
     assert read_manifest(tmp_path / "out") == first, "the previous dataset is untouched"
     assert not (tmp_path / "out.building").exists(), "no staging folder is left behind"
+
+
+@pytest.mark.parametrize("near_dedup", [False, True], ids=["exact-dedup", "near-dedup"])
+def test_a_file_the_filters_empty_is_named_in_the_warnings(tmp_path, near_dedup):
+    """Blank records (or ones the length filters drop) leave a file with no document: the build goes
+    on with the others and says which file gave nothing, with or without near-dedup."""
+    good = good_records(tmp_path / "good.jsonl")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("".join(json.dumps({"text": "  ", "lang": "en"}) + "\n" for _ in range(3)))
+    near = NearDedupConfig() if near_dedup else None
+    manifest = build(small_build(tmp_path, [str(good), str(blank)], near_dedup=near))
+    assert [w for w in manifest["warnings"] if "blank.jsonl" in w] == [
+        f"{blank}: no document left after the length filters (min_chars, max_chars) or blank records; "
+        "nothing of it is in the dataset"
+    ]
+    assert manifest["family_stats"]["germanic"]["tokens"] > 0
 
 
 def test_config_mistakes_are_found_before_any_document_is_read(tmp_path, monkeypatch):

@@ -155,7 +155,8 @@ def test_ranks_split_the_cores_they_may_use_not_the_machines():
     probe = ("from training.parallel.world import limit_cpu_threads; import torch; "
              "from data_pipeline.engine import LocalEngine; limit_cpu_threads(); "
              "print(torch.get_num_threads(), LocalEngine().workers)")  # fmt: skip
-    env = {**os.environ, "LOCAL_WORLD_SIZE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.update(LOCAL_WORLD_SIZE="1", CUDA_VISIBLE_DEVICES="")
     pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", probe], env=env, capture_output=True,
                             text=True, check=True, cwd=Path(__file__).parents[1])  # fmt: skip
     assert pinned.stdout.split() == ["1", "1"], pinned.stdout + pinned.stderr
@@ -163,6 +164,10 @@ def test_ranks_split_the_cores_they_may_use_not_the_machines():
         free = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parents[1])  # fmt: skip
         assert free.stdout.split() == [str(len(os.sched_getaffinity(0)))] * 2, free.stdout + free.stderr
+    # An explicit OMP_NUM_THREADS is respected (a user lowering it on a shared machine).
+    asked = subprocess.run([sys.executable, "-c", probe], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                           text=True, check=True, cwd=Path(__file__).parents[1])  # fmt: skip
+    assert asked.stdout.split()[0] == "1", asked.stdout + asked.stderr
 
 
 def launch_of_four(program: str, tiny_data: Path, out_dir: Path, *extra: str) -> subprocess.Popen:

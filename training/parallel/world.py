@@ -164,8 +164,9 @@ def return_freed_memory_to_os(threshold_bytes: int = 4 * 2**20) -> None:
 
 def limit_cpu_threads() -> None:
     """Ranks sharing a CPU split the cores they may use (a SLURM or container cpuset, not the
-    machine's count) instead of each spawning one thread per core."""
-    if not torch.cuda.is_available():
+    machine's count) instead of each spawning one thread per core. An explicit OMP_NUM_THREADS is
+    left as torch read it (on a shared machine a user asks for fewer; torchrun sets 1 when unset)."""
+    if not torch.cuda.is_available() and not os.environ.get("OMP_NUM_THREADS"):
         found = {**os.environ, **rank_env(os.environ)}
         local_world = int(found.get("LOCAL_WORLD_SIZE", found.get("WORLD_SIZE", "1")))
         torch.set_num_threads(max(1, usable_cores() // local_world))
