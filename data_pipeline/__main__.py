@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from common.config import ConfigError, load_config
+from common.locks import LockedError
 from data_pipeline.shards import read_manifest
 
 
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except LockedError as err:  # another build writes the same folder
+        print(f"error: {err}", file=sys.stderr)
+        return 4
     return 0
 
 

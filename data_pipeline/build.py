@@ -26,6 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from common import locks
 from common.config import ConfigError
 from common.files import atomic_write, atomic_write_text
 from data_pipeline.build_config import BuildConfig, NearDedupConfig, TokenizerConfig, check_config, output_config
@@ -60,16 +61,33 @@ def build(config: BuildConfig) -> dict:
     if not units:
         raise ConfigError("sources: no files")
     check_config(config)
+    lock_build(out)
     try:
         manifest = _build(config, units, out, staging)
     except (ConfigError, ValueError, OSError):
         # Bad input or a full disk: nothing half-built is kept (an interrupt keeps it to resume).
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        locks.release(build_lock_file(out))
     if is_url(config.output_dir):
         publish(out, config.output_dir)
         shutil.rmtree(out)
     return manifest
+
+
+def build_lock_file(out: Path) -> Path:
+    """Beside the output (not in it, nor in its staging folder: both are replaced by a build)."""
+    return out.with_name(out.name + ".lock")
+
+
+def lock_build(out: Path) -> None:
+    """One build per output folder: a second one would remove the first one's staging folder."""
+    refusal = (
+        f"{out} is being built by another process ({{holder}}); two builds into one folder would remove each "
+        "other's files. Wait for it, stop it, or choose another output_dir"
+    )
+    locks.acquire(build_lock_file(out), refusal)
 
 
 def local_output(config: BuildConfig) -> Path:

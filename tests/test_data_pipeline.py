@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from common.config import ConfigError, load_config
+from common.locks import LockedError
 from data_pipeline.__main__ import main as cli
 from data_pipeline.build import BuildConfig, NearDedupConfig, TokenizerConfig, build
 from data_pipeline.languages import family_of, language_table
@@ -145,6 +146,37 @@ def test_bad_input_names_file_and_line_and_keeps_the_previous_output(tmp_path, c
         build(small_build(tmp_path, [str(good), str(tmp_path / "bad.jsonl")]))
     assert read_manifest(tmp_path / "out") == first, "the previous dataset is untouched"
     assert not (tmp_path / "out.building").exists(), "no staging folder is left behind"
+
+
+def test_one_build_per_output_folder_and_no_stale_lock_after_a_kill(tmp_path):
+    """A process holding the build's lock (as a running build does) makes a second build into the same
+    folder stop before it touches anything, naming the holder; killed with SIGKILL, it blocks nothing."""
+    import subprocess
+    import sys
+
+    config = small_build(tmp_path, [str(good_records(tmp_path / "good.jsonl"))])
+    out = Path(config.output_dir).absolute()
+    staging = out.with_name(out.name + ".building")
+    staging.mkdir()
+    (staging / "the first build's file").write_text("")
+    hold = "import sys, time; from pathlib import Path; from data_pipeline.build import lock_build; " \
+           "lock_build(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)"  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE,
+                              cwd=Path(__file__).parents[1])  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        yaml_config = tmp_path / "build.yaml"
+        yaml_config.write_text(
+            json.dumps({"output_dir": str(out), "sources": [{"paths": [str(tmp_path / "good.jsonl")]}]})
+        )
+        assert cli(["build", str(yaml_config)]) == 4
+        with pytest.raises(LockedError, match=rf'{out} is being built by another process \(.*"pid": {holder.pid}'):
+            build(config)
+        assert (staging / "the first build's file").is_file(), "the holder's staging folder is untouched"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert build(config)["splits"]["train"], "a killed holder leaves no stale lock"
 
 
 @pytest.mark.parametrize("near_dedup", [False, True], ids=["exact-dedup", "near-dedup"])

@@ -1,56 +1,37 @@
-"""One job per run folder: rank 0 holds an advisory lock on `<run_dir>/run.lock` while it trains.
-
-A second job on the same folder (this node or another sharing the filesystem) is refused with the
-holder's host and pid. The lock is the kernel's (`flock`), so a job that crashes or is killed
-releases it with its process: nothing stale to clean up. Within one process the lock is re-entrant
-(a resume in the same process is the same job)."""
+"""One job per run folder: rank 0 holds `common.locks`' lock on `<run_dir>/run.lock` while it trains,
+so a second job on the same folder is refused naming the holder's host and pid, and a killed job
+leaves nothing stale."""
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
-import os
-import socket
-import time
 from pathlib import Path
 
 import torch.distributed as dist
 
+from common import locks
+
 LOCK_FILE = "run.lock"
-_HELD: dict[Path, int] = {}  # lock path -> open descriptor, in this process
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(locks.LockedError):
     pass
 
 
 def acquire(run_dir: Path) -> None:
     """Take the run folder's lock, or raise naming who holds it."""
-    path = (Path(run_dir) / LOCK_FILE).resolve()
-    if path in _HELD:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    refusal = (
+        f"{Path(run_dir).resolve()} is in use by another job ({{holder}}); two jobs would write the same "
+        "checkpoints and logs. Wait for it, stop it, or give this run another name or out_dir"
+    )
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise RunLockedError(
-            f"{path.parent} is in use by another job ({holder}); two jobs would write the same checkpoints "
-            "and logs. Wait for it, stop it, or give this run another name or out_dir"
-        ) from None
-    os.ftruncate(fd, 0)
-    holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-    os.pwrite(fd, json.dumps(holder).encode(), 0)
-    _HELD[path] = fd
+        locks.acquire(Path(run_dir) / LOCK_FILE, refusal)
+    except locks.LockedError as err:
+        raise RunLockedError(str(err)) from None
 
 
 def release(run_dir: Path) -> None:
-    fd = _HELD.pop((Path(run_dir) / LOCK_FILE).resolve(), None)
-    if fd is not None:
-        os.close(fd)  # closing the descriptor releases the lock
+    locks.release(Path(run_dir) / LOCK_FILE)
 
 
 @contextlib.contextmanager
