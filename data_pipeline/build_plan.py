@@ -179,7 +179,8 @@ def plan_build(config: BuildConfig, unit_files: list[str], staging: str, eos: in
     }
     summary.update(
         valid={"entries": valid_entries, "padding": valid_padding},
-        warnings=mixture_warnings(config, draws, drawn, selection),
+        warnings=ratio_warnings(read_ratios(config.ratios), ratios, available)
+        + mixture_warnings(config, draws, drawn, total, selection),
         duplicates=selection.duplicates,
         near_duplicates=selection.near_duplicates,
     )
@@ -187,17 +188,42 @@ def plan_build(config: BuildConfig, unit_files: list[str], staging: str, eos: in
     return summary
 
 
-def mixture_warnings(config: BuildConfig, draws, total: int, selection) -> list[str]:
-    """What the user asked for and did not get: a family capped at `max_epochs` short of its ratio,
-    source files the filters emptied, and families too small to hold out `valid_docs_per_family`
-    documents."""
+def ratio_warnings(given: dict[str, float], used: dict[str, float], available: dict[str, int]) -> list[str]:
+    """Ratios are weights: when they do not sum to 1 they are normalised over the families listed, and
+    families of the data left out of them get nothing. Both said, so a partial list is not a surprise."""
+    if not given:
+        return []
     warnings = []
+    total = sum(given.values())
+    if abs(total - 1.0) > 1e-6:
+        shares = ", ".join(f"{family} {share:.2%}" for family, share in sorted(used.items()))
+        warnings.append(f"ratios sum to {total:g}, not 1: normalised over the families listed to {shares}")
+    left_out = sorted(f for f, n in available.items() if n and f not in given)
+    if left_out:
+        warnings.append(f"families in the data but not in ratios get no tokens: {', '.join(left_out)}")
+    return warnings
+
+
+def mixture_warnings(config: BuildConfig, draws, drawn: int, asked: int, selection) -> list[str]:
+    """What the user asked for and did not get: families capped at `max_epochs` short of their ratio
+    (what they could not supply is not given to the others: the total falls short by it, said with
+    the total), source files the filters emptied, and families too small to hold out
+    `valid_docs_per_family` documents."""
+    warnings = []
+    capped = []
     for d in draws:
-        if config.max_epochs is not None and d.epochs >= config.max_epochs - 1e-9 and d.drawn_tokens / total < d.ratio:
+        if config.max_epochs is not None and d.epochs >= config.max_epochs - 1e-9 and d.drawn_tokens / drawn < d.ratio:
+            capped.append(d.family)
             warnings.append(
                 f"family {d.family!r}: capped at max_epochs={config.max_epochs:g} ({d.available_tokens:,} tokens); "
-                f"share {d.drawn_tokens / total:.2%} instead of the {d.ratio:.2%} asked"
+                f"share {d.drawn_tokens / drawn:.2%} instead of the {d.ratio:.2%} asked"
             )
+    if capped and drawn < asked:
+        warnings.append(
+            f"{drawn:,} training tokens instead of the {asked:,} asked: the capped families ({', '.join(capped)}) "
+            f"could not supply {asked - drawn:,}, which go to no other family (each keeps its own budget, so its "
+            "share of the smaller total is above its ratio); raise max_epochs or lower total_tokens"
+        )
     for source in selection.empty_sources:
         warnings.append(
             f"{source}: no document left after the length filters (min_chars, max_chars) or blank records; "

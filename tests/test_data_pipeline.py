@@ -232,6 +232,28 @@ def test_cli_build_and_inspect(tmp_path, capsys):
     assert "ratios.tamil" in capsys.readouterr().err
 
 
+def test_ratios_say_what_they_did(tmp_path):
+    """Weights that do not sum to 1 are normalised, families left out get nothing, and a family capped
+    at max_epochs leaves the total short by what it could not supply: each said in the manifest."""
+    paths = write_jsonl_files(tmp_path)  # English, French and Russian documents
+    partial = build(small_build(tmp_path / "partial", paths, ratios={"germanic": 0.2}))
+    assert partial["warnings"][:2] == [
+        "ratios sum to 0.2, not 1: normalised over the families listed to germanic 100.00%",
+        "families in the data but not in ratios get no tokens: romance, slavic",
+    ]
+    assert set(partial["family_stats"]) == {"germanic"}
+    ratios = {"germanic": 0.9, "slavic": 0.1}  # about 240 tokens each: germanic cannot supply 1,800 in one epoch
+    capped = build(small_build(tmp_path / "capped", paths, ratios=ratios, max_epochs=1.0))
+    drawn = sum(f["tokens"] for f in capped["family_stats"].values())
+    assert drawn < 2000 and capped["family_stats"]["slavic"]["tokens"] == 200, "the other family keeps its budget"
+    shortfall = [w for w in capped["warnings"] if "training tokens instead of" in w]
+    assert shortfall == [
+        f"{drawn:,} training tokens instead of the 2,000 asked: the capped families (germanic) could not supply "
+        f"{2000 - drawn:,}, which go to no other family (each keeps its own budget, so its share of the smaller "
+        "total is above its ratio); raise max_epochs or lower total_tokens"
+    ]
+
+
 def test_ratios_from_a_file(tmp_path):
     (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS))
     (tmp_path / "ratios.yaml").write_text("germanic: 0.6\nromance: 0.3\nslavic: 0.1\n")
