@@ -59,9 +59,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if data is None:  # an empty file (or comments only) would silently run with every default
+        raise ConfigError(f"{path}: the config file is empty; give the keys to set (or no file for every default)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -177,6 +179,22 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if hint in (float,) and not isinstance(value, (int, float)):
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     return value
+
+
+def check_fields(config: Any, **rules: str | tuple) -> None:
+    """Refuse a field outside its rule, naming the key (`load_config` adds where it was written): a
+    bound (">= 1", "> 0", ">= 0", ">= -1") or a tuple of the values allowed. None passes (optional)."""
+    for key, rule in rules.items():
+        value = getattr(config, key)
+        if value is None:
+            continue
+        if isinstance(rule, tuple):
+            ok, wanted = value in rule, f"one of {', '.join(map(str, rule))}"
+        else:
+            op, bound = rule.split()
+            ok, wanted = (value > float(bound)) if op == ">" else (value >= float(bound)), rule
+        if not ok:
+            raise ConfigError(f"{key} must be {wanted}, got {value!r}", key)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from common.config import load_config
 from data_pipeline.build import BuildConfig, build
 
@@ -81,3 +83,54 @@ def test_cli_refuses_layout_that_does_not_fit_world():
     result = run_cli("--config", "configs/pretrain/tiny.yaml")
     assert result.returncode == 2
     assert "tp=2 x pp=2" in result.stderr and "world size 1" in result.stderr
+
+
+BAD_VALUES = [  # override, what the one line says after "error: command line '<override>': "
+    ("steps=-5", "steps must be >= 1, got -5"),
+    ("steps=0", "steps must be >= 1, got 0"),
+    ("steps=many", "steps: expected an integer, got 'many'"),
+    ("stop_after=0", "stop_after must be >= 1, got 0"),
+    ("log_every=0", "log_every must be >= 1, got 0"),
+    ("eval_every=-1", "eval_every must be >= 0, got -1"),
+    ("eval_batches=-2", "eval_batches must be >= 0, got -2"),
+    ("dist_timeout_s=0", "dist_timeout_s must be > 0, got 0"),
+    ("precision=fp8", "precision must be one of fp32, bf16, fp16, got 'fp8'"),
+    ("activation_checkpointing=some", "activation_checkpointing must be one of none, full, selective, got 'some'"),
+    ("nonfinite=ignore", "nonfinite must be one of stop, skip, got 'ignore'"),
+    ("objective=dpx", "objective 'dpx' is not one of ['dpo', 'grpo', 'lm']; did you mean 'dpo'?"),
+    ("data.global_batch_size=-16", "data: global_batch_size must be >= 1, got -16"),
+    ("parallel.micro_batch_size=0", "parallel: micro_batch_size must be >= 1, got 0"),
+    ("parallel.tp=0", "parallel: tp must be >= 1, got 0"),
+    ("parallel.pp=-1", "parallel: pp must be >= 1, got -1"),
+    ("parallel.cp=0", "parallel: cp must be >= 1, got 0"),
+    ("parallel.dp=0", "parallel: dp must be >= 1 (or -1: what the world size leaves), got 0"),
+    ("parallel.virtual_stages=0", "parallel: virtual_stages must be >= 1, got 0"),
+    ("parallel.dp_mode=zero3", "parallel: dp_mode must be one of allreduce, fsdp, got 'zero3'"),
+    ("parallel.fsdp_unit=layer", "parallel: fsdp_unit must be one of block, linear, got 'layer'"),
+    ("checkpoint.keep_last=-1", "checkpoint: keep_last must be >= 0, got -1"),
+    ("checkpoint.save_every=-2", "checkpoint: save_every must be >= 0, got -2"),
+    ("optim.lr=-1e-3", "optim: lr must be > 0 (or 'auto'), got -0.001"),
+    ("optim.beta2=1.5", "optim: beta2 must be in [0, 1), got 1.5"),
+    ("dpo.beta=high", "dpo.beta: expected a number, got 'high'"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
+def test_a_bad_value_is_one_line_naming_the_key_and_where_it_was_written(override, message, capsys):
+    """In-process (each refusal comes before any rank starts): exit 2, one line, no traceback."""
+    from training.pretrain import main
+
+    assert main(["configs/pretrain/tiny.yaml", override]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"error: command line {override!r}: {message}"]
+
+
+def test_an_empty_config_file_is_refused(tmp_path, capsys):
+    from training.pretrain import main
+
+    (tmp_path / "empty.yaml").write_text("# nothing but a comment\n")
+    assert main([str(tmp_path / "empty.yaml")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tmp_path / 'empty.yaml'}: the config file is empty; "
+        "give the keys to set (or no file for every default)"
+    ]

@@ -22,8 +22,8 @@ from training.objective import Objective
 from training.optim import build_optimizer, build_scheduler, resolve_lr
 from training.parallel.mesh import ParallelDims, device_type
 from training.parallel.parallelize import ParallelModel, parallelize
-from training.precision import PRECISIONS, autocast
-from training.trainer import NONFINITE_MODES, Layout, Trainer
+from training.precision import PRECISIONS
+from training.trainer import Layout, Trainer
 
 
 @dataclass
@@ -44,7 +44,7 @@ def build_layout(config: TrainConfig, dims: ParallelDims, device: torch.device) 
     pp_rank, dp_rank, cp_rank, tp_rank = dims.coordinates(mesh)
     global_batch, micro = config.data.global_batch_size, config.parallel.micro_batch_size
     local_batch, rem = divmod(global_batch, dims.dp)
-    n_microbatches, rem2 = divmod(local_batch, micro) if micro > 0 else (0, 0)
+    n_microbatches, rem2 = divmod(local_batch, micro)
     if rem or rem2 or n_microbatches == 0:
         raise ValueError(
             f"data.global_batch_size={global_batch} must be a multiple of dp ({dims.dp}) x "
@@ -85,9 +85,6 @@ def build_model(config: TrainConfig, layout: Layout, seq_len: int) -> ParallelMo
 def build_trainer(config: TrainConfig, objective: Objective) -> Trainer:
     """Every part of a run, in order, for this rank; `objective` says what is optimised."""
     objective.check(config)
-    if config.nonfinite not in NONFINITE_MODES:
-        raise ValueError(f"nonfinite {config.nonfinite!r} is not one of {', '.join(NONFINITE_MODES)}")
-    autocast(config.precision, device_type())  # refuses an unknown precision before anything is built
     world = dist.get_world_size() if dist.is_initialized() else 1
     dims = ParallelDims.from_config(config.parallel, world)
     train = open_train_split(config)

@@ -6,9 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.config import check_fields
 from training.models.phi import PhiConfig
 from training.optim import OptimConfig
 from training.parallel.mesh import ParallelConfig
+from training.parallel.transforms import AC_MODES
+from training.precision import PRECISIONS
 
 
 @dataclass
@@ -17,6 +20,9 @@ class DataConfig:
     global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel replicas
     seed: int = 0
 
+    def __post_init__(self):
+        check_fields(self, global_batch_size=">= 1")
+
 
 @dataclass
 class CheckpointConfig:
@@ -24,6 +30,9 @@ class CheckpointConfig:
     keep_last: int = 2
     resume: str = "auto"  # auto (latest in this run's folder, if any) | none | a step_* folder
     async_save: bool = False  # write in the background while training continues (multi-rank runs)
+
+    def __post_init__(self):
+        check_fields(self, save_every=">= 0", keep_last=">= 0")
 
 
 @dataclass
@@ -51,6 +60,12 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self):
+        check_fields(self, steps=">= 1", stop_after=">= 1", log_every=">= 1", eval_every=">= 0",
+                     eval_batches=">= 0", dist_timeout_s="> 0", loss_spike_factor="> 0",
+                     precision=tuple(PRECISIONS), activation_checkpointing=AC_MODES,
+                     nonfinite=("stop", "skip"))  # fmt: skip
 
     @property
     def run_dir(self) -> Path:

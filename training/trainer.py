@@ -33,8 +33,6 @@ from training.parallel.tensor import reduce_partial_grads
 from training.precision import LossScaler, autocast
 from training.run_state import config_record, resume, saved_state
 
-NONFINITE_MODES = ("stop", "skip")
-
 
 class NonFiniteLossError(RuntimeError):
     """A step produced NaN/inf under `nonfinite: stop`; the message names the step and the batch."""

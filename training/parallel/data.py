@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from training.parallel.mesh import FSDP_UNITS
+
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
@@ -51,9 +53,6 @@ class ChunkedReduceScatter:
         for start in range(0, rows.shape[1], step):
             stop = min(start + step, rows.shape[1])
             dist.reduce_scatter_single(output_tensor[start:stop], rows[:, start:stop].reshape(-1), op=op, group=group)
-
-
-FSDP_UNITS = ("block", "linear")
 
 
 def apply_fsdp(

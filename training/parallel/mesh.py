@@ -11,6 +11,11 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from common.config import ConfigError, check_fields
+
+DP_MODES = ("allreduce", "fsdp")
+FSDP_UNITS = ("block", "linear")
+
 
 @dataclass
 class ParallelConfig:
@@ -30,6 +35,12 @@ class ParallelConfig:
     # (large vocabularies); each micro-batch all-gathers token ids and final hidden states over DP instead
     vocab_over_dp: bool = False
     sequence_parallel: bool = False  # with tp > 1: shard norms and the residual stream over the sequence
+
+    def __post_init__(self):
+        check_fields(self, tp=">= 1", pp=">= 1", cp=">= 1", virtual_stages=">= 1", micro_batch_size=">= 1",
+                     dp_mode=DP_MODES, fsdp_unit=FSDP_UNITS)  # fmt: skip
+        if self.dp != -1 and self.dp < 1:
+            raise ConfigError(f"dp must be >= 1 (or -1: what the world size leaves), got {self.dp}", "dp")
 
 
 class LayoutError(ValueError):

@@ -20,8 +20,6 @@ from training.parallel.tensor import apply_tensor_parallel
 from training.parallel.transforms import apply_activation_checkpointing, apply_compile
 from training.parallel.vocab import VocabOverDP, apply_vocab_over_dp
 
-DP_MODES = ("allreduce", "fsdp")
-
 
 @dataclass
 class ParallelModel:
@@ -44,9 +42,7 @@ class ParallelModel:
         return self.num_stages - 1 in self.stages
 
 
-def check_dp_mode(pc: ParallelConfig, dims: ParallelDims) -> None:
-    if pc.dp_mode not in DP_MODES:
-        raise ValueError(f"parallel.dp_mode {pc.dp_mode!r} is not one of {', '.join(DP_MODES)}")
+def check_vocab_over_dp(pc: ParallelConfig, dims: ParallelDims) -> None:
     fsdp = dims.dp > 1 and pc.dp_mode == "fsdp"
     if pc.vocab_over_dp and (not fsdp or dims.cp > 1):
         raise LayoutError(
@@ -67,7 +63,7 @@ def parallelize(
     param_dtype: torch.dtype | None = None,
 ) -> ParallelModel:
     """Shard `model` (on the meta device) for this rank of `mesh`, in place."""
-    check_dp_mode(pc, dims)
+    check_vocab_over_dp(pc, dims)
     pp_rank = dims.coordinates(mesh)[0]
     stages = stages_of_rank(pp_rank, dims.pp, pc.virtual_stages, pc.pp_schedule)
     num_stages = dims.pp * pc.virtual_stages
