@@ -101,6 +101,7 @@ def from_dict(cls: type[T], raw: dict[str, Any], where: str = "config") -> T:
     """Recursively build a dataclass, checking every key and coercing every value to its field type."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping for {cls.__name__}, got {raw!r}", where)
+    written = frozenset(raw)  # before a preset fills in its own keys
     presets = getattr(cls, "PRESETS", None)
     if presets is not None and raw.get("preset") is not None:
         name = raw["preset"]
@@ -120,11 +121,22 @@ def from_dict(cls: type[T], raw: dict[str, Any], where: str = "config") -> T:
         except ConfigError as err:
             raise ConfigError(str(err), err.key or _join(where, key)) from None
     try:
-        return cls(**kwargs)
+        built = cls(**kwargs)
+        built.__dict__[_GIVEN] = written
+        return built
     except ConfigError as err:
         raise ConfigError(f"{where + ': ' if where else ''}{err}", _join(where, err.key) if err.key else where) from err
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where + ': ' if where else ''}{err}", where or None) from err
+
+
+_GIVEN = "_keys_given"
+
+
+def keys_given(config: Any) -> frozenset[str] | None:
+    """The keys a file or the command line set on `config` (a default left alone is not among them);
+    None for a config built in code, whose defaults cannot be told from values equal to them."""
+    return config.__dict__.get(_GIVEN)
 
 
 def _join(where: str, key: str) -> str:

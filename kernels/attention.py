@@ -57,6 +57,19 @@ def flash_attn_attention(q, k, v, doc_ids: torch.Tensor | None, window: int | No
     return out.reshape(q.shape)
 
 
+def training_problem(backend: str, device_type: str) -> str | None:
+    """Why `backend` cannot train on `device_type` (None when it can), said before a model is built
+    rather than at the first backward."""
+    if backend == "flex" and device_type == "cpu":
+        return (
+            f"model.attn_backend=flex cannot train on CPU: PyTorch's FlexAttention has no backward there (torch "
+            f"{torch.__version__}); train with attn_backend sdpa or triton, or run flex on a GPU"
+        )
+    if backend == "flash_attn" and device_type != "cuda":
+        return "model.attn_backend=flash_attn needs a CUDA GPU (and the gpu extra: pip install -e .[gpu])"
+    return None
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -32,7 +32,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "loop": (
         ("training",),  # the trainer and its parts: config, components, optimizer, metrics, precision
-        ("common", "data", "models", "checkpoint", "construction", "parallel"),
+        ("common", "kernels", "data", "models", "checkpoint", "construction", "parallel"),
     ),
     "objectives": (("training.objectives",), ("common", "data", "models", "posttrain", "loop")),
     "scaling_laws": (("training.scaling_laws",), ("common", "data", "models", "loop", "objectives")),

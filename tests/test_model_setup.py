@@ -129,6 +129,20 @@ def test_init_from_refuses_a_conflicting_model_key(small_dataset, tmp_path):
         trainer_for(config)
 
 
+def test_an_explicit_model_key_equal_to_its_default_still_conflicts_with_init_from(tmp_path):
+    """What counts is what the user wrote, not whether it differs from the default: `model.rope_theta=10000`
+    (the default) next to a folder with 500000 is refused naming both; left unwritten, the folder's is adopted."""
+    from common.config import from_dict
+    from training.model_setup import resolve_model_config
+
+    folder, _ = hf_folder(tmp_path)
+    written = from_dict(PhiConfig, {"rope_theta": PhiConfig().rope_theta}, where="model")
+    with pytest.raises(ConfigError, match=r"model\.rope_theta=10000.0 conflicts with init_from=.*rope_theta=500000.0"):
+        resolve_model_config(written, str(folder), SMALL_VOCAB, SMALL_SEQ_LEN)
+    adopted = resolve_model_config(from_dict(PhiConfig, {}, where="model"), str(folder), SMALL_VOCAB, SMALL_SEQ_LEN)
+    assert adopted.rope_theta == 500000.0
+
+
 def test_vocab_and_length_default_to_the_dataset(small_dataset, tmp_path):
     config = small_config(small_dataset, tmp_path)
     config.model = dataclasses.replace(PhiConfig(), dim=64, n_layers=2)

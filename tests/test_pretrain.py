@@ -134,3 +134,15 @@ def test_an_empty_config_file_is_refused(tmp_path, capsys):
         f"error: {tmp_path / 'empty.yaml'}: the config file is empty; "
         "give the keys to set (or no file for every default)"
     ]
+
+
+def test_a_backend_that_cannot_train_here_is_refused_before_any_model_is_built(capsys):
+    import torch
+
+    from training.pretrain import main
+
+    if torch.cuda.is_available():
+        pytest.skip("flex trains on a GPU")
+    assert main(["configs/pretrain/tiny.yaml", "model.attn_backend=flex"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: model.attn_backend=flex cannot train on CPU"), err

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from data_pipeline.loader import DataLoader, PackedDataset
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
+from kernels.attention import training_problem
 from training.checkpoint import Checkpointer
 from training.config import TrainConfig
 from training.metrics import MetricsLogger
@@ -85,6 +86,9 @@ def build_model(config: TrainConfig, layout: Layout, seq_len: int) -> ParallelMo
 def build_trainer(config: TrainConfig, objective: Objective) -> Trainer:
     """Every part of a run, in order, for this rank; `objective` says what is optimised."""
     objective.check(config)
+    problem = training_problem(config.model.attn_backend, device_type())
+    if problem:
+        raise ValueError(problem)
     world = dist.get_world_size() if dist.is_initialized() else 1
     dims = ParallelDims.from_config(config.parallel, world)
     train = open_train_split(config)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from common.config import ConfigError, from_dict
+from common.config import ConfigError, from_dict, keys_given
 from training.checkpoint import TRAINER_STATE, find_checkpoint, load_state, saved_run_config
 from training.models.hf import CONFIG_FILE, HFWeights, config_from_hf, read_hf_config
 from training.models.init import canonical_name, init_weights, local_region
@@ -59,15 +59,18 @@ def resolve_model_config(given: PhiConfig, init_from: str | None, data_vocab: in
     """The model to build. With `init_from`, its architecture comes from the weights' own config, and
     a `model.*` key set to another value is refused naming both. Without a preset, `vocab_size` and
     `max_seq_len` left at their defaults follow the dataset (a preset keeps its own: Phi-4-mini's
-    vocabulary is padded past its tokenizer's size). A key counts as set when it differs from its
-    default (or its preset's value)."""
+    vocabulary is padded past its tokenizer's size). A key counts as set when a file or the command
+    line gave it (`keys_given`), even at its default value; for a config built in code, when it
+    differs from its default (or its preset's value)."""
     defaults = _defaults(given)
     source = source_model_config(init_from) if init_from else None
+    written = keys_given(given)
     if source is not None:
         updates = {}
         for key in ARCHITECTURE_FIELDS:
             mine, theirs = getattr(given, key), getattr(source, key)
-            if mine != getattr(defaults, key) and mine != theirs:
+            set_by_user = key in written if written is not None else mine != getattr(defaults, key)
+            if set_by_user and mine != theirs:
                 raise ConfigError(
                     f"model.{key}={mine!r} conflicts with init_from={init_from}, whose model has {key}={theirs!r}; "
                     f"remove model.{key} to adopt it"
@@ -77,10 +80,10 @@ def resolve_model_config(given: PhiConfig, init_from: str | None, data_vocab: in
     if given.preset is not None:
         return given
     updates = {}
-    if given.vocab_size == defaults.vocab_size:
-        updates["vocab_size"] = data_vocab
-    if given.max_seq_len == defaults.max_seq_len:
-        updates["max_seq_len"] = data_seq_len
+    for key, from_data in (("vocab_size", data_vocab), ("max_seq_len", data_seq_len)):
+        left = key not in written if written is not None else getattr(given, key) == getattr(defaults, key)
+        if left:
+            updates[key] = from_data
     return dataclasses.replace(given, **updates)
 
 
