@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import shutil
 import sys
 from pathlib import Path
 
 from common.config import ConfigError, load_config
 from common.locks import LockedError
+from data_pipeline.build import BuildConfig, local_output
+from data_pipeline.build import build as run_build
 from data_pipeline.shards import read_manifest
 
 
@@ -72,9 +77,6 @@ def main(argv: list[str] | None = None) -> int:
             paths = write_default_corpus(args.out_dir, args.docs_per_language, args.seed)
             print(f"wrote {len(paths)} files to {args.out_dir}")
         elif args.command == "build":
-            from data_pipeline.build import BuildConfig
-            from data_pipeline.build import build as run_build
-
             overrides = list(args.overrides)
             overrides += [f"engine={args.engine}"] if args.engine else []
             overrides += [f"ray_address={args.address}"] if args.address else []
@@ -89,6 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     except LockedError as err:  # another build writes the same folder
         print(f"error: {err}", file=sys.stderr)
         return 4
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT) or args.command != "build":
+            raise
+        folder = local_output(config)  # the command is build: its config was loaded before any write
+        free = shutil.disk_usage(folder.parent if folder.parent.exists() else Path.cwd()).free
+        message = (
+            f"error: the disk is full: {os.strerror(err.errno)} while building {folder} ({free:,} bytes free on its "
+            "filesystem); nothing of this build is kept and the previous output is untouched"
+        )
+        print(message, file=sys.stderr)
+        return 3
     return 0
 
 

@@ -316,3 +316,28 @@ def test_one_job_per_run_folder_and_no_stale_lock_after_a_kill(small_dataset, tm
         first.wait()
     third = subprocess.run([*command, "steps=1"], env=env, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stderr
+
+
+def test_a_full_disk_in_a_data_build_is_one_line_and_keeps_the_previous_output(tmp_path, capsys):
+    """A real full filesystem (a small tmpfs) under the build's output: exit 3, one line naming the
+    folder and the free space, no traceback; the previous dataset and nothing half-built remain."""
+    from data_pipeline.__main__ import main as data_cli
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(
+        "".join(json.dumps({"text": f"words of document {i} " * 40, "lang": "en"}) + "\n" for i in range(400))
+    )
+    config = tmp_path / "build.yaml"
+    with small_filesystem(tmp_path / "disk", 256 << 10) as disk:
+        out = disk / "out"
+        out.mkdir()
+        (out / "previous.txt").write_text("the previous dataset")
+        config.write_text(json.dumps({"output_dir": str(out), "sources": [{"paths": [str(docs)]}], "seq_len": 64,
+                                      "total_tokens": 200_000, "tokenizer": {"vocab_size": 2000}}))  # fmt: skip
+        assert data_cli(["build", str(config)]) == 3
+        stderr = capsys.readouterr().err
+        errors = [line[line.index("error:") :] for line in stderr.replace("\r", "\n").splitlines() if "error:" in line]
+        assert len(errors) == 1 and "Traceback" not in stderr, stderr  # progress bars aside, one line
+        assert errors[0].startswith(f"error: the disk is full: No space left on device while building {out} (")
+        assert "bytes free on its filesystem" in errors[0]
+        assert (out / "previous.txt").is_file() and not (disk / "out.building").exists()
