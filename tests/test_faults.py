@@ -205,21 +205,53 @@ def flip_bytes(path):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", ["flipped-bytes", "truncated-shard", "bad-trainer-state", "garbage-latest"])
-def test_resume_falls_back_from_a_damaged_latest_checkpoint(damage, small_dataset, tmp_path, capsys):
-    """Real damage on disk (no mock): `resume: auto` verifies the newest checkpoint's checksums, says
-    which file is wrong, and resumes from the newest intact one."""
-    config, ckpt_dir = two_checkpoints(small_dataset, tmp_path)
-    newest = ckpt_dir / "step_00000004"
-    shard = max(newest.glob("*.distcp"), key=lambda f: f.stat().st_size)
-    if damage == "flipped-bytes":  # same size, silently different weights without a checksum
+DAMAGES = {  # what is damaged -> the file the skip names
+    "flipped-bytes": "shard",  # same size, silently different weights without a checksum
+    "truncated-shard": "shard",
+    "flipped-metadata": ".metadata",  # DCP's index of the shards
+    "bad-trainer-state": TRAINER_STATE,  # not JSON
+    "trainer-state-step-changed": TRAINER_STATE,  # valid JSON, another step: only its checksum tells
+    "broken-checksums-json": "checksums.json",
+    "checksums-hex-digit-changed": "checksums.json",  # the checksum file, not the intact shard it lists
+    "garbage-latest": None,
+}
+
+
+def damage_checkpoint(folder, damage: str):
+    """Real bytes changed on disk, as a failing disk or a careless edit would."""
+    shard = max(folder.glob("*.distcp"), key=lambda f: f.stat().st_size)
+    checksums = folder / "checksums.json"
+    if damage == "flipped-bytes":
         flip_bytes(shard)
     elif damage == "truncated-shard":
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif damage == "flipped-metadata":
+        flip_bytes(folder / ".metadata")
     elif damage == "bad-trainer-state":
-        (newest / TRAINER_STATE).write_text('{"step": 4, "data": {')
-    else:
+        (folder / TRAINER_STATE).write_text('{"step": 4, "data": {')
+    elif damage == "trainer-state-step-changed":
+        state = folder / TRAINER_STATE
+        state.write_text(state.read_text().replace('"step": 4', '"step": 5', 1))
+    elif damage == "broken-checksums-json":
+        checksums.write_text(checksums.read_text().replace('":', '" ', 1))
+    elif damage == "checksums-hex-digit-changed":
+        text = checksums.read_text()
+        digit = text.index(shard.name) + len(shard.name) + 4  # the first hex digit of the shard's sha256
+        checksums.write_text(text[:digit] + ("0" if text[digit] != "0" else "1") + text[digit + 1 :])
+    return shard
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_resume_falls_back_from_a_damaged_latest_checkpoint(damage, small_dataset, tmp_path, capsys):
+    """Real damage on disk (no mock) to each kind of file: `resume: auto` verifies the newest
+    checkpoint against its checksums (which verify themselves), says which file is wrong, and
+    resumes from the newest intact one."""
+    config, ckpt_dir = two_checkpoints(small_dataset, tmp_path)
+    newest = ckpt_dir / "step_00000004"
+    if damage == "garbage-latest":
         (ckpt_dir / LATEST).write_bytes(b"\x00\xff garbage")
+    else:
+        shard = damage_checkpoint(newest, damage)
     capsys.readouterr()
     resumed = trainer_for(config)
     resumed.maybe_resume()
@@ -229,8 +261,27 @@ def test_resume_falls_back_from_a_damaged_latest_checkpoint(damage, small_datase
         assert "not a checkpoint folder" in said.out + said.err
     else:
         assert resumed.step == 2
-        named = shard.name if "shard" in damage or "bytes" in damage else TRAINER_STATE
-        assert "skipping checkpoint step_00000004" in said.out + said.err and named in said.out + said.err
+        named = shard.name if DAMAGES[damage] == "shard" else DAMAGES[damage]
+        skip = next(line for line in (said.out + said.err).splitlines() if "skipping checkpoint step_00000004" in line)
+        assert named in skip, skip
+        if damage == "checksums-hex-digit-changed":
+            assert shard.name not in skip, "an intact shard is not blamed"
+
+
+def test_when_every_checkpoint_is_damaged_the_run_stops_naming_each(small_dataset, tmp_path):
+    """`resume: auto` never starts over on top of damaged checkpoints: every one is named, the run
+    stops (exit 2 from the command line), and the folders and `latest` are left as they were."""
+    from training.checkpoint import NoIntactCheckpointError
+
+    config, ckpt_dir = two_checkpoints(small_dataset, tmp_path)
+    damage_checkpoint(ckpt_dir / "step_00000004", "flipped-bytes")
+    damage_checkpoint(ckpt_dir / "step_00000002", "broken-checksums-json")
+    before = {f: f.read_bytes() for f in ckpt_dir.rglob("*") if f.is_file()}
+    with pytest.raises(NoIntactCheckpointError, match=r"no intact checkpoint .*step_00000004 .*step_00000002 "):
+        trainer_for(config).fit()
+    assert {f: f.read_bytes() for f in ckpt_dir.rglob("*") if f.is_file()} == before
+    fresh = dataclasses.replace(config, checkpoint=CheckpointConfig(resume="none"), steps=1)
+    assert trainer_for(fresh).fit()[-1]["step"] == 1, "starting over is there when asked for"
 
 
 def test_resuming_on_data_from_another_tokenizer_is_refused(small_dataset, corpus_dir, tmp_path):

@@ -8,6 +8,7 @@ Parameters are stored under their full-model names, so a checkpoint is independe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -45,6 +46,10 @@ def _is_main() -> bool:
 
 class CheckpointError(RuntimeError):
     """A save that could not complete; the previous checkpoint and `latest` are untouched."""
+
+
+class NoIntactCheckpointError(ValueError):
+    """`resume: auto` found checkpoints, every one damaged; the message names each and why."""
 
 
 class Checkpointer:
@@ -107,8 +112,9 @@ class Checkpointer:
 
     def _finalize(self, path: Path, trainer_state: dict) -> None:
         if _is_main():  # every rank's shards are written (DCP's save ends in a collective)
-            atomic_write_text(path / CHECKSUMS, json.dumps(file_checksums(path), indent=2))
-            atomic_write_text(path / TRAINER_STATE, json.dumps(trainer_state, indent=2))  # the completion marker
+            state_text = json.dumps(trainer_state, indent=2)
+            atomic_write_text(path / CHECKSUMS, checksums_text(path, state_text))
+            atomic_write_text(path / TRAINER_STATE, state_text)  # the completion marker, covered by the checksums
         _barrier()  # every rank's shards are on disk before `latest` moves
         if _is_main():
             atomic_write_text(self.ckpt_dir / LATEST, path.name + "\n")
@@ -153,7 +159,7 @@ def save_failure_cause(err: BaseException) -> str:
 
 
 def file_checksums(folder: Path) -> dict[str, str]:
-    """sha256 of every file of a checkpoint folder (the markers excepted), by relative path."""
+    """sha256 of every file of a checkpoint folder but the two markers, by relative path."""
     skip = {CHECKSUMS, TRAINER_STATE}
     return {
         str(f.relative_to(folder)): sha256_file(f)
@@ -162,19 +168,41 @@ def file_checksums(folder: Path) -> dict[str, str]:
     }
 
 
+def _digest(files: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def checksums_text(folder: Path, trainer_state_text: str) -> str:
+    """`checksums.json`: every file's sha256, `trainer_state.json`'s included (from the text about to be
+    written), and the digest of that list, so damage to the checksum file itself is told apart from
+    damage to a file it lists."""
+    files = {**file_checksums(folder), TRAINER_STATE: hashlib.sha256(trainer_state_text.encode()).hexdigest()}
+    return json.dumps({"files": files, "digest": _digest(files)}, indent=2)
+
+
 def checkpoint_problem(path: Path) -> str | None:
-    """Why `path` is not an intact checkpoint (None when it is): no completion marker, an unreadable
-    trainer state, or a file missing, truncated or changed since its checksum was taken."""
+    """Why `path` is not an intact checkpoint (None when it is): no completion marker, a checksum file
+    that is unreadable or damaged, or a file (the trainer state too) missing, truncated or changed
+    since its checksum was taken."""
     if not (path / TRAINER_STATE).is_file():
         return f"{path / TRAINER_STATE} is missing (the save never completed)"
+    if not (path / CHECKSUMS).is_file():  # written before checksums were kept: the marker is all there is
+        try:
+            json.loads((path / TRAINER_STATE).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return f"{path / TRAINER_STATE} is not valid JSON ({err})"
+        return None
     try:
-        json.loads((path / TRAINER_STATE).read_text())
+        recorded = json.loads((path / CHECKSUMS).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        return f"{path / TRAINER_STATE} is not valid JSON ({err})"
-    if not (path / CHECKSUMS).is_file():
-        return None  # written before checksums were kept: the marker is all there is to check
-    expected = json.loads((path / CHECKSUMS).read_text())
-    actual = file_checksums(path)
+        return f"{path / CHECKSUMS} is damaged (not valid JSON: {err}); no file of the checkpoint can be verified"
+    if isinstance(recorded, dict) and "digest" in recorded:
+        expected = recorded.get("files")
+        if not isinstance(expected, dict) or _digest(expected) != recorded["digest"]:
+            return f"{path / CHECKSUMS} is damaged (its own digest does not match); no file can be verified"
+        actual = {**file_checksums(path), TRAINER_STATE: sha256_file(path / TRAINER_STATE)}
+    else:  # the first format: a flat list of the files but the markers
+        expected, actual = recorded, file_checksums(path)
     for name, digest in expected.items():
         if name not in actual:
             return f"{path / name} is missing"
@@ -206,11 +234,18 @@ def resolve_checkpoint(resume: str, ckpt_dir: Path, note=print) -> Path | None:
             candidates.insert(0, ckpt_dir / named)
         elif named:
             note(f"{pointer} names {named!r}, which is not a checkpoint folder here; looking for the newest intact one")
+        damaged = []
         for path in candidates:
             problem = checkpoint_problem(path)
             if problem is None:
                 return path
             note(f"skipping checkpoint {path.name}: {problem}")
+            damaged.append(f"{path.name} ({problem})")
+        if damaged:
+            raise NoIntactCheckpointError(
+                f"checkpoint.resume=auto: no intact checkpoint in {ckpt_dir}: {'; '.join(damaged)}. Not starting "
+                "over, which would write over them: restore one, or start from scratch with checkpoint.resume=none"
+            )
         return None
     path = Path(resume)
     problem = checkpoint_problem(path)

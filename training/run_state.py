@@ -10,7 +10,12 @@ import torch.distributed as dist
 
 from common.config import to_dict
 from data_pipeline.loader import PackedDataset
-from training.checkpoint import load_checkpoint, remove_unfinished_saves, resolve_checkpoint
+from training.checkpoint import (
+    NoIntactCheckpointError,
+    load_checkpoint,
+    remove_unfinished_saves,
+    resolve_checkpoint,
+)
 
 
 def dataset_state(dataset: PackedDataset) -> dict:
@@ -66,15 +71,20 @@ def resume(trainer) -> None:
     """Load the `Trainer`'s state from the checkpoint `checkpoint.resume` names, if any."""
     config, note = trainer.config, trainer.metrics.note
     ckpt_dir = config.run_dir / "checkpoints"
-    path = [None]
-    if trainer.is_main:  # one rank reads and checks the files; every rank loads what it chose
+    choice = [None, None]  # (checkpoint, refusal)
+    if trainer.is_main:  # one rank reads and checks the files; every rank loads what it chose, or stops
         remove_unfinished_saves(ckpt_dir, note)
-        path[0] = resolve_checkpoint(config.checkpoint.resume, ckpt_dir, note)
+        try:
+            choice[0] = resolve_checkpoint(config.checkpoint.resume, ckpt_dir, note)
+        except (FileNotFoundError, NoIntactCheckpointError) as err:
+            choice[1] = err
     if dist.is_initialized():
-        dist.broadcast_object_list(path, src=0)
-    if path[0] is None:
+        dist.broadcast_object_list(choice, src=0)
+    path, refusal = choice
+    if refusal is not None:
+        raise refusal
+    if path is None:
         return
-    path = path[0]
     state = load_checkpoint(path, trainer.model, trainer.optimizer)
     trainer.loader.check_resume(state.get("data", {}), str(path))
     check_same_data(state.get("dataset", {}), trainer.loader.dataset, path)
