@@ -63,16 +63,18 @@ def build(config: BuildConfig) -> dict:
     check_config(config)
     lock_build(out)
     try:
-        manifest = _build(config, units, out, staging)
-    except (ConfigError, ValueError, OSError):
-        # Bad input or a full disk: nothing half-built is kept (an interrupt keeps it to resume).
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        try:
+            manifest = _build(config, units, out, staging)
+        except (ConfigError, ValueError, OSError):
+            # Bad input or a full disk: nothing half-built is kept (an interrupt keeps it to resume).
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if is_url(config.output_dir):
+            publish(out, config.output_dir)
+            shutil.rmtree(out)
+            build_lock_file(out).unlink()  # nothing of an uploaded build stays in staging_dir, its lock neither
     finally:
         locks.release(build_lock_file(out))
-    if is_url(config.output_dir):
-        publish(out, config.output_dir)
-        shutil.rmtree(out)
     return manifest
 
 
