@@ -146,3 +146,17 @@ def test_a_backend_that_cannot_train_here_is_refused_before_any_model_is_built(c
     assert main(["configs/pretrain/tiny.yaml", "model.attn_backend=flex"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: model.attn_backend=flex cannot train on CPU"), err
+
+
+def test_a_layout_refusal_is_one_line_on_every_rank(tmp_path):
+    """`parallel.tp=2 parallel.pp=3` on 4 ranks of the DeepSpeed launcher: every rank refuses before any
+    process group starts, so each says the same one line and none dies in a collective (no traceback)."""
+    cmd = ["bash", "launch/pretrain.sh", "--config", "configs/pretrain/tiny.yaml", "parallel.tp=2", "parallel.pp=3",
+           f"out_dir={tmp_path}"]  # fmt: skip
+    result = subprocess.run(
+        cmd, cwd=ROOT, env={**env_with_venv(), "NPROC": "4"}, capture_output=True, text=True, timeout=300
+    )
+    out = result.stdout + result.stderr
+    refusals = [line for line in out.splitlines() if "error: parallel layout tp=2 x pp=3" in line]
+    assert result.returncode != 0 and len(refusals) == 4, out[-3000:]
+    assert "Traceback" not in out and "gloo" not in out.lower(), out[-3000:]

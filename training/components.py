@@ -83,14 +83,21 @@ def build_model(config: TrainConfig, layout: Layout, seq_len: int) -> ParallelMo
     return parallel
 
 
-def build_trainer(config: TrainConfig, objective: Objective) -> Trainer:
-    """Every part of a run, in order, for this rank; `objective` says what is optimised."""
+def check_run(config: TrainConfig, objective: Objective, world: int) -> ParallelDims:
+    """What can be refused before any process group starts, so every rank says it alike and none waits
+    for a peer that has left: the objective's needs, the attention backend on this device, the layout
+    against the world size."""
     objective.check(config)
     problem = training_problem(config.model.attn_backend, device_type())
     if problem:
         raise ValueError(problem)
+    return ParallelDims.from_config(config.parallel, world)
+
+
+def build_trainer(config: TrainConfig, objective: Objective) -> Trainer:
+    """Every part of a run, in order, for this rank; `objective` says what is optimised."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    dims = ParallelDims.from_config(config.parallel, world)
+    dims = check_run(config, objective, world)
     train = open_train_split(config)
     vocab, seq_len = train.manifest["vocab_size"], train.manifest["seq_len"]
     mc = config.model = resolve_model_config(config.model, config.init_from, vocab, seq_len)

@@ -14,10 +14,16 @@ import torch.distributed as dist
 
 from common.config import ConfigError
 from training.checkpoint import CheckpointError
-from training.components import build_trainer
+from training.components import build_trainer, check_run
 from training.objectives import load_run_config
 from training.parallel.mesh import LayoutError
-from training.parallel.world import exit_with_launcher, init_distributed, limit_cpu_threads, return_freed_memory_to_os
+from training.parallel.world import (
+    exit_with_launcher,
+    init_distributed,
+    launched_world_size,
+    limit_cpu_threads,
+    return_freed_memory_to_os,
+)
 from training.run_lock import RunLockedError
 from training.trainer import NonFiniteLossError
 
@@ -46,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, objective = load_run_config(path, overrides)
     except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:  # before any process group: a refusal is one line on every rank, with no peer left waiting
+        check_run(config, objective, launched_world_size())
+    except (LayoutError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     limit_cpu_threads()

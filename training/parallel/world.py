@@ -47,6 +47,11 @@ def rank_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {}
 
 
+def launched_world_size() -> int:
+    """How many ranks the launcher started, read from its environment before any process group exists."""
+    return int({**os.environ, **rank_env(os.environ)}.get("WORLD_SIZE", "1"))
+
+
 def master_from_mpi() -> str:
     """Rank 0's address, broadcast over MPI (mpirun sets no rendezvous address of its own)."""
     from mpi4py import MPI
