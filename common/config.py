@@ -86,9 +86,13 @@ def load_sections(
         built = {name: from_dict(section, raw.pop(name, {}), where=name) for name, section in sections.items()}
         return from_dict(cls, raw, where=""), built
     except ConfigError as err:
-        given = [item for item in overrides or [] if err.key and _same_key(item.split("=", 1)[0].strip(), err.key)]
-        origin = f"command line {given[-1]!r}" if given else str(path) if path else "config"
-        raise ConfigError(f"{origin}: {err}", err.key) from None
+        raise ConfigError(f"{written_at(err.key, path, overrides)}: {err}", err.key) from None
+
+
+def written_at(key: str | None, path: str | Path | None, overrides: list[str] | None) -> str:
+    """Where `key` was set: the last command-line override of it (or of its section), else the file."""
+    given = [item for item in overrides or [] if key and _same_key(item.split("=", 1)[0].strip(), key)]
+    return f"command line {given[-1]!r}" if given else str(path) if path else "config"
 
 
 def _same_key(written: str, key: str) -> bool:

@@ -10,7 +10,7 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, load_sections
+from common.config import ConfigError, load_sections, written_at
 from training.components import build_trainer
 from training.config import TrainConfig
 from training.objective import Objective
@@ -27,9 +27,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
     objective's section is checked, so a typo in one that is not chosen is refused too."""
     sections = {name: cls.config_class for name, cls in OBJECTIVES.items() if cls.config_class is not None}
     config, built = load_sections(TrainConfig, sections, path, overrides)
-    given = [item for item in overrides or [] if item.split("=", 1)[0].strip() == "objective"]
-    where = f"command line {given[-1]!r}" if given else str(path) if path else "config"
-    return config, objective_for(config, built, where)
+    return config, objective_for(config, built, written_at("objective", path, overrides))
 
 
 def objective_for(config: TrainConfig, sections: dict[str, Any] | None = None, where: str = "config") -> Objective:
