@@ -138,7 +138,8 @@ def plan_build(config: BuildConfig, unit_files: list[str], staging: str, eos: in
     selection = select_documents(config, files, staging_dir / "dedup" / "dropped.npz")
     families = sorted(set(selection.train) | set(selection.valid))
     available = {f: int(selection.train_lengths[f].sum() + len(selection.train_lengths[f])) for f in selection.train}
-    ratios = normalize_ratios(read_ratios(config.ratios), {f: n for f, n in available.items() if n}, config.temperature)
+    asked = read_ratios(config.ratios)  # a `from FILE` is read once
+    ratios = normalize_ratios(asked, {f: n for f, n in available.items() if n}, config.temperature)
     lengths = {f: selection.train_lengths[f] for f in ratios}
     total = config.total_tokens or sum(int(n.sum()) + len(n) for n in lengths.values())
     mixture, draws = draw_documents(lengths, ratios, total, config.seed, config.max_epochs)
@@ -179,8 +180,7 @@ def plan_build(config: BuildConfig, unit_files: list[str], staging: str, eos: in
     }
     summary.update(
         valid={"entries": valid_entries, "padding": valid_padding},
-        warnings=ratio_warnings(read_ratios(config.ratios), ratios, available)
-        + mixture_warnings(config, draws, drawn, total, selection),
+        warnings=ratio_warnings(asked, ratios, available) + mixture_warnings(config, draws, drawn, total, selection),
         duplicates=selection.duplicates,
         near_duplicates=selection.near_duplicates,
     )
