@@ -9,6 +9,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from common.config import ConfigError, load_config
 from common.locks import LockedError
 from data_pipeline.build import BuildConfig, local_output
@@ -47,11 +49,32 @@ def summarize(data_dir: str | Path) -> str:
             f"{s.get('valid_documents', 0):6d}"
         )
     if manifest.get("languages"):
-        lines.append(f"  {'language':9s} {'family':14s} {'docs':>7s} {'tokens':>10s} {'id conf.':>8s}")
-        for lang, s in manifest["languages"].items():
-            lines.append(f"  {lang:9s} {s['family']:14s} {s['documents']:7d} {s['tokens']:10d} {s['confidence']:8.3f}")
+        lines += language_table_lines(manifest["languages"], manifest.get("tokenizer_sample") or {})
     lines += [f"  warning: {w}" for w in manifest.get("warnings", [])]
     return "\n".join(lines)
+
+
+def language_table_lines(languages: dict[str, dict], sample: dict[str, dict]) -> list[str]:
+    """Per language: documents, tokens, characters per token (how fairly the tokenizer cuts it) and
+    the characters the tokenizer's sample held; then the worst language against the median."""
+    lines = [
+        f"  {'language':9s} {'family':14s} {'docs':>7s} {'tokens':>10s} {'chars/tok':>9s} "
+        f"{'in sample':>10s} {'id conf.':>8s}"
+    ]
+    for lang, s in languages.items():
+        cpt = f"{s['chars_per_token']:9.2f}" if "chars_per_token" in s else f"{'-':>9s}"
+        sampled = f"{sample[lang]['characters']:10d}" if lang in sample else f"{'-':>10s}"
+        counts = f"{s['documents']:7d} {s['tokens']:10d}"
+        lines.append(f"  {lang:9s} {s['family']:14s} {counts} {cpt} {sampled} {s['confidence']:8.3f}")
+    ratios = {lang: s["chars_per_token"] for lang, s in languages.items() if "chars_per_token" in s}
+    if len(ratios) > 1:
+        median = float(np.median(list(ratios.values())))
+        worst = min(ratios, key=ratios.get)
+        lines.append(
+            f"  characters per token: worst {worst} {ratios[worst]:.2f} = {ratios[worst] / median:.2f}x the median "
+            f"{median:.2f}"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,12 +33,11 @@ from data_pipeline.build_config import BuildConfig, NearDedupConfig, TokenizerCo
 from data_pipeline.build_pack import write_train_shards
 from data_pipeline.build_plan import plan_build
 from data_pipeline.build_select import deduplicate
-from data_pipeline.build_tokenize import Unit, sample_texts, tokenize_all
-from data_pipeline.engine import LocalEngine, RayEngine, make_engine
-from data_pipeline.languages import language_table
+from data_pipeline.build_tokenize import Unit, tokenize_all, train_tokenizer
+from data_pipeline.engine import make_engine
 from data_pipeline.shards import finish_dataset, manifest_header
 from data_pipeline.sources import file_identity, is_url, source_files
-from data_pipeline.tokenizer import TOKENIZER_FILE, load_tokenizer, special_ids, train_bpe
+from data_pipeline.tokenizer import TOKENIZER_FILE, load_tokenizer, special_ids
 
 __all__ = ["BuildConfig", "NearDedupConfig", "TokenizerConfig", "build"]  # the build's public API
 
@@ -136,27 +135,28 @@ def _build(config: BuildConfig, units: list[Unit], out: Path, staging: Path) -> 
         progress = {"config_key": key}
         atomic_write_text(progress_file, json.dumps(progress))
 
-    table = language_table(config.families_file)
-    tokenizer_file = staging / TOKENIZER_FILE
-    if not tokenizer_file.is_file():
-        if config.tokenizer.path:
-            tokenizer = load_tokenizer(config.tokenizer.path)
-        else:
-            tokenizer = train_bpe(
-                sample_texts(units, table, config.tokenizer.sample_docs_per_family), config.tokenizer.vocab_size
-            )
-        atomic_write(tokenizer_file, lambda tmp: tokenizer.save(str(tmp)))
-    tokenizer = load_tokenizer(tokenizer_file)
     engine = make_engine(config.engine, config.workers, config.ray_address)
     try:
-        return _run_passes(config, units, out, staging, engine, progress, tokenizer_file, tokenizer)
+        tokenizer_file, sample_record = staging / TOKENIZER_FILE, staging / "tokenizer_sample.json"
+        if not tokenizer_file.is_file():
+            if config.tokenizer.path:
+                tokenizer, sample = load_tokenizer(config.tokenizer.path), None
+            else:
+                tokenizer, sample = train_tokenizer(config, units, engine)
+            report = {"languages": sample.report, "warnings": sample.warnings()} if sample else None
+            atomic_write_text(sample_record, json.dumps(report))
+            atomic_write(tokenizer_file, lambda tmp: tokenizer.save(str(tmp)))
+        tokenizer = load_tokenizer(tokenizer_file)
+        sample = json.loads(sample_record.read_text())
+        return _run_passes(config, units, out, staging, engine, progress, tokenizer_file, tokenizer, sample)
     finally:
         engine.close()
 
 
-def _run_passes(config, units, out, staging, engine: LocalEngine | RayEngine, progress, tokenizer_file, tokenizer):
-    """Tokenize, deduplicate, plan, pack: each a set of units the engine runs; the driver keeps
-    file names, shard entries and per-family and per-language totals."""
+def _run_passes(config, units, out, staging, engine, progress, tokenizer_file, tokenizer, sample):
+    """Tokenize, deduplicate, plan, pack: each a set of units the engine (local or Ray) runs; the driver keeps
+    file names, shard entries and per-family and per-language totals. `sample`: what the tokenizer
+    was trained on (None for a given tokenizer)."""
     eos, pad = special_ids(tokenizer)
     unit_files = tokenize_all(config, units, staging, tokenizer_file, engine)
     deduplicate(config, unit_files, staging, engine)
@@ -167,7 +167,8 @@ def _run_passes(config, units, out, staging, engine: LocalEngine | RayEngine, pr
         plan = (config, [str(f) for f in unit_files], str(staging), eos, pad)
         _, summary = next(engine.map_unordered(plan_build, [plan]))
     train_entries, train_padding = write_train_shards(config, summary, unit_files, staging, engine, progress, eos, pad)
-    for warning in summary["warnings"]:
+    warnings = (sample["warnings"] if sample else []) + summary["warnings"]
+    for warning in warnings:
         print(f"warning: {warning}")
     train_slots = sum(e["sequences"] for e in train_entries) * config.seq_len
     manifest = {
@@ -181,7 +182,8 @@ def _run_passes(config, units, out, staging, engine: LocalEngine | RayEngine, pr
             "split_docs": summary["split_docs"],  # best_fit: documents longer than a sequence, packed as pieces
         },
         "languages": summary["languages"],
-        "warnings": summary["warnings"],
+        "tokenizer_sample": sample and sample["languages"],
+        "warnings": warnings,
         "duplicates_removed": summary["duplicates"],
         "near_duplicates_removed": summary["near_duplicates"],
         "splits": {"train": train_entries, "valid": summary["valid"]["entries"]},

@@ -22,7 +22,14 @@ SPEED_KNOBS = ("workers", "engine", "ray_address", "staging_dir", "batch_docs") 
 class TokenizerConfig:
     vocab_size: int = 4096
     path: str | None = None  # an existing tokenizer.json or HF tokenizer folder; trained when unset
-    sample_docs_per_family: int = 400  # training sample: the first documents of every source file
+    # Training sample: every language the same characters (times its UTF-8 bytes per character), drawn
+    # at random from every file (`data_pipeline.tokenizer_sample`); fewer when no language has as many.
+    sample_chars_per_language: int = 1_000_000
+
+    def __post_init__(self):
+        for key in ("vocab_size", "sample_chars_per_language"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"tokenizer.{key} must be > 0, got {getattr(self, key)}")
 
 
 @dataclass

@@ -175,6 +175,8 @@ def plan_build(config: BuildConfig, unit_files: list[str], staging: str, eos: in
             "documents": d.drawn_docs,
             "epochs": round(d.epochs, 4),
             "valid_documents": len(selection.valid[d.family]),
+            "valid_tokens": selection.valid_size[d.family]["tokens"],
+            "valid_characters": selection.valid_size[d.family]["characters"],
         }
         for d in draws
     }

@@ -25,9 +25,10 @@ class Selection:
     train: dict[str, np.ndarray]
     train_lengths: dict[str, np.ndarray]
     valid: dict[str, np.ndarray]
+    valid_size: dict[str, dict[str, int]]  # per family: tokens (an end-of-text each included) and characters
     duplicates: int
     near_duplicates: int
-    languages: dict[str, dict]  # per language of the kept documents: family, documents, tokens, confidence
+    languages: dict[str, dict]  # per language of the kept documents: family, documents, tokens, characters, ...
     empty_sources: list[str]  # source files with no document left after the length filters
 
 
@@ -63,7 +64,7 @@ def select_documents(config: BuildConfig, unit_files: list[Path], dropped_file: 
     dropped = np.load(dropped_file)
     exact, near_dropped = dropped["exact"], dropped["near"]
     dropped_codes = np.union1d(exact, near_dropped)  # sorted: each unit's are one slice of it
-    refs: dict[str, list[np.ndarray]] = defaultdict(list)  # per family: (unit, row, length, language) blocks
+    refs: dict[str, list[np.ndarray]] = defaultdict(list)  # per family: (unit, row, length, language, chars) blocks
     languages: dict[str, dict] = {}
     first_seen: dict[str, int] = {}
     empty_sources = []
@@ -76,36 +77,42 @@ def select_documents(config: BuildConfig, unit_files: list[Path], dropped_file: 
         families, langs = (_strings(table.column(name))[rows] for name in ("family", "lang"))
         confidences = arrow.to_numpy(table.column("confidence"))[rows].tolist()
         lengths = np.diff(arrow.to_numpy(arrow.one_chunk(table.column("tokens")).offsets))[rows].astype(np.int64)
+        chars = arrow.to_numpy(table.column("chars"))[rows]
         for lang, family in zip(langs.tolist(), families.tolist(), strict=True):  # in document order
             if lang not in first_seen:
                 first_seen[lang] = len(first_seen)  # renumbered in sorted order below
-                languages[lang] = {"family": family, "documents": 0, "tokens": 0, "confidence": 0.0}
+                languages[lang] = {"family": family, "documents": 0, "tokens": 0, "characters": 0, "confidence": 0.0}
         lang_ids = np.array([first_seen[lang] for lang in langs.tolist()], dtype=np.int64)
         for lang in dict.fromkeys(langs.tolist()):
             mine = np.flatnonzero(langs == lang)
             stats = languages[lang]
             stats["documents"] += len(mine)
             stats["tokens"] += int(lengths[mine].sum())
+            stats["characters"] += int(chars[mine].sum())
             for i in mine.tolist():  # one by one, in document order: the same float sum on every engine
                 stats["confidence"] += confidences[i]
         for family in dict.fromkeys(families.tolist()):
             mine = families == family
-            refs[family].append(np.stack([np.full(int(mine.sum()), u), rows[mine], lengths[mine], lang_ids[mine]], 1))
+            block = [np.full(int(mine.sum()), u), rows[mine], lengths[mine], lang_ids[mine], chars[mine]]
+            refs[family].append(np.stack(block, 1))
     if not refs:
         raise ConfigError("sources: no documents found")
-    train, train_lengths, valid = {}, {}, {}
+    train, train_lengths, valid, valid_size = {}, {}, {}, {}
     for position, family in enumerate(sorted(refs)):
         array = np.concatenate(refs[family]).astype(np.int64)
         order = np.random.default_rng([config.seed, position]).permutation(len(array))
         held = min(config.valid_docs_per_family, len(array) // 5)
         valid[family] = array[order[:held]][:, [0, 1, 3]]
+        held_lengths, held_chars = array[order[:held], 2], array[order[:held], 4]
+        valid_size[family] = {"tokens": int(held_lengths.sum()) + held, "characters": int(held_chars.sum())}
         kept = array[np.sort(order[held:])]
         train[family], train_lengths[family] = kept[:, [0, 1, 3]], kept[:, 2]
     for stats in languages.values():  # mean identification probability (1 where records gave it)
         stats["confidence"] = round(stats["confidence"] / stats["documents"], 4)
+        stats["chars_per_token"] = round(stats["characters"] / max(1, stats["tokens"]), 4)
     order = sorted(languages)  # language ids in the shards: positions in the manifest's sorted table
     renumber = np.array([order.index(lang) for lang in first_seen], dtype=np.int64)
     for rows in (*train.values(), *valid.values()):
         rows[:, 2] = renumber[rows[:, 2]]
     selected = {lang: languages[lang] for lang in order}
-    return Selection(train, train_lengths, valid, len(exact), len(near_dropped), selected, empty_sources)
+    return Selection(train, train_lengths, valid, valid_size, len(exact), len(near_dropped), selected, empty_sources)

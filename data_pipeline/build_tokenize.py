@@ -1,7 +1,7 @@
 """Pass 1 of the build, tokenize: every source file is one unit, read, filtered, assigned its
 languages' families, tokenized in batches and written with content hashes (and MinHash signatures)
-to `tokenized/unit_XXXXX.arrow`, renamed into place when complete. Also the tokenizer's training
-sample."""
+to `tokenized/unit_XXXXX.arrow`, renamed into place when complete. Before it, the tokenizer,
+trained on a sample of every file (`data_pipeline.tokenizer_sample`)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from common.config import ConfigError
@@ -24,7 +25,14 @@ from data_pipeline import arrow
 from data_pipeline.build_config import BuildConfig, NearDedupConfig
 from data_pipeline.languages import language_table
 from data_pipeline.sources import LanguageIdentifier, SourceConfig, read_file
-from data_pipeline.tokenizer import encode_batch, fast_encoder, text_only
+from data_pipeline.tokenizer import encode_batch, fast_encoder, text_only, train_bpe
+from data_pipeline.tokenizer_sample import (
+    MAX_BYTES_PER_CHAR,
+    LanguageSamples,
+    TokenizerSample,
+    balanced_sample,
+    sample_file,
+)
 
 BATCH_CHARS = 1 << 22  # characters per tokenizer call at most, whatever the documents' length
 MINHASH_SCHEME = "affine32"  # datasketch's default; stored signatures are only comparable within one scheme
@@ -100,6 +108,7 @@ def tokenize_unit(unit: Unit, out_file: str, batch_docs: int) -> dict:
             columns["family"].append(doc.family)
             columns["lang"].append(doc.lang.lower().replace("_", "-"))
             columns["confidence"].append(doc.confidence)
+            columns["chars"].append(len(doc.text))
             columns["key"].append(hashlib.blake2b(doc.text.encode(), digest_size=16).digest())
             if near is not None:
                 columns["minhash"].append(_minhash(doc.text, near))
@@ -119,6 +128,7 @@ def tokenize_unit(unit: Unit, out_file: str, batch_docs: int) -> dict:
         "family": arrow.dictionary_strings(columns["family"]),
         "lang": arrow.dictionary_strings(columns["lang"]),
         "confidence": arrow.from_numpy(np.array(columns["confidence"], np.float32)),
+        "chars": arrow.from_numpy(np.array(columns["chars"], np.int64)),
         "tokens": _list_array(columns["values"], columns["lengths"]),
         "key": arrow.fixed_binary(columns["key"], 16),
     }
@@ -142,25 +152,18 @@ def _list_array(values: list[np.ndarray], lengths: list[np.ndarray]) -> pa.ListA
     return pa.ListArray.from_arrays(arrow.from_numpy(offsets), arrow.from_numpy(flat.astype(np.int32, copy=False)))
 
 
-def sample_texts(units: list[Unit], table: dict[str, str], per_family: int) -> list[str]:
-    """Tokenizer training sample: the first documents of every file, up to `per_family` per family."""
-    counts: dict[str, int] = defaultdict(int)
-    texts = []
-    identify = None
-    for unit in units:
-        if unit.source.lang == "auto" and identify is None:
-            identify = LanguageIdentifier(table)
-        taken = 0
-        for doc in read_file(unit.path, unit.source, table, identify):
-            if counts[doc.family] < per_family:
-                counts[doc.family] += 1
-                texts.append(doc.text)
-            taken += 1
-            if taken >= per_family:
-                break
-    if not texts:
+def train_tokenizer(config: BuildConfig, units: list[Unit], engine) -> tuple[Tokenizer, TokenizerSample]:
+    """A byte-level BPE trained on a sample fair to every language (`data_pipeline.tokenizer_sample`),
+    each source file sampled by its own unit."""
+    budget = config.tokenizer.sample_chars_per_language
+    items = [(u.path, u.source, u.index, config.families_file, budget, config.seed) for u in units]
+    samples = LanguageSamples(MAX_BYTES_PER_CHAR * budget)
+    for _, sample in tqdm(engine.map_unordered(sample_file, items), total=len(items), desc="tokenizer sample"):
+        samples.merge(sample)
+    if not samples.heaps:
         raise ConfigError("sources: no documents found")
-    return texts
+    sample = balanced_sample(samples.sorted(), budget)
+    return train_bpe(sample.texts, config.tokenizer.vocab_size), sample
 
 
 def tokenize_all(config: BuildConfig, units: list[Unit], staging: Path, tokenizer_file: Path, engine) -> list[Path]:

@@ -199,7 +199,7 @@ def test_config_mistakes_are_found_before_any_document_is_read(tmp_path, monkeyp
     from data_pipeline import build as build_module
 
     good = good_records(tmp_path / "good.jsonl")
-    monkeypatch.setattr(build_module, "train_bpe", lambda *a: pytest.fail("tokenizer trained before the check"))
+    monkeypatch.setattr(build_module, "train_tokenizer", lambda *a: pytest.fail("tokenizer trained before the check"))
     with pytest.raises(ConfigError, match="ratios.romanse: no such language family; did you mean 'romance'"):
         build(dataclasses.replace(small_build(tmp_path, [str(good)]), ratios={"romanse": 1.0}))
     with pytest.raises(ConfigError, match=r"sources\[0\]\.lang: language 'eng' has no family.*did you mean 'en'"):

@@ -296,7 +296,7 @@ def test_resuming_on_data_from_another_tokenizer_is_refused(small_dataset, corpu
         BuildConfig(
             output_dir=str(other), sources=[SourceConfig(paths=[str(corpus_dir / "*.jsonl")])], seq_len=SMALL_SEQ_LEN,
             total_tokens=60_000, valid_docs_per_family=5, sequences_per_shard=500,
-            tokenizer=TokenizerConfig(vocab_size=SMALL_VOCAB, sample_docs_per_family=20),  # another BPE, same size
+            tokenizer=TokenizerConfig(vocab_size=SMALL_VOCAB, sample_chars_per_language=5000),  # another BPE, same size
         )
     )  # fmt: skip
     assert read_manifest(other)["tokenizer_hash"] != read_manifest(small_dataset)["tokenizer_hash"]

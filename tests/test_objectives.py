@@ -75,3 +75,17 @@ def test_each_objective_reads_its_own_section(tmp_path, monkeypatch):
 def test_objective_refusals_name_the_key_and_where_it_was_written(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_run_config("configs/pretrain/tiny.yaml", overrides)
+
+
+def test_validation_losses_per_character_use_the_manifest_counts(small_dataset, tmp_path):
+    """Per-token losses of families whose tokens differ in length are not comparable; the evaluation
+    reports each family's loss per character too, from the validation split's counts."""
+    trainer = trainer_for(small_config(small_dataset, tmp_path))
+    stats = trainer.valid_loader.dataset.manifest["family_stats"]
+    evaluation = trainer.evaluate()
+    per_char = {k.split("/")[-1]: v for k, v in evaluation.items() if k.startswith("val/loss_per_char/")}
+    assert per_char and set(per_char) == {k.split("/")[-1] for k in evaluation if k.startswith("val/loss/")}
+    for family, value in per_char.items():
+        tokens_per_char = stats[family]["valid_tokens"] / stats[family]["valid_characters"]
+        assert value == pytest.approx(evaluation[f"val/loss/{family}"] * tokens_per_char, rel=1e-6)
+    assert not any(k.startswith("loss_per_char") for k in trainer.train_step(trainer.loader.batch_at(0)))

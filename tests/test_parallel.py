@@ -138,7 +138,7 @@ def test_layout_matches_single_process(layout, reference, small_dataset, tmp_pat
         if layout.get("schedule") in V_SHAPE_SCHEDULES:
             assert got_eval == {}, "V-shaped schedules cannot evaluate (torch pipelining has no forward-only run)"
             continue
-        assert set(got_eval) == set(want_eval) and "val/loss/synthetic" in want_eval
+        assert set(got_eval) == set(want_eval) and "val/loss_per_char/synthetic" in want_eval
         for key, value in want_eval.items():
             assert got_eval[key] == pytest.approx(value, rel=1e-4), key
 

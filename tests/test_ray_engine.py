@@ -101,7 +101,7 @@ def write_config(tmp_path: Path, name: str, corpus: Path) -> Path:
         "total_tokens": 150_000,
         "valid_docs_per_family": 4,
         "sequences_per_shard": 64,
-        "tokenizer": {"vocab_size": 600, "sample_docs_per_family": 60},
+        "tokenizer": {"vocab_size": 600, "sample_chars_per_language": 20_000},
         "near_dedup": {"threshold": 0.7, "num_perm": 32},
     }
     path = tmp_path / f"{name}.yaml"

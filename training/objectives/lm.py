@@ -1,5 +1,7 @@
 """Language modelling: next-token cross-entropy averaged over target tokens (pretraining, CoT
-mid-training, SFT with loss masks), with loss and token counts per language family."""
+mid-training, SFT with loss masks), with loss and token counts per language family, and on the
+validation split each family's loss per character too: a tokenizer cuts languages into tokens of
+different lengths, so per-token losses of two families are not comparable, per-character ones are."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ class LanguageModeling(Objective):
 
     def attach(self, trainer) -> None:
         self.families = trainer.families
+        valid = trainer.valid_loader.dataset.manifest if trainer.valid_loader is not None else {}
+        self.valid_tokens_per_char = valid_tokens_per_char(valid)
 
     def targets(self, batch: Batch, split: str) -> torch.Tensor:
         return torch.stack([batch.labels, batch.family_ids], dim=-1)
@@ -40,4 +44,18 @@ class LanguageModeling(Objective):
         for i, family in enumerate(self.families):
             if counts[i] > 0:
                 out[f"{prefix}loss/{family}"] = float(sums[i] / counts[i])
+                if prefix == "val/" and family in self.valid_tokens_per_char:
+                    per_char = sums[i] / counts[i] * self.valid_tokens_per_char[family]
+                    out[f"{prefix}loss_per_char/{family}"] = float(per_char)
         return out
+
+
+def valid_tokens_per_char(manifest: dict) -> dict[str, float]:
+    """Per family, the validation split's tokens (an end-of-text per document included: the model
+    predicts them too) per character of its documents, from the data's manifest: the mean loss per
+    token times it is the loss per character (exact when every validation sequence is evaluated)."""
+    return {
+        family: stats["valid_tokens"] / stats["valid_characters"]
+        for family, stats in manifest.get("family_stats", {}).items()
+        if stats.get("valid_characters")
+    }

@@ -125,7 +125,8 @@ def execute(spec: SweepSpec) -> list[Run]:
 
 
 def collect(spec: SweepSpec) -> Path:
-    """One row per finished run: N, D, lr, seed, ratio/<family>, loss (validation), loss/<family>."""
+    """One row per finished run: N, D, lr, seed, ratio/<family>, loss (validation), loss/<family>, and
+    loss_per_char/<family> (comparable across families whose tokens differ in length)."""
     rows = []
     for run in expand(spec):
         config = run_config(spec, run)
@@ -137,7 +138,7 @@ def collect(spec: SweepSpec) -> Path:
         row = {"run": run.name, "N": nparams, "D": config.steps * config.data.global_batch_size * manifest["seq_len"],
                "lr": config.optim.lr, "seed": config.seed, "loss": evaluation["val/loss"]}  # fmt: skip
         row.update({f"ratio/{f}": s["ratio"] for f, s in manifest["family_stats"].items()})
-        row.update({f"loss/{k[9:]}": v for k, v in evaluation.items() if k.startswith("val/loss/")})
+        row.update({k[4:]: v for k, v in evaluation.items() if k.startswith(("val/loss/", "val/loss_per_char/"))})
         rows.append(row)
     out = Path(spec.out_dir) / "results.csv"
     buffer = io.StringIO()
