@@ -96,7 +96,8 @@ def main() -> None:
                 "cpt_worst_over_median": float(cpt.min() / np.median(cpt)), "per_language": rows,
             }  # fmt: skip
             results["runs"].append(summary)
-    print(f"{'vocab':>6s} {'sample':9s} {'premium median':>14s} {'worst':>6s} {'worst lang':>10s} {'cpt worst/median':>16s}")
+    header = f"{'vocab':>6s} {'sample':9s} {'premium median':>14s} {'worst':>6s} {'worst lang':>10s}"
+    print(f"{header} {'cpt worst/median':>16s}")
     for r in results["runs"]:
         print(
             f"{r['vocab']:6d} {r['sample']:9s} {r['premium_median']:14.2f} {r['premium_worst']:6.2f} "

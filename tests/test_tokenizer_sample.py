@@ -81,8 +81,10 @@ def test_a_large_first_file_and_a_language_at_the_end_of_a_file_are_not_starved(
 
 def test_samples_are_the_smallest_keys_whatever_order_files_merge_in():
     rng = np.random.default_rng(0)
-    files = [{"xx": sorted((float(k), "a" * int(n)) for k, n in zip(rng.random(30), rng.integers(1, 50, 30)))}
-             for _ in range(4)]  # fmt: skip
+    files = []
+    for _ in range(4):  # four files' samples of one language: (random key, text of 1-49 characters)
+        keys, sizes = rng.random(30), rng.integers(1, 50, 30)
+        files.append({"xx": sorted((float(k), "a" * int(n)) for k, n in zip(keys, sizes, strict=True))})
     merged = []
     for order in ([0, 1, 2, 3], [3, 1, 0, 2]):
         samples = LanguageSamples(cap=300)
