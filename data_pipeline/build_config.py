@@ -34,8 +34,10 @@ class TokenizerConfig:
 
 @dataclass
 class NearDedupConfig:
-    """MinHash near-duplicate removal (datasketch LSH): a document whose estimated Jaccard
-    similarity of word 5-grams with an earlier kept one is at least `threshold` is dropped."""
+    """MinHash near-duplicate removal: a document whose Jaccard similarity of shingles (word
+    `ngram`-grams, or characters for unspaced scripts) with an earlier kept one is at least
+    `threshold` is dropped. LSH bands find candidates (a pair at the threshold with probability
+    >= 0.95, `dedup.lsh_bands`), and each is checked exactly, so nothing below it is removed."""
 
     threshold: float = 0.8
     num_perm: int = 64

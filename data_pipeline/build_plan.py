@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 from tqdm import tqdm
 
 from common.files import atomic_write_text
-from data_pipeline import arrow
 from data_pipeline.build_config import BuildConfig, read_ratios
 from data_pipeline.build_select import Selection, select_documents
+from data_pipeline.dedup import TokenStore
 from data_pipeline.mixing import draw_documents, normalize_ratios
 from data_pipeline.packing import (
     PackedSequences,
@@ -29,21 +28,6 @@ from data_pipeline.packing import (
     split_long_documents,
 )
 from data_pipeline.shards import write_shard
-
-
-class TokenStore:
-    """Zero-copy access to the tokenized documents: memory-mapped token values and offsets per unit."""
-
-    def __init__(self, unit_files: list[Path]):
-        self._values, self._offsets = [], []
-        for path in unit_files:
-            column = arrow.one_chunk(pa.ipc.open_file(pa.memory_map(str(path))).read_all().column("tokens"))
-            self._values.append(arrow.to_numpy(column.values))
-            self._offsets.append(arrow.to_numpy(column.offsets))
-
-    def get(self, unit: int, row: int) -> np.ndarray:
-        offsets = self._offsets[unit]
-        return self._values[unit][offsets[row] : offsets[row + 1]]
 
 
 class ShardWriter:

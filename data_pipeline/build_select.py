@@ -15,6 +15,7 @@ from tqdm import tqdm
 from common.config import ConfigError
 from data_pipeline import arrow, dedup
 from data_pipeline.build_config import BuildConfig
+from data_pipeline.tokenizer import TOKENIZER_FILE
 
 
 @dataclass
@@ -49,7 +50,12 @@ def deduplicate(config: BuildConfig, unit_files: list[Path], staging: Path, engi
     for name, fn, items in (("hash", dedup.partition_unit, maps), ("group", dedup.resolve_partition, reduces)):
         for _ in tqdm(engine.map_unordered(fn, items), total=len(items), desc=f"deduplicate: {name}", leave=False):
             pass
-    next(engine.map_unordered(dedup.resolve_near, [(partitions, str(folder))]))
+    if near is not None:
+        tokenizer_file = str(staging / TOKENIZER_FILE)
+        near_args = ([str(f) for f in unit_files], tokenizer_file, near.ngram, near.threshold)
+    else:
+        near_args = ([], "", 0, 1.0)  # no bands: no bucket is shared, nothing decoded
+    next(engine.map_unordered(dedup.resolve_near, [(partitions, str(folder), *near_args)]))
     return dropped
 
 

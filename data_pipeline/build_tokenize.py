@@ -9,7 +9,6 @@ import functools
 import hashlib
 import json
 import os
-import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from common.config import ConfigError
 from data_pipeline import arrow
 from data_pipeline.build_config import BuildConfig, NearDedupConfig
+from data_pipeline.dedup import shingles
 from data_pipeline.languages import language_table
 from data_pipeline.sources import LanguageIdentifier, SourceConfig, read_file
 from data_pipeline.tokenizer import encode_batch, fast_encoder, text_only, train_bpe
@@ -46,10 +46,6 @@ class Unit:
 
 
 _WORKER: dict = {}
-# Scripts written without spaces between words: Han, Hiragana, Katakana, Thai, Lao, Myanmar, Khmer.
-UNSPACED_SCRIPTS = re.compile(
-    r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff]"
-)
 
 
 def _init_worker(tokenizer_file: str, families_file: str | None, near_dedup: NearDedupConfig | None) -> None:
@@ -75,19 +71,6 @@ def _minhash_permutations(num_perm: int):
     from datasketch import MinHash
 
     return MinHash(num_perm=num_perm, seed=1, scheme=MINHASH_SCHEME).permutations
-
-
-def shingles(text: str, n: int) -> set[str]:
-    """Word n-grams, or character n-grams for text mostly in scripts written without spaces between
-    words (Chinese, Japanese, Thai): whitespace splits such text into a handful of sentence-long
-    "words", and no two near-duplicates would share a shingle."""
-    words = text.split()
-    unspaced = len(UNSPACED_SCRIPTS.findall(text))
-    letters = sum(c.isalpha() for c in text) if unspaced else 0  # one by one: only where it can matter
-    if letters and unspaced > 0.3 * letters:
-        chars = "".join(words)
-        return {chars[i : i + n] for i in range(max(1, len(chars) - n + 1))}
-    return {" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))}
 
 
 def tokenize_unit(unit: Unit, out_file: str, batch_docs: int) -> dict:

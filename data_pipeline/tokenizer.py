@@ -15,6 +15,9 @@ from data_pipeline import arrow
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
+# The chat template's role headers and end of turn (`training.posttrain.chat`): one id each, so a
+# turn ends on one token and an exported model's generation stops on it. In documents they are text.
+CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -24,7 +27,7 @@ def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS, PAD],
+        special_tokens=[EOS, PAD, *CHAT_MARKERS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

@@ -392,41 +392,55 @@ def test_language_identification_when_records_have_no_language(tmp_path):
 @pytest.mark.parametrize("partitions", [1, 3, 8])
 def test_dedup_shuffle_drops_what_the_sequential_rule_drops(tmp_path, partitions):
     """Exact and near duplicates found by hash and band shuffles equal the walk in document order
-    with a set of hashes and datasketch's MinHashLSH, on signatures drawn from a tiny alphabet so
-    that buckets collide in chains (a document near one that was itself dropped is kept)."""
+    with a set of hashes, datasketch's MinHashLSH on the same bands and the exact Jaccard check, on
+    texts of six words so that buckets collide in chains (a document near one that was itself
+    dropped is kept) and many candidates fail the check."""
     from datasketch import LeanMinHash, MinHashLSH
 
     from data_pipeline import dedup
+    from data_pipeline.build import NearDedupConfig
+    from data_pipeline.build_tokenize import MINHASH_SCHEME, _minhash
+    from data_pipeline.tokenizer import encode_batch, text_only, train_bpe
 
     rng = np.random.default_rng(partitions)
-    num_perm, units, rows = 32, 4, 60
-    bands = dedup.lsh_bands(0.5, num_perm)
-    lsh, seen, want_exact, want_near = MinHashLSH(threshold=0.5, num_perm=num_perm), set(), [], []
+    near = NearDedupConfig(threshold=0.5, num_perm=32, ngram=2)
+    units, rows, words = 4, 60, ["alpha", "beta", "gamma", "delta", "eps", "zeta"]
+    texts = [[" ".join(rng.choice(words, size=8)) for _ in range(rows)] for _ in range(units)]
+    tokenizer = train_bpe([t for unit in texts for t in unit], 300)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    bands = dedup.lsh_bands(near.threshold, near.num_perm)
+    lsh = MinHashLSH(threshold=0.5, num_perm=near.num_perm, params=(len(bands), bands[0][1] - bands[0][0]))
+    seen, kept, want_exact, want_near = set(), {}, [], []
     for u in range(units):
-        keys = [bytes([int(rng.integers(0, 40))]) * 16 for _ in range(rows)]
-        signatures = rng.integers(0, 3, size=(rows, num_perm)).astype(np.uint64)
-        table = pa.table({"key": pa.array(keys, pa.binary(16)),
-                          "minhash": pa.array(list(signatures), pa.list_(pa.uint64(), num_perm))})  # fmt: skip
+        signatures = np.stack([_minhash(t, near) for t in texts[u]])
+        ids, lengths, _ = encode_batch(text_only(tokenizer), None, texts[u])
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        table = pa.table({"key": pa.array([t.encode().ljust(64)[:16] for t in texts[u]], pa.binary(16)),
+                          "minhash": pa.array(list(signatures), pa.list_(pa.uint64(), near.num_perm)),
+                          "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids))})  # fmt: skip
         with pa.OSFile(str(tmp_path / f"u{u}.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
             w.write_table(table)
-        for row in range(rows):
+        for row, text in enumerate(texts[u]):
             code = (u << 32) | row
-            if keys[row] in seen:
+            if text.encode().ljust(64)[:16] in seen:  # the key: the text's first 16 bytes, so some repeat
                 want_exact.append(code)
                 continue
-            seen.add(keys[row])
-            signature = LeanMinHash(seed=1, hashvalues=signatures[row], scheme="affine32")
-            if lsh.query(signature):
+            seen.add(text.encode().ljust(64)[:16])
+            grams = dedup.shingles(text, near.ngram)
+            signature = LeanMinHash(seed=1, hashvalues=signatures[row], scheme=MINHASH_SCHEME)
+            if any(dedup.jaccard(grams, kept[c]) >= near.threshold for c in lsh.query(signature)):
                 want_near.append(code)
                 continue
             lsh.insert(code, signature)
+            kept[code] = grams
     for u in range(units):
         dedup.partition_unit(u, str(tmp_path / f"u{u}.arrow"), str(tmp_path), partitions, True, bands)
     for p in range(partitions):
         dedup.resolve_partition(p, units, str(tmp_path))
-    dedup.resolve_near(partitions, str(tmp_path))
+    unit_files = [str(tmp_path / f"u{u}.arrow") for u in range(units)]
+    dedup.resolve_near(partitions, str(tmp_path), unit_files, str(tmp_path / "tokenizer.json"), 2, 0.5)
     dropped = np.load(tmp_path / "dropped.npz")
-    assert dropped["exact"].tolist() == want_exact and dropped["near"].tolist() == want_near
+    assert dropped["exact"].tolist() == want_exact and dropped["near"].tolist() == sorted(want_near)
     assert 0 < len(want_near) < units * rows - len(want_exact) - 1, "the case must keep some and drop some"
 
 
@@ -564,7 +578,8 @@ def test_minhash_signatures_are_datasketchs(corpus_dir):
     from datasketch import MinHash
 
     from data_pipeline.build import NearDedupConfig
-    from data_pipeline.build_tokenize import MINHASH_SCHEME, _minhash, shingles
+    from data_pipeline.build_tokenize import MINHASH_SCHEME, _minhash
+    from data_pipeline.dedup import shingles
 
     texts = [json.loads(line)["text"] for p in sorted(corpus_dir.glob("*.jsonl")) for line in p.open()][::40]
     texts += ["\u0e31\u0e34\u0e35" * 4, "中文没有空格的句子在这里" * 3, "mixed 中文 and words " * 4]

@@ -1,11 +1,12 @@
 """Chat template and tokenisation of conversations, with a loss mask that trains on assistant turns only.
 
 Phi-style template: `<|system|>...<|end|>`, `<|user|>...<|end|>`, `<|assistant|>...<|end|>`, each
-followed by a newline; or, for a model imported from an HF folder, that folder's own chat template
-(`HFChatTemplate`). Both give `encode` (training), `prompt` (generation) and `turn_end` (where
-generation stops), so evaluation and rollouts format exactly as training did. The mask covers an
-assistant turn's content and its `<|end|>` (the model must learn to stop), never the role header or
-other turns.
+followed by a newline (the markers are special tokens of the build's tokenizer, one id each; the same
+template in Jinja, `PHI_CHAT_TEMPLATE`, goes into an exported HF folder); or, for a model imported
+from an HF folder, that folder's own chat template (`HFChatTemplate`). Both give `encode`
+(training), `prompt` (generation) and `turn_end` (where generation stops), so evaluation and
+rollouts format exactly as training did. The mask covers an assistant turn's content and its
+`<|end|>` (the model must learn to stop), never the role header or other turns.
 """
 
 from __future__ import annotations
@@ -16,10 +17,16 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from data_pipeline.tokenizer import text_only
+from data_pipeline.tokenizer import CHAT_MARKERS, text_only
 
 ROLES = ("system", "user", "assistant")
-END = "<|end|>"
+END = CHAT_MARKERS[-1]
+# `render` below as an HF chat template: `apply_chat_template` gives the same text, and with the
+# markers as special tokens the same ids as `PhiChat` for content that starts with a non-space.
+PHI_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
 
 
 @dataclass
