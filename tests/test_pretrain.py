@@ -83,6 +83,8 @@ def test_cli_refuses_layout_that_does_not_fit_world():
     result = run_cli("--config", "configs/pretrain/tiny.yaml")
     assert result.returncode == 2
     assert "tp=2 x pp=2" in result.stderr and "world size 1" in result.stderr
+    file = "configs/pretrain/tiny.yaml"
+    assert f"set by: parallel.tp in {file}, parallel.pp in {file}" in result.stderr
 
 
 BAD_VALUES = [  # override, what the one line says after "error: command line '<override>': "
@@ -159,4 +161,5 @@ def test_a_layout_refusal_is_one_line_on_every_rank(tmp_path):
     out = result.stdout + result.stderr
     refusals = [line for line in out.splitlines() if "error: parallel layout tp=2 x pp=3" in line]
     assert result.returncode != 0 and len(refusals) == 4, out[-3000:]
+    assert all("parallel.pp in command line 'parallel.pp=3'" in line for line in refusals), refusals
     assert "Traceback" not in out and "gloo" not in out.lower(), out[-3000:]

@@ -12,7 +12,7 @@ import sys
 
 import torch.distributed as dist
 
-from common.config import ConfigError
+from common.config import ConfigError, keys_given, written_at
 from training.checkpoint import CheckpointError
 from training.components import build_trainer, check_run
 from training.objectives import load_run_config
@@ -26,6 +26,15 @@ from training.parallel.world import (
 )
 from training.run_lock import RunLockedError
 from training.trainer import NonFiniteLossError
+
+
+def layout_written_at(config, path: str | None, overrides: list[str]) -> str:
+    """Where each layout size the user set was written, for a layout refusal."""
+    given = keys_given(config.parallel) or frozenset()
+    keys = [f"parallel.{k}" for k in ("tp", "pp", "cp", "dp") if k in given]
+    if not keys:
+        return "every parallel size at its default"
+    return "set by: " + ", ".join(f"{key} in {written_at(key, path, overrides)}" for key in keys)
 
 
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
@@ -56,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:  # before any process group: a refusal is one line on every rank, with no peer left waiting
         check_run(config, objective, launched_world_size())
-    except (LayoutError, ValueError) as err:
+    except LayoutError as err:
+        print(f"error: {err} ({layout_written_at(config, path, overrides)})", file=sys.stderr)
+        return 2
+    except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     limit_cpu_threads()
