@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data_pipeline import arrow
 
@@ -19,11 +19,23 @@ PAD = "<|pad|>"
 # turn ends on one token and an exported model's generation stops on it. In documents they are text.
 CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 TOKENIZER_FILE = "tokenizer.json"
+# GPT-2's pre-tokenization pattern, which the ByteLevel pre-tokenizer (use_regex) applies: it cuts a
+# word at every combining mark (category M: the vowel signs of Devanagari, Bengali, Tamil, ...), so
+# no merge can span a syllable of those scripts. Tokenizers that loaded it keep it.
+BYTE_LEVEL_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# The same with marks part of a word, what the build trains with: on held-out parallel text the
+# Indic scripts' token premium over English falls from 1.8-2.5x to 1.3-1.5x (docs/benchmarks.md).
+PRETOKENIZE_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[\p{L}\p{M}]+| ?\p{N}+| ?[^\s\p{L}\p{M}\p{N}]+|\s+(?!\S)|\s+"""
 
 
 def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -72,10 +84,6 @@ def special_ids(tokenizer: Tokenizer) -> tuple[int, int]:
     return eos, eos if pad is None else pad
 
 
-# GPT-2's pre-tokenization pattern, which the ByteLevel pre-tokenizer (use_regex) applies.
-BYTE_LEVEL_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
 def _byte_alphabet() -> dict[str, int]:
     """The ByteLevel character that stands for each byte (GPT-2's printable remapping)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -94,7 +102,8 @@ def fast_encoder(tokenizer: Tokenizer | dict):
     core than `tokenizers`), or None when the tokenizer is not a plain byte-level BPE tiktoken can
     reproduce. Callers check a sample against `tokenizer` before trusting it (`encode_batch` below)."""
     spec = tokenizer_spec(tokenizer)
-    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    model = spec.get("model") or {}
+    pattern = _pretokenize_pattern(spec.get("pre_tokenizer") or {})
     plain = (
         model.get("type") == "BPE"
         and not model.get("dropout")
@@ -102,7 +111,7 @@ def fast_encoder(tokenizer: Tokenizer | dict):
         and not model.get("end_of_word_suffix")
         and not model.get("byte_fallback")
         and spec.get("normalizer") is None
-        and pre == {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+        and pattern is not None
     )
     if not plain:
         return None
@@ -112,10 +121,22 @@ def fast_encoder(tokenizer: Tokenizer | dict):
     special = {t["content"] for t in spec.get("added_tokens", [])}
     try:
         ranks = {bytes(alphabet[c] for c in token): i for token, i in model["vocab"].items() if token not in special}
-        encoding = tiktoken.Encoding("bpe", pat_str=BYTE_LEVEL_PATTERN, mergeable_ranks=ranks, special_tokens={})
+        encoding = tiktoken.Encoding("bpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
     except (KeyError, ValueError):  # a token outside the byte alphabet, or ranks tiktoken refuses
         return None
     return WordCachedEncoder(encoding.encode_ordinary)
+
+
+def _pretokenize_pattern(pre: dict) -> str | None:
+    """The pattern of a byte-level pre-tokenizer whose pieces never cross the space before a word
+    (what `WordCachedEncoder` relies on): GPT-2's, or the build's own; None for any other."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True}
+    if pre == {**byte_level, "use_regex": True}:
+        return BYTE_LEVEL_PATTERN
+    split = {"type": "Split", "pattern": {"Regex": PRETOKENIZE_PATTERN}, "behavior": "Isolated", "invert": False}
+    if pre == {"type": "Sequence", "pretokenizers": [split, {**byte_level, "use_regex": False}]}:
+        return PRETOKENIZE_PATTERN
+    return None
 
 
 class _WordCache(dict):
@@ -140,7 +161,8 @@ SPACE_BEFORE_WHITESPACE = " (?:[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028
 
 
 class WordCachedEncoder:
-    """`encode` (a byte-level BPE's encode_ordinary under the GPT-2 pattern) with a cache of words.
+    """`encode` (a byte-level BPE's encode_ordinary under the GPT-2 pattern, or the build's with
+    combining marks inside words: letters below stand for letters and marks) with a cache of words.
 
     Cut a text before every space into words (" word"; the first has no space). Where every space
     is followed by a character that is not whitespace, no piece of the pattern crosses a cut: such a

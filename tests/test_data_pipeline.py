@@ -511,6 +511,7 @@ def test_word_cache_gives_the_encoders_ids_on_any_whitespace(corpus_dir):
     from data_pipeline.tokenizer import WordCachedEncoder, fast_encoder, train_bpe
 
     pieces = [*"ab Zé", "\u044f\u0437", "\u4e2d\u6587", "\u0639\u0631", "42", "'s", "'t", "'", ".", ",", "\u0301",
+              "\u0915\u093f", "\u093e", "\u0bcd",  # Devanagari and Tamil vowel signs: marks inside words
               "\U0001f642", " ", " ", " ", "  ", "\n", "\n\n", "\t", "\r\n", "\u00a0", "\u3000", "\x1c", "\u2028",
               "\u200b", "\u00ad", "\x0b", "\x0c", "\x85", "\u1680", "\u2000", "\u200a", "\u2029", "\u202f", "\u205f",
               "\u180e", "\ufeff"]  # fmt: skip

@@ -109,3 +109,19 @@ def test_budgets_weigh_bytes_per_character_and_small_languages_are_repeated():
     assert sum(len(t) for t in sample.texts) == 16000
     (warning,) = sample.warnings()
     assert "'zh'" in warning and "repeated 12x" in warning and MANY_REPEATS < 12
+
+
+def test_combining_marks_stay_inside_words_and_the_fast_encoder_agrees():
+    """GPT-2's pattern cuts Indic words at every vowel sign (category M); the build's keeps them whole,
+    and tiktoken reproduces it (the fast path of the tokenize pass)."""
+    from data_pipeline.tokenizer import encode_batch, fast_encoder, text_only, train_bpe
+
+    texts = [r["text"] for lang in ("hi", "bn", "ta", "ml", "th") for r in records("real_text_gtk", lang)]
+    tokenizer = train_bpe(texts, 2000)
+    pieces = [p for p, _ in tokenizer.pre_tokenizer.pre_tokenize_str("नमस्ते दुनिया கணினி")]
+    assert len(pieces) == 3, pieces  # three words; GPT-2's pattern gives 14 pieces
+    fast = fast_encoder(tokenizer)
+    assert fast is not None
+    want = [e.ids for e in text_only(tokenizer).encode_batch(texts, add_special_tokens=False)]
+    ids, lengths, agreed = encode_batch(text_only(tokenizer), fast, texts)
+    assert agreed and [part.tolist() for part in np.split(ids, np.cumsum(lengths)[:-1])] == want
