@@ -37,6 +37,14 @@ def summarize(data_dir: str | Path) -> str:
             f"  packing {packing['strategy']}: {100 * packing['padding_fraction']:.2f}% of train slots are padding, "
             f"{packing['truncated_docs']} documents truncated, {packing.get('split_docs', 0)} split"
         )
+    store = manifest.get("store")
+    if store:
+        docs = {split: sum(e["documents"] for e in entries) for split, entries in store["splits"].items()}
+        tokens = sum(e["tokens"] for entries in store["splits"].values() for e in entries)
+        lines.append(
+            f"  token store: {docs['train']} train and {docs['valid']} valid documents, {tokens} tokens as "
+            f"{store['token_type']}, {store['bytes_per_token']:.2f} bytes per token (index included)"
+        )
     removed = (manifest.get("duplicates_removed", 0), manifest.get("near_duplicates_removed", 0))
     lines.append(f"  removed {removed[0]} exact and {removed[1]} near duplicates")
     lines.append(

@@ -9,7 +9,9 @@ engine (`data_pipeline.engine`: this machine's process pool, or a Ray cluster) r
    family, draws the mixture by family ratios and cuts the packed stream into shards (`plan/`),
    writing the validation shards (and best-fit train shards) itself;
 4. pack (`build_pack`): every concat train shard is packed and written by its own unit, recorded in
-   `progress.json` as it completes.
+   `progress.json` as it completes;
+5. store (`build_store`): every unit's kept documents written to the token store (`store`), compact
+   and unpacked, for mixing at training time.
 This module orders the passes. An interrupted build redoes only unfinished units, on either engine.
 The finished folder replaces `output_dir` in one rename. The driver holds file names, shard entries
 and per-family and per-language totals; a worker holds one tokenization batch, one shard, or (the
@@ -33,6 +35,7 @@ from data_pipeline.build_config import BuildConfig, NearDedupConfig, TokenizerCo
 from data_pipeline.build_pack import write_train_shards
 from data_pipeline.build_plan import plan_build
 from data_pipeline.build_select import deduplicate
+from data_pipeline.build_store import write_store
 from data_pipeline.build_tokenize import Unit, tokenize_all, train_tokenizer
 from data_pipeline.engine import make_engine
 from data_pipeline.shards import finish_dataset, manifest_header
@@ -167,6 +170,8 @@ def _run_passes(config, units, out, staging, engine, progress, tokenizer_file, t
         plan = (config, [str(f) for f in unit_files], str(staging), eos, pad)
         _, summary = next(engine.map_unordered(plan_build, [plan]))
     train_entries, train_padding = write_train_shards(config, summary, unit_files, staging, engine, progress, eos, pad)
+    sources = [u.path for u in units]
+    store = write_store(summary, unit_files, sources, staging, engine, progress, tokenizer.get_vocab_size())
     warnings = (sample["warnings"] if sample else []) + summary["warnings"]
     for warning in warnings:
         print(f"warning: {warning}")
@@ -187,6 +192,7 @@ def _run_passes(config, units, out, staging, engine, progress, tokenizer_file, t
         "duplicates_removed": summary["duplicates"],
         "near_duplicates_removed": summary["near_duplicates"],
         "splits": {"train": train_entries, "valid": summary["valid"]["entries"]},
+        "store": store,
         "config": output_config(config),
     }
     for folder in ("tokenized", "dedup", "plan"):

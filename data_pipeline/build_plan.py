@@ -131,6 +131,9 @@ def plan_build(config: BuildConfig, unit_files: list[str], staging: str, eos: in
     label = FamilyLabels.of(selection.languages, families)
     store = TokenStore(files)
     summary: dict = {"families": families, "languages": selection.languages, "split_docs": 0}
+    refs_for_store = store_refs(selection, families)
+    _save_array(plan_dir / "store_refs.npy", refs_for_store)
+    summary["store_slices"] = store_slices(refs_for_store, len(files))
     if config.packing == "concat":
         _save_array(plan_dir / "train_refs.npy", refs)
         plan = np.array(concat_shard_plan(sizes, config.seq_len, config.sequences_per_shard), np.int64)
@@ -172,6 +175,27 @@ def plan_build(config: BuildConfig, unit_files: list[str], staging: str, eos: in
     )
     atomic_write_text(plan_dir / "summary.json", json.dumps(summary))
     return summary
+
+
+def store_refs(selection: Selection, families: list[str]) -> np.ndarray:
+    """Every kept document as (split: 0 train / 1 valid, unit, row, family position, language id),
+    sorted, so each (split, unit) of the token store is one slice."""
+    blocks = [
+        np.column_stack([np.full(len(refs), split), refs[:, 0], refs[:, 1], np.full(len(refs), families.index(f)),
+                         refs[:, 2]])
+        for split, by_family in enumerate((selection.train, selection.valid))
+        for f, refs in by_family.items()
+    ]  # fmt: skip
+    refs = np.concatenate(blocks).astype(np.int64)
+    return refs[np.lexsort(refs[:, ::-1].T)]
+
+
+def store_slices(refs: np.ndarray, units: int) -> list[list[list[int]]]:
+    """Per split and unit, the [start, end) of its rows in `store_refs`."""
+    keys = refs[:, 0] * (1 << 40) + refs[:, 1]
+    bounds = np.searchsorted(keys, [split * (1 << 40) + u for split in (0, 1) for u in range(units + 1)])
+    bounds = bounds.reshape(2, units + 1)
+    return [[[int(b[u]), int(b[u + 1])] for u in range(units)] for b in bounds]
 
 
 def ratio_warnings(given: dict[str, float], used: dict[str, float], available: dict[str, int]) -> list[str]:
