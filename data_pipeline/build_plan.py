@@ -169,7 +169,7 @@ def plan_build(config: BuildConfig, unit_files: list[str], staging: str, eos: in
     }
     summary.update(
         valid={"entries": valid_entries, "padding": valid_padding},
-        warnings=ratio_warnings(asked, ratios, available) + mixture_warnings(config, draws, drawn, total, selection),
+        warnings=ratio_warnings(asked, ratios, available) + mixture_warnings(config, draws, total, selection),
         duplicates=selection.duplicates,
         near_duplicates=selection.near_duplicates,
     )
@@ -214,18 +214,16 @@ def ratio_warnings(given: dict[str, float], used: dict[str, float], available: d
     return warnings
 
 
-def mixture_warnings(config: BuildConfig, draws, drawn: int, asked: int, selection) -> list[str]:
-    """What the user asked for and did not get: families capped at `max_epochs` short of their ratio
-    (what they could not supply is not given to the others: the total falls short by it, said with
-    the total), source files the filters emptied, and families too small to hold out
-    `valid_docs_per_family` documents."""
-    warnings = []
-    capped = []
+def capped_warnings(max_epochs: float | None, draws, asked: int) -> list[str]:
+    """Families capped at `max_epochs` short of their ratio: what they could not supply is not given
+    to the others (the total falls short by it, said with the total)."""
+    warnings, capped = [], []
+    drawn = sum(d.drawn_tokens for d in draws)
     for d in draws:
-        if config.max_epochs is not None and d.epochs >= config.max_epochs - 1e-9 and d.drawn_tokens / drawn < d.ratio:
+        if max_epochs is not None and d.epochs >= max_epochs - 1e-9 and d.drawn_tokens / drawn < d.ratio:
             capped.append(d.family)
             warnings.append(
-                f"family {d.family!r}: capped at max_epochs={config.max_epochs:g} ({d.available_tokens:,} tokens); "
+                f"family {d.family!r}: capped at max_epochs={max_epochs:g} ({d.available_tokens:,} tokens); "
                 f"share {d.drawn_tokens / drawn:.2%} instead of the {d.ratio:.2%} asked"
             )
     if capped and drawn < asked:
@@ -234,6 +232,15 @@ def mixture_warnings(config: BuildConfig, draws, drawn: int, asked: int, selecti
             f"could not supply {asked - drawn:,}, which go to no other family (each keeps its own budget, so its "
             "share of the smaller total is above its ratio); raise max_epochs or lower total_tokens"
         )
+    return warnings
+
+
+def mixture_warnings(config: BuildConfig, draws, asked: int, selection) -> list[str]:
+    """What the user asked for and did not get: families capped at `max_epochs` short of their ratio
+    (what they could not supply is not given to the others: the total falls short by it, said with
+    the total), source files the filters emptied, and families too small to hold out
+    `valid_docs_per_family` documents."""
+    warnings = capped_warnings(config.max_epochs, draws, asked)
     for source in selection.empty_sources:
         warnings.append(
             f"{source}: no document left after the length filters (min_chars, max_chars) or blank records; "

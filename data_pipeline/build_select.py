@@ -108,8 +108,9 @@ def select_documents(config: BuildConfig, unit_files: list[Path], dropped_file: 
         array = np.concatenate(refs[family]).astype(np.int64)
         order = np.random.default_rng([config.seed, position]).permutation(len(array))
         held = min(config.valid_docs_per_family, len(array) // 5)
-        valid[family] = array[order[:held]][:, [0, 1, 3]]
-        held_lengths, held_chars = array[order[:held], 2], array[order[:held], 4]
+        held_out = array[np.sort(order[:held])]  # in document order, as the token store keeps them
+        valid[family] = held_out[:, [0, 1, 3]]
+        held_lengths, held_chars = held_out[:, 2], held_out[:, 4]
         valid_size[family] = {"tokens": int(held_lengths.sum()) + held, "characters": int(held_chars.sum())}
         kept = array[np.sort(order[held:])]
         train[family], train_lengths[family] = kept[:, [0, 1, 3]], kept[:, 2]

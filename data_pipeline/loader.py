@@ -81,16 +81,26 @@ class PackedDataset:
 
     def get(self, indices: np.ndarray) -> Batch:
         """Rows `indices` as a batch; labels are the next token, ignored on and before padding."""
-        tokens = torch.from_numpy(self._rows("tokens", indices).astype(np.int64))
-        doc_ids = torch.from_numpy(self._rows("doc_ids", indices))
-        families = torch.from_numpy(self._rows("family_ids", indices).astype(np.int64))
-        labels = torch.full_like(tokens, IGNORE_INDEX)
-        target = (doc_ids >= 0)[:, 1:] & (doc_ids >= 0)[:, :-1]
-        if self.has_loss_mask:  # SFT / DPO: only the masked tokens (assistant turns) are targets
-            target &= torch.from_numpy(self._rows("loss_mask", indices)[:, 1:] > 0)
-        labels[:, :-1] = torch.where(target, tokens[:, 1:], IGNORE_INDEX)
-        rows = torch.from_numpy(np.asarray(indices, dtype=np.int64))
-        return Batch(tokens=tokens, labels=labels, doc_ids=doc_ids, family_ids=families, rows=rows)
+        mask = self._rows("loss_mask", indices) if self.has_loss_mask else None
+        return batch_of(
+            self._rows("tokens", indices), self._rows("doc_ids", indices), self._rows("family_ids", indices), mask,
+            indices,
+        )  # fmt: skip
+
+
+def batch_of(tokens, doc_ids, family_ids, loss_mask, indices) -> Batch:
+    """Packed rows (numpy, [rows, seq_len]) as a batch: labels are the next token, ignored across
+    padding and, with a loss mask (SFT / DPO), wherever the next token is not a target."""
+    tokens = torch.from_numpy(tokens.astype(np.int64))
+    doc_ids = torch.from_numpy(np.ascontiguousarray(doc_ids, dtype=np.int32))
+    families = torch.from_numpy(family_ids.astype(np.int64))
+    labels = torch.full_like(tokens, IGNORE_INDEX)
+    target = (doc_ids >= 0)[:, 1:] & (doc_ids >= 0)[:, :-1]
+    if loss_mask is not None:
+        target &= torch.from_numpy(loss_mask[:, 1:] > 0)
+    labels[:, :-1] = torch.where(target, tokens[:, 1:], IGNORE_INDEX)
+    rows = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+    return Batch(tokens=tokens, labels=labels, doc_ids=doc_ids, family_ids=families, rows=rows)
 
 
 class DataLoader:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.loader import DataLoader, PackedDataset
+from data_pipeline.mixed import MixedDataset
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 from kernels.attention import training_problem
 from training.checkpoint import Checkpointer
@@ -34,9 +35,16 @@ class Data:
     note: str | None  # why there is no evaluation, if there is none
 
 
-def open_train_split(config: TrainConfig) -> PackedDataset:
+def open_split(config: TrainConfig, split: str, expected_tokenizer: str) -> PackedDataset | MixedDataset:
+    """A split of `data.path`: its packed shards, or with `data.mix` its token store mixed and packed here."""
     data_dir = Path(config.data.path)
-    return PackedDataset(data_dir, "train", tokenizer_hash=tokenizer_hash(load_tokenizer(data_dir)))
+    if config.data.mix is None:
+        return PackedDataset(data_dir, split, tokenizer_hash=expected_tokenizer)
+    return MixedDataset(data_dir, config.data.mix, split, tokenizer_hash=expected_tokenizer)
+
+
+def open_train_split(config: TrainConfig) -> PackedDataset | MixedDataset:
+    return open_split(config, "train", tokenizer_hash(load_tokenizer(config.data.path)))
 
 
 def build_layout(config: TrainConfig, dims: ParallelDims, device: torch.device) -> Layout:
@@ -54,15 +62,24 @@ def build_layout(config: TrainConfig, dims: ParallelDims, device: torch.device) 
     return Layout(dims, mesh, device, pp_rank, dp_rank, cp_rank, tp_rank, n_microbatches)
 
 
-def build_data(config: TrainConfig, train: PackedDataset, layout: Layout, rows_per_sample: int) -> Data:
+def build_data(config: TrainConfig, train, layout: Layout, rows_per_sample: int) -> Data:
     """Loaders of both splits, each global batch split across data-parallel replicas only."""
     batch, dp_rank, dp = config.data.global_batch_size, layout.dp_rank, layout.dims.dp
     loader = DataLoader(train, batch, dp_rank, dp, config.data.seed, rows_per_sample)
-    valid = PackedDataset(train.data_dir, "valid", tokenizer_hash=train.manifest["tokenizer_hash"])
+    valid = open_split(config, "valid", train.manifest["tokenizer_hash"])
     if len(valid) < batch:
         note = f"no evaluation: {train.data_dir} has {len(valid)} valid rows, fewer than one global batch"
         return Data(loader, None, note)
     return Data(loader, DataLoader(valid, batch, dp_rank, dp, 0, rows_per_sample), None)
+
+
+def mixture_notes(train) -> list[str]:
+    """With `data.mix`: each family's asked and drawn share, and what the draw could not do."""
+    if not isinstance(train, MixedDataset):
+        return []
+    shares = ", ".join(f"{f} {s['ratio']:.1%} -> {s['share']:.1%}" for f, s in train.manifest["family_stats"].items()
+                       if s["share"] > 0)  # fmt: skip
+    return [f"data mix (asked -> drawn): {shares}", *(f"warning: {w}" for w in train.warnings)]
 
 
 def build_model(config: TrainConfig, layout: Layout, seq_len: int) -> ParallelModel:
@@ -116,7 +133,7 @@ def build_trainer(config: TrainConfig, objective: Objective) -> Trainer:
     metrics = MetricsLogger(
         config.run_dir, train.families, flops_per_token, enabled=is_main, console=objective.console_metrics
     )
-    for note in (lr_note, data.note):
+    for note in (lr_note, data.note, *mixture_notes(train)):
         if note:
             metrics.note(note)
     trainer = Trainer(config, objective, layout, data.train, data.valid, parallel, optimizer, scheduler,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import check_fields
+from data_pipeline.mixed import MixConfig
 from training.models.phi import PhiConfig
 from training.optim import OptimConfig
 from training.parallel.mesh import ParallelConfig
@@ -19,6 +20,9 @@ class DataConfig:
     path: str = "data/default"  # a folder written by `python -m data_pipeline build`
     global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel replicas
     seed: int = 0
+    # Mix and pack the build's token store at load time (`data_pipeline.mixed`): ratios, temperature,
+    # total_tokens, max_epochs, seq_len, seed; unset ones as the build. None: the build's packed shards.
+    mix: MixConfig | None = None
 
     def __post_init__(self):
         check_fields(self, global_batch_size=">= 1")

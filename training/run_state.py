@@ -31,6 +31,10 @@ def dataset_state(dataset: PackedDataset) -> dict:
 def config_record(trainer) -> dict:
     """The run config as saved with checkpoints and in the run folder, the objective's section included."""
     record = to_dict(trainer.config)
+    mix = getattr(trainer.loader.dataset, "mix", None)
+    if mix is not None:  # the mixture as drawn, unset settings resolved from the build
+        record["data"]["mix"] = to_dict(mix)
+        record["data_mixture"] = trainer.loader.dataset.manifest["family_stats"]  # asked and drawn, per family
     objective = trainer.objective
     if objective.config is not None:
         record[objective.name] = to_dict(objective.config)

@@ -1,0 +1,203 @@
+"""Training sequences mixed by family ratios and packed at load time from a build's token store
+(`data_pipeline.store`): a new mixture, total or sequence length needs no rebuild.
+
+The draw is the build's own (`mixing.draw_documents` over the same documents in the same order),
+so a `MixConfig` that changes nothing gives exactly the build's packed sequences; every setting left
+unset (None) is the build's. Sequence `i` is positions [i * seq_len, (i + 1) * seq_len) of the
+concat stream of the drawn documents, each closed by EOS (the last sequence padded), assembled from
+the memory-mapped store when asked for: the batch of a step depends only on (config, seed, step).
+Validation sequences are each family's held-out documents, one stream per family, as in the build.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from common.config import ConfigError, check_fields
+from data_pipeline.build_config import read_ratios
+from data_pipeline.build_plan import capped_warnings, ratio_warnings
+from data_pipeline.loader import Batch, batch_of
+from data_pipeline.mixing import draw_documents, normalize_ratios
+from data_pipeline.packing import PackedSequences, pack_concat_shard
+from data_pipeline.shards import read_manifest
+from data_pipeline.store import open_part
+
+
+@dataclass
+class MixConfig:
+    """How the loader mixes and packs a token store; None: as the build did."""
+
+    ratios: dict[str, float] | str | None = None  # family -> weight, or "from FILE" (optimal-mix's output)
+    temperature: float | None = None  # with no ratios: p ~ tokens^(1/T)
+    total_tokens: int | None = None  # training tokens drawn; 0: every token once
+    max_epochs: float | None = None  # no family repeated more often (its share then falls short)
+    seq_len: int | None = None
+    packing: str | None = None  # concat (the loader packs concat only, for now)
+    seed: int | None = None
+
+    def __post_init__(self):
+        check_fields(self, total_tokens=">= 0", max_epochs="> 0", seq_len=">= 2", temperature="> 0")
+
+    def resolved(self, built: dict) -> MixConfig:
+        """Unset settings from the build's config; ratios and temperature come as a pair (setting one
+        drops the build's other)."""
+        own_weights = self.ratios is not None or self.temperature is not None
+        out = replace(
+            self,
+            ratios=self.ratios if own_weights else built.get("ratios") or {},
+            temperature=self.temperature if own_weights else built.get("temperature"),
+            **{k: built.get(k) for k in ("total_tokens", "max_epochs", "seq_len", "packing", "seed")
+               if getattr(self, k) is None},
+        )  # fmt: skip
+        out.ratios = out.ratios or {}
+        if out.packing != "concat":
+            raise ConfigError(
+                f"data.mix.packing: the loader packs 'concat' only, got {out.packing!r} (the build's, unless set); "
+                "set data.mix.packing=concat",
+                "data.mix.packing",
+            )
+        if out.total_tokens == 0 and (out.ratios or out.temperature is not None):
+            raise ConfigError(
+                "data.mix.total_tokens: 0 (every token once, in the data's own proportions) cannot be mixed by ratios "
+                "or temperature; set data.mix.total_tokens",
+                "data.mix.total_tokens",
+            )
+        return out
+
+
+class _Documents:
+    """A split of the token store: per document its family, token count and where its tokens are."""
+
+    def __init__(self, data_dir: Path, entries: list[dict], verify: bool):
+        parts = [open_part(data_dir, e, verify) for e in entries]
+        self._tokens = [p["tokens"] for p in parts]
+        self._offsets = [p["offsets"] for p in parts]
+        self.family = np.concatenate([p["family"] for p in parts]).astype(np.int64) if parts else np.zeros(0, int)
+        self.length = np.concatenate([np.diff(p["offsets"]) for p in parts]).astype(np.int64) if parts else self.family
+        self._part_ends = np.cumsum([len(p["family"]) for p in parts])
+
+    def tokens(self, doc: int) -> np.ndarray:
+        part = int(np.searchsorted(self._part_ends, doc, side="right"))
+        row = doc - (int(self._part_ends[part - 1]) if part else 0)
+        offsets = self._offsets[part]
+        return self._tokens[part][offsets[row] : offsets[row + 1]]
+
+
+class _Stream:
+    """Documents laid end to end, each closed by EOS (`keep` >= 0: only its first `keep` tokens)."""
+
+    def __init__(self, docs: np.ndarray, keep: np.ndarray, store: _Documents, seq_len: int):
+        self.docs, self.keep, self.store, self.seq_len = docs, keep, store, seq_len
+        sizes = np.where(keep < 0, store.length[docs], keep) + 1
+        self.ends = np.cumsum(sizes)
+        self.total = int(self.ends[-1]) if len(sizes) else 0
+        self.rows = -(-self.total // seq_len)
+
+    def sequence(self, row: int, eos: int, pad: int) -> PackedSequences:
+        start = row * self.seq_len
+        first = int(np.searchsorted(self.ends, start, side="right"))
+        offset = start - (int(self.ends[first - 1]) if first else 0)
+        last = int(np.searchsorted(self.ends, min(start + self.seq_len, self.total), side="left")) + 1
+        docs = []
+        for doc, keep in zip(self.docs[first:last].tolist(), self.keep[first:last].tolist(), strict=True):
+            tokens = self.store.tokens(doc)
+            docs.append((int(self.store.family[doc]), tokens if keep < 0 else tokens[:keep]))
+        return pack_concat_shard(docs, offset, self.seq_len, eos, pad, 1)
+
+
+class MixedDataset:
+    """The sequences of one split, mixed and packed from the token store; the interface of
+    `loader.PackedDataset` (length, `get`, `manifest`, `families`, `fingerprint`)."""
+
+    has_loss_mask = False
+
+    def __init__(self, data_dir: str | Path, mix: MixConfig, split: str = "train", tokenizer_hash: str | None = None,
+                 verify_checksums: bool = True):  # fmt: skip
+        self.data_dir = Path(data_dir)
+        built = read_manifest(self.data_dir)
+        if tokenizer_hash is not None and built["tokenizer_hash"] != tokenizer_hash:
+            raise ValueError(
+                f"{self.data_dir / 'manifest.json'}: the token store was tokenized with tokenizer "
+                f"{built['tokenizer_hash']}, not {tokenizer_hash}"
+            )
+        store = built.get("store")
+        if store is None:
+            raise ValueError(
+                f"{self.data_dir / 'manifest.json'}: no token store (built before stores were written): rebuild it "
+                "to mix at load time, or drop data.mix to train on its packed shards"
+            )
+        self.mix = mix.resolved(built["config"])
+        self.families: list[str] = built["families"]
+        self.eos, self.pad = built["eos_id"], built["pad_id"]
+        documents = _Documents(self.data_dir, store["splits"][split], verify_checksums)
+        self.warnings: list[str] = []
+        if split == "train":
+            self.streams = [self._draw(documents)]
+        else:  # one stream per family, its held-out documents in store order
+            self.streams = [
+                _Stream(np.flatnonzero(documents.family == f), np.full(int((documents.family == f).sum()), -1),
+                        documents, self.mix.seq_len)
+                for f in range(len(self.families)) if (documents.family == f).any()
+            ]  # fmt: skip
+        self._row_ends = np.cumsum([s.rows for s in self.streams])
+        self.manifest = {**built, "seq_len": self.mix.seq_len}
+        if split == "train":  # the build's per-family sizes, with this draw's shares (none for a family left out)
+            undrawn = {"ratio": 0.0, "share": 0.0, "tokens": 0, "documents": 0, "epochs": 0.0}
+            self.manifest["family_stats"] = {
+                f: {**stats, **self._family_stats.get(f, undrawn)} for f, stats in built["family_stats"].items()
+            }
+        digests = "".join(e["sha256"] for e in store["splits"][split])
+        mixture = json.dumps(asdict(self.mix), sort_keys=True, default=str)
+        self.fingerprint = hashlib.sha256((digests + mixture).encode()).hexdigest()[:16]
+
+    def _draw(self, documents: _Documents) -> _Stream:
+        """The build's draw (`build_plan.plan_build`) over the store's training documents."""
+        by_family = {f: np.flatnonzero(documents.family == i) for i, f in enumerate(self.families)}
+        by_family = {f: docs for f, docs in by_family.items() if len(docs)}
+        available = {f: int(documents.length[d].sum()) + len(d) for f, d in by_family.items()}
+        where = str(self.data_dir)
+        asked = read_ratios(self.mix.ratios)
+        for family in asked:
+            if family not in available:
+                near = difflib.get_close_matches(family, available, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else f" (it has {', '.join(sorted(available))})"
+                raise ConfigError(f"data.mix.ratios.{family}: {where} has no family {family!r}{hint}")
+        ratios = normalize_ratios(asked, available, self.mix.temperature)
+        lengths = {f: documents.length[by_family[f]] for f in ratios}
+        total = self.mix.total_tokens or sum(int(n.sum()) + len(n) for n in lengths.values())
+        mixture, draws = draw_documents(lengths, ratios, total, self.mix.seed, self.mix.max_epochs)
+        families = sorted(ratios)
+        docs = np.empty(len(mixture), np.int64)
+        for position, family in enumerate(families):
+            mine = mixture[:, 0] == position
+            docs[mine] = by_family[family][mixture[mine, 1]]
+        drawn = sum(d.drawn_tokens for d in draws)
+        self._family_stats = {
+            d.family: {"ratio": round(d.ratio, 6), "share": round(d.drawn_tokens / max(1, drawn), 6),
+                       "tokens": d.drawn_tokens, "documents": d.drawn_docs, "epochs": round(d.epochs, 4)}
+            for d in draws
+        }  # fmt: skip
+        self.warnings = ratio_warnings(asked, ratios, available) + capped_warnings(self.mix.max_epochs, draws, total)
+        return _Stream(docs, mixture[:, 2], documents, self.mix.seq_len)
+
+    def __len__(self) -> int:
+        return int(self._row_ends[-1]) if len(self._row_ends) else 0
+
+    def sequences(self, indices: np.ndarray) -> PackedSequences:
+        """Rows `indices` of the split, packed as the build packs them."""
+        packed = []
+        for index in np.asarray(indices).tolist():
+            stream = int(np.searchsorted(self._row_ends, index, side="right"))
+            row = index - (int(self._row_ends[stream - 1]) if stream else 0)
+            packed.append(self.streams[stream].sequence(row, self.eos, self.pad))
+        return PackedSequences.concatenate(packed)
+
+    def get(self, indices: np.ndarray) -> Batch:
+        packed = self.sequences(indices)
+        return batch_of(packed.tokens, packed.doc_ids, packed.family_ids, None, indices)

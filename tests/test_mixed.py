@@ -1,0 +1,105 @@
+"""Mixing and packing at load time from the token store: the build's sequences when nothing
+changes, a new mixture or sequence length with no rebuild, the same batches for the same config,
+and clear refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from common.config import ConfigError
+from data_pipeline.loader import PackedDataset
+from data_pipeline.mixed import MixConfig, MixedDataset
+from data_pipeline.shards import read_manifest
+from tests.test_parallel import small_config
+from training.config import CheckpointConfig, DataConfig
+from training.objectives import trainer_for
+
+
+@pytest.mark.parametrize("split", ["train", "valid"])
+def test_an_unchanged_mix_gives_the_builds_sequences(small_dataset, split):
+    packed, mixed = PackedDataset(small_dataset, split), MixedDataset(small_dataset, MixConfig(), split)
+    assert len(mixed) == len(packed)
+    rows = np.arange(len(packed))
+    want, got = packed.get(rows), mixed.get(rows)
+    for name in ("tokens", "labels", "doc_ids", "family_ids"):
+        assert bool((getattr(got, name) == getattr(want, name)).all()), name
+
+
+def test_a_new_mixture_and_sequence_length_need_no_rebuild(small_dataset):
+    ratios = {"germanic": 0.5, "code": 0.3, "synthetic": 0.2}
+    mix = MixConfig(ratios=ratios, total_tokens=20_000, seq_len=48, max_epochs=None)
+    mixed = MixedDataset(small_dataset, mix)
+    assert mixed.manifest["seq_len"] == 48
+    batch = mixed.get(np.arange(len(mixed)))
+    assert batch.tokens.shape == (len(mixed), 48)
+    families = read_manifest(small_dataset)["families"]
+    counts = {f: int((batch.family_ids == families.index(f)).sum()) for f in families}
+    assert sum(counts.values()) == 20_000  # the stream holds exactly the tokens asked (EOS included)
+    for family, share in ratios.items():  # each family's budget met exactly: the crossing document is cut
+        assert counts[family] == round(share * 20_000), family
+        assert mixed.manifest["family_stats"][family]["share"] == pytest.approx(share, abs=1e-4)
+    again = MixedDataset(small_dataset, mix).get(np.array([3, 1, 4]))
+    assert bool((again.tokens == batch.tokens[[3, 1, 4]]).all())  # the same config, the same sequences
+    other = MixedDataset(small_dataset, dataclasses.replace(mix, seed=1)).get(np.array([3, 1, 4]))
+    assert not bool((other.tokens == again.tokens).all())
+    assert MixedDataset(small_dataset, dataclasses.replace(mix, seed=1)).fingerprint != mixed.fingerprint
+
+
+def test_ratios_from_the_optimal_mix_file(small_dataset, tmp_path):
+    path = tmp_path / "mix.yaml"
+    path.write_text("germanic: 2\ncode: 2\n")
+    mixed = MixedDataset(small_dataset, MixConfig(ratios=f"from {path}", total_tokens=10_000))
+    assert {f for f, s in mixed.manifest["family_stats"].items() if s["share"] > 0} == {"germanic", "code"}
+    assert any("ratios sum to 4" in w for w in mixed.warnings)
+
+
+@pytest.mark.parametrize(
+    "mix, message",
+    [
+        (
+            MixConfig(ratios={"germanik": 1.0}, total_tokens=1000),
+            "data.mix.ratios.germanik: .* did you mean 'germanic'",
+        ),
+        (MixConfig(ratios={"germanic": 1.0}, total_tokens=0), "data.mix.total_tokens: 0"),
+        (MixConfig(packing="best_fit"), "data.mix.packing: the loader packs 'concat' only"),
+    ],
+)
+def test_bad_mixes_are_refused(small_dataset, mix, message):
+    with pytest.raises(ConfigError, match=message):
+        MixedDataset(small_dataset, mix)
+
+
+def test_bad_values_and_stores_are_refused(small_dataset, tmp_path):
+    with pytest.raises(ConfigError, match="seq_len must be >= 2"):
+        MixConfig(seq_len=1)
+    with pytest.raises(ValueError, match="tokenized with tokenizer .*, not 0123"):
+        MixedDataset(small_dataset, MixConfig(), tokenizer_hash="0123")
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(small_dataset, old)
+    manifest = read_manifest(old)
+    del manifest["store"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="no token store"):
+        MixedDataset(old, MixConfig())
+
+
+def test_training_from_the_store_records_the_mixture(small_dataset, tmp_path):
+    mix = MixConfig(ratios={"germanic": 0.6, "synthetic": 0.4}, total_tokens=8_000)
+    base = small_config(small_dataset, tmp_path)
+    config = dataclasses.replace(base, steps=2, data=DataConfig(path=str(small_dataset), global_batch_size=8, mix=mix))
+    trainer = trainer_for(config)
+    history = trainer.fit()
+    assert len(history) >= 2 and np.isfinite(history[-1]["loss"])
+    record = json.loads((config.run_dir / "config.json").read_text())
+    assert record["data"]["mix"]["seq_len"] == read_manifest(small_dataset)["seq_len"]  # resolved from the build
+    assert record["data_mixture"]["germanic"]["share"] == pytest.approx(0.6, abs=1e-3)
+    other_mix = dataclasses.replace(config.data, mix=dataclasses.replace(mix, seed=3))
+    other = dataclasses.replace(config, data=other_mix, checkpoint=CheckpointConfig(resume="auto"))
+    with pytest.raises(ValueError, match="holds other sequences"):
+        trainer_for(other).maybe_resume()
