@@ -171,29 +171,24 @@ def test_end_to_end_sweep_fit_and_plots(small_dataset, tmp_path):
     assert (tmp_path / "fit" / "lr_law.png").is_file() and (tmp_path / "fit" / "loss_vs_lr.png").is_file()
 
 
-def test_sweep_over_language_mixes_builds_each_mix_once(small_dataset, corpus_dir, tmp_path):
-    data_config = tmp_path / "data.yaml"
-    data_config.write_text(
-        yaml.safe_dump(
-            {"output_dir": "unused", "sources": [{"paths": [str(corpus_dir / "*.jsonl")]}], "seq_len": 32,
-             "total_tokens": 20000, "valid_docs_per_family": 5, "tokenizer": {"path": str(small_dataset)}}
-        )
-    )  # fmt: skip
+def test_sweep_over_language_mixes_draws_each_from_one_store(small_dataset, tmp_path):
+    """Mixes are loader settings over the base data's token store: nothing is built, and each run's
+    results row has the ratios it drew."""
     spec_file = tmp_path / "sweep.yaml"
     sweep_spec(spec_file, small_dataset, tmp_path / "sweep", {"steps": [3]})
     spec = yaml.safe_load(spec_file.read_text())
-    spec.update(
-        data_config=str(data_config),
-        mixes={"natural": {"ratios": {}}, "code_heavy": {"ratios": {"code": 5, "germanic": 1}}},
-    )
+    spec["mixes"] = {
+        "natural": {"ratios": {}},
+        "code_heavy": {"ratios": {"code": 5, "germanic": 1}, "total_tokens": 20000},
+    }
     spec_file.write_text(yaml.safe_dump(spec))
+    manifest = small_dataset / "manifest.json"
+    built = manifest.stat().st_mtime_ns
     assert cli(["sweep", str(spec_file)]) == 0
     rows = {r["run"]: r for r in csv.DictReader(open(tmp_path / "sweep" / "results.csv"))}
     assert set(rows) == {"mixcode_heavy-steps3", "mixnatural-steps3"}
     heavy = rows["mixcode_heavy-steps3"]
-    assert float(heavy["ratio/code"]) == pytest.approx(5 / 6) and "loss/code" in heavy
+    assert float(heavy["ratio/code"]) == pytest.approx(5 / 6) and float(heavy["ratio/romance"]) == 0.0
+    assert "loss/code" in heavy
     assert float(rows["mixnatural-steps3"]["ratio/code"]) < 0.5
-    manifest = tmp_path / "sweep" / "data" / "natural" / "manifest.json"
-    built = manifest.stat().st_mtime_ns
-    assert cli(["sweep", str(spec_file)]) == 0  # finished runs and built mixes are both skipped
-    assert manifest.stat().st_mtime_ns == built
+    assert not (tmp_path / "sweep" / "data").exists() and manifest.stat().st_mtime_ns == built  # no build

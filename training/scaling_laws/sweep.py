@@ -7,10 +7,11 @@ Spec (YAML):
     overrides: [parallel.tp=1, parallel.pp=1]      # for every run
     grid: {steps: [50, 100, 200], optim.lr: [1e-3, 3e-3, 1e-2], model.dim: [64, 128]}
     parallel: 1                                    # local runs at a time
-    data_config: configs/data/default.yaml         # with `mixes`: one dataset per language mix,
-    mixes: {natural: {}, flat: {temperature: 5}, romance_heavy: {ratios: {romance: 4, ...}}}
-`mixes` maps a name to data-config overrides; each mix is built once into `out_dir/data/<name>` and
-is one more grid axis (`mix`), so the results table has every run's family ratios.
+    mixes: {default: {}, flat: {ratios: {}, temperature: 5}, romance_heavy: {ratios: {romance: 4, ...}}}
+`mixes` maps a name to `data.mix` settings (`data_pipeline.mixed.MixConfig`: ratios, temperature,
+total_tokens, max_epochs, seq_len): every mix draws from the one token store of the base config's
+`data.path` at load time, nothing is rebuilt; the mix is one more grid axis (`mix`), and the
+results table has the family ratios each run drew.
 Each run is `python -m training.pretrain BASE overrides...`, resumable (`checkpoint.resume=auto`),
 so an interrupted sweep picks up where it stopped.
 """
@@ -29,7 +30,6 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from common.config import load_config
 from common.files import atomic_write_text
 from data_pipeline.shards import read_manifest
 from training.config import TrainConfig
@@ -44,11 +44,14 @@ class SweepSpec:
     grid: dict[str, list] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
     parallel: int = 1
-    data_config: str | None = None
     mixes: dict[str, dict] = field(default_factory=dict)
 
-    def mix_dir(self, mix: str) -> Path:
-        return Path(self.out_dir) / "data" / mix
+    def mix_overrides(self, mix: str) -> list[str]:
+        """`data.mix` for a mix: an empty one is the build's own mixture, drawn at load time."""
+        settings = [
+            f"data.mix.{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in self.mixes[mix].items()
+        ]
+        return ["data.mix={}", *settings]
 
 
 @dataclass
@@ -66,9 +69,8 @@ def expand(spec: SweepSpec) -> list[Run]:
     keys = sorted(grid)
     runs = []
     for values in itertools.product(*(grid[k] for k in keys)):
-        overrides = [
-            f"data.path={spec.mix_dir(v)}" if k == "mix" else f"{k}={v}" for k, v in zip(keys, values, strict=True)
-        ]
+        overrides = [o for k, v in zip(keys, values, strict=True)
+                     for o in (spec.mix_overrides(v) if k == "mix" else [f"{k}={v}"])]  # fmt: skip
         name = "-".join(f"{k.split('.')[-1]}{v}" for k, v in zip(keys, values, strict=True)).replace("/", "_")
         runs.append(Run(name, overrides))
     return runs
@@ -89,23 +91,8 @@ def final_eval(config: TrainConfig) -> dict | None:
     return done[-1] if done else None
 
 
-def build_mixes(spec: SweepSpec) -> None:
-    """Build the dataset of every language mix that has none yet (interrupted builds resume)."""
-    from data_pipeline.build import BuildConfig, build
-
-    if spec.mixes and not spec.data_config:
-        raise ValueError("mixes need data_config: the data config each mix overrides")
-    for mix, changes in sorted(spec.mixes.items()):
-        out = spec.mix_dir(mix)
-        if (out / "manifest.json").is_file():
-            continue
-        overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in changes.items()]
-        build(load_config(BuildConfig, spec.data_config, [*overrides, f"output_dir={out}"]))
-
-
 def execute(spec: SweepSpec) -> list[Run]:
     """Run every unfinished run, `parallel` at a time; returns the runs that failed."""
-    build_mixes(spec)
     todo = [r for r in expand(spec) if final_eval(run_config(spec, r)) is None]
     failed = []
     bar = tqdm(total=len(expand(spec)), initial=len(expand(spec)) - len(todo), desc="sweep", unit="run")
@@ -125,7 +112,8 @@ def execute(spec: SweepSpec) -> list[Run]:
 
 
 def collect(spec: SweepSpec) -> Path:
-    """One row per finished run: N, D, lr, seed, ratio/<family>, loss (validation), loss/<family>, and
+    """One row per finished run: N, D, lr, seed, ratio/<family> (the mixture it drew), loss
+    (validation), loss/<family>, and
     loss_per_char/<family> (comparable across families whose tokens differ in length)."""
     rows = []
     for run in expand(spec):
@@ -137,7 +125,8 @@ def collect(spec: SweepSpec) -> Path:
         nparams, _ = count_params_and_flops(config.model, manifest["seq_len"])
         row = {"run": run.name, "N": nparams, "D": config.steps * config.data.global_batch_size * manifest["seq_len"],
                "lr": config.optim.lr, "seed": config.seed, "loss": evaluation["val/loss"]}  # fmt: skip
-        row.update({f"ratio/{f}": s["ratio"] for f, s in manifest["family_stats"].items()})
+        drawn = json.loads((config.run_dir / "config.json").read_text()).get("data_mixture")
+        row.update({f"ratio/{f}": s["ratio"] for f, s in (drawn or manifest["family_stats"]).items()})
         row.update({k[4:]: v for k, v in evaluation.items() if k.startswith(("val/loss/", "val/loss_per_char/"))})
         rows.append(row)
     out = Path(spec.out_dir) / "results.csv"
