@@ -24,7 +24,7 @@ from data_pipeline.build_config import read_ratios
 from data_pipeline.build_plan import capped_warnings, ratio_warnings
 from data_pipeline.loader import Batch, batch_of
 from data_pipeline.mixing import draw_documents, normalize_ratios
-from data_pipeline.packing import PackedSequences, pack_concat_shard
+from data_pipeline.packing import PackedSequences
 from data_pipeline.shards import read_manifest
 from data_pipeline.store import open_part
 
@@ -72,43 +72,53 @@ class MixConfig:
 
 
 class _Documents:
-    """A split of the token store: per document its family, token count and where its tokens are."""
+    """A split of the token store: per document its family, token count, part and first token's
+    position in that part (the parts' tokens stay memory-mapped)."""
 
     def __init__(self, data_dir: Path, entries: list[dict], verify: bool):
         parts = [open_part(data_dir, e, verify) for e in entries]
-        self._tokens = [p["tokens"] for p in parts]
-        self._offsets = [p["offsets"] for p in parts]
-        self.family = np.concatenate([p["family"] for p in parts]).astype(np.int64) if parts else np.zeros(0, int)
-        self.length = np.concatenate([np.diff(p["offsets"]) for p in parts]).astype(np.int64) if parts else self.family
-        self._part_ends = np.cumsum([len(p["family"]) for p in parts])
+        self.tokens = [p["tokens"] for p in parts]
 
-    def tokens(self, doc: int) -> np.ndarray:
-        part = int(np.searchsorted(self._part_ends, doc, side="right"))
-        row = doc - (int(self._part_ends[part - 1]) if part else 0)
-        offsets = self._offsets[part]
-        return self._tokens[part][offsets[row] : offsets[row + 1]]
+        def joined(arrays) -> np.ndarray:
+            return np.concatenate([a.astype(np.int64) for a in arrays]) if parts else np.zeros(0, np.int64)
+
+        self.family = joined(p["family"] for p in parts)
+        self.length = joined(np.diff(p["offsets"]) for p in parts)
+        self.part = joined(np.full(len(p["family"]), k) for k, p in enumerate(parts))
+        self.start = joined(p["offsets"][:-1] for p in parts)
 
 
 class _Stream:
-    """Documents laid end to end, each closed by EOS (`keep` >= 0: only its first `keep` tokens)."""
+    """Documents laid end to end, each closed by EOS (`keep` >= 0: only its first `keep` tokens), cut
+    into rows of `seq_len` tokens, the last one padded: `pack_concat_shard`'s rows, assembled for
+    any set of rows by array operations over the memory-mapped parts."""
 
     def __init__(self, docs: np.ndarray, keep: np.ndarray, store: _Documents, seq_len: int):
-        self.docs, self.keep, self.store, self.seq_len = docs, keep, store, seq_len
-        sizes = np.where(keep < 0, store.length[docs], keep) + 1
-        self.ends = np.cumsum(sizes)
-        self.total = int(self.ends[-1]) if len(sizes) else 0
+        self.docs, self.store, self.seq_len = docs, store, seq_len
+        self.sizes = np.where(keep < 0, store.length[docs], keep) + 1
+        self.ends = np.cumsum(self.sizes)
+        self.total = int(self.ends[-1]) if len(self.sizes) else 0
         self.rows = -(-self.total // seq_len)
 
-    def sequence(self, row: int, eos: int, pad: int) -> PackedSequences:
-        start = row * self.seq_len
-        first = int(np.searchsorted(self.ends, start, side="right"))
-        offset = start - (int(self.ends[first - 1]) if first else 0)
-        last = int(np.searchsorted(self.ends, min(start + self.seq_len, self.total), side="left")) + 1
-        docs = []
-        for doc, keep in zip(self.docs[first:last].tolist(), self.keep[first:last].tolist(), strict=True):
-            tokens = self.store.tokens(doc)
-            docs.append((int(self.store.family[doc]), tokens if keep < 0 else tokens[:keep]))
-        return pack_concat_shard(docs, offset, self.seq_len, eos, pad, 1)
+    def sequences(self, rows: np.ndarray, eos: int, pad: int) -> PackedSequences:
+        positions = np.asarray(rows, np.int64)[:, None] * self.seq_len + np.arange(self.seq_len)
+        real = positions < self.total
+        doc = np.searchsorted(self.ends, np.minimum(positions, self.total - 1), side="right")
+        offset = positions - (self.ends[doc] - self.sizes[doc])
+        closing = offset == self.sizes[doc] - 1
+        gid = self.docs[doc]
+        tokens = np.full(positions.shape, pad, np.int32)
+        tokens[real & closing] = eos
+        body = real & ~closing
+        part, where = self.store.part[gid[body]], self.store.start[gid[body]] + offset[body]
+        values = np.empty(len(part), np.int32)
+        for k in np.unique(part).tolist():
+            mine = part == k
+            values[mine] = self.store.tokens[k][where[mine]]
+        tokens[body] = values
+        doc_ids = np.where(real, doc - doc[:, :1], -1).astype(np.int32)
+        family = np.where(real, self.store.family[gid], -1).astype(np.int16)
+        return PackedSequences(tokens=tokens, doc_ids=doc_ids, family_ids=family)
 
 
 class MixedDataset:
@@ -191,12 +201,19 @@ class MixedDataset:
 
     def sequences(self, indices: np.ndarray) -> PackedSequences:
         """Rows `indices` of the split, packed as the build packs them."""
-        packed = []
-        for index in np.asarray(indices).tolist():
-            stream = int(np.searchsorted(self._row_ends, index, side="right"))
-            row = index - (int(self._row_ends[stream - 1]) if stream else 0)
-            packed.append(self.streams[stream].sequence(row, self.eos, self.pad))
-        return PackedSequences.concatenate(packed)
+        indices = np.asarray(indices, np.int64)
+        stream = np.searchsorted(self._row_ends, indices, side="right")
+        first_row = np.concatenate([[0], self._row_ends[:-1]])
+        out = None
+        for s in np.unique(stream).tolist():
+            mine = np.flatnonzero(stream == s)
+            packed = self.streams[s].sequences(indices[mine] - first_row[s], self.eos, self.pad)
+            if out is None:
+                shape = (len(indices), packed.tokens.shape[1])
+                out = PackedSequences(*(np.empty(shape, a.dtype) for a in (packed.tokens, packed.doc_ids,
+                                                                           packed.family_ids)))  # fmt: skip
+            out.tokens[mine], out.doc_ids[mine], out.family_ids[mine] = packed.tokens, packed.doc_ids, packed.family_ids
+        return out
 
     def get(self, indices: np.ndarray) -> Batch:
         packed = self.sequences(indices)
