@@ -89,6 +89,14 @@ def test_bad_values_and_stores_are_refused(small_dataset, tmp_path):
         MixedDataset(old, MixConfig())
 
 
+def test_a_mixed_sequence_longer_than_the_model_is_refused(small_dataset, tmp_path):
+    mix = MixConfig(seq_len=64)  # the small model's max_seq_len is 32
+    config = small_config(small_dataset, tmp_path)
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, mix=mix))
+    with pytest.raises(ValueError, match=r"\(data.mix.seq_len\): seq_len 64 .* exceed model.max_seq_len 32"):
+        trainer_for(config)
+
+
 def test_training_from_the_store_records_the_mixture(small_dataset, tmp_path):
     mix = MixConfig(ratios={"germanic": 0.6, "synthetic": 0.4}, total_tokens=8_000)
     base = small_config(small_dataset, tmp_path)

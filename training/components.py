@@ -118,7 +118,8 @@ def build_trainer(config: TrainConfig, objective: Objective) -> Trainer:
     train = open_train_split(config)
     vocab, seq_len = train.manifest["vocab_size"], train.manifest["seq_len"]
     mc = config.model = resolve_model_config(config.model, config.init_from, vocab, seq_len)
-    check_fits_dataset(mc, train.data_dir, vocab, seq_len)
+    where = f"{train.data_dir} (data.mix.seq_len)" if isinstance(train, MixedDataset) else train.data_dir
+    check_fits_dataset(mc, where, vocab, seq_len)
     dims.check_model(mc.n_heads, mc.n_kv_heads, mc.n_layers, mc.vocab_size)
     layout = build_layout(config, dims, torch.device(device_type(), int(os.environ.get("LOCAL_RANK", 0))))
     data = build_data(config, train, layout, objective.rows_per_sample)

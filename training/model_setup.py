@@ -87,7 +87,7 @@ def resolve_model_config(given: PhiConfig, init_from: str | None, data_vocab: in
     return dataclasses.replace(given, **updates)
 
 
-def check_fits_dataset(config: PhiConfig, data_dir: Path, data_vocab: int, data_seq_len: int) -> None:
+def check_fits_dataset(config: PhiConfig, data_dir: Path | str, data_vocab: int, data_seq_len: int) -> None:
     if data_seq_len > config.max_seq_len or data_vocab > config.vocab_size:
         raise ValueError(
             f"{data_dir}: seq_len {data_seq_len} / vocab {data_vocab} exceed model.max_seq_len "
