@@ -15,6 +15,7 @@ each family's first file, Russian came out at 0.96 characters per token against 
 
 from __future__ import annotations
 
+import functools
 import heapq
 from dataclasses import dataclass
 
@@ -65,12 +66,18 @@ def sample_file(path: str, source, index: int, families_file: str | None, chars_
     """One source file's sample (an engine unit): per language, a random sample of its documents of at
     least MAX_BYTES_PER_CHAR x `chars_per_language` characters where it has them."""
     table = language_table(families_file)
-    identify = LanguageIdentifier(table) if source.lang == "auto" else None
+    identify = _identifier(families_file) if source.lang == "auto" else None
     keys = np.random.default_rng([seed, index])
     samples = LanguageSamples(MAX_BYTES_PER_CHAR * chars_per_language)
     for doc in read_file(path, source, table, identify):
         samples.add(doc.lang.lower().replace("_", "-"), float(keys.random()), doc.text)
     return samples.sorted()
+
+
+@functools.cache
+def _identifier(families_file: str | None) -> LanguageIdentifier:
+    """One language identifier per worker process (its model takes a while to load)."""
+    return LanguageIdentifier(language_table(families_file))
 
 
 @dataclass
