@@ -110,12 +110,17 @@ class _Stream:
         tokens = np.full(positions.shape, pad, np.int32)
         tokens[real & closing] = eos
         body = real & ~closing
-        part, where = self.store.part[gid[body]], self.store.start[gid[body]] + offset[body]
-        values = np.empty(len(part), np.int32)
-        for k in np.unique(part).tolist():
-            mine = part == k
-            values[mine] = self.store.tokens[k][where[mine]]
-        tokens[body] = values
+        docs_in_rows = np.unique(doc)  # a few per row: cheaper than sorting every position's part
+        parts = np.unique(self.store.part[self.docs[docs_in_rows]])
+        if len(parts) == 1:  # one source file: one gather
+            tokens[body] = self.store.tokens[int(parts[0])][self.store.start[gid[body]] + offset[body]]
+        else:
+            part, where = self.store.part[gid[body]], self.store.start[gid[body]] + offset[body]
+            values = np.empty(len(part), np.int32)
+            for k in parts.tolist():
+                mine = part == k
+                values[mine] = self.store.tokens[k][where[mine]]
+            tokens[body] = values
         doc_ids = np.where(real, doc - doc[:, :1], -1).astype(np.int32)
         family = np.where(real, self.store.family[gid], -1).astype(np.int16)
         return PackedSequences(tokens=tokens, doc_ids=doc_ids, family_ids=family)
