@@ -79,6 +79,9 @@ def test_sources_and_output_on_s3_equal_a_local_build(s3, tmp_path):
             assert s3.cat(f"{bucket}/datasets/run1/{name}") == (tmp_path / "out" / name).read_bytes(), name
     manifest = json.loads(s3.cat(f"{bucket}/datasets/run1/manifest.json"))
     assert manifest["config"]["output_dir"] == f"s3://{bucket}/datasets/run1"
+    # The same manifest but for where things were read and written: the config and the store's file list.
+    for got in (manifest, local):
+        got["store"]["sources"] = [Path(source).name for source in got["store"]["sources"]]
     assert {k: v for k, v in manifest.items() if k != "config"} == {k: v for k, v in local.items() if k != "config"}
     assert not list((tmp_path / "st").iterdir()), "the local copy is removed once uploaded"
 
