@@ -130,10 +130,14 @@ class DataLoader:
         self.dataset, self.seed, self.group_size = dataset, seed, group_size
         self.global_batch_size, self.dp_rank, self.dp_size = global_batch_size, dp_rank, dp_size
         self.steps_per_epoch = len(dataset) // global_batch_size
+        self._epoch_order: tuple[int | None, np.ndarray] = (None, np.zeros(0, np.int64))
 
     def _order(self, epoch: int) -> np.ndarray:
-        groups = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset) // self.group_size)
-        return (groups[:, None] * self.group_size + np.arange(self.group_size)).ravel()
+        """The epoch's permutation of the rows, made once per epoch (not once per step)."""
+        if self._epoch_order[0] != epoch:
+            groups = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset) // self.group_size)
+            self._epoch_order = (epoch, (groups[:, None] * self.group_size + np.arange(self.group_size)).ravel())
+        return self._epoch_order[1]
 
     def global_rows(self, step: int) -> np.ndarray:
         """Dataset rows of the whole global batch of `step` (all replicas)."""

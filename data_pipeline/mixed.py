@@ -101,28 +101,47 @@ class _Stream:
         self.rows = -(-self.total // seq_len)
 
     def sequences(self, rows: np.ndarray, eos: int, pad: int) -> PackedSequences:
-        positions = np.asarray(rows, np.int64)[:, None] * self.seq_len + np.arange(self.seq_len)
-        real = positions < self.total
-        doc = np.searchsorted(self.ends, np.minimum(positions, self.total - 1), side="right")
-        offset = positions - (self.ends[doc] - self.sizes[doc])
-        closing = offset == self.sizes[doc] - 1
-        gid = self.docs[doc]
-        tokens = np.full(positions.shape, pad, np.int32)
-        tokens[real & closing] = eos
-        body = real & ~closing
-        docs_in_rows = np.unique(doc)  # a few per row: cheaper than sorting every position's part
-        parts = np.unique(self.store.part[self.docs[docs_in_rows]])
-        if len(parts) == 1:  # one source file: one gather
-            tokens[body] = self.store.tokens[int(parts[0])][self.store.start[gid[body]] + offset[body]]
+        """Rows `rows`: each row's stretch of the stream cut into one segment per document it
+        touches, and every segment's tokens gathered at once (numpy `repeat`, no per-row Python)."""
+        rows = np.asarray(rows, np.int64)
+        starts = rows * self.seq_len
+        stops = np.minimum(starts + self.seq_len, self.total)
+        first = np.searchsorted(self.ends, starts, side="right")  # the document at each row's start
+        per_row = np.searchsorted(self.ends, stops - 1, side="right") - first + 1
+        segment_row = np.repeat(np.arange(len(rows)), per_row)
+        doc = np.repeat(first - np.cumsum(per_row) + per_row, per_row) + np.arange(int(per_row.sum()))
+        doc_start = self.ends[doc] - self.sizes[doc]
+        low = np.maximum(doc_start, starts[segment_row])
+        length = np.minimum(self.ends[doc], stops[segment_row]) - low
+        # Per token of the rows' real stretch, in row order: its document and its offset in it.
+        token_doc = np.repeat(doc, length)
+        token_offset = np.repeat(low - doc_start - (np.cumsum(length) - length), length) + np.arange(int(length.sum()))
+        closing = token_offset == self.sizes[token_doc] - 1
+        gid = self.docs[token_doc]
+        values = np.full(len(gid), eos, np.int32)
+        body = ~closing
+        where = self.store.start[gid[body]] + token_offset[body]
+        parts = np.unique(self.store.part[self.docs[doc]])
+        if len(parts) == 1:
+            values[body] = self.store.tokens[int(parts[0])][where]
         else:
-            part, where = self.store.part[gid[body]], self.store.start[gid[body]] + offset[body]
-            values = np.empty(len(part), np.int32)
+            part = self.store.part[gid[body]]
+            gathered = np.empty(len(where), np.int32)
             for k in parts.tolist():
                 mine = part == k
-                values[mine] = self.store.tokens[k][where[mine]]
-            tokens[body] = values
-        doc_ids = np.where(real, doc - doc[:, :1], -1).astype(np.int32)
-        family = np.where(real, self.store.family[gid], -1).astype(np.int16)
+                gathered[mine] = self.store.tokens[k][where[mine]]
+            values[body] = gathered
+        real = stops - starts
+        into = np.repeat(np.arange(len(rows)) * self.seq_len - (np.cumsum(real) - real), real) + np.arange(
+            int(real.sum())
+        )
+        shape = (len(rows), self.seq_len)
+        tokens = np.full(shape, pad, np.int32)
+        doc_ids = np.full(shape, -1, np.int32)
+        family = np.full(shape, -1, np.int16)
+        tokens.reshape(-1)[into] = values
+        doc_ids.reshape(-1)[into] = token_doc - np.repeat(first[segment_row], length)
+        family.reshape(-1)[into] = self.store.family[gid]
         return PackedSequences(tokens=tokens, doc_ids=doc_ids, family_ids=family)
 
 
