@@ -1,6 +1,6 @@
 """The tokenizer is trained on a sample fair to every language: drawn from anywhere in every file,
 the same characters per language (times bytes per character), and the manifest says how each
-language is cut. On real text: the two gettext fixtures (31 languages, 15 scripts between them)."""
+language is cut. On real text: the two gettext fixtures (30 languages, 15 scripts between them)."""
 
 from __future__ import annotations
 
