@@ -18,7 +18,7 @@ from common.files import atomic_write_text
 from data_pipeline.build_config import BuildConfig, read_ratios
 from data_pipeline.build_select import Selection, select_documents
 from data_pipeline.dedup import TokenStore
-from data_pipeline.mixing import draw_documents, normalize_ratios
+from data_pipeline.mixing import draw_documents, draw_summary, normalize_ratios
 from data_pipeline.packing import (
     PackedSequences,
     best_fit_bins,
@@ -152,20 +152,14 @@ def plan_build(config: BuildConfig, unit_files: list[str], staging: str, eos: in
         writer.write_all(label(pack_documents(docs, config.seq_len, eos, pad)), config.sequences_per_shard)
         valid_entries += writer.entries
         valid_padding += writer.padding
-    drawn = sum(d.drawn_tokens for d in draws)
     summary["family_stats"] = {
-        d.family: {
-            "ratio": round(d.ratio, 6),
-            "share": round(d.drawn_tokens / max(1, drawn), 6),
-            "available_tokens": d.available_tokens,
-            "tokens": d.drawn_tokens,
-            "documents": d.drawn_docs,
-            "epochs": round(d.epochs, 4),
-            "valid_documents": len(selection.valid[d.family]),
-            "valid_tokens": selection.valid_size[d.family]["tokens"],
-            "valid_characters": selection.valid_size[d.family]["characters"],
+        family: {
+            **stats,
+            "valid_documents": len(selection.valid[family]),
+            "valid_tokens": selection.valid_size[family]["tokens"],
+            "valid_characters": selection.valid_size[family]["characters"],
         }
-        for d in draws
+        for family, stats in draw_summary(draws).items()
     }
     summary.update(
         valid={"entries": valid_entries, "padding": valid_padding},

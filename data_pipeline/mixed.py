@@ -23,7 +23,7 @@ from common.config import ConfigError, check_fields
 from data_pipeline.build_config import read_ratios
 from data_pipeline.build_plan import capped_warnings, ratio_warnings
 from data_pipeline.loader import Batch, batch_of
-from data_pipeline.mixing import draw_documents, normalize_ratios
+from data_pipeline.mixing import draw_documents, draw_summary, normalize_ratios
 from data_pipeline.packing import PackedSequences
 from data_pipeline.shards import read_manifest
 from data_pipeline.store import open_part
@@ -211,12 +211,7 @@ class MixedDataset:
         for position, family in enumerate(families):
             mine = mixture[:, 0] == position
             docs[mine] = by_family[family][mixture[mine, 1]]
-        drawn = sum(d.drawn_tokens for d in draws)
-        self._family_stats = {
-            d.family: {"ratio": round(d.ratio, 6), "share": round(d.drawn_tokens / max(1, drawn), 6),
-                       "tokens": d.drawn_tokens, "documents": d.drawn_docs, "epochs": round(d.epochs, 4)}
-            for d in draws
-        }  # fmt: skip
+        self._family_stats = draw_summary(draws)
         self.warnings = ratio_warnings(asked, ratios, available) + capped_warnings(self.mix.max_epochs, draws, total)
         return _Stream(docs, mixture[:, 2], documents, self.mix.seq_len)
 

@@ -90,3 +90,20 @@ def draw_documents(
         report.append(FamilyDraw(family, ratios[family], int(sizes.sum()), drawn, len(docs)))
     mixture = np.concatenate(parts)
     return mixture[np.random.default_rng(seed).permutation(len(mixture))], report
+
+
+def draw_summary(draws: list[FamilyDraw]) -> dict[str, dict]:
+    """Per family, what was asked and what the draw gave (the manifest's `family_stats`, and the
+    load-time mixture's)."""
+    drawn = sum(d.drawn_tokens for d in draws)
+    return {
+        d.family: {
+            "ratio": round(d.ratio, 6),
+            "share": round(d.drawn_tokens / max(1, drawn), 6),
+            "available_tokens": d.available_tokens,
+            "tokens": d.drawn_tokens,
+            "documents": d.drawn_docs,
+            "epochs": round(d.epochs, 4),
+        }
+        for d in draws
+    }
