@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.cli import print_error
 from common.config import ConfigError, load_config
 from common.locks import LockedError
 from data_pipeline.build import BuildConfig, local_output
@@ -117,10 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(summarize(args.data_dir))
     except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(str(err))
         return 2
     except LockedError as err:  # another build writes the same folder
-        print(f"error: {err}", file=sys.stderr)
+        print_error(str(err))
         return 4
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT) or args.command != "build":

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
+from common.cli import print_error
 from common.files import atomic_write
 from data_pipeline.shards import read_manifest
 from data_pipeline.tokenizer import CHAT_MARKERS, EOS, PAD, TOKENIZER_FILE, special_ids
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress=lambda shards: tqdm(shards, desc="safetensors shards", unit="shard"),
             )
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(str(err))
         return 2
     print(f"wrote {out}")
     return 0

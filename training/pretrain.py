@@ -12,6 +12,7 @@ import sys
 
 import torch.distributed as dist
 
+from common.cli import print_error
 from common.config import ConfigError, keys_given, written_at
 from training.checkpoint import CheckpointError
 from training.components import build_trainer, check_run
@@ -61,15 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, objective = load_run_config(path, overrides)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(str(err))
         return 2
     try:  # before any process group: a refusal is one line on every rank, with no peer left waiting
         check_run(config, objective, launched_world_size())
     except LayoutError as err:
-        print(f"error: {err} ({layout_written_at(config, path, overrides)})", file=sys.stderr)
+        print_error(f"{err} ({layout_written_at(config, path, overrides)})")
         return 2
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(str(err))
         return 2
     limit_cpu_threads()
     return_freed_memory_to_os()
@@ -78,13 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         build_trainer(config, objective).fit()
     except (LayoutError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(str(err))
         return 2
     except (NonFiniteLossError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(str(err))
         return 3
     except RunLockedError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(str(err))
         return 4
     finally:
         if dist.is_initialized():

@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from common.cli import print_error
 from common.config import ConfigError, load_config
 
 EVAL_SEED = 99  # held-out problems: the stages' generated data use other seeds
@@ -36,7 +37,7 @@ def cmd_rollouts(args) -> int:
     policy = load_policy(args.checkpoint, args.tokenizer, args.chat_template)
     pairs, stats = rollout_pairs(policy, args.count, args.samples, args.temperature, args.seed, args.gold_fallback)
     if not pairs:
-        print(f"error: no pairs: the policy solved every sampled problem or none was wrong ({stats})", file=sys.stderr)
+        print_error(f"no pairs: the policy solved every sampled problem or none was wrong ({stats})")
         return 1
     write_jsonl(args.out, pairs)
     print(f"wrote {len(pairs)} pairs to {args.out}: {stats}")
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(str(err))
         return 2
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from common.cli import print_error
 from common.files import atomic_write_text
 from data_pipeline.shards import read_manifest
 from training.scaling_laws.lr_law import fit_lr_law, optimal_lr
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             ratios = cmd_optimal_mix(args)
             print(" ".join(f"{k}={v:.3f}" for k, v in ratios.items()), f"-> {args.out}")
     except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(str(err))
         return 2
     return 0
 
