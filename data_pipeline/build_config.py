@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import yaml
 
 from common.config import ConfigError, to_dict
 from data_pipeline.engine import ENGINES
 from data_pipeline.languages import family_of, language_hint, language_table
+from data_pipeline.mixing import read_ratios
 from data_pipeline.sources import SourceConfig
 
 PACKINGS = ("concat", "best_fit")
@@ -90,20 +88,6 @@ class BuildConfig:
                 "total_tokens: 0 takes every token once, in the data's own proportions; "
                 "ratios or temperature would resample it (set total_tokens to mix)"
             )
-
-
-def read_ratios(ratios: dict[str, float] | str) -> dict[str, float]:
-    if isinstance(ratios, dict):
-        return ratios
-    if not ratios.startswith("from "):
-        raise ConfigError(f"ratios: {ratios!r} is neither a mapping nor 'from FILE'")
-    path = Path(ratios[5:].strip())
-    if not path.is_file():
-        raise ConfigError(f"ratios: file {path} not found")
-    loaded = yaml.safe_load(path.read_text())
-    if not isinstance(loaded, dict) or not all(isinstance(v, (int, float)) for v in loaded.values()):
-        raise ConfigError(f"ratios: {path} must map family names to numbers")
-    return {str(k): float(v) for k, v in loaded.items()}
 
 
 def check_config(config: BuildConfig) -> None:

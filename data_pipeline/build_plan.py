@@ -15,10 +15,10 @@ import numpy as np
 from tqdm import tqdm
 
 from common.files import atomic_write_text
-from data_pipeline.build_config import BuildConfig, read_ratios
+from data_pipeline.build_config import BuildConfig
 from data_pipeline.build_select import Selection, select_documents
 from data_pipeline.dedup import TokenStore
-from data_pipeline.mixing import draw_documents, draw_summary, normalize_ratios
+from data_pipeline.mixing import draw_summary, mix_documents
 from data_pipeline.packing import (
     PackedSequences,
     best_fit_bins,
@@ -121,13 +121,9 @@ def plan_build(config: BuildConfig, unit_files: list[str], staging: str, eos: in
     plan_dir.mkdir(exist_ok=True)
     selection = select_documents(config, files, staging_dir / "dedup" / "dropped.npz")
     families = sorted(set(selection.train) | set(selection.valid))
-    available = {f: int(selection.train_lengths[f].sum() + len(selection.train_lengths[f])) for f in selection.train}
-    asked = read_ratios(config.ratios)  # a `from FILE` is read once
-    ratios = normalize_ratios(asked, {f: n for f, n in available.items() if n}, config.temperature)
-    lengths = {f: selection.train_lengths[f] for f in ratios}
-    total = config.total_tokens or sum(int(n.sum()) + len(n) for n in lengths.values())
-    mixture, draws = draw_documents(lengths, ratios, total, config.seed, config.max_epochs)
-    refs, sizes = mixture_refs(selection, mixture, sorted(ratios))
+    mixture = mix_documents(selection.train_lengths, config.ratios, config.temperature, config.total_tokens,
+                            config.seed, config.max_epochs)  # fmt: skip
+    refs, sizes = mixture_refs(selection, mixture.rows, mixture.families)
     label = FamilyLabels.of(selection.languages, families)
     store = TokenStore(files)
     summary: dict = {"families": families, "languages": selection.languages, "split_docs": 0}
@@ -159,11 +155,11 @@ def plan_build(config: BuildConfig, unit_files: list[str], staging: str, eos: in
             "valid_tokens": selection.valid_size[family]["tokens"],
             "valid_characters": selection.valid_size[family]["characters"],
         }
-        for family, stats in draw_summary(draws).items()
+        for family, stats in draw_summary(mixture.draws).items()
     }
     summary.update(
         valid={"entries": valid_entries, "padding": valid_padding},
-        warnings=ratio_warnings(asked, ratios, available) + mixture_warnings(config, draws, total, selection),
+        warnings=mixture.warnings + selection_warnings(config, selection),
         duplicates=selection.duplicates,
         near_duplicates=selection.near_duplicates,
     )
@@ -192,49 +188,10 @@ def store_slices(refs: np.ndarray, units: int) -> list[list[list[int]]]:
     return [[[int(b[u]), int(b[u + 1])] for u in range(units)] for b in bounds]
 
 
-def ratio_warnings(given: dict[str, float], used: dict[str, float], available: dict[str, int]) -> list[str]:
-    """Ratios are weights: when they do not sum to 1 they are normalised over the families listed, and
-    families of the data left out of them get nothing. Both said, so a partial list is not a surprise."""
-    if not given:
-        return []
-    warnings = []
-    total = sum(given.values())
-    if abs(total - 1.0) > 1e-6:
-        shares = ", ".join(f"{family} {share:.2%}" for family, share in sorted(used.items()))
-        warnings.append(f"ratios sum to {total:g}, not 1: normalised over the families listed to {shares}")
-    left_out = sorted(f for f, n in available.items() if n and f not in given)
-    if left_out:
-        warnings.append(f"families in the data but not in ratios get no tokens: {', '.join(left_out)}")
-    return warnings
-
-
-def capped_warnings(max_epochs: float | None, draws, asked: int) -> list[str]:
-    """Families capped at `max_epochs` short of their ratio: what they could not supply is not given
-    to the others (the total falls short by it, said with the total)."""
-    warnings, capped = [], []
-    drawn = sum(d.drawn_tokens for d in draws)
-    for d in draws:
-        if max_epochs is not None and d.epochs >= max_epochs - 1e-9 and d.drawn_tokens / drawn < d.ratio:
-            capped.append(d.family)
-            warnings.append(
-                f"family {d.family!r}: capped at max_epochs={max_epochs:g} ({d.available_tokens:,} tokens); "
-                f"share {d.drawn_tokens / drawn:.2%} instead of the {d.ratio:.2%} asked"
-            )
-    if capped and drawn < asked:
-        warnings.append(
-            f"{drawn:,} training tokens instead of the {asked:,} asked: the capped families ({', '.join(capped)}) "
-            f"could not supply {asked - drawn:,}, which go to no other family (each keeps its own budget, so its "
-            "share of the smaller total is above its ratio); raise max_epochs or lower total_tokens"
-        )
-    return warnings
-
-
-def mixture_warnings(config: BuildConfig, draws, asked: int, selection) -> list[str]:
-    """What the user asked for and did not get: families capped at `max_epochs` short of their ratio
-    (what they could not supply is not given to the others: the total falls short by it, said with
-    the total), source files the filters emptied, and families too small to hold out
+def selection_warnings(config: BuildConfig, selection: Selection) -> list[str]:
+    """What the sources could not give: files the filters emptied, and families too small to hold out
     `valid_docs_per_family` documents."""
-    warnings = capped_warnings(config.max_epochs, draws, asked)
+    warnings = []
     for source in selection.empty_sources:
         warnings.append(
             f"{source}: no document left after the length filters (min_chars, max_chars) or blank records; "

@@ -1,7 +1,7 @@
 """Training sequences mixed by family ratios and packed at load time from a build's token store
 (`data_pipeline.store`): a new mixture, total or sequence length needs no rebuild.
 
-The draw is the build's own (`mixing.draw_documents` over the same documents in the same order),
+The draw is the build's own (`mixing.mix_documents` over the same documents in the same order),
 so a `MixConfig` that changes nothing gives exactly the build's packed sequences; every setting left
 unset (None) is the build's. Sequence `i` is positions [i * seq_len, (i + 1) * seq_len) of the
 concat stream of the drawn documents, each closed by EOS (the last sequence padded), assembled from
@@ -11,7 +11,6 @@ Validation sequences are each family's held-out documents, one stream per family
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
@@ -20,10 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from common.config import ConfigError, check_fields
-from data_pipeline.build_config import read_ratios
-from data_pipeline.build_plan import capped_warnings, ratio_warnings
 from data_pipeline.loader import Batch, batch_of
-from data_pipeline.mixing import draw_documents, draw_summary, normalize_ratios
+from data_pipeline.mixing import draw_summary, mix_documents
 from data_pipeline.packing import PackedSequences
 from data_pipeline.shards import read_manifest
 from data_pipeline.store import open_part
@@ -191,29 +188,20 @@ class MixedDataset:
         self.fingerprint = hashlib.sha256((digests + mixture).encode()).hexdigest()[:16]
 
     def _draw(self, documents: _Documents) -> _Stream:
-        """The build's draw (`build_plan.plan_build`) over the store's training documents."""
+        """The build's draw (`mixing.mix_documents`) over the store's training documents."""
         by_family = {f: np.flatnonzero(documents.family == i) for i, f in enumerate(self.families)}
-        by_family = {f: docs for f, docs in by_family.items() if len(docs)}
-        available = {f: int(documents.length[d].sum()) + len(d) for f, d in by_family.items()}
-        where = str(self.data_dir)
-        asked = read_ratios(self.mix.ratios)
-        for family in asked:
-            if family not in available:
-                near = difflib.get_close_matches(family, available, n=1)
-                hint = f"; did you mean {near[0]!r}?" if near else f" (it has {', '.join(sorted(available))})"
-                raise ConfigError(f"data.mix.ratios.{family}: {where} has no family {family!r}{hint}")
-        ratios = normalize_ratios(asked, available, self.mix.temperature)
-        lengths = {f: documents.length[by_family[f]] for f in ratios}
-        total = self.mix.total_tokens or sum(int(n.sum()) + len(n) for n in lengths.values())
-        mixture, draws = draw_documents(lengths, ratios, total, self.mix.seed, self.mix.max_epochs)
-        families = sorted(ratios)
-        docs = np.empty(len(mixture), np.int64)
-        for position, family in enumerate(families):
-            mine = mixture[:, 0] == position
-            docs[mine] = by_family[family][mixture[mine, 1]]
-        self._family_stats = draw_summary(draws)
-        self.warnings = ratio_warnings(asked, ratios, available) + capped_warnings(self.mix.max_epochs, draws, total)
-        return _Stream(docs, mixture[:, 2], documents, self.mix.seq_len)
+        lengths = {f: documents.length[docs] for f, docs in by_family.items()}
+        m = self.mix
+        mixture = mix_documents(lengths, m.ratios, m.temperature, m.total_tokens, m.seed, m.max_epochs,
+                                key="data.mix.ratios", where=str(self.data_dir))  # fmt: skip
+        rows = mixture.rows
+        docs = np.empty(len(rows), np.int64)
+        for position, family in enumerate(mixture.families):
+            mine = rows[:, 0] == position
+            docs[mine] = by_family[family][rows[mine, 1]]
+        self._family_stats = draw_summary(mixture.draws)
+        self.warnings = mixture.warnings
+        return _Stream(docs, rows[:, 2], documents, self.mix.seq_len)
 
     def __len__(self) -> int:
         return int(self._row_ends[-1]) if len(self._row_ends) else 0

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import yaml
 
 from common.config import ConfigError
 
@@ -24,28 +27,83 @@ class FamilyDraw:
 
 
 def normalize_ratios(
-    ratios: dict[str, float], available: dict[str, int], temperature: float | None = None
+    ratios: dict[str, float],
+    available: dict[str, int],
+    temperature: float | None = None,
+    key: str = "ratios",
+    where: str = "the sources",
 ) -> dict[str, float]:
     """Ratios over the families present. An empty mapping means proportions to the data, or with a
-    `temperature` T, p ~ n^(1/T) (T > 1 flattens towards scarce families, as in mT5 / XLM-R)."""
+    `temperature` T, p ~ n^(1/T) (T > 1 flattens towards scarce families, as in mT5 / XLM-R). Errors
+    name the setting as `key` and the data as `where`."""
     if temperature is not None and temperature <= 0:
         raise ConfigError(f"temperature must be > 0, got {temperature}")
     if ratios and temperature is not None:
-        raise ConfigError("give either ratios or temperature, not both")
+        raise ConfigError(f"give either {key} or temperature, not both")
     if not ratios:
         power = 1.0 / (temperature or 1.0)
         ratios = {family: float(count) ** power for family, count in available.items()}
     for family, value in ratios.items():
         if family not in available:
-            raise ConfigError(
-                f"ratios.{family}: no documents of family {family!r} in the sources (present: {sorted(available)})"
-            )
+            near = difflib.get_close_matches(family, available, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f" (present: {', '.join(sorted(available))})"
+            raise ConfigError(f"{key}.{family}: no documents of family {family!r} in {where}{hint}", key)
         if value < 0:
-            raise ConfigError(f"ratios.{family}: must be >= 0, got {value}")
+            raise ConfigError(f"{key}.{family}: must be >= 0, got {value}", key)
     total = sum(ratios.values())
     if total <= 0:
-        raise ConfigError("ratios: at least one family needs a positive ratio")
+        raise ConfigError(f"{key}: at least one family needs a positive ratio", key)
     return {family: value / total for family, value in ratios.items() if value > 0}
+
+
+def read_ratios(ratios: dict[str, float] | str, key: str = "ratios") -> dict[str, float]:
+    """A ratios mapping, or the one in FILE for `from FILE` (what `optimal-mix` writes)."""
+    if isinstance(ratios, dict):
+        return ratios
+    if not ratios.startswith("from "):
+        raise ConfigError(f"{key}: {ratios!r} is neither a mapping nor 'from FILE'", key)
+    path = Path(ratios[5:].strip())
+    if not path.is_file():
+        raise ConfigError(f"{key}: file {path} not found", key)
+    loaded = yaml.safe_load(path.read_text())
+    if not isinstance(loaded, dict) or not all(isinstance(v, (int, float)) for v in loaded.values()):
+        raise ConfigError(f"{key}: {path} must map family names to numbers", key)
+    return {str(k): float(v) for k, v in loaded.items()}
+
+
+@dataclass
+class Mixture:
+    """The documents drawn for training: rows of (family position in `families`, document index,
+    tokens kept or -1), in training order, with what each family got and what fell short."""
+
+    rows: np.ndarray
+    families: list[str]  # sorted
+    draws: list[FamilyDraw]
+    total_tokens: int  # asked (the draw may fall short: see `warnings`)
+    warnings: list[str]
+
+
+def mix_documents(
+    lengths_by_family: dict[str, np.ndarray],
+    ratios: dict[str, float] | str,
+    temperature: float | None,
+    total_tokens: int,
+    seed: int,
+    max_epochs: float | None,
+    key: str = "ratios",
+    where: str = "the sources",
+) -> Mixture:
+    """The mixture of the build's plan and of the loader (`data_pipeline.mixed`), one function so both
+    draw alike: `ratios` (or `from FILE`, or `temperature`) over the families with documents,
+    `total_tokens` of them (0: every token once), drawn by `draw_documents`."""
+    available = {f: int(n.sum()) + len(n) for f, n in lengths_by_family.items() if len(n)}
+    asked = read_ratios(ratios, key)  # a `from FILE` is read once
+    shares = normalize_ratios(asked, available, temperature, key, where)
+    total = total_tokens or sum(available[f] for f in shares)
+    lengths = {f: lengths_by_family[f] for f in shares}
+    rows, draws = draw_documents(lengths, shares, total, seed, max_epochs)
+    warnings = ratio_warnings(asked, shares, available) + capped_warnings(max_epochs, draws, total)
+    return Mixture(rows, sorted(shares), draws, total, warnings)
 
 
 def draw_documents(
@@ -107,3 +165,40 @@ def draw_summary(draws: list[FamilyDraw]) -> dict[str, dict]:
         }
         for d in draws
     }
+
+
+def ratio_warnings(given: dict[str, float], used: dict[str, float], available: dict[str, int]) -> list[str]:
+    """Ratios are weights: when they do not sum to 1 they are normalised over the families listed, and
+    families of the data left out of them get nothing. Both said, so a partial list is not a surprise."""
+    if not given:
+        return []
+    warnings = []
+    total = sum(given.values())
+    if abs(total - 1.0) > 1e-6:
+        shares = ", ".join(f"{family} {share:.2%}" for family, share in sorted(used.items()))
+        warnings.append(f"ratios sum to {total:g}, not 1: normalised over the families listed to {shares}")
+    left_out = sorted(f for f, n in available.items() if n and f not in given)
+    if left_out:
+        warnings.append(f"families in the data but not in ratios get no tokens: {', '.join(left_out)}")
+    return warnings
+
+
+def capped_warnings(max_epochs: float | None, draws, asked: int) -> list[str]:
+    """Families capped at `max_epochs` short of their ratio: what they could not supply is not given
+    to the others (the total falls short by it, said with the total)."""
+    warnings, capped = [], []
+    drawn = sum(d.drawn_tokens for d in draws)
+    for d in draws:
+        if max_epochs is not None and d.epochs >= max_epochs - 1e-9 and d.drawn_tokens / drawn < d.ratio:
+            capped.append(d.family)
+            warnings.append(
+                f"family {d.family!r}: capped at max_epochs={max_epochs:g} ({d.available_tokens:,} tokens); "
+                f"share {d.drawn_tokens / drawn:.2%} instead of the {d.ratio:.2%} asked"
+            )
+    if capped and drawn < asked:
+        warnings.append(
+            f"{drawn:,} training tokens instead of the {asked:,} asked: the capped families ({', '.join(capped)}) "
+            f"could not supply {asked - drawn:,}, which go to no other family (each keeps its own budget, so its "
+            "share of the smaller total is above its ratio); raise max_epochs or lower total_tokens"
+        )
+    return warnings
