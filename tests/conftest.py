@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 
 # Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before triton loads.
 if shutil.which("nvidia-smi") is None:
@@ -12,6 +13,7 @@ import pytest  # noqa: E402
 from data_pipeline.build import BuildConfig, TokenizerConfig, build  # noqa: E402
 from data_pipeline.corpus import write_default_corpus  # noqa: E402
 from data_pipeline.sources import SourceConfig  # noqa: E402
+from tests.distributed import free_port  # noqa: E402
 
 SMALL_SEQ_LEN = 32
 SMALL_VOCAB = 512
@@ -52,3 +54,28 @@ def long_dataset(corpus_dir, tmp_path_factory):
     """The same corpus packed into 1,024-token rows: each holds several documents, so document
     boundaries fall inside every context-parallel chunk."""
     return build_corpus(corpus_dir, tmp_path_factory.mktemp("data") / "long", LONG_SEQ_LEN, 24_000)
+
+
+@pytest.fixture
+def s3(monkeypatch, tmp_path):
+    """A bucket on a local S3 server (moto's, over HTTP); fsspec, here and in spawned processes, is
+    pointed at it. Yields (an s3fs filesystem, the bucket, the endpoint)."""
+    fsspec = pytest.importorskip("fsspec")
+    s3fs = pytest.importorskip("s3fs", reason="object stores need s3fs")
+    moto_server = pytest.importorskip("moto.server", reason="the local S3 server is moto's (the dev extra)")
+
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+    bucket = f"corpus-{uuid.uuid4().hex[:12]}"  # moto keeps its buckets for the whole process
+    fs.mkdir(bucket)
+    yield fs, bucket, endpoint
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()

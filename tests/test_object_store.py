@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,35 +15,11 @@ import pytest
 from common.config import ConfigError
 from data_pipeline.build import BuildConfig, TokenizerConfig, build
 from data_pipeline.sources import SourceConfig
-from tests.distributed import free_port
 
 pytest.importorskip("s3fs", reason="object-store sources need s3fs")
-moto_server = pytest.importorskip("moto.server", reason="the local S3 server is moto's (the dev extra)")
+pytest.importorskip("moto.server", reason="the local S3 server is moto's (the dev extra)")
 
 RECORDS = [{"text": f"record {i} of the store " * (i % 5 + 1), "lang": ["en", "de", "ru"][i % 3]} for i in range(90)]
-
-
-@pytest.fixture
-def s3(monkeypatch, tmp_path):
-    """A bucket on a local S3 server; fsspec (here and in spawned workers) is pointed at it."""
-    import fsspec
-    import s3fs
-
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint}.items():  # fmt: skip
-        monkeypatch.setenv(key, value)
-    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint)
-    bucket = f"corpus-{uuid.uuid4().hex[:12]}"  # moto keeps its buckets for the whole process
-    fs.mkdir(bucket)
-    yield fs, bucket
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
 
 
 def write_sources(folder: Path) -> None:
@@ -62,7 +37,7 @@ def config(sources: str, output_dir: str, **kw) -> BuildConfig:
 
 
 def test_sources_and_output_on_s3_equal_a_local_build(s3, tmp_path):
-    s3, bucket = s3
+    s3, bucket, _ = s3
     write_sources(tmp_path / "local")
     s3.put(str(tmp_path / "local") + "/", f"{bucket}/in/", recursive=True)
     local = build(config(str(tmp_path / "local" / "*"), str(tmp_path / "out"), workers=1))
@@ -87,7 +62,7 @@ def test_sources_and_output_on_s3_equal_a_local_build(s3, tmp_path):
 
 
 def test_an_existing_dataset_on_s3_is_never_overwritten(s3, tmp_path):
-    s3, bucket = s3
+    s3, bucket, _ = s3
     write_sources(tmp_path / "local")
     s3.put(str(tmp_path / "local") + "/", f"{bucket}/in/", recursive=True)
     target = f"s3://{bucket}/datasets/kept"
@@ -99,7 +74,7 @@ def test_an_existing_dataset_on_s3_is_never_overwritten(s3, tmp_path):
 
 
 def test_a_bad_record_on_s3_is_named_by_its_url_and_line(s3, tmp_path):
-    s3, bucket = s3
+    s3, bucket, _ = s3
     s3.pipe(f"{bucket}/bad/x.jsonl", b'{"text": "fine", "lang": "en"}\n{"text": oops}\n')
     with pytest.raises(ValueError, match=rf"s3://{bucket}/bad/x.jsonl:2: not valid JSON"):
         build(config(f"s3://{bucket}/bad/*.jsonl", str(tmp_path / "out"), workers=1))

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from data_pipeline.loader import DataLoader, PackedDataset
 from data_pipeline.mixed import MixedDataset
+from data_pipeline.remote import cached_dataset
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 from kernels.attention import training_problem
 from training.checkpoint import Checkpointer
@@ -35,16 +36,20 @@ class Data:
     note: str | None  # why there is no evaluation, if there is none
 
 
-def open_split(config: TrainConfig, split: str, expected_tokenizer: str) -> PackedDataset | MixedDataset:
-    """A split of `data.path`: its packed shards, or with `data.mix` its token store mixed and packed here."""
-    data_dir = Path(config.data.path)
+def open_split(
+    config: TrainConfig, data_dir: Path, split: str, expected_tokenizer: str
+) -> PackedDataset | MixedDataset:
+    """A split of the dataset in `data_dir`: its packed shards, or with `data.mix` its token store
+    mixed and packed here."""
     if config.data.mix is None:
         return PackedDataset(data_dir, split, tokenizer_hash=expected_tokenizer)
     return MixedDataset(data_dir, config.data.mix, split, tokenizer_hash=expected_tokenizer)
 
 
 def open_train_split(config: TrainConfig) -> PackedDataset | MixedDataset:
-    return open_split(config, "train", tokenizer_hash(load_tokenizer(config.data.path)))
+    """The training split of `data.path` (an object store's dataset: of this node's cached copy)."""
+    data_dir = cached_dataset(config.data.path, config.data.cache_dir, mixed=config.data.mix is not None)
+    return open_split(config, data_dir, "train", tokenizer_hash(load_tokenizer(data_dir)))
 
 
 def build_layout(config: TrainConfig, dims: ParallelDims, device: torch.device) -> Layout:
@@ -66,7 +71,7 @@ def build_data(config: TrainConfig, train, layout: Layout, rows_per_sample: int)
     """Loaders of both splits, each global batch split across data-parallel replicas only."""
     batch, dp_rank, dp = config.data.global_batch_size, layout.dp_rank, layout.dims.dp
     loader = DataLoader(train, batch, dp_rank, dp, config.data.seed, rows_per_sample)
-    valid = open_split(config, "valid", train.manifest["tokenizer_hash"])
+    valid = open_split(config, train.data_dir, "valid", train.manifest["tokenizer_hash"])
     if len(valid) < batch:
         note = f"no evaluation: {train.data_dir} has {len(valid)} valid rows, fewer than one global batch"
         return Data(loader, None, note)

@@ -17,7 +17,8 @@ from training.precision import PRECISIONS
 
 @dataclass
 class DataConfig:
-    path: str = "data/default"  # a folder written by `python -m data_pipeline build`
+    path: str = "data/default"  # a folder written by `python -m data_pipeline build`, or its s3:// (fsspec) URL
+    cache_dir: str = "~/.cache/polyglot-train/datasets"  # where each node keeps its copy of a URL's dataset
     global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel replicas
     seed: int = 0
     # Mix and pack the build's token store at load time (`data_pipeline.mixed`): ratios, temperature,
