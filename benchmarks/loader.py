@@ -8,15 +8,20 @@ On a built dataset (with its token store): global batches drawn as the trainer d
 - `store, build's mix`: `mixed.MixedDataset` with `data.mix={}` (the same sequences);
 - `store, new mix`: other ratios and each `--seq-lens` value, with no rebuild;
 and the resident memory each adds when opened, at 1x and 4x the corpus (the corpus written four
-times as separate sources). Prints a table, writes benchmarks/results/loader.json.
+times as separate sources). With `--s3`, the dataset is also uploaded to a local S3 server (moto's,
+over HTTP) and read as training reads a URL (`remote.cached_dataset`): one pass over the store's
+training tokens, fetch included (cold cache), and from the warm cache, against local disk.
+Prints a table, writes benchmarks/results/loader.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -63,11 +68,59 @@ def corpus_times(data: Path, copies: int, out: Path) -> Path:
     return out / "data"
 
 
+def one_pass_seconds(open_dataset, batch: int) -> tuple[float, int]:
+    """Seconds to open the dataset and draw every batch of one epoch; and its tokens."""
+    start = time.perf_counter()
+    dataset = open_dataset()
+    loader = DataLoader(dataset, batch, seed=0)
+    steps = len(dataset) // batch
+    for step in range(steps):
+        loader.batch_at(step)
+    return time.perf_counter() - start, steps * batch * dataset.manifest["seq_len"]
+
+
+def s3_rows(data: Path, batch: int) -> list[dict]:
+    """One epoch from local disk, from a local S3 server with a cold cache, and with a warm one."""
+    import fsspec
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    from data_pipeline.remote import cached_dataset
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():  # fmt: skip
+        os.environ[key] = value
+    fsspec.config.conf["s3"] = {"endpoint_url": endpoint}
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+    fs.mkdir("bench")
+    fs.put(str(data) + "/", "bench/data/", recursive=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        from_s3 = lambda: cached_dataset("s3://bench/data", cache, mixed=True)  # noqa: E731
+        cases = [("local disk", lambda: data), ("s3, cold cache", from_s3), ("s3, warm cache", from_s3)]
+        for name, where in cases:
+            seconds, tokens = one_pass_seconds(lambda where=where: MixedDataset(where(), MixConfig()), batch)
+            rows.append({"source": f"one epoch, {name}", "seconds": seconds, "tokens_per_s": tokens / seconds})
+    server.stop()
+    local = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["vs_local_disk"] = local / row["tokens_per_s"]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/default")
     parser.add_argument("--batch", type=int, default=64, help="sequences per global batch")
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[128, 1024])
+    parser.add_argument("--s3", action="store_true", help="also read the dataset from a local S3 server")
     args = parser.parse_args()
     data = Path(args.data)
     manifest = read_manifest(data)
@@ -99,9 +152,15 @@ def main() -> None:
     for r in rows:
         speed = f"{r['tokens_per_s'] / 1e6:10.2f}" if r["tokens_per_s"] else f"{'-':>10s}"
         print(f"{r['source']:26s} {r['seq_len']:7d} {speed} {r['opened_mib']:10.1f}")
+    record = {"data": str(data), "batch": args.batch, "peak_rss_bytes": peak_rss_bytes(), "rows": rows}
+    if args.s3:
+        record["s3"] = s3_rows(data, args.batch)
+        header = f"{'seconds':>8s} {'M tokens/s':>10s} {'slower than disk':>16s}"
+        print(f"\n{'store over S3 (moto, localhost)':32s} {header}")
+        for r in record["s3"]:
+            print(f"{r['source']:32s} {r['seconds']:8.2f} {r['tokens_per_s'] / 1e6:10.2f} {r['vs_local_disk']:15.2f}x")
     out = ROOT / "benchmarks" / "results" / "loader.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"data": str(data), "batch": args.batch, "peak_rss_bytes": peak_rss_bytes(), "rows": rows}
     out.write_text(json.dumps(record, indent=1))
     print(f"wrote {out}")
 

@@ -98,8 +98,9 @@ class _Stream:
         self.rows = -(-self.total // seq_len)
 
     def sequences(self, rows: np.ndarray, eos: int, pad: int) -> PackedSequences:
-        """Rows `rows`: each row's stretch of the stream cut into one segment per document it
-        touches, and every segment's tokens gathered at once (numpy `repeat`, no per-row Python)."""
+        """Rows `rows`: each row's stretch of the stream cut into one segment per document it touches
+        (array operations per segment), then every segment's tokens copied as one slice of its
+        memory-mapped part: the cost per token is a copy, not an index computation."""
         rows = np.asarray(rows, np.int64)
         starts = rows * self.seq_len
         stops = np.minimum(starts + self.seq_len, self.total)
@@ -108,37 +109,36 @@ class _Stream:
         segment_row = np.repeat(np.arange(len(rows)), per_row)
         doc = np.repeat(first - np.cumsum(per_row) + per_row, per_row) + np.arange(int(per_row.sum()))
         doc_start = self.ends[doc] - self.sizes[doc]
-        low = np.maximum(doc_start, starts[segment_row])
-        length = np.minimum(self.ends[doc], stops[segment_row]) - low
-        # Per token of the rows' real stretch, in row order: its document and its offset in it.
-        token_doc = np.repeat(doc, length)
-        token_offset = np.repeat(low - doc_start - (np.cumsum(length) - length), length) + np.arange(int(length.sum()))
-        closing = token_offset == self.sizes[token_doc] - 1
-        gid = self.docs[token_doc]
-        values = np.full(len(gid), eos, np.int32)
-        body = ~closing
-        where = self.store.start[gid[body]] + token_offset[body]
-        parts = np.unique(self.store.part[self.docs[doc]])
-        if len(parts) == 1:
-            values[body] = self.store.tokens[int(parts[0])][where]
-        else:
-            part = self.store.part[gid[body]]
-            gathered = np.empty(len(where), np.int32)
-            for k in parts.tolist():
-                mine = part == k
-                gathered[mine] = self.store.tokens[k][where[mine]]
-            values[body] = gathered
-        real = stops - starts
-        into = np.repeat(np.arange(len(rows)) * self.seq_len - (np.cumsum(real) - real), real) + np.arange(
-            int(real.sum())
-        )
+        low = np.maximum(doc_start, starts[segment_row]) - doc_start  # the segment's offsets in its document,
+        high = np.minimum(self.ends[doc], stops[segment_row]) - doc_start  # whose last position is its EOS
+        closes = high == self.sizes[doc]
+        gid = self.docs[doc]
+        begin = self.store.start[gid] + low
+        end = self.store.start[gid] + np.minimum(high, self.sizes[doc] - 1)
+        parts, closing = self.store.part[gid].tolist(), closes.tolist()
+        eos_piece = np.array([eos], self.store.tokens[0].dtype if self.store.tokens else np.int32)
+        pieces = []
+        for k, a, b, c in zip(parts, begin.tolist(), end.tolist(), closing, strict=True):
+            pieces.append(self.store.tokens[k][a:b])
+            if c:
+                pieces.append(eos_piece)
+        length = high - low
+        values = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+        doc_values = np.repeat((doc - first[segment_row]).astype(np.int32), length)
+        family_values = np.repeat(self.store.family[gid].astype(np.int16), length)
         shape = (len(rows), self.seq_len)
         tokens = np.full(shape, pad, np.int32)
-        doc_ids = np.full(shape, -1, np.int32)
-        family = np.full(shape, -1, np.int16)
-        tokens.reshape(-1)[into] = values
-        doc_ids.reshape(-1)[into] = token_doc - np.repeat(first[segment_row], length)
-        family.reshape(-1)[into] = self.store.family[gid]
+        doc_ids, family = np.full(shape, -1, np.int32), np.full(shape, -1, np.int16)
+        real = (stops - starts).tolist()
+        if sum(real) == tokens.size:  # no row reaches the stream's padded end
+            tokens[:], doc_ids[:], family[:] = (v.reshape(shape) for v in (values, doc_values, family_values))
+        else:
+            offset = 0
+            for r, n in enumerate(real):
+                tokens[r, :n] = values[offset : offset + n]
+                doc_ids[r, :n] = doc_values[offset : offset + n]
+                family[r, :n] = family_values[offset : offset + n]
+                offset += n
         return PackedSequences(tokens=tokens, doc_ids=doc_ids, family_ids=family)
 
 
