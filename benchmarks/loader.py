@@ -1,17 +1,20 @@
 """Loader throughput and memory: packed shards against mixing and packing at load time.
 
-    python benchmarks/loader.py [--data data/default] [--batch 64] [--seq-lens 128 1024]
+    python benchmarks/loader.py [--data data/default] [--batch-tokens 65536] [--seq-lens 128 1024 4096] [--s3]
 
-On a built dataset (with its token store): global batches drawn as the trainer draws them
-(`DataLoader.batch_at`), tokens per second for
+On a built dataset (with its token store): global batches of `--batch-tokens` tokens drawn as the
+trainer draws them (`DataLoader.batch_at`, one process), tokens per second for
 - `packed shards`: the build's shards (`loader.PackedDataset`);
 - `store, build's mix`: `mixed.MixedDataset` with `data.mix={}` (the same sequences);
-- `store, new mix`: other ratios and each `--seq-lens` value, with no rebuild;
-and the resident memory each adds when opened, at 1x and 4x the corpus (the corpus written four
-times as separate sources). With `--s3`, the dataset is also uploaded to a local S3 server (moto's,
-over HTTP) and read as training reads a URL (`remote.cached_dataset`): one pass over the store's
-training tokens, fetch included (cold cache), and from the warm cache, against local disk.
-Prints a table, writes benchmarks/results/loader.json.
+- `store, new mix`: other ratios at each `--seq-lens` value, with no rebuild.
+Memory, each case in a fresh process that opens the dataset and draws 50 batches, at each of
+`--copies` times the corpus (its training files listed that many times, as hard links): the heap
+(anonymous resident memory) and
+the file pages mapped, for the packed shards and for the store with its index made in that process
+or already cached (`MixedDataset(cache_dir=...)`, as training opens it). With `--s3`, the dataset
+is also uploaded to a local S3 server (moto's, over HTTP) and read as training reads a URL
+(`remote.cached_dataset`): one pass over the store's training tokens, fetch included (cold cache),
+and from the warm cache, against local disk. Prints tables, writes benchmarks/results/loader.json.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
-import shutil
 import socket
 import sys
 import tempfile
@@ -30,8 +33,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.config import from_dict  # noqa: E402
-from data_pipeline.build import BuildConfig, build  # noqa: E402
 from data_pipeline.loader import DataLoader, PackedDataset  # noqa: E402
 from data_pipeline.mixed import MixConfig, MixedDataset  # noqa: E402
 from data_pipeline.shards import read_manifest  # noqa: E402
@@ -47,25 +48,55 @@ def tokens_per_second(dataset, batch: int, seconds: float = 3.0) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def rss_mib() -> float:
-    """Resident memory now (Linux)."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def memory_mib() -> dict[str, float]:
+    """This process's anonymous (heap) and file-backed resident memory, and its peak (Linux)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {key: int(fields[name].split()[0]) / 1024 for key, name in
+            (("anon_mib", "RssAnon"), ("file_mib", "RssFile"), ("peak_mib", "VmHWM"))}  # fmt: skip
 
 
-def opened_mib(open_dataset) -> tuple[object, float]:
-    before = rss_mib()
-    dataset = open_dataset()
-    return dataset, rss_mib() - before
+def loader_memory(kind: str, data: str, ratios: dict, cache: str, batch: int) -> dict[str, float]:
+    """In a fresh process: memory added by opening the dataset and drawing 50 batches (the store:
+    every training token once, in `ratios`)."""
+    before = memory_mib()
+    if kind == "packed":
+        dataset = PackedDataset(data)
+    else:
+        tokens = sum(e["tokens"] + e["documents"] for e in read_manifest(data)["store"]["splits"]["train"])
+        dataset = MixedDataset(data, MixConfig(ratios=ratios, total_tokens=tokens), cache_dir=cache)
+    loader = DataLoader(dataset, batch, seed=0)
+    for step in range(50):
+        loader.batch_at(step)
+    after = memory_mib()
+    return {key: after[key] - before[key] for key in after}
 
 
-def corpus_times(data: Path, copies: int, out: Path) -> Path:
-    """The dataset's sources built again with its tokenizer, `copies` times over (exact dedup off)."""
-    config = read_manifest(data)["config"]
-    sources = [source for _ in range(copies) for source in config["sources"]]
-    built = {**config, "sources": sources, "output_dir": str(out / "data"), "dedup": False,
-             "tokenizer": {"path": str(data)}}  # fmt: skip
-    build(from_dict(BuildConfig, built))
-    return out / "data"
+def in_fresh_process(*args) -> dict[str, float]:
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(loader_memory, args)
+
+
+def tiled(data: Path, copies: int, out: Path) -> Path:
+    """The dataset `copies` times over, as far as a loader can tell: every training file (store part
+    and packed shard) listed `copies` times under new names, hard links to the one on disk."""
+    manifest = read_manifest(data)
+    out.mkdir(parents=True)
+    os.link(data / manifest["tokenizer_file"], out / manifest["tokenizer_file"])
+
+    def tile(entries: list[dict]) -> list[dict]:
+        copied = []
+        for copy in range(copies):
+            for entry in entries:
+                name = Path(entry["file"]).with_name(f"copy{copy}_{Path(entry['file']).name}").as_posix()
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                os.link(data / entry["file"], out / name)
+                copied.append({**entry, "file": name})
+        return copied
+
+    manifest["splits"]["train"] = tile(manifest["splits"]["train"])
+    manifest["store"]["splits"]["train"] = tile(manifest["store"]["splits"]["train"])
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
 
 
 def one_pass_seconds(open_dataset, batch: int) -> tuple[float, int]:
@@ -118,43 +149,50 @@ def s3_rows(data: Path, batch: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/default")
-    parser.add_argument("--batch", type=int, default=64, help="sequences per global batch")
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[128, 1024])
+    parser.add_argument("--batch-tokens", type=int, default=65_536, help="tokens per global batch")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[128, 1024, 4096])
+    parser.add_argument("--copies", type=int, nargs="+", default=[1, 16, 64], help="corpus sizes for memory")
     parser.add_argument("--s3", action="store_true", help="also read the dataset from a local S3 server")
     args = parser.parse_args()
     data = Path(args.data)
     manifest = read_manifest(data)
     if "store" not in manifest:
         sys.exit(f"{data}: no token store; rebuild it (python -m data_pipeline build ...)")
-    families = [f for f, s in manifest["family_stats"].items() if s["tokens"]]
-    new_ratios = {f: 1.0 for f in families}
-    rows = []
-    packed, mib = opened_mib(lambda: PackedDataset(data))
-    rows.append({"source": "packed shards", "seq_len": manifest["seq_len"], "opened_mib": mib,
-                 "tokens_per_s": tokens_per_second(packed, args.batch)})  # fmt: skip
-    same, mib = opened_mib(lambda: MixedDataset(data, MixConfig()))
-    rows.append({"source": "store, build's mix", "seq_len": manifest["seq_len"], "opened_mib": mib,
-                 "tokens_per_s": tokens_per_second(same, args.batch)})  # fmt: skip
-    for seq_len in args.seq_lens:
-        mix = MixConfig(ratios=new_ratios, seq_len=seq_len)
-        mixed, mib = opened_mib(lambda mix=mix: MixedDataset(data, mix))
-        batch = max(1, args.batch * manifest["seq_len"] // seq_len)  # the same tokens per batch
-        rows.append({"source": "store, new mix", "seq_len": seq_len, "opened_mib": mib,
-                     "tokens_per_s": tokens_per_second(mixed, batch)})  # fmt: skip
+    new_ratios = {f: 1.0 for f, s in manifest["family_stats"].items() if s["tokens"]}
+    built_len = manifest["seq_len"]
+    speed = []
+    with tempfile.TemporaryDirectory() as cache:
+        cases = [
+            ("packed shards", built_len, lambda: PackedDataset(data)),
+            ("store, build's mix", built_len, lambda: MixedDataset(data, MixConfig(), cache_dir=cache)),
+        ]
+        cases += [("store, new mix", n, lambda n=n: MixedDataset(data, MixConfig(ratios=new_ratios, seq_len=n),
+                                                                 cache_dir=cache)) for n in args.seq_lens]  # fmt: skip
+        for name, seq_len, open_dataset in cases:
+            batch = max(1, args.batch_tokens // seq_len)
+            speed.append({"source": name, "seq_len": seq_len, "batch": batch,
+                          "tokens_per_s": tokens_per_second(open_dataset(), batch)})  # fmt: skip
+    print(f"{'source':20s} {'seq_len':>7s} {'batch':>6s} {'M tokens/s':>10s}")
+    for r in speed:
+        print(f"{r['source']:20s} {r['seq_len']:7d} {r['batch']:6d} {r['tokens_per_s'] / 1e6:10.2f}")
+    memory = []
+    batch = max(1, args.batch_tokens // built_len)
     with tempfile.TemporaryDirectory() as tmp:
-        bigger = corpus_times(data, 4, Path(tmp))
-        _, mib = opened_mib(lambda: MixedDataset(bigger, MixConfig(ratios=new_ratios)))
-        tokens = sum(e["tokens"] for e in read_manifest(bigger)["store"]["splits"]["train"])
-        rows.append({"source": "store 4x corpus, new mix", "seq_len": manifest["seq_len"], "opened_mib": mib,
-                     "tokens_per_s": None, "store_tokens": tokens})  # fmt: skip
-        shutil.rmtree(bigger)
-    print(f"{'source':26s} {'seq_len':>7s} {'M tokens/s':>10s} {'opened MiB':>10s}")
-    for r in rows:
-        speed = f"{r['tokens_per_s'] / 1e6:10.2f}" if r["tokens_per_s"] else f"{'-':>10s}"
-        print(f"{r['source']:26s} {r['seq_len']:7d} {speed} {r['opened_mib']:10.1f}")
-    record = {"data": str(data), "batch": args.batch, "peak_rss_bytes": peak_rss_bytes(), "rows": rows}
+        corpora = {f"{k}x": tiled(data, k, Path(tmp) / f"data-{k}x") for k in args.copies}
+        for size, where in corpora.items():
+            cache = str(Path(tmp) / f"cache-{size}")
+            documents = sum(e["documents"] for e in read_manifest(where)["store"]["splits"]["train"])
+            for kind, name in (("packed", "packed shards"), ("store", "store, index made"),
+                               ("store", "store, index cached")):  # fmt: skip
+                row = in_fresh_process(kind, str(where), new_ratios, cache, batch)
+                memory.append({"corpus": size, "documents": documents, "source": name, **row})
+    print(f"\n{'corpus':6s} {'documents':>9s} {'opened + 50 batches':22s} {'heap MiB':>8s} {'mapped MiB':>10s}")
+    for r in memory:
+        print(f"{r['corpus']:6s} {r['documents']:9d} {r['source']:22s} {r['anon_mib']:8.1f} {r['file_mib']:10.1f}")
+    record = {"data": str(data), "batch_tokens": args.batch_tokens, "cpus": os.cpu_count(), "speed": speed,
+              "memory": memory, "peak_rss_bytes": peak_rss_bytes()}  # fmt: skip
     if args.s3:
-        record["s3"] = s3_rows(data, args.batch)
+        record["s3"] = s3_rows(data, max(1, args.batch_tokens // built_len))
         header = f"{'seconds':>8s} {'M tokens/s':>10s} {'slower than disk':>16s}"
         print(f"\n{'store over S3 (moto, localhost)':32s} {header}")
         for r in record["s3"]:

@@ -11,8 +11,11 @@ Validation sequences are each family's held-out documents, one stream per family
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -69,32 +72,35 @@ class MixConfig:
 
 
 class _Documents:
-    """A split of the token store: per document its family, token count, part and first token's
-    position in that part (the parts' tokens stay memory-mapped)."""
+    """A split of the token store: its parts' tokens (memory-mapped) and per document its family,
+    part and first token's position in that part."""
 
-    def __init__(self, data_dir: Path, entries: list[dict], verify: bool):
-        parts = [open_part(data_dir, e, verify) for e in entries]
-        self.tokens = [p["tokens"] for p in parts]
+    def __init__(self, tokens: list[np.ndarray], family: np.ndarray, part: np.ndarray, start: np.ndarray):
+        self.tokens, self.family, self.part, self.start = tokens, family, part, start
 
-        def joined(arrays) -> np.ndarray:
-            return np.concatenate([a.astype(np.int64) for a in arrays]) if parts else np.zeros(0, np.int64)
 
-        self.family = joined(p["family"] for p in parts)
-        self.length = joined(np.diff(p["offsets"]) for p in parts)
-        self.part = joined(np.full(len(p["family"]), k) for k, p in enumerate(parts))
-        self.start = joined(p["offsets"][:-1] for p in parts)
+def document_table(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per document of the parts, in order: family, length (tokens, EOS excluded), part, start."""
+
+    def joined(arrays) -> np.ndarray:
+        return np.concatenate([a.astype(np.int64) for a in arrays]) if parts else np.zeros(0, np.int64)
+
+    return {
+        "family": joined(p["family"] for p in parts),
+        "length": joined(np.diff(p["offsets"]) for p in parts),
+        "part": joined(np.full(len(p["family"]), k) for k, p in enumerate(parts)),
+        "start": joined(p["offsets"][:-1] for p in parts),
+    }
 
 
 class _Stream:
-    """Documents laid end to end, each closed by EOS (`keep` >= 0: only its first `keep` tokens), cut
-    into rows of `seq_len` tokens, the last one padded: `pack_concat_shard`'s rows, assembled for
-    any set of rows by array operations over the memory-mapped parts."""
+    """Documents laid end to end, each closed by EOS, cut into rows of `seq_len` tokens, the last one
+    padded: `pack_concat_shard`'s rows, assembled for any set of rows from the memory-mapped parts.
+    `sizes` are the documents' tokens in the stream (EOS included), `ends` their running sum."""
 
-    def __init__(self, docs: np.ndarray, keep: np.ndarray, store: _Documents, seq_len: int):
-        self.docs, self.store, self.seq_len = docs, store, seq_len
-        self.sizes = np.where(keep < 0, store.length[docs], keep) + 1
-        self.ends = np.cumsum(self.sizes)
-        self.total = int(self.ends[-1]) if len(self.sizes) else 0
+    def __init__(self, docs: np.ndarray, sizes: np.ndarray, ends: np.ndarray, store: _Documents, seq_len: int):
+        self.docs, self.sizes, self.ends, self.store, self.seq_len = docs, sizes, ends, store, seq_len
+        self.total = int(ends[-1]) if len(ends) else 0
         self.rows = -(-self.total // seq_len)
 
     def sequences(self, rows: np.ndarray, eos: int, pad: int) -> PackedSequences:
@@ -144,12 +150,18 @@ class _Stream:
 
 class MixedDataset:
     """The sequences of one split, mixed and packed from the token store; the interface of
-    `loader.PackedDataset` (length, `get`, `manifest`, `families`, `fingerprint`)."""
+    `loader.PackedDataset` (length, `get`, `manifest`, `families`, `fingerprint`).
+
+    With `cache_dir`, the split's index (which documents, in which order, where each one's tokens
+    are: O(documents) arrays) is made once per store and mix, by the first process to open it, and
+    memory-mapped by every process after, as Megatron caches its dataset indices: a process's
+    resident memory then does not grow with the corpus, and the parts' checksums are read once,
+    when the index is made (later opens check each part's size)."""
 
     has_loss_mask = False
 
     def __init__(self, data_dir: str | Path, mix: MixConfig, split: str = "train", tokenizer_hash: str | None = None,
-                 verify_checksums: bool = True):  # fmt: skip
+                 verify_checksums: bool = True, cache_dir: str | Path | None = None):  # fmt: skip
         self.data_dir = Path(data_dir)
         built = read_manifest(self.data_dir)
         if tokenizer_hash is not None and built["tokenizer_hash"] != tokenizer_hash:
@@ -166,31 +178,56 @@ class MixedDataset:
         self.mix = mix.resolved(built["config"])
         self.families: list[str] = built["families"]
         self.eos, self.pad = built["eos_id"], built["pad_id"]
-        documents = _Documents(self.data_dir, store["splits"][split], verify_checksums)
-        self.warnings: list[str] = []
-        if split == "train":
-            self.streams = [self._draw(documents)]
-        else:  # one stream per family, its held-out documents in store order
-            self.streams = [
-                _Stream(np.flatnonzero(documents.family == f), np.full(int((documents.family == f).sum()), -1),
-                        documents, self.mix.seq_len)
-                for f in range(len(self.families)) if (documents.family == f).any()
-            ]  # fmt: skip
+        self.split, entries = split, store["splits"][split]
+        digests = "".join(e["sha256"] for e in entries)
+        mixture = json.dumps(asdict(self.mix), sort_keys=True, default=str)
+        self.fingerprint = hashlib.sha256((digests + mixture).encode()).hexdigest()[:16]
+        if cache_dir is None:
+            parts = [open_part(self.data_dir, e, verify_checksums) for e in entries]
+            arrays, meta = self._make_index(parts)
+        else:
+            folder = Path(cache_dir).expanduser() / "index" / f"{split}-{self.fingerprint}"
+            parts, arrays, meta = self._cached_index(folder, entries, verify_checksums)
+        documents = _Documents([p["tokens"] for p in parts], arrays["family"], arrays["part"], arrays["start"])
+        self.streams = [
+            _Stream(arrays[f"stream{i}.docs"], arrays[f"stream{i}.sizes"], arrays[f"stream{i}.ends"], documents,
+                    self.mix.seq_len)
+            for i in range(meta["streams"])
+        ]  # fmt: skip
+        self.warnings: list[str] = meta["warnings"]
         self._row_ends = np.cumsum([s.rows for s in self.streams])
         self.manifest = {**built, "seq_len": self.mix.seq_len}
         if split == "train":  # the build's per-family sizes, with this draw's shares (none for a family left out)
             undrawn = {"ratio": 0.0, "share": 0.0, "tokens": 0, "documents": 0, "epochs": 0.0}
             self.manifest["family_stats"] = {
-                f: {**stats, **self._family_stats.get(f, undrawn)} for f, stats in built["family_stats"].items()
+                f: {**stats, **meta["family_stats"].get(f, undrawn)} for f, stats in built["family_stats"].items()
             }
-        digests = "".join(e["sha256"] for e in store["splits"][split])
-        mixture = json.dumps(asdict(self.mix), sort_keys=True, default=str)
-        self.fingerprint = hashlib.sha256((digests + mixture).encode()).hexdigest()[:16]
 
-    def _draw(self, documents: _Documents) -> _Stream:
-        """The build's draw (`mixing.mix_documents`) over the store's training documents."""
-        by_family = {f: np.flatnonzero(documents.family == i) for i, f in enumerate(self.families)}
-        lengths = {f: documents.length[docs] for f, docs in by_family.items()}
+    def _make_index(self, parts: list[dict]) -> tuple[dict[str, np.ndarray], dict]:
+        """The split's index arrays: per document family, part and start; per stream (train: the
+        drawn mixture; valid: each family's held-out documents in store order) its documents, their
+        sizes in the stream and the running end."""
+        table = document_table(parts)
+        meta: dict = {"family_stats": {}, "warnings": []}
+        if self.split == "train":
+            streams = [self._draw(table, meta)]
+        else:
+            streams = [
+                (docs, table["length"][docs] + 1)
+                for docs in (np.flatnonzero(table["family"] == f) for f in range(len(self.families)))
+                if len(docs)
+            ]
+        arrays = {name: table[name] for name in ("family", "part", "start")}
+        for i, (docs, sizes) in enumerate(streams):
+            arrays.update({f"stream{i}.docs": docs, f"stream{i}.sizes": sizes, f"stream{i}.ends": np.cumsum(sizes)})
+        meta["streams"] = len(streams)
+        return arrays, meta
+
+    def _draw(self, table: dict[str, np.ndarray], meta: dict) -> tuple[np.ndarray, np.ndarray]:
+        """The build's draw (`mixing.mix_documents`) over the store's training documents: the
+        documents in training order, and each one's tokens in the stream (a cut one's kept tokens)."""
+        by_family = {f: np.flatnonzero(table["family"] == i) for i, f in enumerate(self.families)}
+        lengths = {f: table["length"][docs] for f, docs in by_family.items()}
         m = self.mix
         mixture = mix_documents(lengths, m.ratios, m.temperature, m.total_tokens, m.seed, m.max_epochs,
                                 key="data.mix.ratios", where=str(self.data_dir))  # fmt: skip
@@ -199,9 +236,35 @@ class MixedDataset:
         for position, family in enumerate(mixture.families):
             mine = rows[:, 0] == position
             docs[mine] = by_family[family][rows[mine, 1]]
-        self._family_stats = draw_summary(mixture.draws)
-        self.warnings = mixture.warnings
-        return _Stream(docs, rows[:, 2], documents, self.mix.seq_len)
+        meta["family_stats"], meta["warnings"] = draw_summary(mixture.draws), mixture.warnings
+        return docs, np.where(rows[:, 2] < 0, table["length"][docs], rows[:, 2]) + 1
+
+    def _cached_index(self, folder: Path, entries: list[dict], verify: bool):
+        """The index in `folder`, made there first if absent (one process per cache at a time: the
+        others wait, then map what it wrote; a folder appears whole, by rename)."""
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with open(folder.parent / f"{folder.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            made = not (folder / "meta.json").is_file()
+            if not made:  # the checksums were read when the index was made; here, that no part was replaced
+                for entry in entries:
+                    path = self.data_dir / entry["file"]
+                    if path.is_file() and path.stat().st_size != entry["bytes"]:
+                        raise ValueError(f"token store part {path} is {path.stat().st_size} bytes, the manifest says "
+                                         f"{entry['bytes']}: it changed since {folder} was made")  # fmt: skip
+            parts = [open_part(self.data_dir, e, verify and made) for e in entries]
+            if made:
+                arrays, meta = self._make_index(parts)
+                tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                for name, array in arrays.items():
+                    np.save(tmp / f"{name}.npy", array)
+                (tmp / "meta.json").write_text(json.dumps(meta))
+                os.replace(tmp, folder)
+        meta = json.loads((folder / "meta.json").read_text())
+        arrays = {f.stem: np.load(f, mmap_mode="r") for f in folder.glob("*.npy")}
+        return parts, arrays, meta
 
     def __len__(self) -> int:
         return int(self._row_ends[-1]) if len(self._row_ends) else 0

@@ -101,7 +101,11 @@ def test_a_mixed_sequence_longer_than_the_model_is_refused(small_dataset, tmp_pa
 def test_training_from_the_store_records_the_mixture(small_dataset, tmp_path):
     mix = MixConfig(ratios={"germanic": 0.6, "synthetic": 0.4}, total_tokens=8_000)
     base = small_config(small_dataset, tmp_path)
-    config = dataclasses.replace(base, steps=2, data=DataConfig(path=str(small_dataset), global_batch_size=8, mix=mix))
+    config = dataclasses.replace(
+        base,
+        steps=2,
+        data=DataConfig(path=str(small_dataset), global_batch_size=8, mix=mix, cache_dir=str(tmp_path / "cache")),
+    )
     trainer = trainer_for(config)
     history = trainer.fit()
     assert len(history) >= 2 and np.isfinite(history[-1]["loss"])
@@ -127,3 +131,30 @@ def test_data_parallel_ranks_share_out_the_same_global_batches(small_dataset):
             parts = [DataLoader(mixed, 8, dp_rank=r, dp_size=dp, seed=4).batch_at(step).tokens for r in range(dp)]
             got = torch.cat(parts)
             assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, want.tolist())), (step, dp)
+
+
+@pytest.mark.parametrize("split", ["train", "valid"])
+def test_the_cached_index_is_mapped_and_gives_the_same_rows(small_dataset, tmp_path, split):
+    """The index made once per store and mix and memory-mapped after: the same sequences, no
+    O(documents) array in the process, and a part replaced since then is refused by name."""
+    mix = MixConfig(ratios={"germanic": 1, "code": 2}, total_tokens=12_000, seq_len=40)
+    plain = MixedDataset(small_dataset, mix, split)
+    made = MixedDataset(small_dataset, mix, split, cache_dir=tmp_path)
+    mapped = MixedDataset(small_dataset, mix, split, cache_dir=tmp_path)
+    rows = np.arange(len(plain))
+    for dataset in (made, mapped):
+        assert len(dataset) == len(plain) and dataset.fingerprint == plain.fingerprint
+        assert bool((dataset.get(rows).tokens == plain.get(rows).tokens).all())
+        assert dataset.manifest["family_stats"] == plain.manifest["family_stats"]
+        assert dataset.warnings == plain.warnings
+    assert all(isinstance(s.docs, np.memmap) and isinstance(s.ends, np.memmap) for s in mapped.streams)
+    assert len(list((tmp_path / "index").glob(f"{split}-*"))) == 2  # the index and its lock
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(small_dataset, copy)
+    MixedDataset(copy, mix, split, cache_dir=tmp_path)  # the same store elsewhere: the same index
+    part = sorted((copy / "store" / split).glob("*.arrow"))[0]
+    part.write_bytes(part.read_bytes() + b"extra")
+    with pytest.raises(ValueError, match=rf"{part}.* the manifest says .*changed since .*index"):
+        MixedDataset(copy, mix, split, cache_dir=tmp_path)

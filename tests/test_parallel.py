@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,7 +71,9 @@ def small_config(
             fsdp_unit=fsdp_unit,
             vocab_over_dp=vocab_over_dp,
         ),
-        data=DataConfig(path=str(data_path), global_batch_size=global_batch_size),
+        data=DataConfig(
+            path=str(data_path), global_batch_size=global_batch_size, cache_dir=str(Path(out_dir) / "cache")
+        ),
         checkpoint=CheckpointConfig(resume="none"),
     )
 

@@ -43,7 +43,7 @@ def open_split(
     mixed and packed here."""
     if config.data.mix is None:
         return PackedDataset(data_dir, split, tokenizer_hash=expected_tokenizer)
-    return MixedDataset(data_dir, config.data.mix, split, tokenizer_hash=expected_tokenizer)
+    return MixedDataset(data_dir, config.data.mix, split, expected_tokenizer, cache_dir=config.data.cache_dir)
 
 
 def open_train_split(config: TrainConfig) -> PackedDataset | MixedDataset:
