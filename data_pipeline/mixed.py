@@ -11,6 +11,7 @@ Validation sequences are each family's held-out documents, one stream per family
 
 from __future__ import annotations
 
+import difflib
 import fcntl
 import hashlib
 import json
@@ -22,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from common.config import ConfigError, check_fields
+from data_pipeline.build_config import PACKINGS
 from data_pipeline.loader import Batch, batch_of
 from data_pipeline.mixing import draw_summary, mix_documents
-from data_pipeline.packing import PackedSequences
+from data_pipeline.packing import PackedSequences, best_fit_bins
 from data_pipeline.shards import read_manifest
 from data_pipeline.store import open_part
 
@@ -38,7 +40,7 @@ class MixConfig:
     total_tokens: int | None = None  # training tokens drawn; 0: every token once
     max_epochs: float | None = None  # no family repeated more often (its share then falls short)
     seq_len: int | None = None
-    packing: str | None = None  # concat (the loader packs concat only, for now)
+    packing: str | None = None  # concat (documents cut at row ends) | best_fit (whole documents, rows padded)
     seed: int | None = None
 
     def __post_init__(self):
@@ -56,11 +58,11 @@ class MixConfig:
                if getattr(self, k) is None},
         )  # fmt: skip
         out.ratios = out.ratios or {}
-        if out.packing != "concat":
+        if out.packing not in PACKINGS:
+            near = difflib.get_close_matches(str(out.packing), PACKINGS, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
             raise ConfigError(
-                f"data.mix.packing: the loader packs 'concat' only, got {out.packing!r} (the build's, unless set); "
-                "set data.mix.packing=concat",
-                "data.mix.packing",
+                f"data.mix.packing: {out.packing!r} is not one of {list(PACKINGS)}{hint}", "data.mix.packing"
             )
         if out.total_tokens == 0 and (out.ratios or out.temperature is not None):
             raise ConfigError(
@@ -93,6 +95,36 @@ def document_table(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     }
 
 
+def _assemble(store: _Documents, gid, begin, end, closes, local_doc, real: list[int], seq_len: int, eos: int,
+              pad: int) -> PackedSequences:  # fmt: skip
+    """Rows from segments, in row order: segment i is tokens [begin[i], end[i]) of document gid[i]'s
+    part, then its EOS if `closes[i]`, numbered `local_doc[i]` in its row; row r holds real[r] tokens,
+    then padding. Each segment is one slice copy: the cost per token is a copy, not an index."""
+    eos_piece = np.array([eos], store.tokens[0].dtype if store.tokens else np.int32)
+    pieces = []
+    for k, a, b, c in zip(store.part[gid].tolist(), begin.tolist(), end.tolist(), closes.tolist(), strict=True):
+        pieces.append(store.tokens[k][a:b])
+        if c:
+            pieces.append(eos_piece)
+    length = end - begin + closes
+    values = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+    doc_values = np.repeat(local_doc.astype(np.int32), length)
+    family_values = np.repeat(store.family[gid].astype(np.int16), length)
+    shape = (len(real), seq_len)
+    tokens = np.full(shape, pad, np.int32)
+    doc_ids, family = np.full(shape, -1, np.int32), np.full(shape, -1, np.int16)
+    if sum(real) == tokens.size:  # no padding
+        tokens[:], doc_ids[:], family[:] = (v.reshape(shape) for v in (values, doc_values, family_values))
+    else:
+        offset = 0
+        for r, n in enumerate(real):
+            tokens[r, :n] = values[offset : offset + n]
+            doc_ids[r, :n] = doc_values[offset : offset + n]
+            family[r, :n] = family_values[offset : offset + n]
+            offset += n
+    return PackedSequences(tokens=tokens, doc_ids=doc_ids, family_ids=family)
+
+
 class _Stream:
     """Documents laid end to end, each closed by EOS, cut into rows of `seq_len` tokens, the last one
     padded: `pack_concat_shard`'s rows, assembled for any set of rows from the memory-mapped parts.
@@ -104,9 +136,8 @@ class _Stream:
         self.rows = -(-self.total // seq_len)
 
     def sequences(self, rows: np.ndarray, eos: int, pad: int) -> PackedSequences:
-        """Rows `rows`: each row's stretch of the stream cut into one segment per document it touches
-        (array operations per segment), then every segment's tokens copied as one slice of its
-        memory-mapped part: the cost per token is a copy, not an index computation."""
+        """Rows `rows`: each row's stretch of the stream cut into one segment per document it
+        touches, by array operations per segment."""
         rows = np.asarray(rows, np.int64)
         starts = rows * self.seq_len
         stops = np.minimum(starts + self.seq_len, self.total)
@@ -117,35 +148,59 @@ class _Stream:
         doc_start = self.ends[doc] - self.sizes[doc]
         low = np.maximum(doc_start, starts[segment_row]) - doc_start  # the segment's offsets in its document,
         high = np.minimum(self.ends[doc], stops[segment_row]) - doc_start  # whose last position is its EOS
-        closes = high == self.sizes[doc]
         gid = self.docs[doc]
         begin = self.store.start[gid] + low
         end = self.store.start[gid] + np.minimum(high, self.sizes[doc] - 1)
-        parts, closing = self.store.part[gid].tolist(), closes.tolist()
-        eos_piece = np.array([eos], self.store.tokens[0].dtype if self.store.tokens else np.int32)
-        pieces = []
-        for k, a, b, c in zip(parts, begin.tolist(), end.tolist(), closing, strict=True):
-            pieces.append(self.store.tokens[k][a:b])
-            if c:
-                pieces.append(eos_piece)
-        length = high - low
-        values = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
-        doc_values = np.repeat((doc - first[segment_row]).astype(np.int32), length)
-        family_values = np.repeat(self.store.family[gid].astype(np.int16), length)
-        shape = (len(rows), self.seq_len)
-        tokens = np.full(shape, pad, np.int32)
-        doc_ids, family = np.full(shape, -1, np.int32), np.full(shape, -1, np.int16)
+        closes = (high == self.sizes[doc]).astype(np.int64)
         real = (stops - starts).tolist()
-        if sum(real) == tokens.size:  # no row reaches the stream's padded end
-            tokens[:], doc_ids[:], family[:] = (v.reshape(shape) for v in (values, doc_values, family_values))
-        else:
-            offset = 0
-            for r, n in enumerate(real):
-                tokens[r, :n] = values[offset : offset + n]
-                doc_ids[r, :n] = doc_values[offset : offset + n]
-                family[r, :n] = family_values[offset : offset + n]
-                offset += n
-        return PackedSequences(tokens=tokens, doc_ids=doc_ids, family_ids=family)
+        return _assemble(self.store, gid, begin, end, closes, doc - first[segment_row], real, self.seq_len, eos, pad)
+
+
+def best_fit_rows(docs: np.ndarray, sizes: np.ndarray, seq_len: int, window: int) -> dict[str, np.ndarray]:
+    """The rows `build_plan.pack_best_fit_train` packs from documents `docs` of `sizes` (EOS
+    included), as segments: best-fit decreasing inside windows of `window` documents, a document
+    longer than a row first cut into row-long pieces (no EOS) and a closing piece. Per segment its
+    document, first token, tokens and whether its EOS follows; per row its segments' end and its
+    tokens."""
+    doc, offset, count, closes, row_ends, real = [], [], [], [], [], []
+    for start in range(0, len(docs), window):
+        pieces = []
+        for d, size in zip(docs[start : start + window].tolist(), sizes[start : start + window].tolist(), strict=True):
+            tokens, at = size - 1, 0
+            while tokens >= seq_len:
+                pieces.append((d, at, seq_len, 0))
+                at, tokens = at + seq_len, tokens - seq_len
+            pieces.append((d, at, tokens, 1))
+        for members in best_fit_bins([n + c for _, _, n, c in pieces], seq_len):
+            for m in members:
+                for column, value in zip((doc, offset, count, closes), pieces[m], strict=True):
+                    column.append(value)
+            row_ends.append(len(doc))
+            real.append(sum(pieces[m][2] + pieces[m][3] for m in members))
+    return {name: np.array(values, np.int64) for name, values in
+            (("doc", doc), ("offset", offset), ("count", count), ("closes", closes), ("row_ends", row_ends),
+             ("real", real))}  # fmt: skip
+
+
+class _Bins:
+    """Rows of whole documents (`best_fit_rows`), each padded, assembled from the memory-mapped parts."""
+
+    def __init__(self, table: dict[str, np.ndarray], store: _Documents, seq_len: int):
+        self.table, self.store, self.seq_len = table, store, seq_len
+        self.rows = len(table["row_ends"])
+
+    def sequences(self, rows: np.ndarray, eos: int, pad: int) -> PackedSequences:
+        t, rows = self.table, np.asarray(rows, np.int64)
+        first = np.where(rows > 0, t["row_ends"][rows - 1], 0)
+        per_row = t["row_ends"][rows] - first
+        segment = np.repeat(first - np.cumsum(per_row) + per_row, per_row) + np.arange(int(per_row.sum()))
+        gid = t["doc"][segment]
+        begin = self.store.start[gid] + t["offset"][segment]
+        local = segment - np.repeat(first, per_row)
+        closes = t["closes"][segment]
+        real = t["real"][rows].tolist()
+        return _assemble(self.store, gid, begin, begin + t["count"][segment], closes, local, real, self.seq_len, eos,
+                         pad)  # fmt: skip
 
 
 class MixedDataset:
@@ -179,6 +234,7 @@ class MixedDataset:
         self.families: list[str] = built["families"]
         self.eos, self.pad = built["eos_id"], built["pad_id"]
         self.split, entries = split, store["splits"][split]
+        self._sequences_per_shard = built["config"]["sequences_per_shard"]
         digests = "".join(e["sha256"] for e in entries)
         mixture = json.dumps(asdict(self.mix), sort_keys=True, default=str)
         self.fingerprint = hashlib.sha256((digests + mixture).encode()).hexdigest()[:16]
@@ -189,11 +245,14 @@ class MixedDataset:
             folder = Path(cache_dir).expanduser() / "index" / f"{split}-{self.fingerprint}"
             parts, arrays, meta = self._cached_index(folder, entries, verify_checksums)
         documents = _Documents([p["tokens"] for p in parts], arrays["family"], arrays["part"], arrays["start"])
-        self.streams = [
+        self.streams: list[_Stream | _Bins] = [
             _Stream(arrays[f"stream{i}.docs"], arrays[f"stream{i}.sizes"], arrays[f"stream{i}.ends"], documents,
                     self.mix.seq_len)
             for i in range(meta["streams"])
         ]  # fmt: skip
+        if meta["bins"]:
+            bins = {name[5:]: values for name, values in arrays.items() if name.startswith("bins.")}
+            self.streams.append(_Bins(bins, documents, self.mix.seq_len))
         self.warnings: list[str] = meta["warnings"]
         self._row_ends = np.cumsum([s.rows for s in self.streams])
         self.manifest = {**built, "seq_len": self.mix.seq_len}
@@ -208,7 +267,15 @@ class MixedDataset:
         drawn mixture; valid: each family's held-out documents in store order) its documents, their
         sizes in the stream and the running end."""
         table = document_table(parts)
-        meta: dict = {"family_stats": {}, "warnings": []}
+        meta: dict = {"family_stats": {}, "warnings": [], "bins": False}
+        arrays = {name: table[name] for name in ("family", "part", "start")}
+        if self.split == "train" and self.mix.packing == "best_fit":
+            docs, sizes = self._draw(table, meta)
+            window = max(1, self._sequences_per_shard * self.mix.seq_len // 64)  # as the build's best fit
+            bins = best_fit_rows(docs, sizes, self.mix.seq_len, window)
+            arrays.update({f"bins.{name}": values for name, values in bins.items()})
+            meta.update(bins=True, streams=0)
+            return arrays, meta
         if self.split == "train":
             streams = [self._draw(table, meta)]
         else:
@@ -217,7 +284,6 @@ class MixedDataset:
                 for docs in (np.flatnonzero(table["family"] == f) for f in range(len(self.families)))
                 if len(docs)
             ]
-        arrays = {name: table[name] for name in ("family", "part", "start")}
         for i, (docs, sizes) in enumerate(streams):
             arrays.update({f"stream{i}.docs": docs, f"stream{i}.sizes": sizes, f"stream{i}.ends": np.cumsum(sizes)})
         meta["streams"] = len(streams)

@@ -12,21 +12,61 @@ import pytest
 import torch
 
 from common.config import ConfigError
+from data_pipeline.build import BuildConfig, TokenizerConfig, build
 from data_pipeline.loader import PackedDataset
 from data_pipeline.mixed import MixConfig, MixedDataset
 from data_pipeline.shards import read_manifest
+from data_pipeline.sources import SourceConfig
+from tests.conftest import SMALL_VOCAB
 from tests.test_parallel import small_config
 from training.config import CheckpointConfig, DataConfig
 from training.objectives import trainer_for
 
 
+@pytest.fixture(scope="module")
+def best_fit_dataset(corpus_dir, tmp_path_factory):
+    """The small dataset built with best-fit packing (whole documents, padded rows)."""
+    out = tmp_path_factory.mktemp("data") / "best_fit"
+    build(BuildConfig(output_dir=str(out), sources=[SourceConfig(paths=[str(corpus_dir / "*.jsonl")])], seq_len=64,
+                      total_tokens=30_000, valid_docs_per_family=5, sequences_per_shard=100, packing="best_fit",
+                      tokenizer=TokenizerConfig(vocab_size=SMALL_VOCAB)))  # fmt: skip
+    return out
+
+
 @pytest.mark.parametrize("split", ["train", "valid"])
-def test_an_unchanged_mix_gives_the_builds_sequences(small_dataset, split):
-    packed, mixed = PackedDataset(small_dataset, split), MixedDataset(small_dataset, MixConfig(), split)
+@pytest.mark.parametrize("built", ["small_dataset", "best_fit_dataset"])
+def test_an_unchanged_mix_gives_the_builds_sequences(request, built, split):
+    """Concat and best-fit alike: the rows the build packed, from the store, with no setting changed."""
+    data = request.getfixturevalue(built)
+    packed, mixed = PackedDataset(data, split), MixedDataset(data, MixConfig(), split)
     assert len(mixed) == len(packed)
     rows = np.arange(len(packed))
     want, got = packed.get(rows), mixed.get(rows)
     for name in ("tokens", "labels", "doc_ids", "family_ids"):
+        assert bool((getattr(got, name) == getattr(want, name)).all()), name
+
+
+def test_best_fit_at_load_time_is_the_builds_packer_on_the_same_draw(small_dataset):
+    """Best fit at another sequence length, from a store built for concat: the rows the build's own
+    packer (`split_long_documents`, `best_fit_bins`, `pack_bins`, in windows) makes of the drawn
+    documents, read token by token from the store."""
+    from data_pipeline.packing import PackedSequences, best_fit_bins, pack_bins, split_long_documents
+
+    mix = MixConfig(ratios={"germanic": 1, "code": 1}, total_tokens=15_000, seq_len=48)
+    drawn = MixedDataset(small_dataset, mix).streams[0]  # concat: the draw's documents and sizes, in order
+    best = MixedDataset(small_dataset, dataclasses.replace(mix, packing="best_fit"))
+    store, window = drawn.store, 500 * 48 // 64  # the build's sequences_per_shard
+    docs = [(int(store.family[d]), store.tokens[store.part[d]][store.start[d] : store.start[d] + n - 1])
+            for d, n in zip(drawn.docs.tolist(), drawn.sizes.tolist(), strict=True)]  # fmt: skip
+    want = []
+    for start in range(0, len(docs), window):
+        pieces = split_long_documents(docs[start : start + window], 48)
+        bins = best_fit_bins([len(p[1]) + p[2] for p in pieces], 48)
+        want.append(pack_bins(pieces, 48, best.eos, best.pad, bins))
+    want = PackedSequences.concatenate(want)
+    got = best.sequences(np.arange(len(best)))
+    assert len(best) == len(want) and (got.doc_ids[:, -1] == -1).any()
+    for name in ("tokens", "doc_ids", "family_ids"):
         assert bool((getattr(got, name) == getattr(want, name)).all()), name
 
 
@@ -66,7 +106,7 @@ def test_ratios_from_the_optimal_mix_file(small_dataset, tmp_path):
             "data.mix.ratios.germanik: .* did you mean 'germanic'",
         ),
         (MixConfig(ratios={"germanic": 1.0}, total_tokens=0), "data.mix.total_tokens: 0"),
-        (MixConfig(packing="best_fit"), "data.mix.packing: the loader packs 'concat' only"),
+        (MixConfig(packing="bestfit"), "data.mix.packing: 'bestfit' is not one of .*did you mean 'best_fit'"),
     ],
 )
 def test_bad_mixes_are_refused(small_dataset, mix, message):
