@@ -134,7 +134,7 @@ def s3_rows(data: Path, batch: int) -> list[dict]:
     fs.put(str(data) + "/", "bench/data/", recursive=True)
     rows = []
     with tempfile.TemporaryDirectory() as cache:
-        from_s3 = lambda: cached_dataset("s3://bench/data", cache, mixed=True)  # noqa: E731
+        from_s3 = lambda: cached_dataset("s3://bench/data", cache)  # noqa: E731
         cases = [("local disk", lambda: data), ("s3, cold cache", from_s3), ("s3, warm cache", from_s3)]
         for name, where in cases:
             seconds, tokens = one_pass_seconds(lambda where=where: MixedDataset(where(), MixConfig()), batch)

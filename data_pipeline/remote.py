@@ -1,8 +1,8 @@
 """Datasets on an object store (`s3://`, `gs://`, ... through fsspec) for training without a shared
 filesystem: every node copies the files its loader reads into a local cache, and reads them there.
 
-The manifest is fetched first; then the tokenizer and the split files the loader needs (the token
-store's parts with `data.mix`, the packed shards without), several at a time, each streamed to a
+The manifest is fetched first; then the tokenizer and the split files the loader reads (the token
+store's parts; for post-training data, its packed rows), several at a time, each streamed to a
 temporary name, checked against the manifest's sha256 and renamed, so the cache never holds a
 partial or stale file. A dropped connection or a file that arrives damaged is fetched again (with
 backoff); a file already cached with the manifest's checksum is not fetched at all. Ranks of one
@@ -29,9 +29,9 @@ VERIFIED = ".verified.json"  # file -> sha256 of what was fetched and checked
 BLOCK = 8 << 20
 
 
-def cached_dataset(path: str, cache_dir: str | Path, mixed: bool, streams: int = 8, tries: int = 5) -> Path:
+def cached_dataset(path: str, cache_dir: str | Path, streams: int = 8, tries: int = 5) -> Path:
     """The local folder holding dataset `path`: `path` itself when local, else its copy under
-    `cache_dir`, made complete for training (`mixed`: from the token store) first."""
+    `cache_dir`, made complete for training first."""
     if not is_url(path):
         return Path(path)
     import fsspec
@@ -44,7 +44,7 @@ def cached_dataset(path: str, cache_dir: str | Path, mixed: bool, streams: int =
         fetch = _Fetcher(fs, root, local, tries)
         fetch.file(MANIFEST, None)
         manifest = json.loads((local / MANIFEST).read_text())
-        wanted = {manifest.get("tokenizer_file", TOKENIZER_FILE): None} | split_files(manifest, mixed, path)
+        wanted = {manifest.get("tokenizer_file", TOKENIZER_FILE): None} | split_files(manifest)
         missing = {f: sha for f, sha in wanted.items() if sha is None or fetch.verified.get(f) != sha}
         with tqdm(total=len(missing), desc=f"fetch {path}", unit="file", disable=not missing) as bar:
             with ThreadPoolExecutor(streams) as pool:
@@ -54,14 +54,10 @@ def cached_dataset(path: str, cache_dir: str | Path, mixed: bool, streams: int =
     return local
 
 
-def split_files(manifest: dict, mixed: bool, where: str) -> dict[str, str]:
-    """file -> sha256 of every file training reads besides the tokenizer."""
-    if mixed:
-        if "store" not in manifest:
-            raise ValueError(f"{where}/{MANIFEST}: no token store (built before stores were written)")
-        splits = manifest["store"]["splits"]
-    else:
-        splits = manifest["splits"]
+def split_files(manifest: dict) -> dict[str, str]:
+    """file -> sha256 of every file training reads besides the tokenizer: the token store's parts,
+    or a dataset without a store (post-training data), its packed rows."""
+    splits = manifest["store"]["splits"] if "store" in manifest else manifest["splits"]
     return {e["file"]: e["sha256"] for entries in splits.values() for e in entries}
 
 

@@ -6,6 +6,8 @@ URL trains on the same batches as one from the local folder."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import socket
 import threading
 
@@ -15,15 +17,16 @@ import pytest
 from data_pipeline.loader import PackedDataset
 from data_pipeline.mixed import MixConfig, MixedDataset
 from data_pipeline.remote import cached_dataset
+from data_pipeline.shards import read_manifest
 from tests.distributed import free_port
 from tests.test_parallel import small_config
 from training.config import DataConfig
 from training.objectives import trainer_for
 
 
-def upload(s3, small_dataset) -> str:
+def upload(s3, data) -> str:
     fs, bucket, _ = s3
-    fs.put(str(small_dataset) + "/", f"{bucket}/ds/", recursive=True)
+    fs.put(str(data) + "/", f"{bucket}/ds/", recursive=True)
     return f"s3://{bucket}/ds"
 
 
@@ -32,23 +35,29 @@ def same_rows(a, b) -> bool:
     return len(a) == len(b) and bool((a.get(rows).tokens == b.get(rows).tokens).all())
 
 
-@pytest.mark.parametrize("mixed", [True, False])
-def test_the_cached_copy_is_the_dataset(s3, small_dataset, tmp_path, mixed):
-    url = upload(s3, small_dataset)
-    local = cached_dataset(url, tmp_path / "cache", mixed=mixed)
-    assert (
-        local != small_dataset
-        and (local / "tokenizer.json").read_bytes() == (small_dataset / "tokenizer.json").read_bytes()
-    )
+@pytest.mark.parametrize("has_store", [True, False])
+def test_the_cached_copy_is_the_dataset(s3, small_dataset, tmp_path, has_store):
+    """A build's token store, or the packed rows of a dataset without one (post-training data), and
+    nothing else: the cached copy reads as the original, and a second open fetches no file again."""
+    data = small_dataset
+    if not has_store:
+        data = tmp_path / "rows"
+        shutil.copytree(small_dataset, data)
+        manifest = read_manifest(data)
+        del manifest["store"]
+        (data / "manifest.json").write_text(json.dumps(manifest))
+    url = upload(s3, data)
+    local = cached_dataset(url, tmp_path / "cache")
+    assert local != data
+    assert (local / "tokenizer.json").read_bytes() == (data / "tokenizer.json").read_bytes()
     for split in ("train", "valid"):
-        want = MixedDataset(small_dataset, MixConfig(), split) if mixed else PackedDataset(small_dataset, split)
-        got = MixedDataset(local, MixConfig(), split) if mixed else PackedDataset(local, split)
+        want = MixedDataset(data, MixConfig(), split) if has_store else PackedDataset(data, split)
+        got = MixedDataset(local, MixConfig(), split) if has_store else PackedDataset(local, split)
         assert same_rows(want, got), split
-    other_format = "train" if mixed else "store"  # only what this loader reads is fetched
-    assert not (local / other_format).exists()
-    part = next((local / ("store" if mixed else "train")).rglob("*.arrow"))
+    assert not (local / ("train" if has_store else "store")).exists(), "only what the loader reads is fetched"
+    part = next((local / ("store" if has_store else "train")).rglob("*.arrow"))
     inode = part.stat().st_ino
-    assert cached_dataset(url, tmp_path / "cache", mixed=mixed) == local
+    assert cached_dataset(url, tmp_path / "cache") == local
     assert part.stat().st_ino == inode, "a cached file with the manifest's checksum is not fetched again"
 
 
@@ -116,7 +125,7 @@ def test_dropped_connections_are_fetched_again(s3, small_dataset, tmp_path, monk
     proxy = DroppingProxy(("127.0.0.1", port), drops=4, after=3000)
     through(monkeypatch, f"http://127.0.0.1:{proxy.port}")
     try:
-        local = cached_dataset(url, tmp_path / "cache", mixed=True, streams=2)
+        local = cached_dataset(url, tmp_path / "cache", streams=2)
     finally:
         proxy.close()
     assert proxy.drops == 0, "every planned drop happened"
@@ -129,7 +138,7 @@ def test_a_damaged_object_is_named_with_its_checksum(s3, small_dataset, tmp_path
     name = sorted(fs.find(f"{bucket}/ds/store/train"))[0]
     fs.pipe(name, fs.cat(name)[:-10] + b"0123456789")
     with pytest.raises(OSError, match=rf"s3://{name}: could not fetch it whole in 2 tries: its sha256 .* differs"):
-        cached_dataset(url, tmp_path / "cache", mixed=True, tries=2)
+        cached_dataset(url, tmp_path / "cache", tries=2)
     assert not list((tmp_path / "cache").rglob("*.tmp")), "no partial file is left in the cache"
 
 

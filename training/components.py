@@ -12,8 +12,9 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.loader import DataLoader, PackedDataset
-from data_pipeline.mixed import MixedDataset
+from data_pipeline.mixed import MixConfig, MixedDataset
 from data_pipeline.remote import cached_dataset
+from data_pipeline.shards import read_manifest
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 from kernels.attention import training_problem
 from training.checkpoint import Checkpointer
@@ -39,16 +40,19 @@ class Data:
 def open_split(
     config: TrainConfig, data_dir: Path, split: str, expected_tokenizer: str
 ) -> PackedDataset | MixedDataset:
-    """A split of the dataset in `data_dir`: its packed shards, or with `data.mix` its token store
-    mixed and packed here."""
-    if config.data.mix is None:
-        return PackedDataset(data_dir, split, tokenizer_hash=expected_tokenizer)
-    return MixedDataset(data_dir, config.data.mix, split, expected_tokenizer, cache_dir=config.data.cache_dir)
+    """A split of the dataset in `data_dir`. A pretraining build is read from its token store, mixed
+    and packed here (`data.mix`; unset: as the build planned); a dataset without a store, as
+    post-training data (SFT rows with loss masks, DPO pairs) or a build from before stores, from its
+    packed rows."""
+    if "store" in read_manifest(data_dir) or config.data.mix is not None:
+        mix = config.data.mix or MixConfig()
+        return MixedDataset(data_dir, mix, split, expected_tokenizer, cache_dir=config.data.cache_dir)
+    return PackedDataset(data_dir, split, tokenizer_hash=expected_tokenizer)
 
 
 def open_train_split(config: TrainConfig) -> PackedDataset | MixedDataset:
     """The training split of `data.path` (an object store's dataset: of this node's cached copy)."""
-    data_dir = cached_dataset(config.data.path, config.data.cache_dir, mixed=config.data.mix is not None)
+    data_dir = cached_dataset(config.data.path, config.data.cache_dir)
     return open_split(config, data_dir, "train", tokenizer_hash(load_tokenizer(data_dir)))
 
 
@@ -123,7 +127,8 @@ def build_trainer(config: TrainConfig, objective: Objective) -> Trainer:
     train = open_train_split(config)
     vocab, seq_len = train.manifest["vocab_size"], train.manifest["seq_len"]
     mc = config.model = resolve_model_config(config.model, config.init_from, vocab, seq_len)
-    where = f"{train.data_dir} (data.mix.seq_len)" if isinstance(train, MixedDataset) else train.data_dir
+    mixed_len = config.data.mix is not None and config.data.mix.seq_len is not None
+    where = f"{train.data_dir} (data.mix.seq_len)" if mixed_len else train.data_dir
     check_fits_dataset(mc, where, vocab, seq_len)
     dims.check_model(mc.n_heads, mc.n_kv_heads, mc.n_layers, mc.vocab_size)
     layout = build_layout(config, dims, torch.device(device_type(), int(os.environ.get("LOCAL_RANK", 0))))

@@ -21,8 +21,8 @@ class DataConfig:
     cache_dir: str = "~/.cache/polyglot-train/datasets"  # where each node keeps its copy of a URL's dataset
     global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel replicas
     seed: int = 0
-    # Mix and pack the build's token store at load time (`data_pipeline.mixed`): ratios, temperature,
-    # total_tokens, max_epochs, seq_len, seed; unset ones as the build. None: the build's packed shards.
+    # How the build's token store is mixed and packed at load time (`data_pipeline.mixed`): ratios,
+    # temperature, total_tokens, max_epochs, seq_len, packing, seed; unset ones (or None) as the build planned.
     mix: MixConfig | None = None
 
     def __post_init__(self):
