@@ -212,9 +212,10 @@ def _only(list_files, names: set[str]):
 
 
 def run_loader(data_dir: str, batch_size: int = 16, steps: int = 200) -> dict:
-    from data_pipeline.loader import DataLoader, PackedDataset
+    from data_pipeline.loader import DataLoader
+    from data_pipeline.mixed import MixConfig, MixedDataset
 
-    loader = DataLoader(PackedDataset(data_dir, "train"), batch_size)
+    loader = DataLoader(MixedDataset(data_dir, MixConfig(), "train"), batch_size)
     loader.batch_at(0)
     start = time.perf_counter()
     for step in range(steps):

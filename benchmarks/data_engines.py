@@ -80,7 +80,7 @@ def run_build(files: list[str], tokenizer: str, out: str, engine: str, workers: 
     manifest = build(config)
     seconds = time.perf_counter() - start
     tokens = sum(lang["tokens"] for lang in manifest["languages"].values())
-    shards = [entry["sha256"] for entry in manifest["splits"]["train"]]
+    shards = [entry["sha256"] for entry in manifest["store"]["splits"]["train"]]  # the token store's parts
     return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, **sampler.stop(),
             "shards": len(shards), "train_sha256": shards}  # fmt: skip
 
@@ -126,7 +126,7 @@ def main() -> None:
         print(f"{r['engine']:<7} {r['workers']:>7} {r['megabytes']:>5} {r['tokens_per_s']:>11,.0f} "
               f"{r['vs_local_1']:>11.2f} {r['driver_peak_mib']:>10.0f} {r['worker_peak_mib']:>10.0f} "
               f"{r['processes']:>9}")  # fmt: skip
-    print(f"\nsame shards from every engine and worker count: {identical}")
+    print(f"\nsame token-store parts from every engine and worker count: {identical}")
     print(
         f"Ray driver peak, {ray_full['megabytes']} MB / {ray_quarter['megabytes']} MB: {driver_growth:.2f} (flat ~ 1)"
     )

@@ -179,22 +179,24 @@ def _run_passes(config, units, out, staging, engine, progress, tokenizer_file, t
     manifest = {
         **manifest_header(tokenizer, config.seq_len, summary["families"]),
         "family_stats": summary["family_stats"],
-        "padding_tokens": {"train": train_padding, "valid": summary["valid"]["padding"]},
-        "packing": {
-            "strategy": config.packing,
-            "padding_fraction": round(train_padding / max(1, train_slots), 6),
-            "truncated_docs": 0,  # best_fit splits long documents; concat cuts at sequence ends
-            "split_docs": summary["split_docs"],  # best_fit: documents longer than a sequence, packed as pieces
-        },
         "languages": summary["languages"],
         "tokenizer_sample": sample and sample["languages"],
         "warnings": warnings,
         "duplicates_removed": summary["duplicates"],
         "near_duplicates_removed": summary["near_duplicates"],
-        "splits": {"train": train_entries, "valid": summary["valid"]["entries"]},
+        "splits": {},  # packed shards: only with `shards: true`
         "store": store,
         "config": output_config(config),
     }
+    if config.shards:
+        manifest["splits"] = {"train": train_entries, "valid": summary["valid"]["entries"]}
+        manifest["padding_tokens"] = {"train": train_padding, "valid": summary["valid"]["padding"]}
+        manifest["packing"] = {
+            "strategy": config.packing,
+            "padding_fraction": round(train_padding / max(1, train_slots), 6),
+            "truncated_docs": 0,  # best_fit splits long documents; concat cuts at sequence ends
+            "split_docs": summary["split_docs"],  # best_fit: documents longer than a sequence, packed as pieces
+        }
     for folder in ("tokenized", "dedup", "plan"):
         shutil.rmtree(staging / folder)
     (staging / "progress.json").unlink()

@@ -55,7 +55,10 @@ class BuildConfig:
     dedup: bool = True  # drop exact duplicate documents (by content hash)
     near_dedup: NearDedupConfig | None = None
     packing: str = "concat"  # concat (cut documents at sequence ends, no padding) | best_fit (whole documents)
-    valid_docs_per_family: int = 20  # held out before mixing, packed into per-family `valid` shards
+    valid_docs_per_family: int = 20  # held out before mixing (the store's `valid` split)
+    # Also write the plan packed, as Arrow shards of `sequences_per_shard` rows (train, and valid per
+    # family), for tools that read packed rows. Training reads the token store (`store/`) either way.
+    shards: bool = False
     sequences_per_shard: int = 1024
     families_file: str | None = None
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)

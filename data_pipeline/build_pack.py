@@ -35,7 +35,7 @@ def write_concat_shard(staging: str, unit_files: tuple[str, ...], index: int, sh
 def write_train_shards(config, summary: dict, unit_files, staging: Path, engine, progress: dict, eos, pad):
     """Concat train shards, packed and written by the engine's workers as the plan says; a shard in
     `progress.json` is not written again. Returns their entries and padding."""
-    if "train" in summary:  # best fit: written by the planning unit
+    if "train" in summary:  # best fit: written by the planning unit (or no shards at all)
         return summary["train"]["entries"], summary["train"]["padding"]
     count = summary["train_shards"]
     done = progress.setdefault("train_shards", {})

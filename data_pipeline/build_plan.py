@@ -1,4 +1,5 @@
-"""Pass 3 of the build, plan (one unit): the mixture drawn by family ratios from the selection, the
+"""Pass 3 of the build, plan (one unit): the kept documents and where each goes in the token store,
+the mixture drawn by family ratios from the selection, and with `shards: true` the packed plan: the
 concat shard plan (which documents each train shard holds, packed later by many workers) or the
 best-fit train shards themselves, and the validation shards."""
 
@@ -113,8 +114,8 @@ def pack_best_fit_train(config, refs: np.ndarray, store: TokenStore, label, eos,
 def plan_build(config: BuildConfig, unit_files: list[str], staging: str, eos: int, pad: int) -> dict:
     """The build's one sequential unit, run by the engine (on Ray a worker, not the driver; the local
     engine runs a lone unit in its own process): the kept documents per family, validation held out,
-    the mixture, then for concat the shard plan (each shard's documents, packed later by many
-    workers), for best_fit the train shards themselves, and the validation shards. Writes
+    where each goes in the token store, the mixture's per-family draw (the manifest's family_stats;
+    the loader draws the same one), and with `shards: true` the packed shards' plan. Writes
     `plan/summary.json` (what the manifest needs) and returns it."""
     staging_dir, files = Path(staging), [Path(f) for f in unit_files]
     plan_dir = staging_dir / "plan"
@@ -123,31 +124,15 @@ def plan_build(config: BuildConfig, unit_files: list[str], staging: str, eos: in
     families = sorted(set(selection.train) | set(selection.valid))
     mixture = mix_documents(selection.train_lengths, config.ratios, config.temperature, config.total_tokens,
                             config.seed, config.max_epochs)  # fmt: skip
-    refs, sizes = mixture_refs(selection, mixture.rows, mixture.families)
-    label = FamilyLabels.of(selection.languages, families)
     store = TokenStore(files)
     summary: dict = {"families": families, "languages": selection.languages, "split_docs": 0}
     refs_for_store = store_refs(selection, families)
     _save_array(plan_dir / "store_refs.npy", refs_for_store)
     summary["store_slices"] = store_slices(refs_for_store, len(files))
-    if config.packing == "concat":
-        _save_array(plan_dir / "train_refs.npy", refs)
-        plan = np.array(concat_shard_plan(sizes, config.seq_len, config.sequences_per_shard), np.int64)
-        _save_array(plan_dir / "train_plan.npy", plan.reshape(-1, 3))
-        summary["train_shards"] = len(plan)
-    else:
-        writer = ShardWriter(staging_dir, "train")
-        summary["split_docs"] = pack_best_fit_train(config, refs, store, label, eos, pad, writer)
-        summary["train"] = {"entries": writer.entries, "padding": writer.padding}
-    valid_entries, valid_padding = [], 0
-    for family in families:  # one set of validation shards per family
-        docs = [(lang, store.get(u, r)) for u, r, lang in selection.valid[family]]
-        if not docs:
-            continue
-        writer = ShardWriter(staging_dir, "valid", family)
-        writer.write_all(label(pack_documents(docs, config.seq_len, eos, pad)), config.sequences_per_shard)
-        valid_entries += writer.entries
-        valid_padding += writer.padding
+    summary["valid"] = {"entries": [], "padding": 0}
+    summary["train"] = {"entries": [], "padding": 0}
+    if config.shards:
+        plan_shards(config, selection, mixture, store, families, staging_dir, eos, pad, summary)
     summary["family_stats"] = {
         family: {
             **stats,
@@ -158,13 +143,40 @@ def plan_build(config: BuildConfig, unit_files: list[str], staging: str, eos: in
         for family, stats in draw_summary(mixture.draws).items()
     }
     summary.update(
-        valid={"entries": valid_entries, "padding": valid_padding},
         warnings=mixture.warnings + selection_warnings(config, selection),
         duplicates=selection.duplicates,
         near_duplicates=selection.near_duplicates,
     )
     atomic_write_text(plan_dir / "summary.json", json.dumps(summary))
     return summary
+
+
+def plan_shards(config, selection: Selection, mixture, store: TokenStore, families, staging_dir: Path, eos: int,
+                pad: int, summary: dict) -> None:  # fmt: skip
+    """With `shards: true`, the plan packed: for concat the train shard plan (each shard's documents,
+    packed later by many workers), for best_fit the train shards themselves, and the validation
+    shards, one set per family. Fills `summary`'s train and valid entries."""
+    refs, sizes = mixture_refs(selection, mixture.rows, mixture.families)
+    label = FamilyLabels.of(selection.languages, families)
+    plan_dir = staging_dir / "plan"
+    if config.packing == "concat":
+        _save_array(plan_dir / "train_refs.npy", refs)
+        plan = np.array(concat_shard_plan(sizes, config.seq_len, config.sequences_per_shard), np.int64)
+        _save_array(plan_dir / "train_plan.npy", plan.reshape(-1, 3))
+        summary["train_shards"] = len(plan)
+        del summary["train"]  # written by `build_pack.write_train_shards`
+    else:
+        writer = ShardWriter(staging_dir, "train")
+        summary["split_docs"] = pack_best_fit_train(config, refs, store, label, eos, pad, writer)
+        summary["train"] = {"entries": writer.entries, "padding": writer.padding}
+    for family in families:
+        docs = [(lang, store.get(u, r)) for u, r, lang in selection.valid[family]]
+        if not docs:
+            continue
+        writer = ShardWriter(staging_dir, "valid", family)
+        writer.write_all(label(pack_documents(docs, config.seq_len, eos, pad)), config.sequences_per_shard)
+        summary["valid"]["entries"] += writer.entries
+        summary["valid"]["padding"] += writer.padding
 
 
 def store_refs(selection: Selection, families: list[str]) -> np.ndarray:

@@ -60,6 +60,11 @@ class PackedDataset:
             raise ValueError(
                 f"{where}: shards were tokenized with tokenizer {self.manifest['tokenizer_hash']}, not {tokenizer_hash}"
             )
+        if split not in self.manifest["splits"] and "store" in self.manifest:
+            raise ValueError(
+                f"{where}: no packed shards (the build's `shards` setting was off); its token store is read "
+                "with `data_pipeline.mixed.MixedDataset`, as training reads it"
+            )
         if split not in self.manifest["splits"]:
             raise ValueError(f"{where}: no split {split!r} (have {sorted(self.manifest['splits'])})")
         self._shards = [open_shard(self.data_dir, e, verify_checksums) for e in self.manifest["splits"][split]]

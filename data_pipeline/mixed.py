@@ -322,12 +322,20 @@ class MixedDataset:
             if made:
                 arrays, meta = self._make_index(parts)
                 tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir()
-                for name, array in arrays.items():
-                    np.save(tmp / f"{name}.npy", array)
-                (tmp / "meta.json").write_text(json.dumps(meta))
-                os.replace(tmp, folder)
+                try:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp.mkdir()
+                    for name, array in arrays.items():
+                        np.save(tmp / f"{name}.npy", array)
+                    (tmp / "meta.json").write_text(json.dumps(meta))
+                    os.replace(tmp, folder)
+                except OSError as err:  # a full or read-only cache: this process keeps the index in memory
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    note = (
+                        f"could not cache the data index in {folder.parent} ({err}); it stays in this process's memory"
+                    )
+                    meta = {**meta, "warnings": [*meta["warnings"], note]}
+                    return parts, arrays, meta
         meta = json.loads((folder / "meta.json").read_text())
         arrays = {f.stem: np.load(f, mmap_mode="r") for f in folder.glob("*.npy")}
         return parts, arrays, meta

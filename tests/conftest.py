@@ -28,7 +28,7 @@ def corpus_dir(tmp_path_factory):
 
 
 def build_corpus(corpus_dir, out, seq_len: int, total_tokens: int):
-    """The bundled corpus built with a 512-token vocabulary at `seq_len`."""
+    """The bundled corpus built with a 512-token vocabulary at `seq_len`, packed shards included."""
     build(
         BuildConfig(
             output_dir=str(out),
@@ -37,6 +37,7 @@ def build_corpus(corpus_dir, out, seq_len: int, total_tokens: int):
             total_tokens=total_tokens,
             valid_docs_per_family=5,
             sequences_per_shard=500,
+            shards=True,  # the packed rows the loader's store mixing is held to
             tokenizer=TokenizerConfig(vocab_size=SMALL_VOCAB),
         )
     )

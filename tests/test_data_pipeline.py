@@ -19,6 +19,7 @@ from data_pipeline.__main__ import main as cli
 from data_pipeline.build import BuildConfig, NearDedupConfig, TokenizerConfig, build
 from data_pipeline.languages import family_of, language_table
 from data_pipeline.loader import PackedDataset
+from data_pipeline.mixed import MixConfig, MixedDataset
 from data_pipeline.shards import read_manifest
 from data_pipeline.sources import SourceConfig
 from data_pipeline.synthetic.math_problems import generate_problems, verify_solution
@@ -50,7 +51,7 @@ def test_build_reads_each_format(tmp_path, fmt):
             w.write_table(pa.Table.from_pylist(RECORDS))
     manifest = build(small_build(tmp_path, [str(path)]))
     assert manifest["families"] == ["germanic", "romance", "slavic"]
-    assert len(PackedDataset(tmp_path / "out", "train")) > 0
+    assert len(MixedDataset(tmp_path / "out", MixConfig())) > 0
 
 
 def test_default_corpus_covers_families_and_scripts(corpus_dir):
@@ -176,7 +177,7 @@ def test_one_build_per_output_folder_and_no_stale_lock_after_a_kill(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    assert build(config)["splits"]["train"], "a killed holder leaves no stale lock"
+    assert build(config)["store"]["splits"]["train"], "a killed holder leaves no stale lock"
 
 
 @pytest.mark.parametrize("near_dedup", [False, True], ids=["exact-dedup", "near-dedup"])
@@ -292,8 +293,10 @@ def test_temperature_sampling_flattens_the_mixture():
 
 
 def shard_hashes(out) -> dict[str, str]:
+    """Every data file of a build (store parts, and packed shards if written) by its checksum."""
     manifest = read_manifest(out)
-    return {e["file"]: e["sha256"] for split in manifest["splits"].values() for e in split}
+    splits = [*manifest["splits"].values(), *manifest["store"]["splits"].values()]
+    return {e["file"]: e["sha256"] for split in splits for e in split}
 
 
 def write_jsonl_files(tmp_path, count=4) -> list[str]:
@@ -317,8 +320,8 @@ def test_interrupted_build_resumes_and_matches_an_uninterrupted_one(tmp_path, mo
     from data_pipeline import build_pack
 
     paths = write_jsonl_files(tmp_path)
-    reference = build(dataclasses.replace(small_build(tmp_path / "ref", paths), workers=1, sequences_per_shard=8))
-    config = dataclasses.replace(small_build(tmp_path / "run", paths), workers=1, sequences_per_shard=8)
+    reference = build(small_build(tmp_path / "ref", paths, workers=1, sequences_per_shard=8, shards=True))
+    config = small_build(tmp_path / "run", paths, workers=1, sequences_per_shard=8, shards=True)
     out = Path(config.output_dir)
     out.mkdir(parents=True)
     (out / "keep.txt").write_text("the previous dataset")  # must survive a failed build
@@ -462,7 +465,7 @@ def test_minhash_removes_near_duplicates_that_exact_dedup_keeps(tmp_path):
 
 def test_validation_shards_per_family_and_best_fit_report(tmp_path):
     paths = write_jsonl_files(tmp_path)
-    manifest = build(dataclasses.replace(small_build(tmp_path, paths), packing="best_fit", seq_len=64))
+    manifest = build(dataclasses.replace(small_build(tmp_path, paths, packing="best_fit", shards=True), seq_len=64))
     valid = manifest["splits"]["valid"]
     assert sorted(e["family"] for e in valid) == manifest["families"]
     dataset = PackedDataset(tmp_path / "out", "valid")
@@ -567,7 +570,7 @@ def test_a_built_dataset_holds_one_eos_per_document_whatever_its_text(tmp_path):
     manifest = build(dataclasses.replace(small_build(tmp_path, [str(path)]), total_tokens=0, valid_docs_per_family=1))
     eos_count = 0
     for split in ("train", "valid"):
-        data = PackedDataset(tmp_path / "out", split)
+        data = MixedDataset(tmp_path / "out", MixConfig(), split)
         batch = data.get(np.arange(len(data)))
         eos_count += int(((batch.tokens == manifest["eos_id"]) & (batch.doc_ids >= 0)).sum())
     assert eos_count == len(records)

@@ -309,7 +309,7 @@ def test_resuming_on_other_data_is_refused_and_a_rebuild_is_not(small_dataset, c
     """Same tokenizer, other sequences (a build of fewer tokens): refused naming both datasets. The
     same build written to another folder holds the same sequences, and resumes."""
     from data_pipeline.build import BuildConfig, TokenizerConfig, build
-    from data_pipeline.loader import PackedDataset
+    from data_pipeline.mixed import MixConfig, MixedDataset
     from data_pipeline.sources import SourceConfig
     from tests.conftest import SMALL_SEQ_LEN
 
@@ -326,11 +326,14 @@ def test_resuming_on_other_data_is_refused_and_a_rebuild_is_not(small_dataset, c
         return dataclasses.replace(config, data=dataclasses.replace(config.data, path=str(tmp_path / folder)))
 
     other = build_with_the_same_tokenizer("fewer-tokens", 50_000)
-    refusal = rf"trained on {small_dataset} \(train shards \w+\); .*fewer-tokens holds other sequences"
+    refusal = rf"trained on {small_dataset} \(training data \w+\); .*fewer-tokens holds other sequences"
     with pytest.raises(ValueError, match=refusal):
         trainer_for(other).maybe_resume()
     again = build_with_the_same_tokenizer("rebuilt", 60_000)
-    assert PackedDataset(tmp_path / "rebuilt").fingerprint == PackedDataset(small_dataset).fingerprint
+    assert (
+        MixedDataset(tmp_path / "rebuilt", MixConfig()).fingerprint
+        == MixedDataset(small_dataset, MixConfig()).fingerprint
+    )
     resumed = trainer_for(again)
     resumed.maybe_resume()
     assert resumed.step == 4

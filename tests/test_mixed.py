@@ -29,7 +29,7 @@ def best_fit_dataset(corpus_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "best_fit"
     build(BuildConfig(output_dir=str(out), sources=[SourceConfig(paths=[str(corpus_dir / "*.jsonl")])], seq_len=64,
                       total_tokens=30_000, valid_docs_per_family=5, sequences_per_shard=100, packing="best_fit",
-                      tokenizer=TokenizerConfig(vocab_size=SMALL_VOCAB)))  # fmt: skip
+                      shards=True, tokenizer=TokenizerConfig(vocab_size=SMALL_VOCAB)))  # fmt: skip
     return out
 
 

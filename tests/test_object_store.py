@@ -45,7 +45,7 @@ def test_sources_and_output_on_s3_equal_a_local_build(s3, tmp_path):
         config(f"s3://{bucket}/in/*", f"s3://{bucket}/datasets/run1", workers=2, staging_dir=str(tmp_path / "st"))
     )
 
-    assert local["splits"] == remote["splits"] and local["tokenizer_hash"] == remote["tokenizer_hash"]
+    assert local["store"]["splits"] == remote["store"]["splits"] and local["tokenizer_hash"] == remote["tokenizer_hash"]
     uploaded = sorted(s3.find(f"{bucket}/datasets/run1"))
     written = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert [u.removeprefix(f"{bucket}/datasets/run1/") for u in uploaded] == written

@@ -174,7 +174,7 @@ def test_best_fit_splits_long_documents_instead_of_dropping_them(tmp_path):
     path.write_text("".join(json.dumps({"text": t, "lang": "en"}) + "\n" for t in texts))
     config = BuildConfig(
         output_dir=str(tmp_path / "out"), sources=[SourceConfig(paths=[str(path)])], seq_len=64, total_tokens=0,
-        packing="best_fit", valid_docs_per_family=2, tokenizer=TokenizerConfig(vocab_size=300),
+        packing="best_fit", valid_docs_per_family=2, shards=True, tokenizer=TokenizerConfig(vocab_size=300),
     )  # fmt: skip
     manifest = build(config)
     assert manifest["packing"]["truncated_docs"] == 0 and manifest["packing"]["split_docs"] > 10

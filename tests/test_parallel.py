@@ -72,7 +72,7 @@ def small_config(
             vocab_over_dp=vocab_over_dp,
         ),
         data=DataConfig(
-            path=str(data_path), global_batch_size=global_batch_size, cache_dir=str(Path(out_dir) / "cache")
+            path=str(data_path), global_batch_size=global_batch_size, cache_dir=str(Path(out_dir).parent / "data-cache")
         ),
         checkpoint=CheckpointConfig(resume="none"),
     )

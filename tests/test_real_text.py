@@ -12,7 +12,7 @@ import pytest
 
 from data_pipeline.build import BuildConfig, NearDedupConfig, TokenizerConfig, build
 from data_pipeline.languages import family_of, language_table
-from data_pipeline.loader import PackedDataset
+from data_pipeline.mixed import MixConfig, MixedDataset
 from data_pipeline.sources import LanguageIdentifier, SourceConfig
 
 REAL = Path(__file__).parent / "fixtures" / "real_text"
@@ -48,7 +48,7 @@ def test_every_token_once_and_the_language_table(tmp_path):
     assert set(manifest["languages"]) == {r["lang"] for r in RECORDS}
     for lang, stats in manifest["languages"].items():
         assert stats["documents"] == sum(r["lang"] == lang for r in RECORDS) and stats["confidence"] == 1.0
-    train = PackedDataset(tmp_path / "out", "train")
+    train = MixedDataset(tmp_path / "out", MixConfig())
     kept = int((train.get(np.arange(len(train))).doc_ids >= 0).sum())
     assert kept == sum(s["tokens"] for s in manifest["family_stats"].values())
 
@@ -89,7 +89,7 @@ def test_every_token_carries_its_language_in_the_shards(tmp_path):
 
     unlabeled = tmp_path / "unlabeled.jsonl"
     unlabeled.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in RECORDS), encoding="utf-8")
-    manifest = build(real_build(tmp_path, [SourceConfig(paths=[str(unlabeled)], lang="auto")]))
+    manifest = build(real_build(tmp_path, [SourceConfig(paths=[str(unlabeled)], lang="auto")], shards=True))
     names = list(manifest["languages"])
     assert len(names) >= 14 and all(0.5 < s["confidence"] <= 1.0 for s in manifest["languages"].values())
     table = language_table()

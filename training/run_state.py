@@ -64,8 +64,8 @@ def check_same_data(saved: dict, dataset: PackedDataset, path: Path) -> None:
         )
     if saved.get("train_fingerprint") not in (None, dataset.fingerprint):
         raise ValueError(
-            f"{path}: the run was trained on {saved.get('path')} (train shards {saved['train_fingerprint']}); "
-            f"{dataset.data_dir} holds other sequences (train shards {dataset.fingerprint}). Resuming would "
+            f"{path}: the run was trained on {saved.get('path')} (training data {saved['train_fingerprint']}); "
+            f"{dataset.data_dir} holds other sequences (training data {dataset.fingerprint}). Resuming would "
             "continue the saved data order over other data; to start on it from these weights, begin a new "
             f"run (another name or out_dir) with init_from={path}"
         )

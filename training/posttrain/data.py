@@ -21,7 +21,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from common.config import ConfigError, to_dict
-from data_pipeline.loader import PackedDataset
+from data_pipeline.mixed import MixConfig, MixedDataset
 from data_pipeline.packing import PackedSequences, pack_best_fit, pack_bins, pack_documents
 from data_pipeline.shards import read_manifest, write_dataset
 from data_pipeline.synthetic.math_problems import MathProblem, generate_problems
@@ -124,16 +124,13 @@ def _split(items: list, fraction: float, seed: int) -> tuple[list, list]:
 
 
 def replay_rows(base_data: str, count: int, seed: int) -> PackedSequences:
-    """`count` sequences drawn without replacement (repeating once exhausted) from the base training split."""
-    base = PackedDataset(base_data, "train")
+    """`count` sequences drawn without replacement (repeating once exhausted) from the base training
+    split, as its pretraining read it (the token store with the build's own mix)."""
+    base = MixedDataset(base_data, MixConfig(), "train")
     rng = np.random.default_rng(seed)
     rows = np.concatenate([rng.permutation(len(base)) for _ in range(-(-count // len(base)))])[:count]
-    batch = base.get(np.sort(rows))
-    return PackedSequences(
-        tokens=batch.tokens.numpy().astype(np.int32),
-        doc_ids=batch.doc_ids.numpy().astype(np.int32),
-        family_ids=batch.family_ids.numpy().astype(np.int8),
-    )
+    packed = base.sequences(np.sort(rows))
+    return PackedSequences(tokens=packed.tokens, doc_ids=packed.doc_ids, family_ids=packed.family_ids.astype(np.int8))
 
 
 def build_reasoning_data(config: ReasoningDataConfig) -> dict:
