@@ -395,3 +395,21 @@ def test_a_full_disk_in_a_data_build_is_one_line_and_keeps_the_previous_output(t
         assert errors[0].startswith(f"error: the disk is full: No space left on device while building {out} (")
         assert "bytes free on its filesystem" in errors[0]
         assert (out / "previous.txt").is_file() and not (disk / "out.building").exists()
+
+
+def test_a_full_cache_keeps_the_data_index_in_memory(small_dataset, tmp_path):
+    """`data.cache_dir` on a real full disk (tmpfs): the index is kept in memory, said once, nothing
+    half-written is left, and the rows are the same."""
+    import numpy as np
+
+    from data_pipeline.mixed import MixConfig, MixedDataset
+
+    mix = MixConfig(ratios={"germanic": 1, "code": 1}, total_tokens=20_000)
+    with small_filesystem(tmp_path / "cache", 256 << 10) as disk:
+        fill(disk, leave_bytes=8 * 4096)
+        mixed = MixedDataset(small_dataset, mix, cache_dir=disk)
+        assert any(w.startswith(f"could not cache the data index in {disk}/index") for w in mixed.warnings)
+        assert not [p for p in disk.rglob("*") if ".tmp-" in p.name], "no half-written index is left"
+    plain = MixedDataset(small_dataset, mix)
+    rows = np.arange(len(plain))
+    assert bool((mixed.get(rows).tokens == plain.get(rows).tokens).all())
