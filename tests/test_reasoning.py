@@ -309,3 +309,30 @@ def test_transformers_greedy_generation_of_the_export_equals_ours_on_evaluation_
             out = theirs.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
                                   pad_token_id=0, min_new_tokens=24)  # fmt: skip
         assert out[0, len(prompt) :].tolist() == mine
+
+
+def test_evaluation_problems_are_held_out_of_every_training_set():
+    """The default sizes and seeds of every set that trains on math problems (the corpus, CoT, SFT,
+    rollouts, GRPO's first 600 steps) against seven evaluation sets of 500: no question in common,
+    word for word or over the same arithmetic with other names and items."""
+    import yaml
+
+    from data_pipeline.synthetic.math_problems import is_held_out
+    from training.objectives.grpo import GRPOConfig
+
+    configs = ROOT / "configs" / "reasoning"
+    training = generate_problems(600 * 2, seed=0)  # the default corpus: docs_per_language x 2
+    for name in ("data_cot", "data_sft"):
+        g = yaml.safe_load((configs / f"{name}.yaml").read_text())["generated"]
+        training += generate_problems(g["count"], g["seed"], g["max_steps"])
+    training += generate_problems(2000, seed=13)  # `posttrain rollouts` defaults
+    rl = yaml.safe_load((configs / "rl.yaml").read_text())
+    per_step = rl["data"]["global_batch_size"] // rl["grpo"]["group_size"]
+    for step in range(rl["steps"]):
+        training += generate_problems(per_step, GRPOConfig().problem_seed + step)
+    evaluation = [p for seed in range(99, 106) for p in generate_problems(500, seed, held_out=True)]
+    assert not any(is_held_out(p) for p in training) and all(is_held_out(p) for p in evaluation)
+    assert not {p.question for p in training} & {p.question for p in evaluation}
+    chains = {p.solution for p in training}
+    assert not chains & {p.solution for p in evaluation}
+    assert len({p.question for p in evaluation}) > 1000  # the held-out side is not a handful of problems

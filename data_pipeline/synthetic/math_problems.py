@@ -4,10 +4,18 @@ A problem is a start quantity and a chain of operations; the solution writes one
 (`Step k: a op b = c`) and ends with `Answer: N`. `verify_solution` re-does every step's
 arithmetic and compares the final answer with the problem's own computation, so it also scores
 model generations (the reasoning stage uses it as its reward).
+
+Held out by construction: the problem space is small (names, items and numbers repeat across
+seeds), so sets made with different seeds share problems. Instead, one arithmetic chain in
+`HELD_OUT_ONE_IN` (by a hash of the solution, which is the chain) is reserved for evaluation:
+`generate_problems` gives training sets (corpus, CoT, SFT, rollouts, GRPO) only the other chains
+and evaluation sets (`held_out=True`) only those, so no evaluation question appears in any
+training set, neither word for word nor with other names and items over the same arithmetic.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from dataclasses import dataclass
@@ -22,6 +30,8 @@ OPS = {
     "*": ["multiplies the collection by {n}", "ends up with {n} times as many"],
     "/": ["splits them into {n} equal groups and keeps one group"],
 }
+
+HELD_OUT_ONE_IN = 8
 
 STEP_RE = re.compile(r"Step \d+: (-?\d+) ([-+*/]) (-?\d+) = (-?\d+)")
 ANSWER_RE = re.compile(r"Answer:\s*(-?\d+)")
@@ -94,10 +104,22 @@ def verify_solution(solution: str, expected: int) -> bool:
     return extract_answer(solution) == expected
 
 
-def generate_problems(count: int, seed: int, max_steps: int = 3) -> list[MathProblem]:
-    """`count` verified problems; problem i uses seed `seed * 1_000_003 + i` so sets never overlap."""
-    problems = [generate_problem(seed * 1_000_003 + i, max_steps) for i in range(count)]
-    for problem in problems:
+def is_held_out(problem: MathProblem) -> bool:
+    """Whether the problem's arithmetic chain is reserved for evaluation."""
+    digest = hashlib.sha256(problem.solution.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % HELD_OUT_ONE_IN == 0
+
+
+def generate_problems(count: int, seed: int, max_steps: int = 3, held_out: bool = False) -> list[MathProblem]:
+    """`count` verified problems from seed `seed`: candidates `seed * 1_000_003 + i` for i = 0, 1, ...,
+    keeping those on the asked side of the split (training: `held_out=False`; evaluation: True)."""
+    problems, i = [], 0
+    while len(problems) < count:
+        problem = generate_problem(seed * 1_000_003 + i, max_steps)
+        i += 1
+        if is_held_out(problem) != held_out:
+            continue
         if not verify_solution(problem.solution, problem.answer):
             raise AssertionError(f"generator produced an unverifiable problem (seed {problem.seed})")
+        problems.append(problem)
     return problems

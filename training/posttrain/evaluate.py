@@ -90,8 +90,9 @@ def complete(
 
 
 def math_accuracy(policy: Policy, count: int, fmt: str, seed: int, max_steps: int = 3) -> dict:
-    """Greedy accuracy on `count` held-out generated problems, checked by the verifier."""
-    problems = generate_problems(count, seed, max_steps)
+    """Greedy accuracy on `count` held-out generated problems (arithmetic chains no training set
+    holds: `math_problems.is_held_out`), checked by the verifier."""
+    problems = generate_problems(count, seed, max_steps, held_out=True)
     completions = complete(policy, problems, fmt)
     correct = [verify_solution(c, p.answer) for c, p in zip(completions, problems, strict=True)]
     return {
