@@ -53,8 +53,41 @@ def test_fit_lr_recovers_the_law(tmp_path):
     assert law["alpha"] == pytest.approx(TRUE_LR["alpha"], abs=0.03)
     assert law["C"] == pytest.approx(TRUE_LR["C"], rel=0.3)
     assert law["beta_ci95"][0] < TRUE_LR["beta"] < law["beta_ci95"][1]
+    assert law["beta_ci95_bootstrap"][0] < TRUE_LR["beta"] < law["beta_ci95_bootstrap"][1]
+    assert law["alpha_ci95_bootstrap"][0] < TRUE_LR["alpha"] < law["alpha_ci95_bootstrap"][1]
+    assert law["warnings"] == []
     assert max(law["heldout"].values()) < 0.15, "leave-one-horizon-out error under 15%"
     assert (tmp_path / "fit" / "lr_law.png").stat().st_size > 0 and (tmp_path / "fit" / "loss_vs_lr.png").is_file()
+
+
+def test_line_intervals_cover_at_their_level_with_few_points():
+    """Lines through 3 noisy points (1 degree of freedom, as a 3-horizon LR law at one size): the t
+    interval covers the true slope 95% of the time; the normal quantile would cover about 70%."""
+    from training.scaling_laws.lr_law import _linear_fit, t_interval
+
+    rng = np.random.default_rng(0)
+    x = np.log([1e8, 4e8, 1.6e9])
+    covered = 0
+    for _ in range(4000):
+        coef, se, dof = _linear_fit(x[:, None], 1.0 - 0.3 * x + rng.normal(0, 0.2, 3))
+        low, high = t_interval(float(coef[1]), float(se[1]), dof)
+        covered += low < -0.3 < high
+    assert dof == 1 and 0.94 < covered / 4000 < 0.96
+
+
+def test_too_few_horizons_give_no_interval_and_say_why(tmp_path):
+    rows = [r for r in lr_rows(noise=0.002) if r["N"] == 1e6 and r["D"] in (1e8, 4e8)]
+    write_csv(tmp_path / "two.csv", rows)
+    assert cli(["fit-lr", str(tmp_path / "two.csv"), "--out", str(tmp_path / "two")]) == 0
+    law = json.loads((tmp_path / "two" / "lr_law.json").read_text())
+    assert law["beta_ci95"] is None and law["dof"] == 0
+    assert any("2 horizons determine the fit exactly" in w for w in law["warnings"])
+    assert law["beta_ci95_bootstrap"] is not None  # each optimum's own noise is still carried
+    rows = [r for r in lr_rows(noise=0.002) if r["N"] == 1e6 and r["D"] != 6.4e9]
+    write_csv(tmp_path / "three.csv", rows)
+    assert cli(["fit-lr", str(tmp_path / "three.csv"), "--out", str(tmp_path / "three")]) == 0
+    law = json.loads((tmp_path / "three" / "lr_law.json").read_text())
+    assert law["dof"] == 1 and any("t quantile 12.7" in w for w in law["warnings"])
 
 
 def test_rule_of_thumb_transfer():
@@ -123,9 +156,11 @@ def test_optimal_mix_respects_bounds_and_writes_ratios_file(tmp_path):
 
 
 def sweep_spec(path, data, out, grid) -> None:
+    """A sweep of the tiny model on `data`; every evaluation covers the whole valid split, so each
+    family has its loss in every row."""
     small = ["model.vocab_size=512", "model.max_seq_len=32", "model.dim=32", "model.n_layers=2", "model.ffn_dim=64",
              "parallel.tp=1", "parallel.pp=1", "parallel.micro_batch_size=4", "data.global_batch_size=8",
-             f"data.path={data}", "optim.warmup_steps=2", "eval_batches=2", "log_every=100"]  # fmt: skip
+             f"data.path={data}", "optim.warmup_steps=2", "log_every=100"]  # fmt: skip
     path.write_text(yaml.safe_dump({"base": "configs/pretrain/tiny.yaml", "out_dir": str(out), "overrides": small,
                                     "grid": grid, "parallel": 2}))  # fmt: skip
 
@@ -157,13 +192,13 @@ def test_sweep_runs_skips_finished_and_collects(small_dataset, tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_sweep_fit_and_plots(small_dataset, tmp_path):
-    """A real (tiny) sweep on the bundled corpus: 2 model sizes x 3 horizons x 4 LRs, then both fits."""
+    """A real (tiny) sweep on the bundled corpus: 2 model sizes x 3 horizons x 5 LRs, then both fits."""
     spec_file = tmp_path / "sweep.yaml"
-    grid = {"model.dim": [32, 64], "steps": [8, 16, 32], "optim.lr": [0.001, 0.003, 0.01, 0.03]}
+    grid = {"model.dim": [32, 64], "steps": [8, 16, 32], "optim.lr": [0.001, 0.003, 0.01, 0.03, 0.1]}
     sweep_spec(spec_file, small_dataset, tmp_path / "sweep", grid)
     assert cli(["sweep", str(spec_file)]) == 0
     results = tmp_path / "sweep" / "results.csv"
-    assert len(list(csv.DictReader(open(results)))) == 24
+    assert len(list(csv.DictReader(open(results)))) == 30
     # 8-32 steps of a 2-layer model say nothing about real exponents; the loop must run end to end.
     assert cli(["fit-lr", str(results), "--out", str(tmp_path / "fit")]) == 0
     law = json.loads((tmp_path / "fit" / "lr_law.json").read_text())

@@ -28,6 +28,10 @@ from training.scaling_laws.lr_law import fit_lr_law, optimal_lr
 from training.scaling_laws.multilingual import PARAMS, FamilyLaw, fit_family, optimal_mix
 
 
+def interval_text(interval: list[float] | None) -> str:
+    return "none (see warnings)" if interval is None else f"[{interval[0]:.4f}, {interval[1]:.4f}]"
+
+
 def read_rows(path: str | Path) -> list[dict[str, float]]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -204,9 +208,16 @@ def main(argv: list[str] | None = None) -> int:
             return 1 if failed else 0
         if args.command == "fit-lr":
             law = cmd_fit_lr(args.results, Path(args.out))
-            print(f"LR*(D) = {law['B']:.4g} * D^-{law['beta']:.4f}  (95% CI beta {law['beta_ci95']})")
             if "C" in law:
-                print(f"LR*(N, D) = {law['C']:.4g} * N^-{law['alpha']:.4f} * D^-{law['beta']:.4f}")
+                print(f"LR*(N, D) = {law['C']:.4g} * N^{-law['alpha']:+.4f} * D^{-law['beta']:+.4f}")
+                print(f"  alpha 95%: t {interval_text(law['alpha_ci95'])}, "
+                      f"bootstrap {interval_text(law['alpha_ci95_bootstrap'])}")  # fmt: skip
+            else:
+                print(f"LR*(D) = {law['B']:.4g} * D^{-law['beta']:+.4f}")
+            print(f"  beta 95%: t {interval_text(law['beta_ci95'])} ({law['dof']} dof), "
+                  f"bootstrap {interval_text(law['beta_ci95_bootstrap'])}")  # fmt: skip
+            for warning in law["warnings"]:
+                print(f"warning: {warning}")
             print(f"wrote {args.out}/lr_law.json, loss_vs_lr.png, lr_law.png")
         elif args.command == "fit-multilingual":
             fit = cmd_fit_multilingual(args.results, Path(args.out))

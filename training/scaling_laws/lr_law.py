@@ -1,8 +1,16 @@
 """Token-horizon LR law: LR*(D) = B * D^-beta, and jointly LR*(N, D) = C * N^-alpha * D^-beta.
 
 For each (N, D) the optimal LR is the vertex of a parabola fitted to loss vs log(LR) around the
-lowest loss; the laws are straight lines in log-log space, fitted by least squares with 95%
-intervals from the parameter covariance.
+lowest loss; the laws are straight lines in log-log space, fitted by least squares.
+
+Two 95% intervals per exponent, because two things make it uncertain:
+- `*_ci95`: the scatter of the optima about the line, from the fit's covariance with Student's t
+  quantile at the fit's degrees of freedom (a handful of horizons leaves one or two: the normal
+  quantile 1.96 would be several times too narrow). An exactly determined line (as many optima as
+  parameters) has no interval, and says so in `warnings`.
+- `*_ci95_bootstrap`: each optimum's own uncertainty carried into the law: the losses of every
+  (N, D) are redrawn about their parabola with its residual noise, every vertex and then the law
+  refitted (a parametric bootstrap of the whole fit, percentile interval).
 """
 
 from __future__ import annotations
@@ -11,8 +19,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 
-Z95 = 1.96
+BOOTSTRAP_SAMPLES = 1000
 
 
 @dataclass
@@ -33,15 +42,9 @@ def optimal_lr(lrs: list[float], losses: list[float], n: float, d: float, window
     best = int(np.argmin(y))
     lo = max(0, min(best - window // 2, len(x) - window))
     x, y = x[lo : lo + window], y[lo : lo + window]
-    design = np.stack([x**2, x, np.ones_like(x)], axis=1)
-    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-    a, b, _ = coef
-    if a <= 0:
+    vertex, a, b, cov = _vertex(x, y)
+    if vertex is None:
         raise ValueError(f"N={n:g}, D={d:g}: loss vs log(lr) has no minimum inside the swept range (widen it)")
-    vertex = -b / (2 * a)
-    dof = max(1, len(x) - 3)
-    sigma2 = float(np.sum((design @ coef - y) ** 2)) / dof
-    cov = sigma2 * np.linalg.pinv(design.T @ design)
     grad = np.array([b / (2 * a**2), -1 / (2 * a), 0.0])  # d(vertex)/d(a, b, c)
     stderr = math.sqrt(max(0.0, float(grad @ cov @ grad)))
     return Optimum(
@@ -49,38 +52,134 @@ def optimal_lr(lrs: list[float], losses: list[float], n: float, d: float, window
     )
 
 
-def _linear_fit(features: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _vertex(x: np.ndarray, y: np.ndarray):
+    """The parabola's vertex (None when it opens downwards), its a and b, and their covariance."""
+    design = np.stack([x**2, x, np.ones_like(x)], axis=1)
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    a, b, _ = coef
+    dof = len(x) - 3
+    sigma2 = float(np.sum((design @ coef - y) ** 2)) / dof if dof > 0 else 0.0
+    cov = sigma2 * np.linalg.pinv(design.T @ design)
+    return (-b / (2 * a) if a > 0 else None), a, b, cov
+
+
+def _linear_fit(features: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Least squares with an intercept: coefficients, their standard errors, degrees of freedom."""
     design = np.column_stack([np.ones(len(target)), features])
     coef, *_ = np.linalg.lstsq(design, target, rcond=None)
-    dof = max(1, len(target) - design.shape[1])
-    sigma2 = float(np.sum((design @ coef - target) ** 2)) / dof
-    return coef, np.sqrt(np.diag(sigma2 * np.linalg.pinv(design.T @ design)))
+    dof = len(target) - design.shape[1]
+    sigma2 = float(np.sum((design @ coef - target) ** 2)) / dof if dof > 0 else float("nan")
+    return coef, np.sqrt(np.abs(np.diag(sigma2 * np.linalg.pinv(design.T @ design)))), dof
+
+
+def t_interval(value: float, stderr: float, dof: int) -> list[float] | None:
+    """value -/+ t(0.975, dof) * stderr; None when nothing is left to estimate the scatter from."""
+    if dof < 1 or not math.isfinite(stderr):
+        return None
+    half = float(stats.t.ppf(0.975, dof)) * stderr
+    return [value - half, value + half]
+
+
+def _exponents(optima: list[Optimum], main_n: float) -> dict[str, float]:
+    """beta at the main size alone and, with two or more sizes, alpha and beta jointly."""
+    group = [o for o in optima if o.n == main_n]
+    coef, _, _ = _linear_fit(np.log([o.d for o in group])[:, None], np.log([o.lr for o in group]))
+    out = {"beta_main": float(-coef[1])}
+    if len({o.n for o in optima}) >= 2:
+        feats = np.column_stack([np.log([o.n for o in optima]), np.log([o.d for o in optima])])
+        joint, _, _ = _linear_fit(feats, np.log([o.lr for o in optima]))
+        out.update(alpha=float(-joint[1]), beta=float(-joint[2]))
+    return out
+
+
+def bootstrap_exponents(optima: list[Optimum], main_n: float, samples: int = BOOTSTRAP_SAMPLES,
+                        seed: int = 0) -> tuple[dict[str, list[float]], float, str | None]:  # fmt: skip
+    """Percentile 95% intervals of the exponents when every optimum's losses are redrawn about its
+    parabola (residual noise of that fit; pooled over all fits where a fit has none to spare), and
+    the share of redraws in which some parabola had no minimum inside the swept LRs (left out).
+    None where no noise is known."""
+    fits = []
+    for o in optima:
+        x, y = np.log([p[0] for p in o.points]), np.array([p[1] for p in o.points])
+        design = np.stack([x**2, x, np.ones_like(x)], axis=1)
+        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+        fits.append((o, x, design @ coef, y - design @ coef))
+    spare = [(float(np.sum(r**2)), len(r) - 3) for *_, r in fits if len(r) > 3]
+    if not spare or sum(d for _, d in spare) == 0:
+        return {}, 0.0, "every parabola went through its points exactly (3 learning rates): no noise to redraw"
+    pooled = math.sqrt(sum(s for s, _ in spare) / sum(d for _, d in spare))
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    failed = 0
+    for _ in range(samples):
+        redrawn = []
+        for o, x, fitted, residual in fits:
+            sigma = math.sqrt(np.sum(residual**2) / (len(x) - 3)) if len(x) > 3 else pooled
+            vertex, *_ = _vertex(x, fitted + rng.normal(0.0, sigma, len(x)))
+            if vertex is None or not x.min() <= vertex <= x.max():  # no minimum inside the swept LRs
+                break
+            redrawn.append(Optimum(o.n, o.d, math.exp(vertex), 0.0, []))
+        if len(redrawn) < len(fits):
+            failed += 1
+            continue
+        for name, value in _exponents(redrawn, main_n).items():
+            draws.setdefault(name, []).append(value)
+    intervals = {name: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for name, v in draws.items()}
+    return intervals, failed / samples, None
 
 
 def fit_lr_law(optima: list[Optimum]) -> dict:
-    """B, beta (one model size, the largest group) and, with >= 2 sizes, C, alpha, beta jointly."""
+    """B, beta (one model size, the largest group) and, with >= 2 sizes, C, alpha, beta jointly;
+    each exponent with its t interval and its bootstrap interval, and warnings where a fit has too
+    few points to say much."""
     ns = sorted({o.n for o in optima})
     main_n = max(ns, key=lambda n: sum(o.n == n for o in optima))
     group = [o for o in optima if o.n == main_n]
     if len({o.d for o in group}) < 2:
         raise ValueError("the LR law needs optima at two or more token horizons")
+    warnings = []
     log_d = np.log([o.d for o in group])
-    coef, se = _linear_fit(log_d[:, None], np.log([o.lr for o in group]))
+    coef, se, dof = _linear_fit(log_d[:, None], np.log([o.lr for o in group]))
     law = {
         "form": "LR = B * D^-beta" + ("" if len(ns) < 2 else " ; joint LR = C * N^-alpha * D^-beta"),
         "N": main_n, "B": float(math.exp(coef[0])), "beta": float(-coef[1]),
-        "beta_ci95": [float(-coef[1] - Z95 * se[1]), float(-coef[1] + Z95 * se[1])],
+        "beta_ci95": t_interval(float(-coef[1]), float(se[1]), dof), "dof": dof,
+        "interval_method": "t (scatter of the optima about the line) and parametric bootstrap of the whole fit "
+                           "(each optimum's own noise)",
     }  # fmt: skip
     if len(ns) >= 2:
         feats = np.column_stack([np.log([o.n for o in optima]), np.log([o.d for o in optima])])
-        jc, jse = _linear_fit(feats, np.log([o.lr for o in optima]))
+        jc, jse, jdof = _linear_fit(feats, np.log([o.lr for o in optima]))
         law.update({
-            "C": float(math.exp(jc[0])), "alpha": float(-jc[1]), "beta": float(-jc[2]),
-            "alpha_ci95": [float(-jc[1] - Z95 * jse[1]), float(-jc[1] + Z95 * jse[1])],
-            "beta_ci95": [float(-jc[2] - Z95 * jse[2]), float(-jc[2] + Z95 * jse[2])],
+            "C": float(math.exp(jc[0])), "alpha": float(-jc[1]), "beta": float(-jc[2]), "dof": jdof,
+            "alpha_ci95": t_interval(float(-jc[1]), float(jse[1]), jdof),
+            "beta_ci95": t_interval(float(-jc[2]), float(jse[2]), jdof),
             "B": float(math.exp(jc[0]) * main_n ** jc[1]),  # C * N^-alpha at the main size
         })  # fmt: skip
+    points = f"{len(optima)} optima ({len(ns)} sizes)" if len(ns) >= 2 else f"{len(group)} horizons"
+    if law["dof"] < 1:
+        warnings.append(f"{points} determine the fit exactly: no interval from their scatter; sweep more horizons")
+    elif law["dof"] < 3:
+        quantile = stats.t.ppf(0.975, law["dof"])
+        warnings.append(f"{points} leave {law['dof']} degree(s) of freedom: the t intervals are wide "
+                        f"(t quantile {quantile:.1f}); sweep more horizons to narrow them")  # fmt: skip
+    intervals, failed, why = bootstrap_exponents(optima, main_n)
+    if why:
+        warnings.append(f"no bootstrap interval: {why}")
+    key = "beta" if len(ns) >= 2 else "beta_main"
+    law["beta_ci95_bootstrap"] = intervals.get(key)
+    if len(ns) >= 2:
+        law["alpha_ci95_bootstrap"] = intervals.get("alpha")
+    if failed > 0.05:
+        warnings.append(f"{failed:.0%} of bootstrap redraws put an optimum outside the swept range (left out): "
+                        "widen the LR grid")  # fmt: skip
+    for o in optima:
+        lrs = [p[0] for p in o.points]
+        if not min(lrs) < o.lr < max(lrs):
+            warnings.append(f"N={o.n:g}, D={o.d:g}: the fitted LR* {o.lr:.3g} lies outside the LRs around the "
+                            "minimum: an extrapolation; widen the LR grid")  # fmt: skip
     law["heldout"] = leave_one_horizon_out(group)
+    law["warnings"] = warnings
     return law
 
 
@@ -91,7 +190,7 @@ def leave_one_horizon_out(group: list[Optimum]) -> dict:
         return errors
     for held in group:
         rest = [o for o in group if o is not held]
-        coef, _ = _linear_fit(np.log([o.d for o in rest])[:, None], np.log([o.lr for o in rest]))
+        coef, _, _ = _linear_fit(np.log([o.d for o in rest])[:, None], np.log([o.lr for o in rest]))
         predicted = math.exp(coef[0] + coef[1] * math.log(held.d))
         errors[f"{held.d:g}"] = abs(predicted - held.lr) / held.lr
     return errors
