@@ -121,9 +121,10 @@ def test_grpo_layouts_match_one_process_on_a_fixed_rollout_batch(layout, grpo_re
             assert got["clipped"] == pytest.approx(want["clipped"])
 
 
-def test_report_pools_seeds_and_gives_intervals_and_paired_gains(tmp_path):
+def test_report_pools_seeds_and_gives_intervals_and_paired_gains(tmp_path, capsys):
     """Accuracy with its Wilson interval per stage (evaluations at two problem seeds pooled) and the
-    paired gain over the stage before on the same problems, whose interval may or may not exclude 0."""
+    paired gain over the stage before on the same problems, whose interval may or may not exclude 0,
+    and "no variation" where no problem changed its score."""
     import json
 
     from training.posttrain.__main__ import main
@@ -131,7 +132,7 @@ def test_report_pools_seeds_and_gives_intervals_and_paired_gains(tmp_path):
 
     low, high = wilson_interval(50, 100)
     assert (round(low, 4), round(high, 4)) == (0.4038, 0.5962)
-    assert paired_difference([1, 1, 1, 1], [1, 1, 1, 1]) == (0.0, 0.0, 0.0)
+    assert paired_difference([1, 0, 1, 1], [1, 0, 1, 1]) == (0.0, None, None)  # no variation, not [0, 0]
     mean, lo, hi = paired_difference([1, 1, 0, 1], [0, 1, 0, 0])
     assert mean == 0.5 and lo < 0.5 < hi
 
@@ -151,6 +152,12 @@ def test_report_pools_seeds_and_gives_intervals_and_paired_gains(tmp_path):
     assert rows[1]["gain"] == pytest.approx(0.775) and rows[1]["gain_low"] > 0
     assert main(["report", *map(str, files), "--out", str(tmp_path / "acc.png")]) == 0
     assert json.loads((tmp_path / "acc.json").read_text())[1]["seeds"] == 2
+    same = [tmp_path / "eval_a.json", tmp_path / "eval_b.json"]
+    for stage, path in zip(("a", "b"), same, strict=True):
+        path.write_text(json.dumps(result(stage, 99, [1, 0, 1, 0])))
+    capsys.readouterr()
+    assert main(["report", *map(str, same), "--out", str(tmp_path / "same.png")]) == 0
+    assert "+0.000 no variation" in capsys.readouterr().out
 
 
 def test_rollouts_under_pipeline_parallel_are_refused_at_start(small_dataset, tmp_path):

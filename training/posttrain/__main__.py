@@ -73,7 +73,11 @@ def cmd_report(args) -> int:
     header = f"{'stage':<16} {'format':<7} {'problems':>8} {'accuracy':>9} {'95% interval':>15}"
     print(f"{header} {'gain over previous':>26}")
     for r in rows:
-        gain = f"{r['gain']:+.3f} [{r['gain_low']:+.3f}, {r['gain_high']:+.3f}]" if "gain" in r else ""
+        gain = ""
+        if "gain" in r:
+            no_variation = r["gain_low"] is None
+            interval = "no variation" if no_variation else f"[{r['gain_low']:+.3f}, {r['gain_high']:+.3f}]"
+            gain = f"{r['gain']:+.3f} {interval}"
         print(f"{r['stage']:<16} {r['format']:<7} {r['problems']:>8} {r['accuracy']:>9.3f} "
               f"[{r['low']:.3f}, {r['high']:.3f}] {gain:>26}")  # fmt: skip
     fig, ax = plt.subplots(figsize=(6.5, 3.5))

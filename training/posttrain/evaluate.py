@@ -153,11 +153,15 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return centre - half, centre + half
 
 
-def paired_difference(after: list[int], before: list[int], z: float = 1.96) -> tuple[float, float, float]:
-    """Mean of after - before over the same problems and its 95% interval (normal, paired)."""
+def paired_difference(after: list[int], before: list[int], z: float = 1.96) -> tuple[float, float | None, float | None]:
+    """Mean of after - before over the same problems and its 95% interval (normal, paired). When no
+    problem changed its score there is no variation to estimate an interval from: (0, None, None),
+    which reports say as "no variation", not as a zero-width interval."""
     if len(after) != len(before) or not after:
         raise ValueError(f"paired results need the same problems ({len(after)} vs {len(before)})")
     diffs = [a - b for a, b in zip(after, before, strict=True)]
+    if not any(diffs):
+        return 0.0, None, None
     n, mean = len(diffs), sum(diffs) / len(diffs)
     var = sum((d - mean) ** 2 for d in diffs) / max(n - 1, 1)
     half = z * (var / n) ** 0.5
