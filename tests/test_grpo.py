@@ -165,3 +165,28 @@ def test_rollouts_under_pipeline_parallel_are_refused_at_start(small_dataset, tm
     config, grpo = grpo_config(small_dataset, tmp_path, pp=2)
     with pytest.raises(ValueError, match="parallel.pp must be 1"):
         trainer_for(config, grpo=grpo)  # one process: a trainer under PP2 would need 2 ranks before it could refuse
+
+
+def test_a_rollout_batch_without_reward_variation_is_said(small_dataset, tmp_path, capsys):
+    """A batch in which every problem's samples scored alike (here: none rewarded, as an untrained
+    policy's) trains on the KL term alone; the run says so, with what to change."""
+    from tests.conftest import SMALL_SEQ_LEN, SMALL_VOCAB
+
+    rollouts = fixed_rollouts(SMALL_VOCAB, SMALL_SEQ_LEN)
+    unrewarded = dataclasses.replace(rollouts, rewards=torch.zeros_like(rollouts.rewards))
+
+    class Sampled(FixedRolloutsGRPO):
+        def rollouts(self, step):
+            return unrewarded if step == 0 else rollouts
+
+    config, grpo = grpo_config(small_dataset, tmp_path)
+    objective = Sampled(grpo)
+    build_trainer(config, objective)
+    capsys.readouterr()
+    objective.batch_at(0)
+    said = capsys.readouterr()
+    assert "step 0: no reward variation in any of the" in said.out + said.err
+    assert "no sample was rewarded" in said.out + said.err and "grpo.temperature" in said.out + said.err
+    objective.batch_at(2)  # the next rollout batch has rewarded samples: nothing said
+    said = capsys.readouterr()
+    assert "no reward variation" not in said.out + said.err

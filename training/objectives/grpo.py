@@ -102,6 +102,17 @@ class Rollouts:
     rewards: torch.Tensor
 
 
+def no_variation_warning(step: int, rewards: torch.Tensor, grpo: GRPOConfig) -> str:
+    """Every group scored alike (all right or all wrong): the policy-gradient term is zero for the
+    whole batch, so the step moves the weights by the KL term alone."""
+    what = "no sample was rewarded" if not bool(rewards.any()) else "every sample of each problem scored alike"
+    return (
+        f"warning: step {step}: no reward variation in any of the {len(rewards) // grpo.group_size} groups ({what}): "
+        "the step learns nothing from rewards; start from a stronger policy (more SFT steps), raise "
+        "grpo.temperature or grpo.group_size, or use easier problems (grpo.max_steps)"
+    )
+
+
 @dataclass
 class Prepared:
     """This replica's rows of a rollout batch with what its loss needs per token."""
@@ -151,7 +162,10 @@ class GRPO(Objective):
     # ---- rollouts ---------------------------------------------------------------------------
     def batch_at(self, step: int) -> Batch:
         if self._prepared is None or step % self.config.updates_per_rollout == 0:
-            self._prepared = self.prepare(self.rollouts(step))
+            rollouts = self.rollouts(step)
+            self._prepared = self.prepare(rollouts)
+            if not bool(group_advantages(rollouts.rewards, self.config.group_size).any()):
+                self.trainer.metrics.note(no_variation_warning(step, rollouts.rewards, self.config))
         return self._prepared.batch
 
     def rollouts(self, step: int) -> Rollouts:
