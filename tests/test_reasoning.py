@@ -336,3 +336,18 @@ def test_evaluation_problems_are_held_out_of_every_training_set():
     chains = {p.solution for p in training}
     assert not chains & {p.solution for p in evaluation}
     assert len({p.question for p in evaluation}) > 1000  # the held-out side is not a handful of problems
+
+
+def test_pairs_that_never_fit_are_refused_saying_why(small_dataset, tmp_path):
+    """An undertrained policy's responses run to the sampling budget; when no pair fits the base's
+    seq_len, the build says how long they are and what to change."""
+    pairs = tmp_path / "pairs.jsonl"
+    long = " ".join(["Step 1: 2 + 2 = 4"] * 20)  # a turn that never ends
+    pairs.write_text("".join(json.dumps({"prompt": f"{i} + 1?", "chosen": long, "rejected": long + " no"}) + "\n"
+                             for i in range(12)))  # fmt: skip
+    config = ReasoningDataConfig(kind="dpo", output_dir=str(tmp_path / "dpo"), base_data=str(small_dataset),
+                                 jsonl=str(pairs), valid_fraction=0.34)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"none of the \d+ \w+ pairs fits in seq_len 32 \(the shortest needs \d+ "
+                                          r"tokens.*SFT stage longer.*--gold-fallback"):  # fmt: skip
+        build_reasoning_data(config)
+    assert not (tmp_path / "dpo").exists(), "nothing is written"

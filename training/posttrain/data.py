@@ -133,6 +133,19 @@ def replay_rows(base_data: str, count: int, seed: int) -> PackedSequences:
     return PackedSequences(tokens=packed.tokens, doc_ids=packed.doc_ids, family_ids=packed.family_ids.astype(np.int8))
 
 
+def no_pair_fits(jsonl, split: str, pairs: list, lengths: list[int], seq_len: int, base_data: str) -> str:
+    """Why a DPO dataset came out empty, and what to change."""
+    if not pairs:
+        return f"{jsonl}: no {split} pairs at all (the rollouts found none: see `posttrain rollouts`' stats)"
+    shortest = min(lengths)
+    return (
+        f"{jsonl}: none of the {len(pairs)} {split} pairs fits in seq_len {seq_len} (the shortest needs {shortest} "
+        f"tokens, the median {sorted(lengths)[len(lengths) // 2]}): responses that never end their turn run to the "
+        "sampling budget, as an undertrained policy's do. Train the SFT stage longer, sample rollouts with "
+        f"--gold-fallback, or use a base dataset with a longer seq_len (now {base_data}'s)"
+    )
+
+
 def build_reasoning_data(config: ReasoningDataConfig) -> dict:
     base = read_manifest(config.base_data)
     tokenizer = load_tokenizer(Path(config.base_data) / base["tokenizer_file"])
@@ -166,13 +179,14 @@ def build_reasoning_data(config: ReasoningDataConfig) -> dict:
     else:
         splits = {}
         for name, pairs in zip(("train", "valid"), _split(dpo_pairs(config), *split), strict=True):
-            encoded = []
+            encoded, longest = [], []
             for prompt, chosen, rejected in pairs:  # a cut response would compare the wrong thing
                 both = [encode(prompt + [{"role": "assistant", "content": r}]) for r in (chosen, rejected)]
+                longest.append(max(len(e.ids) for e in both))
                 if all(len(e.ids) < seq_len for e in both):
                     encoded.extend(both)
             if not encoded:
-                raise ConfigError(f"{config.jsonl}: no {name} pair fits in seq_len {seq_len}")
+                raise ConfigError(no_pair_fits(config.jsonl, name, pairs, longest, seq_len, config.base_data))
             docs, masks = [(family, e.ids) for e in encoded], [e.loss_mask for e in encoded]
             splits[name] = pack_bins(docs, seq_len, eos, pad, [[i] for i in range(len(docs))], masks)
             stats[f"{name}_pairs"] = len(encoded) // 2
