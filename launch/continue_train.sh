@@ -21,7 +21,10 @@
 #   DATA        where the stage datasets go (data/reasoning; $OUT/data for an HF folder)
 #   DATA_OVERRIDES  dotted overrides for every stage's data build, e.g. "generated.count=500"
 #   ROLLOUT_FLAGS   extra flags for the rollouts, e.g. --gold-fallback
-# Every stage resumes from its own latest checkpoint when the script is run again.
+# Run again, the script skips what is complete: a dataset newer than its config and inputs, a
+# stage whose latest checkpoint is its final step and newer than its config, data and starting
+# model, an evaluation or the rollouts newer than the model they used; an unfinished stage resumes
+# from its own latest checkpoint. Delete an output to redo it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 BASE=${1:-runs/tiny/checkpoints}
@@ -42,13 +45,40 @@ if [[ -f "$BASE/config.json" ]]; then  # an HF folder: its tokenizer and chat te
 fi
 DATA=${DATA:-data/reasoning}
 
-stage() {  # stage NAME INIT_FROM [DATA_NAME]: train configs/reasoning/NAME.yaml from INIT_FROM
-    echo "=== stage $1 (from $2)"
-    $LAUNCH --config "configs/reasoning/$1.yaml" "init_from=$2" "data.path=$DATA/${3:-$1}" "${overrides[@]}"
-}
-build_data() {  # build_data NAME [key=value ...]: the dataset of stage NAME
-    local name=$1
+newer() {  # newer OUTPUT INPUT...: OUTPUT exists and is newer than every INPUT that exists
+    local out=$1 input
     shift
+    [[ -e $out ]] || return 1
+    for input in "$@"; do [[ ! -e $input || $out -nt $input ]] || return 1; done
+}
+model_file() {  # what changes when a model changes: a checkpoints/ folder's `latest`, else the path itself
+    if [[ -f $1/latest ]]; then echo "$1/latest"; else echo "$1"; fi
+}
+stage() {  # stage NAME INIT_FROM [DATA_NAME]: train configs/reasoning/NAME.yaml from INIT_FROM
+    local data=$DATA/${3:-$1}
+    if newer "$(run_dir "$1")/latest" "configs/reasoning/$1.yaml" "$data/manifest.json" "$(model_file "$2")" &&
+        [[ $(cat "$(run_dir "$1")/latest") == "$(final_step "$1")" ]]; then
+        echo "=== stage $1: finished ($(run_dir "$1")/$(cat "$(run_dir "$1")/latest")), skipped"
+        return
+    fi
+    echo "=== stage $1 (from $2)"
+    $LAUNCH --config "configs/reasoning/$1.yaml" "init_from=$2" "data.path=$data" "${overrides[@]}"
+}
+final_step() {  # final_step NAME: the checkpoint folder a finished run of stage NAME ends with
+    $PYTHON - "configs/reasoning/$1.yaml" "${overrides[@]}" <<'PY'
+import sys
+from training.pretrain import load_run_config
+print(f"step_{load_run_config(sys.argv[1], sys.argv[2:])[0].steps:08d}")
+PY
+}
+build_data() {  # build_data NAME [key=value ...]: the dataset of stage NAME (kept while newer than its inputs)
+    local name=$1 extra=()
+    shift
+    for kv in "$@"; do [[ $kv == jsonl=* ]] && extra+=("${kv#jsonl=}"); done
+    if newer "$DATA/$name/manifest.json" "configs/reasoning/data_$name.yaml" "${extra[@]}"; then
+        echo "=== data $name: $DATA/$name is newer than its config and inputs, kept"
+        return
+    fi
     $PYTHON -m training.posttrain data "configs/reasoning/data_$name.yaml" "output_dir=$DATA/$name" \
         "${data_overrides[@]}" "$@"
 }
@@ -58,6 +88,10 @@ evaluate() {  # evaluate CHECKPOINTS FORMAT LABEL: eval_LABEL.json (first seed),
     for seed in "${eval_seeds[@]}"; do
         local out=$OUT/eval_$3_s$seed.json
         if ((first)); then out=$OUT/eval_$3.json; first=0; fi
+        if newer "$out" "$(model_file "$1")"; then
+            echo "=== eval $3 seed $seed: $out is newer than the model, kept"
+            continue
+        fi
         $PYTHON -m training.posttrain eval "$1" --format "$2" --stage "$3" --count "$EVAL_COUNT" --seed "$seed" \
             --out "$out"
     done
@@ -76,8 +110,12 @@ build_data sft
 stage sft "$(run_dir cot)"
 evaluate "$(run_dir sft)" chat sft
 read -r -a rollout_flags <<< "${ROLLOUT_FLAGS:-}"
-$PYTHON -m training.posttrain rollouts "$(run_dir sft)" --count "${ROLLOUTS:-2000}" --out "$OUT/rollouts.jsonl" \
-    "${rollout_flags[@]}"
+if newer "$OUT/rollouts.jsonl" "$(model_file "$(run_dir sft)")"; then
+    echo "=== rollouts: $OUT/rollouts.jsonl is newer than the SFT model, kept"
+else
+    $PYTHON -m training.posttrain rollouts "$(run_dir sft)" --count "${ROLLOUTS:-2000}" --out "$OUT/rollouts.jsonl" \
+        "${rollout_flags[@]}"
+fi
 build_data dpo "jsonl=$OUT/rollouts.jsonl"
 stage dpo "$(run_dir sft)"
 evaluate "$(run_dir dpo)" chat dpo

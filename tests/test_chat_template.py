@@ -130,7 +130,8 @@ def phi4_mini_shaped_folder(tokenizer_folder, out):
 
 def test_continue_train_runs_every_stage_from_a_phi4_mini_shaped_folder(phi4_style_folder, corpus_dir, tmp_path):
     """`launch/continue_train.sh <HF folder>`: the base data in the folder's tokenizer, every stage's
-    conversations, evaluation prompts and rollouts in its chat template, and every stage trains."""
+    conversations, evaluation prompts and rollouts in its chat template, and every stage trains; run
+    again, it redoes nothing that is complete."""
     import os
     import subprocess
     import sys
@@ -187,3 +188,10 @@ def test_continue_train_runs_every_stage_from_a_phi4_mini_shaped_folder(phi4_sty
             tok.apply_chat_template(question, add_generation_prompt=True, return_dict=False)
         )
         assert policy.chat.turn_end() == [tok.convert_tokens_to_ids("<|end|>")]
+    # Run again: every dataset, stage, evaluation and the rollouts are complete, so nothing is redone.
+    evals = {p: p.stat().st_mtime_ns for p in out.glob("eval_*.json")}
+    again = subprocess.run(["bash", str(root / "launch/continue_train.sh"), str(folder)], env=env, check=True,
+                           capture_output=True, text=True).stdout  # fmt: skip
+    assert "=== stage" in again and " (from " not in again, again
+    assert again.count("skipped") == 4 and again.count("kept") == 3 + 5 + 1  # data, evaluations, rollouts
+    assert {p: p.stat().st_mtime_ns for p in out.glob("eval_*.json")} == evals
