@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -46,16 +47,42 @@ def read_rows(path: str | Path) -> list[dict[str, float]]:
     return out
 
 
+def family_styles(count: int) -> list[tuple[tuple, str]]:
+    """A distinct (colour, marker) for each of `count` families: tab10's or tab20's colours while they
+    last (then evenly spaced hues), each with a marker, so no two families look alike at any count."""
+    import matplotlib
+
+    if count <= 20:
+        cmap = matplotlib.colormaps["tab10" if count <= 10 else "tab20"]
+        colours = [cmap(i) for i in range(count)]
+    else:
+        colours = [matplotlib.colormaps["turbo"](i / (count - 1)) for i in range(count)]
+    markers = "osD^vP*Xhp<>"
+    return [(colour, markers[i % len(markers)]) for i, colour in enumerate(colours)]
+
+
+def _figure(path: Path, draw, size: tuple[float, float]) -> None:
+    """A figure drawn by `draw(fig)`, with room kept for a legend outside the axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=size, layout="constrained")
+    draw(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def _plot(path: Path, draw) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = plt.subplots(figsize=(6, 4.2), layout="constrained")
     draw(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # a legend placed outside the axes is kept
     plt.close(fig)
 
 
@@ -76,21 +103,39 @@ def cmd_fit_lr(results: str, out: Path) -> dict:
     atomic_write_text(out / "lr_law.json", json.dumps(law, indent=2))
 
     def loss_vs_lr(ax):
+        horizons, sizes = sorted({d for _, d in groups}), sorted({n for n, _ in groups})
+        colours = dict(zip(horizons, family_styles(len(horizons)), strict=True))  # a colour per horizon D
+        dashes = ["-", "--", "-.", (0, (1, 1)), (0, (5, 1, 1, 1))]  # a line style and marker per size N
         for (n, d), pts in sorted(groups.items()):
-            pts = sorted(pts)
-            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"N={n:.2g}, D={d:.2g}")[0]
+            pts, k = sorted(pts), sizes.index(n)
+            colour = colours[d][0]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colour, ls=dashes[k % len(dashes)],
+                    marker="osD^v"[k % 5], label=f"N={n:.2g}, D={d:.2g}")  # fmt: skip
             best = next(o for o in optima if (o.n, o.d) == (n, d))
-            ax.axvline(best.lr, color=line.get_color(), ls=":")
+            ax.axvline(best.lr, color=colour, ls=":", lw=0.8)
         ax.set(xscale="log", xlabel="peak LR", ylabel="final loss", title="loss vs LR (dotted: fitted LR*)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
     def law_plot(ax):
+        from matplotlib.ticker import NullFormatter
+
         ds = np.array([o.d for o in optima])
-        ax.errorbar(ds, [o.lr for o in optima], yerr=[o.lr * o.log_lr_stderr for o in optima], fmt="o", label="LR*")
         grid = np.geomspace(ds.min() / 2, ds.max() * 4, 50)
-        ax.plot(grid, law["B"] * grid ** -law["beta"], label=f"B D^-beta, beta={law['beta']:.3f}")
-        ax.set(xscale="log", yscale="log", xlabel="tokens D", ylabel="LR*", title="token-horizon LR law")
-        ax.legend(fontsize=8)
+        sizes = sorted({o.n for o in optima})
+        for n, (colour, marker) in zip(sizes, family_styles(len(sizes)), strict=True):
+            mine = [o for o in optima if o.n == n]
+            lrs, se = np.array([o.lr for o in mine]), np.array([o.log_lr_stderr for o in mine])
+            ax.errorbar([o.d for o in mine], lrs, yerr=[lrs - lrs * np.exp(-se), lrs * np.exp(se) - lrs], fmt=marker,
+                        color=colour, capsize=3, label=f"LR* at N={n:.3g} (+-1 s.e.)")  # fmt: skip
+            if "C" in law:
+                ax.plot(grid, law["C"] * n ** -law["alpha"] * grid ** -law["beta"], color=colour)
+            elif n == law["N"]:
+                ax.plot(grid, law["B"] * grid ** -law["beta"], color=colour)
+        ax.set(xscale="log", yscale="log", xlabel="tokens D", ylabel="LR*",
+               title=f"token-horizon LR law: beta = {law['beta']:.3f}")  # fmt: skip
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_minor_formatter(NullFormatter())  # decade labels only: minor ones overlap
+        ax.legend(fontsize=7, loc="best")
 
     _plot(out / "loss_vs_lr.png", loss_vs_lr)
     _plot(out / "lr_law.png", law_plot)
@@ -128,19 +173,38 @@ def cmd_fit_multilingual(results: str, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "multilingual_law.json", json.dumps(fit, indent=2))
 
-    def draw(ax):
-        for family in families:
-            law = FamilyLaw(**{k: fit[family][k] for k in PARAMS})
-            use = [r for r in rows if f"loss/{family}" in r and r.get(f"ratio/{family}", 0) > 0]
-            ps = np.array([r[f"ratio/{family}"] for r in use])
-            line = ax.plot(ps, [r[f"loss/{family}"] for r in use], "o", ms=3)[0]
-            n, d = max(r["N"] for r in use), max(r["D"] for r in use)
-            grid = np.linspace(ps.min(), ps.max(), 50)
-            ax.plot(grid, law.loss(n, d, grid), color=line.get_color(), label=f"{family} gamma={law.gamma:.2f}")
-        ax.set(xlabel="sampling ratio p", ylabel="family validation loss", title="L_i(p_i) at the largest N, D")
-        ax.legend(fontsize=7)
+    def draw(fig):
+        from matplotlib.lines import Line2D
 
-    _plot(out / "multilingual_law.png", draw)
+        horizons = sorted({(r["N"], r["D"]) for r in rows})
+        cols = math.ceil(math.sqrt(len(horizons)))
+        axes = fig.subplots(-(-len(horizons) // cols), cols, squeeze=False, sharey=True).ravel()
+        styles = dict(zip(families, family_styles(len(families)), strict=True))
+        for ax, (n, d) in zip(axes, horizons, strict=False):
+            for family in families:
+                law = FamilyLaw(**{k: fit[family][k] for k in PARAMS})
+                use = [r for r in rows if (r["N"], r["D"]) == (n, d) and r.get(f"ratio/{family}", 0) > 0
+                       and f"loss/{family}" in r]  # fmt: skip
+                if not use:
+                    continue
+                color, marker = styles[family]
+                ps = np.array([r[f"ratio/{family}"] for r in use])
+                ax.plot(ps, [r[f"loss/{family}"] for r in use], marker, color=color, ms=4, ls="none")
+                grid = np.linspace(ps.min(), ps.max(), 50)
+                ax.plot(grid, law.loss(n, d, grid), color=color, lw=1)
+            ax.set_title(f"N={n:.3g}, D={d:.3g}", fontsize=9)
+            ax.set(xlabel="sampling ratio p", yscale="log")
+        for ax in axes[len(horizons) :]:
+            ax.set_visible(False)
+        axes[0].set_ylabel("family validation loss")
+        handles = [Line2D([], [], color=styles[f][0], marker=styles[f][1], lw=1,
+                          label=f"{f} (gamma {fit[f]['gamma']:.2f})") for f in families]  # fmt: skip
+        fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+        fig.suptitle("L_i(p_i): points measured, lines the fitted law, one panel per (N, D)", fontsize=10)
+
+    panels = len({(r["N"], r["D"]) for r in rows})
+    cols = math.ceil(math.sqrt(panels))
+    _figure(out / "multilingual_law.png", draw, size=(4.2 * cols, 3.4 * -(-panels // cols)))
     return fit
 
 
