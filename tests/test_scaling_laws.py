@@ -112,7 +112,7 @@ def multilingual_rows(noise: float, seed: int = 0) -> list[dict]:
 
 def test_fit_multilingual_recovers_gamma_and_independence(tmp_path):
     write_csv(tmp_path / "m.csv", multilingual_rows(noise=0.003))
-    assert cli(["fit-multilingual", str(tmp_path / "m.csv"), "--out", str(tmp_path / "fit")]) == 0
+    assert cli(["fit-multilingual", str(tmp_path / "m.csv"), "--out", str(tmp_path / "fit"), "--bootstrap", "60"]) == 0
     fit = json.loads((tmp_path / "fit" / "multilingual_law.json").read_text())
     for family, law in FAMILIES.items():
         got = fit[family]
@@ -123,7 +123,18 @@ def test_fit_multilingual_recovers_gamma_and_independence(tmp_path):
         assert fitted.loss(n, d, 0.3) == pytest.approx(law.loss(n, d, 0.3), rel=0.03), family
         # Data made under the hypothesis: residuals do not move with the other families' ratios.
         assert max(abs(c) for c in got["residual_corr_with_other_ratios"].values()) < 0.3
+        low, high = got["ci95_bootstrap"]["gamma"]
+        assert low < law.gamma < high and high - low < 0.05, family
+        assert got["warnings"] == []
     assert (tmp_path / "fit" / "multilingual_law.png").is_file()
+
+
+def test_a_multilingual_fit_from_one_model_size_says_what_it_cannot_identify(tmp_path):
+    rows = [r for r in multilingual_rows(noise=0.003) if r["N"] == 2e6]
+    write_csv(tmp_path / "one.csv", rows)
+    assert cli(["fit-multilingual", str(tmp_path / "one.csv"), "--out", str(tmp_path / "fit"), "--bootstrap", "5"]) == 0
+    fit = json.loads((tmp_path / "fit" / "multilingual_law.json").read_text())
+    assert all(any("A and alpha are not identified" in w for w in f["warnings"]) for f in fit.values())
 
 
 def test_optimal_mix_satisfies_kkt_and_beats_random_mixtures():

@@ -26,7 +26,14 @@ from common.cli import print_error
 from common.files import atomic_write_text
 from data_pipeline.shards import read_manifest
 from training.scaling_laws.lr_law import fit_lr_law, optimal_lr
-from training.scaling_laws.multilingual import PARAMS, FamilyLaw, fit_family, optimal_mix
+from training.scaling_laws.multilingual import (
+    PARAMS,
+    FamilyLaw,
+    bootstrap_family,
+    fit_family,
+    identification_warnings,
+    optimal_mix,
+)
 
 
 def interval_text(interval: list[float] | None) -> str:
@@ -152,7 +159,7 @@ def leave_one_out_rmse(cols: list[np.ndarray]) -> float:
     return float(np.sqrt(np.mean(np.square(errors))))
 
 
-def cmd_fit_multilingual(results: str, out: Path) -> dict:
+def cmd_fit_multilingual(results: str, out: Path, bootstrap: int = 200) -> dict:
     rows = read_rows(results)
     families = sorted(k.split("/", 1)[1] for k in rows[0] if k.startswith("loss/"))
     if not families:
@@ -169,7 +176,9 @@ def cmd_fit_multilingual(results: str, out: Path) -> dict:
                         for o, v in others.items()}  # fmt: skip
         fit[family] = {**{k: getattr(law, k) for k in PARAMS}, "rmse_log_loss": rmse,
                        "heldout_rmse_log_loss": leave_one_out_rmse(cols),
-                       "residual_corr_with_other_ratios": independence, "points": len(use)}  # fmt: skip
+                       "residual_corr_with_other_ratios": independence, "points": len(use),
+                       "ci95_bootstrap": bootstrap_family(*cols, law, samples=bootstrap),
+                       "warnings": identification_warnings(family, *cols[:3])}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "multilingual_law.json", json.dumps(fit, indent=2))
 
@@ -244,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name)
         p.add_argument("results")
         p.add_argument("--out", default="runs/scaling_laws")
+    p.add_argument("--bootstrap", type=int, default=200, help="resamples of the runs for the parameters' intervals")
     mix = sub.add_parser("optimal-mix")
     mix.add_argument("fit")
     mix.add_argument("--params", type=float, required=True)
@@ -284,13 +294,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"warning: {warning}")
             print(f"wrote {args.out}/lr_law.json, loss_vs_lr.png, lr_law.png")
         elif args.command == "fit-multilingual":
-            fit = cmd_fit_multilingual(args.results, Path(args.out))
+            fit = cmd_fit_multilingual(args.results, Path(args.out), args.bootstrap)
             for family, f in fit.items():
+                low, high = f["ci95_bootstrap"]["gamma"]
                 print(
-                    f"{family:14s} gamma={f['gamma']:.3f} E={f['E']:.3f} rmse(log)={f['rmse_log_loss']:.4f} "
-                    f"held-out={f['heldout_rmse_log_loss']:.4f}"
+                    f"{family:14s} gamma={f['gamma']:.3f} [{low:.3f}, {high:.3f}] E={f['E']:.3f} "
+                    f"rmse(log)={f['rmse_log_loss']:.4f} held-out={f['heldout_rmse_log_loss']:.4f}"
                 )
-            print(f"wrote {args.out}/multilingual_law.json, multilingual_law.png")
+            for warning in {w for f in fit.values() for w in f["warnings"]}:
+                print(f"warning: {warning}")
+            print(f"wrote {args.out}/multilingual_law.json (95% bootstrap intervals over runs for every parameter), "
+                  "multilingual_law.png")  # fmt: skip
         else:
             ratios = cmd_optimal_mix(args)
             print(" ".join(f"{k}={v:.3f}" for k, v in ratios.items()), f"-> {args.out}")

@@ -33,6 +33,23 @@ def _predict(theta, n, d, p):
     return (np.exp(log_e) + np.exp(log_a) / n**alpha + np.exp(log_b) / d**beta) * p ** (-gamma)
 
 
+def _solve(n, d, p, loss, theta0):
+    return least_squares(
+        lambda t: np.log(_predict(t, n, d, p)) - np.log(loss), theta0, loss="soft_l1", f_scale=0.05,
+        bounds=([-10, -10, 0.0, -10, 0.0, 0.0], [10, 30, 2.0, 30, 2.0, 2.0]),
+    )  # fmt: skip
+
+
+def _law(t) -> FamilyLaw:
+    return FamilyLaw(
+        float(np.exp(t[0])), float(np.exp(t[1])), float(t[2]), float(np.exp(t[3])), float(t[4]), float(t[5])
+    )
+
+
+def _theta(law: FamilyLaw) -> list[float]:
+    return [np.log(law.E), np.log(law.A), law.alpha, np.log(law.B), law.beta, law.gamma]
+
+
 def fit_family(n, d, p, loss, seed: int = 0, starts: int = 12) -> tuple[FamilyLaw, float]:
     """Robust (soft-L1) least squares on log-loss from several random starts; returns the law and RMSE
     of log-loss."""
@@ -42,18 +59,38 @@ def fit_family(n, d, p, loss, seed: int = 0, starts: int = 12) -> tuple[FamilyLa
     for _ in range(starts):
         theta0 = [np.log(loss.min() * rng.uniform(0.3, 0.9)), rng.uniform(0, 8), rng.uniform(0.1, 0.8),
                   rng.uniform(0, 8), rng.uniform(0.1, 0.8), rng.uniform(0.0, 0.3)]  # fmt: skip
-        result = least_squares(
-            lambda t: np.log(_predict(t, n, d, p)) - np.log(loss), theta0, loss="soft_l1", f_scale=0.05,
-            bounds=([-10, -10, 0.0, -10, 0.0, 0.0], [10, 30, 2.0, 30, 2.0, 2.0]),
-        )  # fmt: skip
+        result = _solve(n, d, p, loss, theta0)
         if best is None or result.cost < best.cost:
             best = result
-    t = best.x
-    law = FamilyLaw(
-        float(np.exp(t[0])), float(np.exp(t[1])), float(t[2]), float(np.exp(t[3])), float(t[4]), float(t[5])
-    )
+    law = _law(best.x)
     rmse = float(np.sqrt(np.mean((np.log(law.loss(n, d, p)) - np.log(loss)) ** 2)))
     return law, rmse
+
+
+def bootstrap_family(n, d, p, loss, law: FamilyLaw, samples: int = 200, seed: int = 0) -> dict[str, list[float]]:
+    """95% percentile intervals of every parameter over runs resampled with replacement (each refit
+    from the full fit's parameters): what the particular set of runs makes uncertain."""
+    n, d, p, loss = (np.asarray(v, float) for v in (n, d, p, loss))
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(samples):
+        pick = rng.integers(0, len(n), len(n))
+        draws.append(_law(_solve(n[pick], d[pick], p[pick], loss[pick], _theta(law)).x))
+    return {k: [float(np.percentile([getattr(x, k) for x in draws], q)) for q in (2.5, 97.5)] for k in PARAMS}
+
+
+def identification_warnings(family: str, n, d, p) -> list[str]:
+    """Parameters the runs cannot pin down: A and alpha need two model sizes or more, B and beta two
+    token counts, gamma two ratios; the law has six parameters."""
+    warnings = []
+    for values, names, what in ((n, "A and alpha", "model sizes N"), (d, "B and beta", "token counts D"),
+                                (p, "gamma", "ratios")):  # fmt: skip
+        if len(set(np.asarray(values, float).tolist())) < 2:
+            warnings.append(f"{family}: one value of {what} in the runs: {names} are not identified (their "
+                            "values and intervals say nothing); sweep two or more")  # fmt: skip
+    if len(n) < 12:
+        warnings.append(f"{family}: {len(n)} runs for 6 parameters: the fit and its intervals are fragile")
+    return warnings
 
 
 def optimal_mix(
