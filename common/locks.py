@@ -7,11 +7,13 @@ is re-entrant (a resume in the same process is the same job)."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 _HELD: dict[Path, int] = {}  # lock file -> open descriptor, in this process
@@ -44,3 +46,14 @@ def release(lock_file: str | Path) -> None:
     fd = _HELD.pop(Path(lock_file).resolve(), None)
     if fd is not None:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+@contextlib.contextmanager
+def waiting(lock_file: str | Path) -> Iterator[None]:
+    """Hold the lock for a block, waiting while another process holds it: for work that processes
+    share and one does (a node's cached copy, a data index), the others then finding it done."""
+    path = Path(lock_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield

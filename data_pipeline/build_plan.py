@@ -23,6 +23,7 @@ from data_pipeline.mixing import draw_summary, mix_documents
 from data_pipeline.packing import (
     PackedSequences,
     best_fit_bins,
+    best_fit_window,
     concat_shard_plan,
     pack_bins,
     pack_documents,
@@ -101,7 +102,7 @@ def pack_best_fit_train(config, refs: np.ndarray, store: TokenStore, label, eos,
     """Best fit inside windows of documents (bounded memory); returns the documents split into
     sequence-long pieces."""
     split, rows = 0, config.sequences_per_shard
-    window = max(1, rows * config.seq_len // 64)
+    window = best_fit_window(rows, config.seq_len)
     for start in tqdm(range(0, len(refs), window), desc="pack (best fit)", unit="window", leave=False):
         docs = list(documents_of(store, refs[start : start + window].tolist()))
         pieces = split_long_documents(docs, config.seq_len)

@@ -12,7 +12,6 @@ Validation sequences are each family's held-out documents, one stream per family
 from __future__ import annotations
 
 import difflib
-import fcntl
 import hashlib
 import json
 import os
@@ -23,10 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from common.config import ConfigError, check_fields
+from common.locks import waiting
 from data_pipeline.build_config import PACKINGS
 from data_pipeline.loader import Batch, batch_of
 from data_pipeline.mixing import draw_summary, mix_documents
-from data_pipeline.packing import PackedSequences, best_fit_bins
+from data_pipeline.packing import PackedSequences, best_fit_bins, best_fit_window
 from data_pipeline.shards import read_manifest
 from data_pipeline.store import open_part
 
@@ -271,7 +271,7 @@ class MixedDataset:
         arrays = {name: table[name] for name in ("family", "part", "start")}
         if self.split == "train" and self.mix.packing == "best_fit":
             docs, sizes = self._draw(table, meta)
-            window = max(1, self._sequences_per_shard * self.mix.seq_len // 64)  # as the build's best fit
+            window = best_fit_window(self._sequences_per_shard, self.mix.seq_len)  # as the build's best fit
             bins = best_fit_rows(docs, sizes, self.mix.seq_len, window)
             arrays.update({f"bins.{name}": values for name, values in bins.items()})
             meta.update(bins=True, streams=0)
@@ -308,9 +308,7 @@ class MixedDataset:
     def _cached_index(self, folder: Path, entries: list[dict], verify: bool):
         """The index in `folder`, made there first if absent (one process per cache at a time: the
         others wait, then map what it wrote; a folder appears whole, by rename)."""
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with open(folder.parent / f"{folder.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with waiting(folder.parent / f"{folder.name}.lock"):
             made = not (folder / "meta.json").is_file()
             if not made:  # the checksums were read when the index was made; here, that no part was replaced
                 for entry in entries:

@@ -161,6 +161,12 @@ def pack_concat_shard(
     return PackedSequences(tokens=tokens.reshape(shape), doc_ids=doc_ids, family_ids=family.reshape(shape))
 
 
+def best_fit_window(sequences_per_shard: int, seq_len: int) -> int:
+    """Documents bin-packed together by best fit: a shard's worth of tokens in documents of 64 or so
+    (bounded memory, and the same windows at build and load time)."""
+    return max(1, sequences_per_shard * seq_len // 64)
+
+
 def best_fit_bins(lengths: list[int], capacity: int) -> list[list[int]]:
     """Best-fit decreasing: document indices per bin, each bin's total length <= capacity."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])

@@ -11,7 +11,6 @@ node share the cache: one fetches while the others wait on a lock, then find eve
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from common.locks import waiting
 from data_pipeline.sources import is_url
 from data_pipeline.tokenizer import TOKENIZER_FILE
 
@@ -39,8 +39,7 @@ def cached_dataset(path: str, cache_dir: str | Path, streams: int = 8, tries: in
     fs, root = fsspec.core.url_to_fs(path)
     local = Path(cache_dir).expanduser() / fs.protocol[0] / root.strip("/")
     local.mkdir(parents=True, exist_ok=True)
-    with open(local / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+    with waiting(local / ".lock"):
         fetch = _Fetcher(fs, root, local, tries)
         fetch.file(MANIFEST, None)
         manifest = json.loads((local / MANIFEST).read_text())

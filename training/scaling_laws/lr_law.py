@@ -52,10 +52,15 @@ def optimal_lr(lrs: list[float], losses: list[float], n: float, d: float, window
     )
 
 
+def _parabola(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least squares y = a x^2 + b x + c: the coefficients (a, b, c) and the design matrix."""
+    design = np.stack([x**2, x, np.ones_like(x)], axis=1)
+    return np.linalg.lstsq(design, y, rcond=None)[0], design
+
+
 def _vertex(x: np.ndarray, y: np.ndarray):
     """The parabola's vertex (None when it opens downwards), its a and b, and their covariance."""
-    design = np.stack([x**2, x, np.ones_like(x)], axis=1)
-    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    coef, design = _parabola(x, y)
     a, b, _ = coef
     dof = len(x) - 3
     sigma2 = float(np.sum((design @ coef - y) ** 2)) / dof if dof > 0 else 0.0
@@ -98,23 +103,23 @@ def bootstrap_exponents(optima: list[Optimum], main_n: float, samples: int = BOO
     parabola (residual noise of that fit; pooled over all fits where a fit has none to spare), and
     the share of redraws in which some parabola had no minimum inside the swept LRs (left out).
     None where no noise is known."""
-    fits = []
+    fits = []  # per optimum: log-LRs, fitted losses, residual sum of squares, degrees of freedom
     for o in optima:
         x, y = np.log([p[0] for p in o.points]), np.array([p[1] for p in o.points])
-        design = np.stack([x**2, x, np.ones_like(x)], axis=1)
-        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-        fits.append((o, x, design @ coef, y - design @ coef))
-    spare = [(float(np.sum(r**2)), len(r) - 3) for *_, r in fits if len(r) > 3]
+        coef, design = _parabola(x, y)
+        fitted = design @ coef
+        fits.append((o, x, fitted, float(np.sum((y - fitted) ** 2)), len(x) - 3))
+    spare = [(ss, dof) for *_, ss, dof in fits if dof > 0]
     if not spare or sum(d for _, d in spare) == 0:
         return {}, 0.0, "every parabola went through its points exactly (3 learning rates): no noise to redraw"
-    pooled = math.sqrt(sum(s for s, _ in spare) / sum(d for _, d in spare))
+    pooled = math.sqrt(sum(ss for ss, _ in spare) / sum(d for _, d in spare))
+    noise = [math.sqrt(ss / dof) if dof > 0 else pooled for *_, ss, dof in fits]
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {}
     failed = 0
     for _ in range(samples):
         redrawn = []
-        for o, x, fitted, residual in fits:
-            sigma = math.sqrt(np.sum(residual**2) / (len(x) - 3)) if len(x) > 3 else pooled
+        for (o, x, fitted, _, _), sigma in zip(fits, noise, strict=True):
             vertex, *_ = _vertex(x, fitted + rng.normal(0.0, sigma, len(x)))
             if vertex is None or not x.min() <= vertex <= x.max():  # no minimum inside the swept LRs
                 break
