@@ -1,4 +1,4 @@
-"""python -m data_pipeline {corpus,build,inspect} ..."""
+"""python -m data_pipeline {corpus,gettext-corpus,build,inspect} ..."""
 
 from __future__ import annotations
 
@@ -93,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     corpus.add_argument("out_dir")
     corpus.add_argument("--docs-per-language", type=int, default=600)
     corpus.add_argument("--seed", type=int, default=0)
+    real = sub.add_parser("gettext-corpus", help="write real multilingual text from this machine's gettext catalogs")
+    real.add_argument("out_dir")
+    real.add_argument("--languages", required=True, help="locale folders, comma-separated: de,fr,ru,ja,zh_CN")
+    real.add_argument("--max-chars", type=int, help="characters per language at most")
+    real.add_argument("--locale-dir", default="/usr/share/locale")
     build = sub.add_parser("build", help="build Arrow shards from a data config")
     build.add_argument("config")
     build.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. seq_len=512")
@@ -108,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
 
             paths = write_default_corpus(args.out_dir, args.docs_per_language, args.seed)
             print(f"wrote {len(paths)} files to {args.out_dir}")
+        elif args.command == "gettext-corpus":
+            from data_pipeline.gettext_corpus import write_gettext_corpus
+
+            locales = [x for x in args.languages.split(",") if x]
+            written = write_gettext_corpus(args.out_dir, locales, args.max_chars, locale_dir=args.locale_dir)
+            for lang, s in written.items():
+                print(f"{lang} ({s['locale']}): {s['documents']} documents, {s['characters']:,} characters")
         elif args.command == "build":
             overrides = list(args.overrides)
             overrides += [f"engine={args.engine}"] if args.engine else []

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import yaml
 
+from training.scaling_laws.__main__ import largest_model_held_out
 from training.scaling_laws.__main__ import main as cli
-from training.scaling_laws.lr_law import transfer_lr
+from training.scaling_laws.lr_law import optimal_lr, transfer_lr
 from training.scaling_laws.multilingual import FamilyLaw, optimal_mix
 
 TRUE_LR = {"C": 0.5, "alpha": 0.15, "beta": 0.3}
@@ -90,17 +91,45 @@ def test_too_few_horizons_give_no_interval_and_say_why(tmp_path):
     assert law["dof"] == 1 and any("t quantile 12.7" in w for w in law["warnings"])
 
 
+def test_the_law_predicts_a_held_out_horizon_and_notices_when_it_cannot(tmp_path):
+    rows = lr_rows(noise=0.002)
+    write_csv(tmp_path / "r.csv", rows)
+    assert cli(["fit-lr", str(tmp_path / "r.csv"), "--out", str(tmp_path / "fit")]) == 0
+    held = json.loads((tmp_path / "fit" / "lr_law.json").read_text())["longest_horizon_held_out"]
+    assert held["held_out_D"] == 6.4e9 and held["fitted_D"] == [1e8, 4e8, 1.6e9]
+    low, high = held["log_error_ci95_bootstrap"]
+    assert abs(held["log_error"]) < 0.1 and low < 0 < high
+    # The longest horizon's optimum moved 3x away from the law: the error and its interval say so.
+    for r in rows:
+        if r["D"] == 6.4e9:
+            r["lr"] *= 3.0
+    write_csv(tmp_path / "moved.csv", rows)
+    assert cli(["fit-lr", str(tmp_path / "moved.csv"), "--out", str(tmp_path / "moved")]) == 0
+    held = json.loads((tmp_path / "moved" / "lr_law.json").read_text())["longest_horizon_held_out"]
+    assert held["log_error"] == pytest.approx(-np.log(3.0), abs=0.1)
+    assert held["log_error_ci95_bootstrap"][1] < 0
+
+
+def test_seeds_at_one_learning_rate_are_pooled_not_counted_as_learning_rates():
+    rng = np.random.default_rng(0)
+    lrs = [lr for lr in np.geomspace(1e-3, 6.4e-2, 7) for _ in range(2)]  # 7 LRs x 2 seeds
+    losses = [3.0 + 0.1 * np.log(lr / 8e-3) ** 2 + rng.normal(0, 0.003) for lr in lrs]
+    best = optimal_lr(lrs, losses, 1e6, 1e8)
+    assert len(best.points) == 10 and len({p[0] for p in best.points}) == 5, "5 LRs around the minimum, both seeds"
+    assert best.lr == pytest.approx(8e-3, rel=0.05)
+
+
 def test_rule_of_thumb_transfer():
     assert transfer_lr(1e-3, 1e9, 8e9, beta=1 / 3) == pytest.approx(5e-4)
 
 
-def multilingual_rows(noise: float, seed: int = 0) -> list[dict]:
+def multilingual_rows(noise: float, seed: int = 0, mixes: int = 10) -> list[dict]:
     """Mixtures over three families at several N, D; each family's loss follows its own law."""
     rng = np.random.default_rng(seed)
     rows = []
     for n in (2e6, 8e6, 3.2e7):
         for d in (2e8, 8e8, 3.2e9):
-            for _ in range(10):
+            for _ in range(mixes):
                 ratios = rng.dirichlet([1.0, 1.0, 1.0])
                 row = {"N": n, "D": d}
                 for (family, law), p in zip(FAMILIES.items(), ratios, strict=True):
@@ -135,6 +164,48 @@ def test_a_multilingual_fit_from_one_model_size_says_what_it_cannot_identify(tmp
     assert cli(["fit-multilingual", str(tmp_path / "one.csv"), "--out", str(tmp_path / "fit"), "--bootstrap", "5"]) == 0
     fit = json.loads((tmp_path / "fit" / "multilingual_law.json").read_text())
     assert all(any("A and alpha are not identified" in w for w in f["warnings"]) for f in fit.values())
+
+
+def test_the_multilingual_law_predicts_the_held_out_largest_model(tmp_path):
+    rows = multilingual_rows(noise=0.003, mixes=4)
+    write_csv(tmp_path / "m.csv", rows)
+    out = tmp_path / "fit"
+    assert cli(["fit-multilingual", str(tmp_path / "m.csv"), "--out", str(out), "--bootstrap", "5",
+                "--hold-out-largest"]) == 0  # fmt: skip
+    held = json.loads((out / "largest_held_out.json").read_text())
+    assert held["N"] == 3.2e7 and held["mean_abs_log_error"]["runs"] == 12
+    for family, e in held["per_family"].items():  # 4x past the largest fitted size: within 3%
+        assert e["runs"] == 12 and abs(e["mean"]) < 0.03 and e["rmse"] < 0.03, family
+    # The largest model's losses 10% above what the law says: every family's error shows it.
+    for r in rows:
+        if r["N"] == 3.2e7:
+            r.update({k: v * 1.1 for k, v in r.items() if k.startswith("loss/")})
+    held = largest_model_held_out(rows, list(FAMILIES))
+    for family, e in held["per_family"].items():
+        assert e["ci95_t"][1] < -0.05, family
+    with pytest.raises(ValueError, match="three model sizes"):
+        largest_model_held_out([r for r in rows if r["N"] != 2e6], list(FAMILIES))
+
+
+def test_paired_comparison_by_seed(tmp_path, capsys):
+    base = [
+        {"run": f"s{s}", "seed": s, "loss": 4.0 + 0.1 * s, "loss/a": 3.0 + 0.1 * s, "loss/b": 5.0} for s in range(3)
+    ]
+    better = [{**r, "loss": r["loss"] - 0.2 - 0.01 * r["seed"], "loss/a": r["loss/a"] - 0.3} for r in base]
+    write_csv(tmp_path / "base.csv", base)
+    write_csv(tmp_path / "law.csv", better)
+    assert (
+        cli(["compare", str(tmp_path / "base.csv"), str(tmp_path / "law.csv"), "--out", str(tmp_path / "c.json")]) == 0
+    )
+    result = json.loads((tmp_path / "c.json").read_text())
+    loss = result["metrics"]["loss"]
+    assert loss["mean"] == pytest.approx(-0.21) and loss["ci95_t"][0] < -0.21 < loss["ci95_t"][1] < 0
+    assert result["metrics"]["loss/a"]["note"] == "no variation" and result["metrics"]["loss/a"]["ci95_t"] is None
+    assert result["metrics"]["mean_family_loss"]["mean"] == pytest.approx(-0.15)
+    assert "| loss/b | 5.000 | 5.000 | +0.000 | no variation |" in capsys.readouterr().out
+    write_csv(tmp_path / "one.csv", base[:1])
+    assert cli(["compare", str(tmp_path / "one.csv"), str(tmp_path / "law.csv")]) == 2
+    assert "two or more common seeds" in capsys.readouterr().err
 
 
 def test_optimal_mix_satisfies_kkt_and_beats_random_mixtures():

@@ -1,10 +1,11 @@
-"""python -m training.scaling_laws {sweep,fit-lr,fit-multilingual,optimal-mix} ...
+"""python -m training.scaling_laws {sweep,fit-lr,fit-multilingual,optimal-mix,compare} ...
 
   sweep SPEC.yaml [--slurm]                run (or write a SLURM array for) a grid, collect results.csv
   fit-lr RESULTS.csv [--out DIR]          columns N, D, lr, loss
   fit-multilingual RESULTS.csv [--out DIR] columns N, D, ratio/<family>, loss/<family>
   optimal-mix FIT.json --params N --tokens D [--weights f=w ...] [--normalize]
               [--min f=p ...] [--max f=p ...] [--manifest DATA_DIR --max-epochs E] [--out ratios.yaml]
+  compare BASELINE.csv CANDIDATE.csv [--out FILE.json]   losses paired by seed, t intervals
 
 Each fit writes JSON and PNG plots; optimal-mix writes a ratios file for `ratios: from FILE`.
 """
@@ -12,7 +13,6 @@ Each fit writes JSON and PNG plots; optimal-mix writes a ratios file for `ratios
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
@@ -25,33 +25,18 @@ import yaml
 from common.cli import print_error
 from common.files import atomic_write_text
 from data_pipeline.shards import read_manifest
-from training.scaling_laws.lr_law import fit_lr_law, optimal_lr
+from training.scaling_laws.lr_law import fit_lr_law, optimal_lr, predict_longest_horizon
 from training.scaling_laws.multilingual import (
     PARAMS,
     FamilyLaw,
     bootstrap_family,
     fit_family,
+    held_out_errors,
     identification_warnings,
+    leave_one_out_rmse,
     optimal_mix,
 )
-
-
-def interval_text(interval: list[float] | None) -> str:
-    return "none (see warnings)" if interval is None else f"[{interval[0]:.4f}, {interval[1]:.4f}]"
-
-
-def read_rows(path: str | Path) -> list[dict[str, float]]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    out = []
-    for i, row in enumerate(rows, 2):
-        try:
-            out.append({k: float(v) for k, v in row.items() if v not in ("", None) and k != "run"})
-        except ValueError as err:
-            raise ValueError(f"{path}:{i}: not a number ({err})") from None
-    return out
+from training.scaling_laws.results import compare_runs, comparison_table, interval_text, mean_with_t_interval, read_rows
 
 
 def family_styles(count: int) -> list[tuple[tuple, str]]:
@@ -106,6 +91,8 @@ def cmd_fit_lr(results: str, out: Path) -> dict:
     ]
     law = fit_lr_law(optima)
     law["optima"] = [{"N": o.n, "D": o.d, "lr": o.lr, "log_lr_stderr": o.log_lr_stderr} for o in optima]
+    if sum(o.n == law["N"] for o in optima) >= 3:
+        law["longest_horizon_held_out"] = predict_longest_horizon(optima)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "lr_law.json", json.dumps(law, indent=2))
 
@@ -149,17 +136,29 @@ def cmd_fit_lr(results: str, out: Path) -> dict:
     return law
 
 
-def leave_one_out_rmse(cols: list[np.ndarray]) -> float:
-    """RMSE of log-loss on each run when the law is fitted without it (held-out error)."""
-    errors = []
-    for i in range(len(cols[0])):
-        keep = np.arange(len(cols[0])) != i
-        law, _ = fit_family(*(c[keep] for c in cols), starts=4)
-        errors.append(np.log(law.loss(cols[0][i], cols[1][i], cols[2][i])) - np.log(cols[3][i]))
-    return float(np.sqrt(np.mean(np.square(errors))))
+def largest_model_held_out(rows: list[dict], families: list[str]) -> dict:
+    """Every family's law refitted without the runs of the largest model, then asked for their
+    losses: log(predicted / measured) per family (mean over the held-out runs, t interval with the
+    runs as the unit), and per run averaged over families."""
+    largest = max(r["N"] for r in rows)
+    if len({r["N"] for r in rows}) < 3:
+        raise ValueError("--hold-out-largest needs three model sizes or more (two to fit A and alpha, one to predict)")
+    per_family, per_run = {}, defaultdict(list)
+    for family in families:
+        use = [r for r in rows if f"loss/{family}" in r and r.get(f"ratio/{family}", 0) > 0]
+        cols = [np.array([r[k] for r in use]) for k in ("N", "D", f"ratio/{family}", f"loss/{family}")]
+        held = cols[0] == largest
+        errors = held_out_errors(*cols, held)
+        per_family[family] = {**mean_with_t_interval(errors), "rmse": float(np.sqrt(np.mean(errors**2)))}
+        for r, e in zip([r for r, h in zip(use, held, strict=True) if h], errors, strict=True):
+            per_run[(r["D"], tuple(sorted((k, v) for k, v in r.items() if k.startswith("ratio/"))))].append(e)
+    run_means = [float(np.mean(e)) for e in per_run.values()]
+    run_abs = [float(np.mean(np.abs(e))) for e in per_run.values()]
+    return {"N": largest, "per_family": per_family, "mean_log_error": mean_with_t_interval(run_means),
+            "mean_abs_log_error": mean_with_t_interval(run_abs)}  # fmt: skip
 
 
-def cmd_fit_multilingual(results: str, out: Path, bootstrap: int = 200) -> dict:
+def cmd_fit_multilingual(results: str, out: Path, bootstrap: int = 200, hold_out_largest: bool = False) -> dict:
     rows = read_rows(results)
     families = sorted(k.split("/", 1)[1] for k in rows[0] if k.startswith("loss/"))
     if not families:
@@ -175,12 +174,14 @@ def cmd_fit_multilingual(results: str, out: Path, bootstrap: int = 200) -> dict:
         independence = {o: float(np.corrcoef(residual, v)[0, 1]) if v.std() > 0 and residual.std() > 0 else 0.0
                         for o, v in others.items()}  # fmt: skip
         fit[family] = {**{k: getattr(law, k) for k in PARAMS}, "rmse_log_loss": rmse,
-                       "heldout_rmse_log_loss": leave_one_out_rmse(cols),
+                       "heldout_rmse_log_loss": leave_one_out_rmse(*cols, law),
                        "residual_corr_with_other_ratios": independence, "points": len(use),
                        "ci95_bootstrap": bootstrap_family(*cols, law, samples=bootstrap),
                        "warnings": identification_warnings(family, *cols[:3])}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "multilingual_law.json", json.dumps(fit, indent=2))
+    if hold_out_largest:
+        atomic_write_text(out / "largest_held_out.json", json.dumps(largest_model_held_out(rows, families), indent=2))
 
     def draw(fig):
         from matplotlib.lines import Line2D
@@ -254,6 +255,15 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("results")
         p.add_argument("--out", default="runs/scaling_laws")
     p.add_argument("--bootstrap", type=int, default=200, help="resamples of the runs for the parameters' intervals")
+    p.add_argument(
+        "--hold-out-largest",
+        action="store_true",
+        help="also refit without the largest model's runs and predict them (largest_held_out.json)",
+    )
+    compare = sub.add_parser("compare", help="paired by seed: candidate runs' losses minus the baseline's")
+    compare.add_argument("baseline", help="results.csv of the baseline runs")
+    compare.add_argument("candidate", help="results.csv of the candidate runs")
+    compare.add_argument("--out", help="write the comparison as JSON here")
     mix = sub.add_parser("optimal-mix")
     mix.add_argument("fit")
     mix.add_argument("--params", type=float, required=True)
@@ -290,11 +300,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"LR*(D) = {law['B']:.4g} * D^{-law['beta']:+.4f}")
             print(f"  beta 95%: t {interval_text(law['beta_ci95'])} ({law['dof']} dof), "
                   f"bootstrap {interval_text(law['beta_ci95_bootstrap'])}")  # fmt: skip
+            held = law.get("longest_horizon_held_out")
+            if held:
+                ci = interval_text(held["log_error_ci95_bootstrap"])
+                print(f"  held out D={held['held_out_D']:.4g}: LR* predicted {held['predicted_lr']:.4g} by the law "
+                      f"fitted on the shorter horizons, measured {held['measured_lr']:.4g}; log error "
+                      f"{held['log_error']:+.3f}, 95% bootstrap {ci}")  # fmt: skip
             for warning in law["warnings"]:
                 print(f"warning: {warning}")
             print(f"wrote {args.out}/lr_law.json, loss_vs_lr.png, lr_law.png")
         elif args.command == "fit-multilingual":
-            fit = cmd_fit_multilingual(args.results, Path(args.out), args.bootstrap)
+            fit = cmd_fit_multilingual(args.results, Path(args.out), args.bootstrap, args.hold_out_largest)
             for family, f in fit.items():
                 low, high = f["ci95_bootstrap"]["gamma"]
                 print(
@@ -303,8 +319,22 @@ def main(argv: list[str] | None = None) -> int:
                 )
             for warning in {w for f in fit.values() for w in f["warnings"]}:
                 print(f"warning: {warning}")
+            if args.hold_out_largest:
+                held = json.loads((Path(args.out) / "largest_held_out.json").read_text())
+                for family, e in held["per_family"].items():
+                    print(f"held out N={held['N']:.4g}: {family:14s} log(predicted/measured) {e['mean']:+.4f} "
+                          f"95% t {interval_text(e['ci95_t'])} over {e['runs']} runs")  # fmt: skip
+                m = held["mean_abs_log_error"]
+                print(f"held out N={held['N']:.4g}: mean |log error| over families {m['mean']:.4f}, "
+                      f"95% t {interval_text(m['ci95_t'])} over {m['runs']} runs")  # fmt: skip
             print(f"wrote {args.out}/multilingual_law.json (95% bootstrap intervals over runs for every parameter), "
-                  "multilingual_law.png")  # fmt: skip
+                  "multilingual_law.png" + (", largest_held_out.json" if args.hold_out_largest else ""))  # fmt: skip
+        elif args.command == "compare":
+            result = compare_runs(args.baseline, args.candidate)
+            print(comparison_table(result))
+            print(f"(paired by seed over seeds {result['seeds']}; t intervals with {len(result['seeds']) - 1} dof)")
+            if args.out:
+                atomic_write_text(args.out, json.dumps(result, indent=2))
         else:
             ratios = cmd_optimal_mix(args)
             print(" ".join(f"{k}={v:.3f}" for k, v in ratios.items()), f"-> {args.out}")

@@ -34,14 +34,18 @@ class Optimum:
 
 
 def optimal_lr(lrs: list[float], losses: list[float], n: float, d: float, window: int = 5) -> Optimum:
-    """Vertex of loss = a x^2 + b x + c, x = log(lr), fitted to the `window` points around the minimum."""
-    order = np.argsort(lrs)
-    x, y = np.log(np.asarray(lrs, float)[order]), np.asarray(losses, float)[order]
-    if len(x) < 3:
-        raise ValueError(f"N={n:g}, D={d:g}: need at least 3 learning rates, got {len(x)}")
-    best = int(np.argmin(y))
-    lo = max(0, min(best - window // 2, len(x) - window))
-    x, y = x[lo : lo + window], y[lo : lo + window]
+    """Vertex of loss = a x^2 + b x + c, x = log(lr), fitted to every point (every seed) at the
+    `window` learning rates around the one with the lowest mean loss. Repeated seeds at one LR are
+    kept as separate points: their spread is part of the noise the intervals carry."""
+    x, y = np.log(np.asarray(lrs, float)), np.asarray(losses, float)
+    distinct = np.unique(x)
+    if len(distinct) < 3:
+        raise ValueError(f"N={n:g}, D={d:g}: need at least 3 learning rates, got {len(distinct)}")
+    best = int(np.argmin([y[x == u].mean() for u in distinct]))
+    lo = max(0, min(best - window // 2, len(distinct) - window))
+    keep = np.isin(x, distinct[lo : lo + window])
+    order = np.argsort(x[keep], kind="stable")
+    x, y = x[keep][order], y[keep][order]
     vertex, a, b, cov = _vertex(x, y)
     if vertex is None:
         raise ValueError(f"N={n:g}, D={d:g}: loss vs log(lr) has no minimum inside the swept range (widen it)")
@@ -97,12 +101,11 @@ def _exponents(optima: list[Optimum], main_n: float) -> dict[str, float]:
     return out
 
 
-def bootstrap_exponents(optima: list[Optimum], main_n: float, samples: int = BOOTSTRAP_SAMPLES,
-                        seed: int = 0) -> tuple[dict[str, list[float]], float, str | None]:  # fmt: skip
-    """Percentile 95% intervals of the exponents when every optimum's losses are redrawn about its
-    parabola (residual noise of that fit; pooled over all fits where a fit has none to spare), and
-    the share of redraws in which some parabola had no minimum inside the swept LRs (left out).
-    None where no noise is known."""
+def _redraws(optima: list[Optimum], samples: int, seed: int):
+    """Parametric bootstrap of the optima: every optimum's losses redrawn about its parabola with
+    that fit's residual noise (pooled over all fits where a fit has none to spare), the vertices
+    refitted. Yields a list of redrawn optima, or None where some parabola had no minimum inside the
+    swept LRs. Raises ValueError when no noise is known."""
     fits = []  # per optimum: log-LRs, fitted losses, residual sum of squares, degrees of freedom
     for o in optima:
         x, y = np.log([p[0] for p in o.points]), np.array([p[1] for p in o.points])
@@ -111,26 +114,66 @@ def bootstrap_exponents(optima: list[Optimum], main_n: float, samples: int = BOO
         fits.append((o, x, fitted, float(np.sum((y - fitted) ** 2)), len(x) - 3))
     spare = [(ss, dof) for *_, ss, dof in fits if dof > 0]
     if not spare or sum(d for _, d in spare) == 0:
-        return {}, 0.0, "every parabola went through its points exactly (3 learning rates): no noise to redraw"
+        raise ValueError("every parabola went through its points exactly (3 learning rates): no noise to redraw")
     pooled = math.sqrt(sum(ss for ss, _ in spare) / sum(d for _, d in spare))
     noise = [math.sqrt(ss / dof) if dof > 0 else pooled for *_, ss, dof in fits]
     rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {}
-    failed = 0
     for _ in range(samples):
         redrawn = []
         for (o, x, fitted, _, _), sigma in zip(fits, noise, strict=True):
             vertex, *_ = _vertex(x, fitted + rng.normal(0.0, sigma, len(x)))
             if vertex is None or not x.min() <= vertex <= x.max():  # no minimum inside the swept LRs
                 break
-            redrawn.append(Optimum(o.n, o.d, math.exp(vertex), 0.0, []))
-        if len(redrawn) < len(fits):
-            failed += 1
-            continue
+            redrawn.append(Optimum(o.n, o.d, math.exp(vertex), 0.0, o.points))
+        yield redrawn if len(redrawn) == len(fits) else None
+
+
+def _percentiles(values: list[float]) -> list[float] | None:
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if values else None
+
+
+def bootstrap_exponents(optima: list[Optimum], main_n: float, samples: int = BOOTSTRAP_SAMPLES,
+                        seed: int = 0) -> tuple[dict[str, list[float]], float, str | None]:  # fmt: skip
+    """Percentile 95% intervals of the exponents over the redrawn optima, and the share of redraws
+    left out (an optimum outside the swept LRs). None where no noise is known."""
+    try:
+        redraws = list(_redraws(optima, samples, seed))
+    except ValueError as err:
+        return {}, 0.0, str(err)
+    draws: dict[str, list[float]] = {}
+    for redrawn in filter(None, redraws):
         for name, value in _exponents(redrawn, main_n).items():
             draws.setdefault(name, []).append(value)
-    intervals = {name: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for name, v in draws.items()}
-    return intervals, failed / samples, None
+    failed = sum(r is None for r in redraws) / samples
+    return {name: _percentiles(v) for name, v in draws.items()}, failed, None
+
+
+def predict_longest_horizon(optima: list[Optimum], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> dict:
+    """A held-out test of the law: fitted on every horizon of the most-swept size but the longest,
+    the LR* it predicts at the longest against the LR* measured there. The error is log(predicted /
+    measured), with a 95% interval from the same parametric bootstrap (every optimum, the held-out
+    one included, redrawn; the law refitted on the shorter ones)."""
+    main_n = max({o.n for o in optima}, key=lambda n: sum(o.n == n for o in optima))
+    group = sorted((o for o in optima if o.n == main_n), key=lambda o: o.d)
+    if len(group) < 3:
+        raise ValueError(f"a held-out horizon needs optima at 3 or more horizons (N={main_n:g} has {len(group)})")
+
+    def error(fitted: list[Optimum]) -> tuple[float, float]:
+        *rest, held = fitted
+        coef, _, _ = _linear_fit(np.log([o.d for o in rest])[:, None], np.log([o.lr for o in rest]))
+        return float(coef[0] + coef[1] * math.log(held.d)), float(math.log(held.lr))
+
+    predicted, measured = error(group)
+    try:
+        errors = [p - m for p, m in (error(r) for r in _redraws(group, samples, seed) if r is not None)]
+    except ValueError:
+        errors = []
+    return {
+        "N": main_n, "fitted_D": [o.d for o in group[:-1]], "held_out_D": group[-1].d,
+        "predicted_lr": math.exp(predicted), "measured_lr": math.exp(measured),
+        "measured_log_lr_stderr": group[-1].log_lr_stderr, "log_error": predicted - measured,
+        "log_error_ci95_bootstrap": _percentiles(errors),
+    }  # fmt: skip
 
 
 def fit_lr_law(optima: list[Optimum]) -> dict:

@@ -67,6 +67,22 @@ def fit_family(n, d, p, loss, seed: int = 0, starts: int = 12) -> tuple[FamilyLa
     return law, rmse
 
 
+def refit(law: FamilyLaw, n, d, p, loss) -> FamilyLaw:
+    """The law refitted to other runs, starting from `law` (one local solve, not a multi-start fit)."""
+    return _law(_solve(n, d, p, loss, _theta(law)).x)
+
+
+def leave_one_out_rmse(n, d, p, loss, law: FamilyLaw) -> float:
+    """RMSE of log-loss on each run when the law is refitted without it (held-out error)."""
+    n, d, p, loss = (np.asarray(v, float) for v in (n, d, p, loss))
+    errors = []
+    for i in range(len(n)):
+        keep = np.arange(len(n)) != i
+        rest = refit(law, n[keep], d[keep], p[keep], loss[keep])
+        errors.append(np.log(rest.loss(n[i], d[i], p[i])) - np.log(loss[i]))
+    return float(np.sqrt(np.mean(np.square(errors))))
+
+
 def bootstrap_family(n, d, p, loss, law: FamilyLaw, samples: int = 200, seed: int = 0) -> dict[str, list[float]]:
     """95% percentile intervals of every parameter over runs resampled with replacement (each refit
     from the full fit's parameters): what the particular set of runs makes uncertain."""
@@ -75,8 +91,16 @@ def bootstrap_family(n, d, p, loss, law: FamilyLaw, samples: int = 200, seed: in
     draws = []
     for _ in range(samples):
         pick = rng.integers(0, len(n), len(n))
-        draws.append(_law(_solve(n[pick], d[pick], p[pick], loss[pick], _theta(law)).x))
+        draws.append(refit(law, n[pick], d[pick], p[pick], loss[pick]))
     return {k: [float(np.percentile([getattr(x, k) for x in draws], q)) for q in (2.5, 97.5)] for k in PARAMS}
+
+
+def held_out_errors(n, d, p, loss, held) -> np.ndarray:
+    """log(predicted / measured) loss on the runs marked `held`, by a law fitted to the others."""
+    n, d, p, loss = (np.asarray(v, float) for v in (n, d, p, loss))
+    held = np.asarray(held, bool)
+    law, _ = fit_family(n[~held], d[~held], p[~held], loss[~held])
+    return np.log(law.loss(n[held], d[held], p[held])) - np.log(loss[held])
 
 
 def identification_warnings(family: str, n, d, p) -> list[str]:
