@@ -10,7 +10,7 @@ TORCH_PIP_ARGS ?=
 NPROC ?= 4
 PYTEST_ARGS ?=
 
-.PHONY: install pretrain data test test-slow chaos gpu-check compile-report lint format clean
+.PHONY: install pretrain data test test-slow chaos gpu-check compile-report reproduce-docs lint format clean
 
 install: $(STAMP)
 
@@ -49,6 +49,13 @@ GPU_PYTHON ?= python3
 GPU_CHECK_ARGS ?=
 gpu-check:
 	$(GPU_PYTHON) benchmarks/gpu_check.py --docs docs/benchmarks.md $(GPU_CHECK_ARGS)
+
+# Every table and plot of docs/ registered in docs/figures.yaml, made again from its commands and spliced
+# into its doc with the commit, manifest hashes and seeds (hours on 2 cores: `--list` gives each one's cost).
+# FIGURES="ID ..." remakes some; FIGURES="--all --gpu" includes the GPU ones.
+FIGURES ?= --all
+reproduce-docs: $(STAMP)
+	$(PY) benchmarks/reproduce_docs.py $(FIGURES)
 
 # Every kernel variant compiled for sm_80 and sm_90 on this CPU: registers, spills, shared memory.
 compile-report: $(STAMP)

@@ -13,6 +13,7 @@ import numpy as np
 
 from common.cli import print_error
 from common.config import ConfigError, load_config
+from common.files import atomic_write_text
 from common.locks import LockedError
 from data_pipeline.build import BuildConfig, local_output
 from data_pipeline.build import build as run_build
@@ -86,6 +87,21 @@ def language_table_lines(languages: dict[str, dict], sample: dict[str, dict]) ->
     return lines
 
 
+def language_table_markdown(manifest: dict) -> str:
+    """Per language: family, documents, tokens and characters per token, then the worst language
+    against the median (the tokenizer's fairness, as docs/benchmarks.md shows it)."""
+    languages = manifest["languages"]
+    lines = ["| language | family | documents | tokens | chars/token |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {lang} | {s['family']} | {s['documents']} | {s['tokens']} | {s['chars_per_token']:.2f} |"
+              for lang, s in languages.items() if "chars_per_token" in s]  # fmt: skip
+    ratios = {lang: s["chars_per_token"] for lang, s in languages.items() if "chars_per_token" in s}
+    median = float(np.median(list(ratios.values())))
+    worst = min(ratios, key=ratios.get)
+    lines += ["", f"Worst language: {worst}, {ratios[worst]:.2f} characters per token = "
+              f"**{ratios[worst] / median:.2f}x** the median {median:.2f} (vocab {manifest['vocab_size']})."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--address", help="engine ray: the cluster's address (auto, HOST:PORT); none starts one")
     inspect = sub.add_parser("inspect", help="summarise a built dataset")
     inspect.add_argument("data_dir")
+    inspect.add_argument("--markdown", help="also write the per-language table here, as Markdown")
     args = parser.parse_args(argv)
 
     try:
@@ -129,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             print(summarize(config.output_dir))
         else:
             print(summarize(args.data_dir))
+            if args.markdown:
+                atomic_write_text(args.markdown, language_table_markdown(read_manifest(args.data_dir)))
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print_error(str(err))
         return 2

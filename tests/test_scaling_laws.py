@@ -59,6 +59,8 @@ def test_fit_lr_recovers_the_law(tmp_path):
     assert law["warnings"] == []
     assert max(law["heldout"].values()) < 0.15, "leave-one-horizon-out error under 15%"
     assert (tmp_path / "fit" / "lr_law.png").stat().st_size > 0 and (tmp_path / "fit" / "loss_vs_lr.png").is_file()
+    table = (tmp_path / "fit" / "lr_law.md").read_text()
+    assert f"**beta = {law['beta']:.3f}**" in table and "Held out: fitted on D = 1e+08, 4e+08, 1.6e+09" in table
 
 
 def test_line_intervals_cover_at_their_level_with_few_points():
@@ -174,6 +176,8 @@ def test_the_multilingual_law_predicts_the_held_out_largest_model(tmp_path):
                 "--hold-out-largest"]) == 0  # fmt: skip
     held = json.loads((out / "largest_held_out.json").read_text())
     assert held["N"] == 3.2e7 and held["mean_abs_log_error"]["runs"] == 12
+    table = (out / "multilingual_law.md").read_text()
+    assert all(f"\n| {f} | " in table for f in FAMILIES) and "held-out N = 3.2e+07" in table, table
     for family, e in held["per_family"].items():  # 4x past the largest fitted size: within 3%
         assert e["runs"] == 12 and abs(e["mean"]) < 0.03 and e["rmse"] < 0.03, family
     # The largest model's losses 10% above what the law says: every family's error shows it.

@@ -36,7 +36,15 @@ from training.scaling_laws.multilingual import (
     leave_one_out_rmse,
     optimal_mix,
 )
-from training.scaling_laws.results import compare_runs, comparison_table, interval_text, mean_with_t_interval, read_rows
+from training.scaling_laws.results import (
+    compare_runs,
+    comparison_table,
+    interval_text,
+    lr_law_markdown,
+    mean_with_t_interval,
+    multilingual_markdown,
+    read_rows,
+)
 
 
 def family_styles(count: int) -> list[tuple[tuple, str]]:
@@ -95,6 +103,7 @@ def cmd_fit_lr(results: str, out: Path) -> dict:
         law["longest_horizon_held_out"] = predict_longest_horizon(optima)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "lr_law.json", json.dumps(law, indent=2))
+    atomic_write_text(out / "lr_law.md", lr_law_markdown(groups, law))
 
     def loss_vs_lr(ax):
         horizons, sizes = sorted({d for _, d in groups}), sorted({n for n, _ in groups})
@@ -180,8 +189,10 @@ def cmd_fit_multilingual(results: str, out: Path, bootstrap: int = 200, hold_out
                        "warnings": identification_warnings(family, *cols[:3])}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "multilingual_law.json", json.dumps(fit, indent=2))
-    if hold_out_largest:
-        atomic_write_text(out / "largest_held_out.json", json.dumps(largest_model_held_out(rows, families), indent=2))
+    held = largest_model_held_out(rows, families) if hold_out_largest else None
+    if held:
+        atomic_write_text(out / "largest_held_out.json", json.dumps(held, indent=2))
+    atomic_write_text(out / "multilingual_law.md", multilingual_markdown(fit, held))
 
     def draw(fig):
         from matplotlib.lines import Line2D
@@ -335,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"(paired by seed over seeds {result['seeds']}; t intervals with {len(result['seeds']) - 1} dof)")
             if args.out:
                 atomic_write_text(args.out, json.dumps(result, indent=2))
+                atomic_write_text(Path(args.out).with_suffix(".md"), comparison_table(result) + "\n")
         else:
             ratios = cmd_optimal_mix(args)
             print(" ".join(f"{k}={v:.3f}" for k, v in ratios.items()), f"-> {args.out}")

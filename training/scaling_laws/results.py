@@ -74,3 +74,75 @@ def comparison_table(result: dict) -> str:
         interval = e.get("note") or (f"[{e['ci95_t'][0]:+.3f}, {e['ci95_t'][1]:+.3f}]" if e["ci95_t"] else "none")
         lines.append(f"| {metric} | {e['baseline']:.3f} | {e['candidate']:.3f} | {e['mean']:+.3f} | {interval} |")
     return "\n".join(lines)
+
+
+def _interval(interval: list[float] | None, digits: int = 3) -> str:
+    return "none" if interval is None else f"[{interval[0]:+.{digits}f}, {interval[1]:+.{digits}f}]"
+
+
+def lr_law_markdown(groups: dict[tuple[float, float], list[tuple[float, float]]], law: dict) -> str:
+    """fit-lr's result as Markdown: the final loss per (LR, D) (mean over seeds, with the spread
+    between seeds), each horizon's LR*, the law with both intervals, the held-out horizon and the
+    warnings."""
+    main = sorted(d for n, d in groups if n == law["N"])
+    lrs = sorted({lr for (n, _), pts in groups.items() if n == law["N"] for lr, _ in pts})
+    header = "| peak LR | " + " | ".join(f"D = {d:.3g}" for d in main) + " |"
+    lines = [f"Final validation loss, N = {law['N']:.3g} (mean over seeds; +- half the range between them):", "",
+             header, "|---:|" + "---:|" * len(main)]  # fmt: skip
+    losses = {(d, lr): [v for x, v in groups[(law["N"], d)] if x == lr] for d in main for lr in lrs}
+    best = {d: min((np.mean(v), lr) for (dd, lr), v in losses.items() if dd == d and v)[1] for d in main}
+    for lr in lrs:
+        cells = []
+        for d in main:
+            values = losses[(d, lr)]
+            cell = (
+                f"{np.mean(values):.3f}" + (f" +- {np.ptp(values) / 2:.3f}" if len(values) > 1 else "")
+                if values
+                else "-"
+            )
+            cells.append(f"**{cell}**" if best[d] == lr else cell)
+        lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
+    lines += ["", "| D (tokens) | LR* | s.e. of log LR* |", "|---:|---:|---:|"]
+    lines += [
+        f"| {o['D']:.3g} | {o['lr']:.3g} | {o['log_lr_stderr']:.2f} |" for o in law["optima"] if o["N"] == law["N"]
+    ]
+    lines += ["", f"Law: LR*(D) = {law['B']:.3g} * D^{-law['beta']:+.3f}; **beta = {law['beta']:.3f}**, 95% t interval "
+              f"{_interval(law['beta_ci95'])} ({law['dof']} dof), 95% bootstrap interval "
+              f"{_interval(law['beta_ci95_bootstrap'])}."]  # fmt: skip
+    held = law.get("longest_horizon_held_out")
+    if held:
+        fitted = ", ".join(f"{d:.3g}" for d in held["fitted_D"])
+        lines += ["", f"Held out: fitted on D = {fitted}, the law predicts LR* = "
+                  f"{held['predicted_lr']:.3g} at D = {held['held_out_D']:.3g}; measured {held['measured_lr']:.3g}. "
+                  f"Error log(predicted / measured) = **{held['log_error']:+.2f}**, 95% bootstrap interval "
+                  f"{_interval(held['log_error_ci95_bootstrap'], 2)}."]  # fmt: skip
+    lines += [f"\nWarning: {w}" for w in law["warnings"]]
+    return "\n".join(lines) + "\n"
+
+
+def multilingual_markdown(fit: dict, held: dict | None) -> str:
+    """fit-multilingual's result as Markdown: per family gamma with its bootstrap interval, alpha,
+    beta, the fit's error, and (with a held-out model size) the error predicting it."""
+    head = "| family | gamma [95% bootstrap] | alpha | beta | RMSE (log loss) | leave-one-run-out RMSE |"
+    rule = "|---|---|---:|---:|---:|---:|"
+    if held:
+        head += f" held-out N = {held['N']:.3g}: log(pred / measured) [95% t] |"
+        rule += "---|"
+    lines = [head, rule]
+    for family, f in fit.items():
+        low, high = f["ci95_bootstrap"]["gamma"]
+        row = (f"| {family} | {f['gamma']:.3f} [{low:.3f}, {high:.3f}] | {f['alpha']:.2f} | {f['beta']:.2f} | "
+               f"{f['rmse_log_loss']:.3f} | {f['heldout_rmse_log_loss']:.3f} |")  # fmt: skip
+        if held:
+            e = held["per_family"][family]
+            row += f" {e['mean']:+.3f} {_interval(e['ci95_t'])} |"
+        lines.append(row)
+    if held:
+        m = held["mean_abs_log_error"]
+        lines += ["", f"Predicting the held-out largest model (N = {held['N']:.3g}) from the smaller ones: mean "
+                  f"|log error| over families **{m['mean']:.3f}** ({100 * (np.exp(m['mean']) - 1):.1f}% of the loss), "
+                  "95% t interval "
+                  f"{_interval(m['ci95_t'])} over its {m['runs']} runs."]  # fmt: skip
+    warnings = sorted({w for f in fit.values() for w in f["warnings"]})
+    lines += [f"\nWarning: {w}" for w in warnings]
+    return "\n".join(lines) + "\n"
