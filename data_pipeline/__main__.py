@@ -97,8 +97,9 @@ def language_table_markdown(manifest: dict) -> str:
     ratios = {lang: s["chars_per_token"] for lang, s in languages.items() if "chars_per_token" in s}
     median = float(np.median(list(ratios.values())))
     worst = min(ratios, key=ratios.get)
+    vocab = manifest["vocab_size"]
     lines += ["", f"Worst language: {worst}, {ratios[worst]:.2f} characters per token = "
-              f"**{ratios[worst] / median:.2f}x** the median {median:.2f} (vocab {manifest['vocab_size']})."]  # fmt: skip
+              f"**{ratios[worst] / median:.2f}x** the median {median:.2f} (vocab {vocab})."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
