@@ -72,6 +72,8 @@ def cmd_report(args) -> int:
     rows = stage_summary([json.loads(Path(f).read_text()) for f in args.results])
     header = f"{'stage':<16} {'format':<7} {'problems':>8} {'accuracy':>9} {'95% interval':>15}"
     print(f"{header} {'gain over previous':>26}")
+    table = ["| stage | prompts | problems | verifier accuracy [95%] | gain over the stage before [95%, paired] |",
+             "|---|---|---:|---|---|"]  # fmt: skip
     for r in rows:
         gain = ""
         if "gain" in r:
@@ -80,6 +82,8 @@ def cmd_report(args) -> int:
             gain = f"{r['gain']:+.3f} {interval}"
         print(f"{r['stage']:<16} {r['format']:<7} {r['problems']:>8} {r['accuracy']:>9.3f} "
               f"[{r['low']:.3f}, {r['high']:.3f}] {gain:>26}")  # fmt: skip
+        table.append(f"| {r['stage']} | {r['format']} | {r['problems']} | {r['accuracy']:.3f} "
+                     f"[{r['low']:.3f}, {r['high']:.3f}] | {gain} |")  # fmt: skip
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
     errors = [[max(r["accuracy"] - r["low"], 0) for r in rows], [max(r["high"] - r["accuracy"], 0) for r in rows]]
     ax.bar([f"{r['stage']}\n({r['format']})" for r in rows], [r["accuracy"] for r in rows], color="tab:blue",
@@ -89,7 +93,8 @@ def cmd_report(args) -> int:
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     atomic_write_text(Path(args.out).with_suffix(".json"), json.dumps(rows, indent=2) + "\n")
-    print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
+    atomic_write_text(Path(args.out).with_suffix(".md"), "\n".join(table) + "\n")
+    print(f"wrote {args.out} and the table as {Path(args.out).with_suffix('.json')} and .md")
     return 0
 
 
