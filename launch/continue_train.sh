@@ -84,7 +84,8 @@ build_data() {  # build_data NAME [key=value ...]: the dataset of stage NAME (ke
 }
 read -r -a eval_seeds <<< "${EVAL_SEEDS:-99}"
 evaluate() {  # evaluate CHECKPOINTS FORMAT LABEL: eval_LABEL.json (first seed), eval_LABEL_sN.json (others)
-    local seed first=1
+    local seed first=1 data=() name
+    for name in cot sft dpo; do [[ -f $DATA/$name/manifest.json ]] && data+=("$DATA/$name"); done
     for seed in "${eval_seeds[@]}"; do
         local out=$OUT/eval_$3_s$seed.json
         if ((first)); then out=$OUT/eval_$3.json; first=0; fi
@@ -92,8 +93,9 @@ evaluate() {  # evaluate CHECKPOINTS FORMAT LABEL: eval_LABEL.json (first seed),
             echo "=== eval $3 seed $seed: $out is newer than the model, kept"
             continue
         fi
+        # Refused if a stage dataset built so far holds any of the evaluation problems.
         $PYTHON -m training.posttrain eval "$1" --format "$2" --stage "$3" --count "$EVAL_COUNT" --seed "$seed" \
-            --out "$out"
+            --out "$out" --training-data "${data[@]}"
     done
 }
 run_dir() {  # where a stage's run writes, after OVERRIDES (out_dir=...)

@@ -338,6 +338,34 @@ def test_evaluation_problems_are_held_out_of_every_training_set():
     assert len({p.question for p in evaluation}) > 1000  # the held-out side is not a handful of problems
 
 
+def test_evaluation_refuses_problems_that_a_training_set_holds(small_dataset, tmp_path):
+    """User SFT data that holds three evaluation problems (one word for word, one reworded, one with
+    other names over the same arithmetic): the dataset records its problems' fingerprints and the
+    evaluation refuses, saying how many and where; the generated default data passes."""
+    from training.posttrain.evaluate import check_held_out, training_fingerprints
+
+    evaluation = generate_problems(40, seed=99, held_out=True)
+    own, reworded, renamed = evaluation[:3]
+    records = [[{"role": "user", "content": p.question}, {"role": "assistant", "content": p.solution}]
+               for p in generate_problems(20, seed=5)]  # fmt: skip
+    records += [
+        [{"role": "user", "content": own.question}, {"role": "assistant", "content": own.solution}],
+        [{"role": "user", "content": "  " + reworded.question.upper()}, {"role": "assistant", "content": "?"}],
+        [{"role": "user", "content": "Someone else's story."}, {"role": "assistant", "content": renamed.solution}],
+    ]
+    jsonl = tmp_path / "sft.jsonl"
+    jsonl.write_text("".join(json.dumps({"messages": m}) + "\n" for m in records))
+    user = tmp_path / "user_sft"
+    build_reasoning_data(ReasoningDataConfig(kind="sft", output_dir=str(user), base_data=str(small_dataset),
+                                             jsonl=str(jsonl)))  # fmt: skip
+    with pytest.raises(ValueError, match=rf"3 of 40 evaluation problems \(seed 99\) are in the training data {user}"):
+        check_held_out(evaluation, training_fingerprints([str(user), str(tmp_path / "no_such_data")]), 99)
+    generated = tmp_path / "generated_sft"
+    build_reasoning_data(ReasoningDataConfig(kind="sft", output_dir=str(generated), base_data=str(small_dataset),
+                                             generated=GeneratedProblems(300, seed=12)))  # fmt: skip
+    check_held_out(generate_problems(500, seed=99, held_out=True), training_fingerprints([str(generated)]), 99)
+
+
 def test_pairs_that_never_fit_are_refused_saying_why(small_dataset, tmp_path):
     """An undertrained policy's responses run to the sampling budget; when no pair fits the base's
     seq_len, the build says how long they are and what to change."""

@@ -110,6 +110,32 @@ def is_held_out(problem: MathProblem) -> bool:
     return int.from_bytes(digest[:8], "big") % HELD_OUT_ONE_IN == 0
 
 
+QUESTION_RE = re.compile(r"Question:\s*(.*?)(?:\nSolution:|$)", re.DOTALL)
+
+
+def _key(kind: str, text: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{kind}:{text}".encode()).digest()[:8], "big")
+
+
+def question_fingerprints(text: str) -> list[int]:
+    """Keys that recognise a problem in any text that states it: its question, case-folded with
+    whitespace collapsed ("Question: ..." where the text has one, else the whole text), and its
+    arithmetic chain (the `Step k: a op b` sequence, which outlives renamed people and items)."""
+    match = QUESTION_RE.search(text)
+    question = " ".join((match.group(1) if match else text).casefold().split())
+    keys = [_key("question", question)]
+    chain = [m.group(1, 2, 3) for m in STEP_RE.finditer(text)]
+    if chain:
+        keys.append(_key("chain", repr(chain)))
+    return keys
+
+
+def overlap(problems: list[MathProblem], fingerprints) -> list[MathProblem]:
+    """The problems that a set of fingerprints (`question_fingerprints` of training texts) holds."""
+    seen = {int(k) for k in fingerprints}
+    return [p for p in problems if any(k in seen for k in question_fingerprints(p.text))]
+
+
 def generate_problems(count: int, seed: int, max_steps: int = 3, held_out: bool = False) -> list[MathProblem]:
     """`count` verified problems from seed `seed`: candidates `seed * 1_000_003 + i` for i = 0, 1, ...,
     keeping those on the asked side of the split (training: `held_out=False`; evaluation: True)."""

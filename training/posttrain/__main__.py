@@ -46,11 +46,12 @@ def cmd_rollouts(args) -> int:
 
 def cmd_eval(args) -> int:
     from common.files import atomic_write_text
-    from training.posttrain.evaluate import load_policy, math_accuracy
+    from training.posttrain.evaluate import load_policy, math_accuracy, training_fingerprints
 
     policy = load_policy(args.checkpoint, args.tokenizer, args.chat_template)
     result = {"checkpoint": args.checkpoint, "stage": args.stage or Path(args.checkpoint).parent.name}
-    result.update(math_accuracy(policy, args.count, args.format, args.seed))
+    data = [*args.training_data, *([policy.data_path] if policy.data_path else [])]
+    result.update(math_accuracy(policy, args.count, args.format, args.seed, training=training_fingerprints(data)))
     print(f"{result['stage']}: accuracy {result['accuracy']:.3f} ({args.format} prompts, {args.count} problems)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--format", choices=["plain", "chat"], default="chat")
             p.add_argument("--seed", type=int, default=EVAL_SEED, help="problem set (stages train on other seeds)")
             p.add_argument("--stage", help="label in reports (default: the run's name)")
+            p.add_argument("--training-data", nargs="*", default=[], help="datasets whose problems must not be "
+                           "evaluated on (besides the one the model trained on): refused if any is")  # fmt: skip
     p = sub.add_parser("report", help="compare eval results")
     p.add_argument("results", nargs="+")
     p.add_argument("--out", default="accuracy.png")

@@ -21,10 +21,11 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from common.config import ConfigError, to_dict
+from common.files import atomic_write
 from data_pipeline.mixed import MixConfig, MixedDataset
 from data_pipeline.packing import PackedSequences, pack_best_fit, pack_bins, pack_documents
 from data_pipeline.shards import read_manifest, write_dataset
-from data_pipeline.synthetic.math_problems import MathProblem, generate_problems
+from data_pipeline.synthetic.math_problems import MathProblem, generate_problems, question_fingerprints
 from data_pipeline.tokenizer import load_tokenizer, special_ids, text_only
 from training.posttrain.chat import chat_format
 
@@ -192,7 +193,7 @@ def build_reasoning_data(config: ReasoningDataConfig) -> dict:
             stats[f"{name}_pairs"] = len(encoded) // 2
             stats[f"{name}_pairs_too_long"] = len(pairs) - len(encoded) // 2
     stats["truncated_docs"] = {name: packed.truncated_docs for name, packed in splits.items()}
-    return write_dataset(
+    manifest = write_dataset(
         config.output_dir,
         tokenizer,
         splits,
@@ -201,3 +202,28 @@ def build_reasoning_data(config: ReasoningDataConfig) -> dict:
         reasoning_stats=stats,
         config=to_dict(config),
     )
+    keys = np.unique(np.array([k for text in problem_texts(config) for k in question_fingerprints(text)], np.uint64))
+    atomic_write(Path(config.output_dir) / FINGERPRINTS, lambda tmp: np.save(open(tmp, "wb"), keys))
+    return manifest
+
+
+FINGERPRINTS = "question_fingerprints.npy"  # what evaluation checks its held-out problems against
+
+
+def problem_texts(config: ReasoningDataConfig) -> list[str]:
+    """Every problem statement (with its solution) the stage's data holds, training and validation."""
+    if config.kind == "cot":
+        return (
+            [r["text"] for r in read_jsonl(config.jsonl, ("text",))]
+            if config.jsonl
+            else [p.text for p in _problems(config)]
+        )
+    if config.kind == "sft":
+        turns = sft_conversations(config)
+    else:
+        turns = [prompt + [{"role": "assistant", "content": chosen}] for prompt, chosen, _ in dpo_pairs(config)]
+    return [
+        "Question: " + " ".join(t["content"] for t in c if t["role"] == "user")
+        + "\nSolution:\n" + "\n".join(t["content"] for t in c if t["role"] != "user")
+        for c in turns
+    ]  # fmt: skip

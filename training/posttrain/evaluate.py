@@ -11,17 +11,18 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from common.files import atomic_write_text
 from data_pipeline.shards import read_manifest
-from data_pipeline.synthetic.math_problems import MathProblem, generate_problems, verify_solution
+from data_pipeline.synthetic.math_problems import MathProblem, generate_problems, overlap, verify_solution
 from data_pipeline.tokenizer import EOS, load_tokenizer
 from training.model_setup import checkpoint_model_config, load_model_weights
 from training.models.hf import import_hf
 from training.models.phi import PhiModel
 from training.posttrain.chat import HFChatTemplate, PhiChat, chat_format
-from training.posttrain.data import chat_prompt
+from training.posttrain.data import FINGERPRINTS, chat_prompt
 from training.posttrain.generate import generate
 
 FORMATS = ("plain", "chat")
@@ -32,6 +33,7 @@ class Policy:
     model: PhiModel
     tokenizer: Tokenizer
     chat: PhiChat | HFChatTemplate | None = None  # how `chat` prompts are written; default the built-in
+    data_path: str | None = None  # the dataset the model last trained on (None for an HF folder)
 
     def __post_init__(self):
         if self.chat is None:
@@ -43,6 +45,7 @@ def load_policy(checkpoint: str, tokenizer: str | None = None, chat_template: st
     of the dataset it trained on; or an HF Phi3 folder with its own tokenizer. `tokenizer` overrides.
     Chat prompts use `chat_template` (an HF folder), else the template the model was trained with:
     an HF folder's own, or the one its dataset was built with (`chat_template` in its manifest)."""
+    data_path = None
     if Path(checkpoint, "config.json").is_file():
         model_config, state = import_hf(checkpoint)
         tokenizer = tokenizer or checkpoint
@@ -58,7 +61,7 @@ def load_policy(checkpoint: str, tokenizer: str | None = None, chat_template: st
     model = PhiModel(model_config)
     model.load_state_dict(state)
     loaded = load_tokenizer(tokenizer)
-    return Policy(model.eval(), loaded, chat_format(loaded, chat_template, tokenizer))
+    return Policy(model.eval(), loaded, chat_format(loaded, chat_template, tokenizer), data_path)
 
 
 def prompt_ids(policy: Policy, question: str, fmt: str) -> list[int]:
@@ -89,16 +92,44 @@ def complete(
     return [policy.tokenizer.decode(ids) for ids in out]
 
 
-def math_accuracy(policy: Policy, count: int, fmt: str, seed: int, max_steps: int = 3) -> dict:
+def training_fingerprints(data_paths: list[str]) -> dict[str, np.ndarray]:
+    """The question fingerprints each dataset recorded when it was built (stage datasets do;
+    others have none and are left out)."""
+    found = {}
+    for path in data_paths:
+        file = Path(path) / FINGERPRINTS
+        if file.is_file():
+            found[path] = np.load(file)
+    return found
+
+
+def check_held_out(problems: list[MathProblem], training: dict[str, np.ndarray], seed: int) -> None:
+    """Refuse to evaluate on problems a training set holds, saying how many and where."""
+    for path, keys in training.items():
+        seen = overlap(problems, keys)
+        if seen:
+            raise ValueError(
+                f"{len(seen)} of {len(problems)} evaluation problems (seed {seed}) are in the training data {path} "
+                f"(by question text or arithmetic chain), e.g. {seen[0].question!r}: an accuracy on them would not "
+                "measure held-out skill; rebuild that data with generated problems (held out by construction) or "
+                "remove these problems from it"
+            )
+
+
+def math_accuracy(policy: Policy, count: int, fmt: str, seed: int, max_steps: int = 3,
+                  training: dict[str, np.ndarray] | None = None) -> dict:  # fmt: skip
     """Greedy accuracy on `count` held-out generated problems (arithmetic chains no training set
-    holds: `math_problems.is_held_out`), checked by the verifier."""
+    holds: `math_problems.is_held_out`), checked by the verifier; first checked against the
+    `training` datasets' question fingerprints (none may appear there)."""
     problems = generate_problems(count, seed, max_steps, held_out=True)
+    check_held_out(problems, training or {}, seed)
     completions = complete(policy, problems, fmt)
     correct = [verify_solution(c, p.answer) for c, p in zip(completions, problems, strict=True)]
     return {
         "format": fmt,
         "problems": count,
         "seed": seed,
+        "checked_against": sorted(training or {}),
         "accuracy": sum(correct) / count,
         "correct": [int(ok) for ok in correct],  # per problem: the report pairs stages problem by problem
         "answered": sum("Answer:" in c for c in completions) / count,
