@@ -43,15 +43,20 @@ def block_mask(
 
     Tensor parallelism passes its rank's `head_start` so each rank keeps its own heads' patterns."""
     num_local_heads = num_kv_heads if num_local_heads is None else num_local_heads
-    heads = torch.arange(head_start, head_start + num_local_heads)[:, None, None]
-    q = torch.arange(num_blocks)[None, :, None]
-    k = torch.arange(num_blocks)[None, None, :]
+    blocks = torch.arange(num_blocks)
+    q, k = blocks[None, :, None], blocks[None, None, :]
+    shard = strided_blocks(pattern, num_kv_heads, torch.arange(head_start, head_start + num_local_heads), blocks)
+    return (q >= k) & ((q - k < pattern.local_blocks) | shard[:, None, :])
+
+
+def strided_blocks(pattern: S2Pattern, num_kv_heads: int, heads: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Boolean [heads, blocks]: whether each (global) KV head may read each key block from any later
+    query block: its strided shard, or every block for a dense head."""
     step = max(1, pattern.vert_stride // num_kv_heads)
     shard_heads = torch.zeros_like(heads) if pattern.homogeneous else heads
-    vertical = (k + shard_heads * step + pattern.head_offset) % pattern.vert_stride == 0
-    allowed = (q >= k) & ((q - k < pattern.local_blocks) | vertical)
-    dense = torch.tensor([h in pattern.dense_heads for h in heads.flatten().tolist()])[:, None, None]
-    return allowed | (dense & (q >= k))
+    strided = (blocks[None, :] + shard_heads[:, None] * step + pattern.head_offset) % pattern.vert_stride == 0
+    dense = torch.tensor([h in pattern.dense_heads for h in heads.tolist()], dtype=torch.bool)[:, None]
+    return strided | dense
 
 
 def window_block_mask(num_blocks: int, block_size: int, window: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import torch
 
-from kernels.patterns import S2Pattern, block_mask, window_block_mask
+from kernels.patterns import S2Pattern, block_mask, strided_blocks, window_block_mask
 
 
 @dataclass(frozen=True)
@@ -83,3 +83,87 @@ def s2_decode_attention(
         probs = torch.softmax(queries @ keys.transpose(1, 2) / math.sqrt(d), dim=-1)
         out[:, 0, h * group : (h + 1) * group] = (probs @ values).to(q.dtype)
     return out
+
+
+class S2LayerCache:
+    """The KV cache of one S2 layer, keeping per KV head only the key blocks that the newest query or
+    any later one can still read: the head's strided shard (every such block, for ever) and the
+    last `local_blocks` blocks; a block that has left the local window and is not in the shard is
+    dropped for good. Every head keeps its own positions, in order, in its own rows. Decoding reads
+    exactly what `s2_decode_attention` reads from a full cache, in the same order, so the outputs
+    are the same; memory grows as 1 / vert_stride of the positions."""
+
+    def __init__(self, max_len: int, heads: S2Heads):
+        self.max_len, self.heads, self.length = max_len, heads, 0
+        self.keys = self.values = self.positions = None
+        self.counts: list[int] = []
+
+    @staticmethod
+    def capacity(max_len: int, heads: S2Heads, num_local_heads: int) -> int:
+        """Positions per head the cache allocates: the largest shard plus the local window and the
+        block being filled."""
+        pattern, block = heads.pattern, heads.pattern.block_size
+        shard = _shard(heads, num_local_heads, math.ceil(max_len / block)).sum(-1).max()
+        return min(max_len, (int(shard) + pattern.local_blocks + 1) * block)
+
+    @property
+    def bytes(self) -> int:
+        return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
+
+    def _keep(self, head: int, positions: torch.Tensor, newest_block: int) -> torch.Tensor:
+        blocks = positions // self.heads.pattern.block_size
+        return self._shard[head, blocks] | (blocks > newest_block - self.heads.pattern.local_blocks)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Add positions length .. length + s - 1 (k, v [b, s, hkv, d]) and drop what no query from
+        the newest one on can read."""
+        b, s, hkv, d = k.shape
+        if self.keys is None:
+            capacity = self.capacity(self.max_len, self.heads, hkv)
+            self.keys = k.new_zeros(b, hkv, capacity, d)
+            self.values = torch.zeros_like(self.keys)
+            self.positions = torch.full((hkv, capacity), -1, dtype=torch.long, device=k.device)
+            self.counts = [0] * hkv
+            self._shard = _shard(self.heads, hkv, math.ceil(self.max_len / self.heads.pattern.block_size)).to(k.device)
+        end = self.length + s
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        newest = (end - 1) // self.heads.pattern.block_size
+        new = torch.arange(self.length, end, device=k.device)
+        for h in range(hkv):
+            count = self.counts[h]
+            keep = self._keep(h, self.positions[h, :count], newest).nonzero().flatten()
+            if len(keep) < count:  # compact: kept rows move to the front, in order
+                self.keys[:, h, : len(keep)] = self.keys[:, h, keep]
+                self.values[:, h, : len(keep)] = self.values[:, h, keep]
+                self.positions[h, : len(keep)] = self.positions[h, keep]
+                count = len(keep)
+            fresh = self._keep(h, new, newest).nonzero().flatten()
+            self.keys[:, h, count : count + len(fresh)] = k[:, fresh, h]
+            self.values[:, h, count : count + len(fresh)] = v[:, fresh, h]
+            self.positions[h, count : count + len(fresh)] = new[fresh]
+            self.counts[h] = count + len(fresh)
+        self.length = end
+
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        """Append the new token's K/V, then its attention (q [b, 1, hq, d]) over what each head kept,
+        within the last `window` positions when there is a sliding window."""
+        self.append(k, v)
+        b, _, hq, d = q.shape
+        hkv = self.keys.shape[1]
+        group, first = hq // hkv, (0 if window is None else self.length - window)
+        out = torch.empty_like(q)
+        for h in range(hkv):
+            rows = slice(0, self.counts[h])
+            inside = self.positions[h, rows] >= first
+            keys, values = self.keys[:, h, rows][:, inside].float(), self.values[:, h, rows][:, inside].float()
+            queries = q[:, 0, h * group : (h + 1) * group].float()  # [b, group, d]
+            probs = torch.softmax(queries @ keys.transpose(1, 2) / math.sqrt(d), dim=-1)
+            out[:, 0, h * group : (h + 1) * group] = (probs @ values).to(q.dtype)
+        return out
+
+
+def _shard(heads: S2Heads, num_local_heads: int, num_blocks: int) -> torch.Tensor:
+    """[local heads, blocks]: which key blocks each head may read from any later query block."""
+    local = torch.arange(heads.head_start, heads.head_start + num_local_heads)
+    return strided_blocks(heads.pattern, heads.num_kv_heads, local, torch.arange(num_blocks))

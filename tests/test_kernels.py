@@ -14,7 +14,7 @@ from kernels.flash_gqa import flash_attention, segment_bounds
 from kernels.flash_gqa_tuning import CANDIDATES, Tiles, candidates, pick_tiles
 from kernels.patterns import S2Pattern, block_lists, block_mask, density
 from kernels.reference import reference_attention, reference_s2_attention
-from kernels.s2_attention import S2Heads, _cached_lists, s2_attention, s2_decode_attention
+from kernels.s2_attention import S2Heads, S2LayerCache, _cached_lists, s2_attention, s2_decode_attention
 
 # fp32 in the interpreter: differences are summation order only.
 ATOL, RTOL = 2e-5, 1e-4
@@ -137,6 +137,32 @@ def test_decode_with_kv_cache_matches_last_row_of_prefill():
         for t in (17, 64, 100):
             step = s2_decode_attention(q[:, t - 1 : t], k[:, :t], v[:, :t], heads)
             torch.testing.assert_close(step, full[:, t - 1 : t], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "pattern, head_start, window",
+    [
+        (S2Pattern(block_size=16, local_blocks=2, vert_stride=4), 0, None),
+        (S2Pattern(block_size=16, local_blocks=1, vert_stride=3, head_offset=1), 2, None),
+        (S2Pattern(block_size=16, local_blocks=2, vert_stride=4, homogeneous=True), 0, 40),
+        (S2Pattern(block_size=16, local_blocks=1, vert_stride=4, dense_heads=(1,)), 0, None),
+    ],
+    ids=["plain", "offset-tp-slice", "homogeneous-window", "dense-head"],
+)
+def test_reduced_s2_cache_reads_what_the_full_cache_reads(pattern, head_start, window):
+    """Prefill, then decode token by token: the cache that drops blocks no later query can read
+    gives exactly the full cache's output at every step, and holds fewer positions."""
+    heads = S2Heads(pattern, num_kv_heads=4, head_start=head_start)
+    q, k, v, _ = inputs(2, 200, 4, 2, 8, docs=False, seed=4)  # this module: KV heads head_start, head_start + 1
+    cache = S2LayerCache(200, heads)
+    cache.append(k[:, :37], v[:, :37])
+    with torch.no_grad():
+        for t in range(38, 201):
+            got = cache.decode(q[:, t - 1 : t], k[:, t - 1 : t], v[:, t - 1 : t], window)
+            assert torch.equal(got, s2_decode_attention(q[:, t - 1 : t], k[:, :t], v[:, :t], heads, window)), t
+    if not pattern.dense_heads:
+        assert max(cache.counts) < 200 * (1 / pattern.vert_stride + 0.25)
+    assert cache.capacity(200, heads, 2) >= max(cache.counts)
 
 
 def test_segment_bounds():

@@ -56,6 +56,27 @@ def test_cached_generation_equals_recomputing_the_whole_sequence(s2):
             assert not torch.allclose(model(tokens), tiny_model()(tokens))
 
 
+def test_a_reduced_s2_cache_generates_what_the_full_cache_does():
+    """Each KV head of an S2 layer keeps only its strided blocks and the local window: greedy and
+    sampled generations are the same tokens as with every position cached, in a fraction of the
+    memory once past the window."""
+    from training.models.phi import KVCache
+
+    model = tiny_model(s2=S2Pattern(block_size=16, local_blocks=1, vert_stride=3), dense_every=2, max_seq_len=160)
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10] * 5]  # 5 + 70 and 25 + 70 tokens: past the window and a stride
+    for temperature in (0.0, 1.0):
+        want = generate(model, prompts, 70, stop=[], temperature=temperature, seed=3, reduce_s2=False)
+        assert generate(model, prompts, 70, stop=[], temperature=temperature, seed=3) == want
+    sparse = next(name for name, layer in model.layers.items() if layer.attention.s2 is not None)
+    caches = {reduce: KVCache(model, 160, reduce) for reduce in (False, True)}
+    with torch.no_grad():
+        for cache in caches.values():
+            model(torch.tensor([[1] * 150]), cache=cache)
+    full, reduced = (caches[r].layers[sparse].bytes for r in (False, True))
+    # 160 positions = 10 blocks: at most 4 in a head's shard, plus the local block and the one being filled.
+    assert reduced == full * 6 // 10
+
+
 def _generate_tensor_parallel(overrides: dict, prompts, sampled: bool):
     """Greedy or sampled completions from the model sharded over this process group as training shards it."""
     from torch.distributed.device_mesh import init_device_mesh

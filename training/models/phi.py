@@ -21,7 +21,7 @@ from torch import nn
 
 from kernels.attention import BACKENDS, attention, decode_attention
 from kernels.patterns import S2Pattern
-from kernels.s2_attention import S2Heads
+from kernels.s2_attention import S2Heads, S2LayerCache
 from training.models.init import init_weights
 
 
@@ -165,11 +165,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class LayerCache:
     """Keys and values of one layer's past tokens, `max_len` positions allocated at the first append
-    with that layer's own heads, dtype and device (under tensor parallel: its rank's KV heads)."""
+    with that layer's own heads, dtype and device (under tensor parallel: its rank's KV heads). An
+    S2 layer's decoding reads only the blocks its pattern allows (`s2`)."""
 
-    def __init__(self, max_len: int):
-        self.max_len, self.length = max_len, 0
+    def __init__(self, max_len: int, s2: S2Heads | None = None):
+        self.max_len, self.length, self.s2 = max_len, 0, s2
         self.keys = self.values = None
+
+    @property
+    def bytes(self) -> int:
+        return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.keys is None:
@@ -183,16 +188,31 @@ class LayerCache:
         self.length = end
         return self.keys[:, :end], self.values[:, :end]
 
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        """Append one token's K/V and return its attention over the cache."""
+        k_all, v_all = self.append(k, v)
+        return decode_attention(q, k_all, v_all, self.s2, window)
+
 
 class KVCache:
-    """One `LayerCache` per layer, keyed like `PhiModel.layers`."""
+    """One cache per layer, keyed like `PhiModel.layers`. S2 layers keep, per KV head, only the key
+    blocks a later query can read (`S2LayerCache`) unless `reduce_s2` is False."""
 
-    def __init__(self, model: PhiModel, max_len: int | None = None):
-        self.layers = {name: LayerCache(max_len or model.config.max_seq_len) for name in model.layers}
+    def __init__(self, model: PhiModel, max_len: int | None = None, reduce_s2: bool = True):
+        max_len = max_len or model.config.max_seq_len
+        self.layers = {}
+        for name, layer in model.layers.items():
+            s2 = layer.attention.s2
+            self.layers[name] = S2LayerCache(max_len, s2) if s2 is not None and reduce_s2 else LayerCache(max_len, s2)
 
     @property
     def length(self) -> int:
         return next(iter(self.layers.values())).length
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of keys and values allocated over all layers."""
+        return sum(cache.bytes for cache in self.layers.values())
 
 
 class Attention(nn.Module):
@@ -207,7 +227,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
-    def forward(self, x, cos, sin, doc_ids, cache: LayerCache | None = None):
+    def forward(self, x, cos, sin, doc_ids, cache: LayerCache | S2LayerCache | None = None):
         """`cos`/`sin` [s, rotated dims] hold the positions of x's tokens (after the cached ones)."""
         b, s, _ = x.shape
         start = cache.length if cache is not None else 0
@@ -217,8 +237,7 @@ class Attention(nn.Module):
         if cache is not None and start > 0:  # decoding: one token against everything cached
             if s != 1:
                 raise ValueError(f"after the prompt, decode one token at a time (got {s})")
-            k_all, v_all = cache.append(k, v)
-            out = decode_attention(q, k_all, v_all, self.s2, self.window)
+            out = cache.decode(q, k, v, self.window)
         else:
             if cache is not None:
                 cache.append(k, v)
@@ -251,7 +270,7 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x, cos, sin, doc_ids, cache: LayerCache | None = None):
+    def forward(self, x, cos, sin, doc_ids, cache: LayerCache | S2LayerCache | None = None):
         x = x + self.attention(self.attention_norm(x), cos, sin, doc_ids, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 

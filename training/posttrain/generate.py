@@ -25,9 +25,11 @@ def generate(
     temperature: float = 0.0,
     batch_size: int = 64,
     seed: int = 0,
+    reduce_s2: bool = True,
 ) -> list[list[int]]:
     """New tokens for each prompt, up to (not including) the first of the `stop` token sequences;
-    greedy when `temperature` is 0, sampled otherwise."""
+    greedy when `temperature` is 0, sampled otherwise. S2 layers cache only the key blocks their
+    pattern lets a later token read (`reduce_s2`; the output is the same either way)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -46,7 +48,7 @@ def generate(
         for start in range(0, len(indices), batch_size):
             rows = indices[start : start + batch_size]
             tokens = torch.tensor([prompts[i] for i in rows], device=device)
-            new = _generate_batch(model, tokens, budget, stop, temperature, generator)
+            new = _generate_batch(model, tokens, budget, stop, temperature, generator, reduce_s2)
             for row, completion in zip(rows, new, strict=True):
                 outputs[row] = completion
     model.train(was_training)
@@ -64,8 +66,8 @@ def _last_logits(model, tokens, cache) -> torch.Tensor:
     return logits.full_tensor() if isinstance(logits, DTensor) else logits
 
 
-def _generate_batch(model, tokens, budget, stop, temperature, generator) -> list[list[int]]:
-    cache = KVCache(model, tokens.shape[1] + budget)
+def _generate_batch(model, tokens, budget, stop, temperature, generator, reduce_s2) -> list[list[int]]:
+    cache = KVCache(model, tokens.shape[1] + budget, reduce_s2)
     logits = _last_logits(model, tokens, cache)
     done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     new_tokens = torch.empty(tokens.shape[0], 0, dtype=torch.long, device=tokens.device)
@@ -89,7 +91,7 @@ def _generate_batch(model, tokens, budget, stop, temperature, generator) -> list
         if _crosses_longrope_switch(model.config, cache.length):
             # The cached keys were rotated with the short factors; from here on every position uses the
             # long ones, so recompute the whole sequence (what transformers does at the same step).
-            cache = KVCache(model, tokens.shape[1] + budget)
+            cache = KVCache(model, tokens.shape[1] + budget, reduce_s2)
             logits = _last_logits(model, torch.cat([tokens, new_tokens], dim=1), cache)
         else:
             logits = _last_logits(model, next_token[:, None], cache)
