@@ -128,6 +128,7 @@ def phi4_mini_shaped_folder(tokenizer_folder, out):
     return out
 
 
+@pytest.mark.slow  # every stage, evaluation and the rerun: minutes
 def test_continue_train_runs_every_stage_from_a_phi4_mini_shaped_folder(phi4_style_folder, corpus_dir, tmp_path):
     """`launch/continue_train.sh <HF folder>`: the base data in the folder's tokenizer, every stage's
     conversations, evaluation prompts and rollouts in its chat template, and every stage trains; run

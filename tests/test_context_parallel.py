@@ -86,11 +86,16 @@ def loss_and_grads(config: PhiConfig, cp: bool, recompute: str = "none", precisi
     return float(loss.detach()), grads
 
 
+def slow(*values):
+    """A case the slow suite runs (the default suite has its neighbour: window on S2, selective recompute, bf16)."""
+    return pytest.param(*values, marks=pytest.mark.slow)
+
+
 @pytest.mark.parametrize(
     "cp,s2,window,recompute,precision",
-    [(2, False, None, "none", "fp32"), (2, False, 200, "none", "fp32"), (2, True, None, "none", "fp32"),
+    [(2, False, None, "none", "fp32"), slow(2, False, 200, "none", "fp32"), (2, True, None, "none", "fp32"),
      (2, True, 200, "none", "fp32"), (4, True, None, "none", "fp32"), (2, True, None, "selective", "fp32"),
-     (2, True, None, "full", "fp32"), (2, True, None, "none", "bf16"), (2, True, None, "none", "fp16")],
+     slow(2, True, None, "full", "fp32"), (2, True, None, "none", "bf16"), slow(2, True, None, "none", "fp16")],
     ids=["cp2-dense", "cp2-dense-window200", "cp2-s2", "cp2-s2-window200", "cp4-s2", "cp2-s2-recompute",
          "cp2-s2-full-recompute", "cp2-s2-bf16", "cp2-s2-fp16"],
 )  # fmt: skip

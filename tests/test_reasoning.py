@@ -383,7 +383,7 @@ def test_evaluation_refuses_problems_that_a_training_set_holds(small_dataset, tm
         check_held_out(evaluation, training_fingerprints([str(user), str(tmp_path / "no_such_data")]), 99)
     generated = tmp_path / "generated_sft"
     build_reasoning_data(ReasoningDataConfig(kind="sft", output_dir=str(generated), base_data=str(small_dataset),
-                                             generated=GeneratedProblems(300, seed=12)))  # fmt: skip
+                                             generated=GeneratedProblems(120, seed=12)))  # fmt: skip
     check_held_out(generate_problems(500, seed=99, held_out=True), training_fingerprints([str(generated)]), 99)
 
 
