@@ -86,6 +86,16 @@ def _plot(path: Path, draw) -> None:
     plt.close(fig)
 
 
+def _label_ticks(axis, values) -> None:
+    """Ticks at `values` only, labelled with three significant digits (a log axis that spans less than
+    a decade has no labelled ticks of its own; its minor labels overlap)."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    axis.set_major_locator(FixedLocator(list(values)))
+    axis.set_minor_locator(NullLocator())
+    axis.set_ticklabels([f"{v:.2g}" for v in values])
+
+
 def cmd_fit_lr(results: str, out: Path) -> dict:
     rows = read_rows(results)
     for key in ("N", "D", "lr", "loss"):
@@ -110,13 +120,16 @@ def cmd_fit_lr(results: str, out: Path) -> dict:
         colours = dict(zip(horizons, family_styles(len(horizons)), strict=True))  # a colour per horizon D
         dashes = ["-", "--", "-.", (0, (1, 1)), (0, (5, 1, 1, 1))]  # a line style and marker per size N
         for (n, d), pts in sorted(groups.items()):
-            pts, k = sorted(pts), sizes.index(n)
-            colour = colours[d][0]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colour, ls=dashes[k % len(dashes)],
-                    marker="osD^v"[k % 5], label=f"N={n:.2g}, D={d:.2g}")  # fmt: skip
+            k, colour = sizes.index(n), colours[d][0]
+            lrs = sorted({lr for lr, _ in pts})
+            means = [np.mean([loss for x, loss in pts if x == lr]) for lr in lrs]  # the line: mean over seeds
+            ax.plot(lrs, means, color=colour, ls=dashes[k % len(dashes)], label=f"N={n:.2g}, D={d:.2g}")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "osD^v"[k % 5], color=colour, ms=4, ls="none")
             best = next(o for o in optima if (o.n, o.d) == (n, d))
             ax.axvline(best.lr, color=colour, ls=":", lw=0.8)
-        ax.set(xscale="log", xlabel="peak LR", ylabel="final loss", title="loss vs LR (dotted: fitted LR*)")
+        ax.set(xscale="log", xlabel="peak LR", ylabel="final loss",
+               title="loss vs LR (points: seeds; line: their mean; dotted: fitted LR*)")  # fmt: skip
+        _label_ticks(ax.xaxis, sorted({lr for pts in groups.values() for lr, _ in pts}))
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
     def law_plot(ax):
@@ -136,8 +149,9 @@ def cmd_fit_lr(results: str, out: Path) -> dict:
                 ax.plot(grid, law["B"] * grid ** -law["beta"], color=colour)
         ax.set(xscale="log", yscale="log", xlabel="tokens D", ylabel="LR*",
                title=f"token-horizon LR law: beta = {law['beta']:.3f}")  # fmt: skip
-        for axis in (ax.xaxis, ax.yaxis):
-            axis.set_minor_formatter(NullFormatter())  # decade labels only: minor ones overlap
+        ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: minor ones overlap
+        low, high = ax.get_ylim()
+        _label_ticks(ax.yaxis, np.geomspace(low, high, 5)[1:-1])  # the optima may span less than a decade
         ax.legend(fontsize=7, loc="best")
 
     _plot(out / "loss_vs_lr.png", loss_vs_lr)
