@@ -52,7 +52,9 @@ def world(layout: dict) -> int:
         pytest.param(dict(dp=2, tp=2, dp_mode="fsdp"), dict(pp=2), marks=pytest.mark.slow),
         (dict(cp=2), dict()),
         # the vocabulary split over DP (x TP) is stored as the whole table: one process (TP2) reads it
-        (dict(dp=2, dp_mode="fsdp", fsdp_unit="linear", vocab_over_dp=True), dict()),
+        pytest.param(
+            dict(dp=2, dp_mode="fsdp", fsdp_unit="linear", vocab_over_dp=True), dict(), marks=pytest.mark.slow
+        ),
         pytest.param(
             dict(dp=2, tp=2, dp_mode="fsdp", fsdp_unit="linear", vocab_over_dp=True), dict(tp=2), marks=pytest.mark.slow
         ),
