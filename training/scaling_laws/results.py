@@ -12,19 +12,31 @@ import numpy as np
 from training.scaling_laws.lr_law import t_interval
 
 
-def read_rows(path: str | Path) -> list[dict[str, float]]:
-    """results.csv's rows as numbers (the `run` name column left out); errors name the file and line."""
+def read_rows(path: str | Path, skip_text: bool = False) -> list[dict[str, float]]:
+    """results.csv's rows as numbers (the `run` name column left out); errors name the file and line.
+    `skip_text` leaves out cells that are not numbers (a run's `lr` is `auto` when the law chose it)."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         raise ValueError(f"{path}: no rows")
     out = []
     for i, row in enumerate(rows, 2):
+        cells = {k: v for k, v in row.items() if v not in ("", None) and k != "run"}
+        if skip_text:
+            cells = {k: v for k, v in cells.items() if _is_number(v)}
         try:
-            out.append({k: float(v) for k, v in row.items() if v not in ("", None) and k != "run"})
+            out.append({k: float(v) for k, v in cells.items()})
         except ValueError as err:
             raise ValueError(f"{path}:{i}: not a number ({err})") from None
     return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def interval_text(interval: list[float] | None) -> str:
@@ -45,7 +57,7 @@ def compare_runs(baseline: str | Path, candidate: str | Path) -> dict:
     difference over seeds with its t interval (seeds as the unit; n - 1 degrees of freedom).
     A difference that is the same at every seed is reported as no variation, not as an interval."""
     paths = {"baseline": baseline, "candidate": candidate}
-    rows = {name: {int(r["seed"]): r for r in read_rows(path)} for name, path in paths.items()}
+    rows = {name: {int(r["seed"]): r for r in read_rows(path, skip_text=True)} for name, path in paths.items()}
     seeds = sorted(set(rows["baseline"]) & set(rows["candidate"]))
     if len(seeds) < 2:
         raise ValueError(f"{baseline} and {candidate}: need runs at two or more common seeds, found {seeds}")
