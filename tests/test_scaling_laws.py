@@ -195,7 +195,9 @@ def test_paired_comparison_by_seed(tmp_path, capsys):
     base = [
         {"run": f"s{s}", "seed": s, "loss": 4.0 + 0.1 * s, "loss/a": 3.0 + 0.1 * s, "loss/b": 5.0} for s in range(3)
     ]
-    better = [{**r, "loss": r["loss"] - 0.2 - 0.01 * r["seed"], "loss/a": r["loss/a"] - 0.3} for r in base]
+    better = [
+        {**r, "loss": r["loss"] - 0.2 - 0.01 * r["seed"], "loss/a": r["loss/a"] - 0.3, "lr": "auto"} for r in base
+    ]
     write_csv(tmp_path / "base.csv", base)
     write_csv(tmp_path / "law.csv", better)
     assert (
