@@ -68,17 +68,27 @@ def s2_decode_attention(
     """One new token per sequence attending to a KV cache [b, t, hkv, d] (its own K/V included, at
     position t - 1). Reads only the key blocks the pattern allows for the token's query block (and,
     with a sliding `window`, only its last `window` positions)."""
-    b, t, hkv, d = k_cache.shape
-    group = q.shape[2] // hkv
+    t, hkv = k_cache.shape[1], k_cache.shape[2]
     block = heads.pattern.block_size
     row = heads.mask(hkv, t, window)[:, (t - 1) // block]  # [hkv, key blocks]
     first = 0 if window is None else t - window
-    out = torch.empty_like(q)
-    for h in range(hkv):
+
+    def read(h: int) -> tuple[torch.Tensor, torch.Tensor]:
         blocks = row[h].nonzero().flatten()
         pos = (blocks[:, None] * block + torch.arange(block)).flatten()
         pos = pos[(pos < t) & (pos >= first)].to(k_cache.device)
-        keys, values = k_cache[:, pos, h].float(), v_cache[:, pos, h].float()  # [b, n, d]
+        return k_cache[:, pos, h], v_cache[:, pos, h]
+
+    return _decode_heads(q, hkv, read)
+
+
+def _decode_heads(q: torch.Tensor, hkv: int, read) -> torch.Tensor:
+    """One token's attention (q [b, 1, hq, d]) per KV head over the keys and values [b, n, d] that
+    `read(head)` gives, in fp32; each KV head serves its group of query heads."""
+    d, group = q.shape[-1], q.shape[2] // hkv
+    out = torch.empty_like(q)
+    for h in range(hkv):
+        keys, values = (x.float() for x in read(h))
         queries = q[:, 0, h * group : (h + 1) * group].float()  # [b, group, d]
         probs = torch.softmax(queries @ keys.transpose(1, 2) / math.sqrt(d), dim=-1)
         out[:, 0, h * group : (h + 1) * group] = (probs @ values).to(q.dtype)
@@ -102,9 +112,7 @@ class S2LayerCache:
     def capacity(max_len: int, heads: S2Heads, num_local_heads: int) -> int:
         """Positions per head the cache allocates: the largest shard plus the local window and the
         block being filled."""
-        pattern, block = heads.pattern, heads.pattern.block_size
-        shard = _shard(heads, num_local_heads, math.ceil(max_len / block)).sum(-1).max()
-        return min(max_len, (int(shard) + pattern.local_blocks + 1) * block)
+        return _capacity(max_len, heads, _shard(heads, num_local_heads, max_len))
 
     @property
     def bytes(self) -> int:
@@ -119,12 +127,13 @@ class S2LayerCache:
         the newest one on can read."""
         b, s, hkv, d = k.shape
         if self.keys is None:
-            capacity = self.capacity(self.max_len, self.heads, hkv)
+            shard = _shard(self.heads, hkv, self.max_len)
+            capacity = _capacity(self.max_len, self.heads, shard)
             self.keys = k.new_zeros(b, hkv, capacity, d)
             self.values = torch.zeros_like(self.keys)
             self.positions = torch.full((hkv, capacity), -1, dtype=torch.long, device=k.device)
             self.counts = [0] * hkv
-            self._shard = _shard(self.heads, hkv, math.ceil(self.max_len / self.heads.pattern.block_size)).to(k.device)
+            self._shard = shard.to(k.device)
         end = self.length + s
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
@@ -149,21 +158,23 @@ class S2LayerCache:
         """Append the new token's K/V, then its attention (q [b, 1, hq, d]) over what each head kept,
         within the last `window` positions when there is a sliding window."""
         self.append(k, v)
-        b, _, hq, d = q.shape
-        hkv = self.keys.shape[1]
-        group, first = hq // hkv, (0 if window is None else self.length - window)
-        out = torch.empty_like(q)
-        for h in range(hkv):
+        first = 0 if window is None else self.length - window
+
+        def read(h: int) -> tuple[torch.Tensor, torch.Tensor]:
             rows = slice(0, self.counts[h])
             inside = self.positions[h, rows] >= first
-            keys, values = self.keys[:, h, rows][:, inside].float(), self.values[:, h, rows][:, inside].float()
-            queries = q[:, 0, h * group : (h + 1) * group].float()  # [b, group, d]
-            probs = torch.softmax(queries @ keys.transpose(1, 2) / math.sqrt(d), dim=-1)
-            out[:, 0, h * group : (h + 1) * group] = (probs @ values).to(q.dtype)
-        return out
+            return self.keys[:, h, rows][:, inside], self.values[:, h, rows][:, inside]
+
+        return _decode_heads(q, self.keys.shape[1], read)
 
 
-def _shard(heads: S2Heads, num_local_heads: int, num_blocks: int) -> torch.Tensor:
-    """[local heads, blocks]: which key blocks each head may read from any later query block."""
+def _shard(heads: S2Heads, num_local_heads: int, max_len: int) -> torch.Tensor:
+    """[local heads, blocks of max_len]: which key blocks each head may read from any later query block."""
     local = torch.arange(heads.head_start, heads.head_start + num_local_heads)
-    return strided_blocks(heads.pattern, heads.num_kv_heads, local, torch.arange(num_blocks))
+    blocks = torch.arange(math.ceil(max_len / heads.pattern.block_size))
+    return strided_blocks(heads.pattern, heads.num_kv_heads, local, blocks)
+
+
+def _capacity(max_len: int, heads: S2Heads, shard: torch.Tensor) -> int:
+    largest = int(shard.sum(-1).max())
+    return min(max_len, (largest + heads.pattern.local_blocks + 1) * heads.pattern.block_size)
