@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from common.config import ConfigError, to_dict
 from common.files import atomic_write
@@ -92,12 +91,17 @@ def _problems(config: ReasoningDataConfig) -> list[MathProblem]:
     return generate_problems(g.count, g.seed, g.max_steps)
 
 
-def cot_documents(config: ReasoningDataConfig, tokenizer: Tokenizer) -> list[list[int]]:
+def cot_texts(config: ReasoningDataConfig) -> list[str]:
     if config.jsonl:
-        texts = [r["text"] for r in read_jsonl(config.jsonl, ("text",))]
-    else:
-        texts = [p.text for p in _problems(config)]
-    return [e.ids for e in text_only(tokenizer).encode_batch(texts, add_special_tokens=False)]
+        return [r["text"] for r in read_jsonl(config.jsonl, ("text",))]
+    return [p.text for p in _problems(config)]
+
+
+def conversation_statement(turns: list[dict[str, str]]) -> str:
+    """A conversation written as a problem: its user turns as the question, the rest as the solution
+    (what `question_fingerprints` reads)."""
+    question = " ".join(t["content"] for t in turns if t["role"] == "user")
+    return f"Question: {question}\nSolution:\n" + "\n".join(t["content"] for t in turns if t["role"] != "user")
 
 
 def sft_conversations(config: ReasoningDataConfig) -> list[list[dict[str, str]]]:
@@ -160,7 +164,10 @@ def build_reasoning_data(config: ReasoningDataConfig) -> dict:
     split = (config.valid_fraction, config.seed)
 
     if config.kind == "cot":
-        train, valid = _split(cot_documents(config, tokenizer), *split)
+        texts = cot_texts(config)
+        statements = texts
+        documents = [e.ids for e in text_only(tokenizer).encode_batch(texts, add_special_tokens=False)]
+        train, valid = _split(documents, *split)
         cot = pack_documents([(family, d) for d in train], seq_len, eos, pad)
         replay = round(len(cot) * config.replay_ratio / (1 - config.replay_ratio))
         splits = {
@@ -172,14 +179,19 @@ def build_reasoning_data(config: ReasoningDataConfig) -> dict:
         stats = {"cot_sequences": len(cot), "replay_sequences": replay}
     elif config.kind == "sft":
         splits = {}
-        for name, conversations in zip(("train", "valid"), _split(sft_conversations(config), *split), strict=True):
+        every = sft_conversations(config)
+        statements = [conversation_statement(c) for c in every]
+        for name, conversations in zip(("train", "valid"), _split(every, *split), strict=True):
             encoded = [encode(c) for c in conversations]
             docs, masks = [(family, e.ids) for e in encoded], [e.loss_mask for e in encoded]
             splits[name] = pack_best_fit(docs, seq_len, eos, pad, masks)
             stats[f"{name}_conversations"] = len(conversations)
     else:
         splits = {}
-        for name, pairs in zip(("train", "valid"), _split(dpo_pairs(config), *split), strict=True):
+        every = dpo_pairs(config)
+        statements = [conversation_statement([*prompt, {"role": "assistant", "content": chosen}])
+                      for prompt, chosen, _ in every]  # fmt: skip
+        for name, pairs in zip(("train", "valid"), _split(every, *split), strict=True):
             encoded, longest = [], []
             for prompt, chosen, rejected in pairs:  # a cut response would compare the wrong thing
                 both = [encode(prompt + [{"role": "assistant", "content": r}]) for r in (chosen, rejected)]
@@ -193,6 +205,7 @@ def build_reasoning_data(config: ReasoningDataConfig) -> dict:
             stats[f"{name}_pairs"] = len(encoded) // 2
             stats[f"{name}_pairs_too_long"] = len(pairs) - len(encoded) // 2
     stats["truncated_docs"] = {name: packed.truncated_docs for name, packed in splits.items()}
+    keys = np.unique(np.array([k for text in statements for k in question_fingerprints(text)], np.uint64))
     manifest = write_dataset(
         config.output_dir,
         tokenizer,
@@ -202,28 +215,13 @@ def build_reasoning_data(config: ReasoningDataConfig) -> dict:
         reasoning_stats=stats,
         config=to_dict(config),
     )
-    keys = np.unique(np.array([k for text in problem_texts(config) for k in question_fingerprints(text)], np.uint64))
-    atomic_write(Path(config.output_dir) / FINGERPRINTS, lambda tmp: np.save(open(tmp, "wb"), keys))
+    atomic_write(Path(config.output_dir) / FINGERPRINTS, lambda tmp: _save_array(tmp, keys))
     return manifest
 
 
 FINGERPRINTS = "question_fingerprints.npy"  # what evaluation checks its held-out problems against
 
 
-def problem_texts(config: ReasoningDataConfig) -> list[str]:
-    """Every problem statement (with its solution) the stage's data holds, training and validation."""
-    if config.kind == "cot":
-        return (
-            [r["text"] for r in read_jsonl(config.jsonl, ("text",))]
-            if config.jsonl
-            else [p.text for p in _problems(config)]
-        )
-    if config.kind == "sft":
-        turns = sft_conversations(config)
-    else:
-        turns = [prompt + [{"role": "assistant", "content": chosen}] for prompt, chosen, _ in dpo_pairs(config)]
-    return [
-        "Question: " + " ".join(t["content"] for t in c if t["role"] == "user")
-        + "\nSolution:\n" + "\n".join(t["content"] for t in c if t["role"] != "user")
-        for c in turns
-    ]  # fmt: skip
+def _save_array(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to a temporary name
+        np.save(f, array)
