@@ -159,6 +159,12 @@ def cmd_fit_lr(results: str, out: Path) -> dict:
     return law
 
 
+def family_columns(rows: list[dict], family: str) -> tuple[list[dict], list[np.ndarray]]:
+    """The runs that drew the family and measured its loss, and their N, D, ratio and loss columns."""
+    use = [r for r in rows if f"loss/{family}" in r and r.get(f"ratio/{family}", 0) > 0]
+    return use, [np.array([r[k] for r in use]) for k in ("N", "D", f"ratio/{family}", f"loss/{family}")]
+
+
 def largest_model_held_out(rows: list[dict], families: list[str]) -> dict:
     """Every family's law refitted without the runs of the largest model, then asked for their
     losses: log(predicted / measured) per family (mean over the held-out runs, t interval with the
@@ -168,8 +174,7 @@ def largest_model_held_out(rows: list[dict], families: list[str]) -> dict:
         raise ValueError("--hold-out-largest needs three model sizes or more (two to fit A and alpha, one to predict)")
     per_family, per_run = {}, defaultdict(list)
     for family in families:
-        use = [r for r in rows if f"loss/{family}" in r and r.get(f"ratio/{family}", 0) > 0]
-        cols = [np.array([r[k] for r in use]) for k in ("N", "D", f"ratio/{family}", f"loss/{family}")]
+        use, cols = family_columns(rows, family)
         held = cols[0] == largest
         errors = held_out_errors(*cols, held)
         per_family[family] = {**mean_with_t_interval(errors), "rmse": float(np.sqrt(np.mean(errors**2)))}
@@ -188,8 +193,7 @@ def cmd_fit_multilingual(results: str, out: Path, bootstrap: int = 200, hold_out
         raise ValueError(f"{results}: no loss/<family> columns")
     fit = {}
     for family in families:
-        use = [r for r in rows if f"loss/{family}" in r and r.get(f"ratio/{family}", 0) > 0]
-        cols = [np.array([r[k] for r in use]) for k in ("N", "D", f"ratio/{family}", f"loss/{family}")]
+        use, cols = family_columns(rows, family)
         law, rmse = fit_family(*cols)
         residual = np.log(law.loss(*cols[:3])) - np.log(cols[3])
         others = {o: np.array([r.get(f"ratio/{o}", 0.0) for r in use]) for o in families if o != family}

@@ -83,7 +83,7 @@ def comparison_table(result: dict) -> str:
     """The comparison as a Markdown table."""
     lines = ["| metric | baseline | candidate | candidate - baseline | 95% t interval |", "|---|---:|---:|---:|---|"]
     for metric, e in result["metrics"].items():
-        interval = e.get("note") or (f"[{e['ci95_t'][0]:+.3f}, {e['ci95_t'][1]:+.3f}]" if e["ci95_t"] else "none")
+        interval = e.get("note") or _interval(e["ci95_t"])
         lines.append(f"| {metric} | {e['baseline']:.3f} | {e['candidate']:.3f} | {e['mean']:+.3f} | {interval} |")
     return "\n".join(lines)
 
