@@ -78,14 +78,18 @@ def attention(
     backend: str = "sdpa",
     s2: S2Heads | None = None,
     window: int | None = None,
+    q_offset: int = 0,
 ) -> torch.Tensor:
     """Causal attention inside documents, dense or S2, optionally inside a sliding `window` (query i
-    reads keys j with i - j < window). q [b, s, hq, d], k/v [b, s, hkv, d] -> [b, s, hq, d]."""
+    reads keys j with i - j < window). q [b, s, hq, d], k/v [b, s, hkv, d] -> [b, s, hq, d].
+    `q_offset` (the Triton kernels only): q holds positions q_offset.. of the keys' sequence."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if q_offset and backend != "triton":
+        raise ValueError(f"queries at an offset run on the Triton kernels, not attn_backend {backend!r}")
     if s2 is not None:
         if backend in ("triton", "flash_attn"):
-            return s2_attention(q, k, v, s2, doc_ids, window=window)
+            return s2_attention(q, k, v, s2, doc_ids, window=window, q_offset=q_offset)
         block = s2.mask(k.shape[2], q.shape[1], window)
         if backend == "flex":
             from kernels.flex import flex_attention_bshd
@@ -108,7 +112,7 @@ def attention(
         return flex_attention_bshd(q, k, v, doc_ids, window)
     from kernels.flash_gqa import flash_attention
 
-    return flash_attention(q, k, v, doc_ids, window=window)
+    return flash_attention(q, k, v, doc_ids, window=window, q_offset=q_offset)
 
 
 def decode_attention(

@@ -93,12 +93,12 @@ def _doc_args(documents: list[torch.Tensor], device) -> tuple[torch.Tensor, torc
 @torch.library.custom_op("kernels::flash_gqa_fwd", mutates_args=())
 def _flash_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: list[torch.Tensor], lists: list[torch.Tensor],
-    cap: int, window: int, tiles: str,
+    cap: int, window: int, tiles: str, q_offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(out, lse); `documents`: `_documents` (or empty); `lists`: SparsityLists.tensors() (S2) or empty
-    (dense); `tiles`: Tiles.encode."""
+    (dense); `tiles`: Tiles.encode; query row r at position q_offset + r of the keys."""
     b, s, hq, d = q.shape
-    hkv = k.shape[2]
+    hkv, seq_len = k.shape[2], k.shape[1]
     block_d = triton.next_power_of_2(d)
     o = torch.empty_like(q)
     lse = torch.empty(b, hq, s, device=q.device, dtype=torch.float32)
@@ -112,7 +112,7 @@ def _flash_fwd(
         fwd_kernel[(triton.cdiv(s, positions), b * grid_heads)](
             q, k, v, o, lse, doc, seg_start, seg_end, index, count,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o), lse.stride(0), lse.stride(1), doc.stride(0),
-            s_ih, s_iq, s_ch, s, d, grid_heads, 1.0 / math.sqrt(d), window,
+            s_ih, s_iq, s_ch, seq_len, q_offset, s, d, grid_heads, 1.0 / math.sqrt(d), window,
             **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, PACK_GQA=t.pack_gqa, num_warps=t.num_warps,
             num_stages=t.num_stages,
         )  # fmt: skip
@@ -126,7 +126,7 @@ def _flash_fwd(
 
 
 @_flash_fwd.register_fake
-def _(q, k, v, documents, lists, cap, window, tiles):
+def _(q, k, v, documents, lists, cap, window, tiles, q_offset):
     b, s, hq, _ = q.shape
     return torch.empty_like(q), q.new_empty(b, hq, s, dtype=torch.float32)
 
@@ -134,11 +134,11 @@ def _(q, k, v, documents, lists, cap, window, tiles):
 @torch.library.custom_op("kernels::flash_gqa_bwd", mutates_args=())
 def _flash_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    documents: list[torch.Tensor], lists: list[torch.Tensor], cap: int, window: int, tiles: str,
+    documents: list[torch.Tensor], lists: list[torch.Tensor], cap: int, window: int, tiles: str, q_offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dq, dk, dv): dK/dV by key tile over the backward lists, dQ by query tile over the forward ones."""
     b, s, hq, d = q.shape
-    hkv = k.shape[2]
+    hkv, seq_len = k.shape[2], k.shape[1]
     block_d = triton.next_power_of_2(d)
     do = do.contiguous()
     delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
@@ -152,16 +152,16 @@ def _flash_bwd(
     fwd_lists = _list_args(lists, backward=False, device=q.device)
 
     def launch_dkdv(t: Tiles):
-        bwd_dkdv_kernel[(triton.cdiv(s, t.block_n), b * hkv)](
+        bwd_dkdv_kernel[(triton.cdiv(seq_len, t.block_n), b * hkv)](
             q, k, v, do, lse, delta, dk, dv, doc, seg_start, seg_end, *bwd_lists[:2],
-            *strides, *bwd_lists[2:], *_strides(dk), *_strides(dv), s, d, hkv, sm_scale, window,
+            *strides, *bwd_lists[2:], *_strides(dk), *_strides(dv), seq_len, q_offset, s, d, hkv, sm_scale, window,
             **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
         )  # fmt: skip
 
     def launch_dq(t: Tiles):
         bwd_dq_kernel[(triton.cdiv(s, t.block_m), b * hq)](
             q, k, v, do, lse, delta, dq, doc, seg_start, seg_end, *fwd_lists[:2],
-            *strides, *fwd_lists[2:], *_strides(dq), s, d, hq, sm_scale, window,
+            *strides, *fwd_lists[2:], *_strides(dq), seq_len, q_offset, s, d, hq, sm_scale, window,
             **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
         )  # fmt: skip
 
@@ -172,23 +172,23 @@ def _flash_bwd(
 
 
 @_flash_bwd.register_fake
-def _(do, q, k, v, o, lse, documents, lists, cap, window, tiles):
+def _(do, q, k, v, o, lse, documents, lists, cap, window, tiles, q_offset):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, documents, lists, cap, window, tiles = inputs
+    q, k, v, documents, lists, cap, window, tiles, q_offset = inputs
     ctx.save_for_backward(q, k, v, *output, *documents, *lists)
-    ctx.documents, ctx.cap, ctx.window, ctx.tiles = len(documents), cap, window, tiles
+    ctx.documents, ctx.cap, ctx.window, ctx.tiles, ctx.q_offset = len(documents), cap, window, tiles, q_offset
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse, *rest = ctx.saved_tensors
     documents, lists = rest[: ctx.documents], rest[ctx.documents :]
-    dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, documents, lists, ctx.cap, ctx.window, ctx.tiles)
+    dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, documents, lists, ctx.cap, ctx.window, ctx.tiles, ctx.q_offset)
     # a tensor list's gradient: one per element
-    return dq, dk, dv, [None] * len(documents), [None] * len(lists), None, None, None
+    return dq, dk, dv, [None] * len(documents), [None] * len(lists), None, None, None, None
 
 
 _flash_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -204,16 +204,26 @@ def flash_attention(
     return_lse: bool = False,
     window: int | None = None,
     tiles: dict[str, Tiles] | None = None,
+    q_offset: int = 0,
 ):
     """Causal GQA attention; with `lists`, only the listed key blocks (S2 block size `block`) are
     read; with a sliding `window`, query i reads keys j with i - j < window. Without lists, `block`
     caps the tile sizes (tests use small tiles to cross many tile edges). `tiles` ({"fwd", "dkdv",
-    "dq"} -> Tiles) fixes the launch configurations instead of the tuned or default ones."""
+    "dq"} -> Tiles) fixes the launch configurations instead of the tuned or default ones.
+
+    Positions are global: k/v (and `doc_ids`, [b, sk]) hold positions 0..sk - 1 and query row r is
+    position `q_offset` + r, so a context-parallel chunk attends to the keys before it without
+    holding the queries before it (q_offset + sq <= sk; with lists, q_offset a multiple of `block`)."""
+    sq, sk = q.shape[1], k.shape[1]
     if q.shape[-1] not in (16, 32, 64, 96, 128, 256) and q.shape[-1] % 16:
         raise ValueError(f"head_dim {q.shape[-1]} is not supported (multiples of 16)")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}")
+    if q_offset < 0 or q_offset + sq > sk:
+        raise ValueError(f"queries at positions {q_offset}..{q_offset + sq - 1} need keys there: there are {sk}")
+    if lists and q_offset % block:
+        raise ValueError(f"q_offset {q_offset} must be a multiple of the S2 block size {block}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     tensors = lists.tensors() if isinstance(lists, SparsityLists) else list(lists or [])
-    o, lse = _flash_fwd(q, k, v, _documents(doc_ids), tensors, block, window or q.shape[1], Tiles.encode(tiles))
+    o, lse = _flash_fwd(q, k, v, _documents(doc_ids), tensors, block, window or sk, Tiles.encode(tiles), q_offset)
     return (o, lse) if return_lse else o

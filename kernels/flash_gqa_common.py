@@ -10,14 +10,14 @@ import triton.language as tl
 
 @triton.jit
 def load_tile(PTR, b, h, offs, offs_d, seq_len, head_dim, s_b, s_s, s_h):
-    """Rows `offs` of head `h` of sequence `b` as a [rows, BLOCK_D] tile (zeros past the ends)."""
-    mask = (offs[:, None] < seq_len) & (offs_d[None, :] < head_dim)
+    """Rows `offs` of head `h` of sequence `b` as a [rows, BLOCK_D] tile (zeros outside [0, seq_len))."""
+    mask = (offs[:, None] >= 0) & (offs[:, None] < seq_len) & (offs_d[None, :] < head_dim)
     return tl.load(PTR + b * s_b + offs[:, None] * s_s + h * s_h + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
 def store_tile(PTR, value, b, h, offs, offs_d, seq_len, head_dim, s_b, s_s, s_h):
-    mask = (offs[:, None] < seq_len) & (offs_d[None, :] < head_dim)
+    mask = (offs[:, None] >= 0) & (offs[:, None] < seq_len) & (offs_d[None, :] < head_dim)
     tl.store(PTR + b * s_b + offs[:, None] * s_s + h * s_h + offs_d[None, :], value.to(PTR.dtype.element_ty), mask=mask)
 
 

@@ -1,7 +1,10 @@
 """The forward kernel: one program per (query tile, query head), or with packed GQA per (tile of
 positions, KV head) whose rows are the group's query heads, so each K/V tile is loaded once per
 group. It streams the key tiles the query tile may read and keeps an online softmax; the mask is
-applied only to tiles that need it. Writes the output and each row's log-sum-exp for the backward."""
+applied only to tiles that need it. Writes the output and each row's log-sum-exp for the backward.
+
+Positions are global: keys are 0..seq_len - 1 (document ids likewise), query row r is position
+q_offset + r of q_len (a context-parallel chunk reads the keys before it; 0 and seq_len otherwise)."""
 
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ def fwd_kernel(
     Q, K, V, OUT, LSE, DOC, SEG_START, SEG_END, BLOCK_IDX, BLOCK_CNT,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
     s_lb, s_lh, s_db, s_ih, s_iq, s_ch,
-    seq_len, head_dim, grid_heads, sm_scale, window,
+    seq_len, q_offset, q_len, head_dim, grid_heads, sm_scale, window,
     GROUP: tl.constexpr, HAS_DOC: tl.constexpr, SPARSE: tl.constexpr, S2_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PACK_GQA: tl.constexpr,
 ):  # fmt: skip
@@ -38,19 +41,19 @@ def fwd_kernel(
     rows = tl.arange(0, BLOCK_M)
     if PACK_GQA:
         hk = pid_bh % grid_heads
-        q_first = pid_m * (BLOCK_M // GROUP)
-        q_last = tl.minimum(q_first + BLOCK_M // GROUP, seq_len) - 1
+        q_first = q_offset + pid_m * (BLOCK_M // GROUP)
+        q_last = tl.minimum(q_first + BLOCK_M // GROUP, q_offset + q_len) - 1
         offs_m = q_first + rows // GROUP
         heads = hk * GROUP + rows % GROUP
     else:
         hq = pid_bh % grid_heads
         hk = hq // GROUP
-        q_first = pid_m * BLOCK_M
-        q_last = tl.minimum(q_first + BLOCK_M, seq_len) - 1
+        q_first = q_offset + pid_m * BLOCK_M
+        q_last = tl.minimum(q_first + BLOCK_M, q_offset + q_len) - 1
         offs_m = q_first + rows
         heads = hq + rows * 0
     offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(Q, b, heads, offs_m, offs_d, seq_len, head_dim, s_qb, s_qs, s_qh)
+    q = load_rows(Q, b, heads, offs_m - q_offset, offs_d, q_len, head_dim, s_qb, s_qs, s_qh)
     doc_q = load_doc_ids(DOC, b, offs_m, seq_len, s_db, HAS_DOC, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -80,5 +83,6 @@ def fwd_kernel(
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     lse = tl.where(l_i > 0, (m_safe + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    store_rows(OUT, acc / l_safe[:, None], b, heads, offs_m, offs_d, seq_len, head_dim, s_ob, s_os, s_oh)
-    tl.store(LSE + b * s_lb + heads * s_lh + offs_m, lse, mask=offs_m < seq_len)
+    rows_q = offs_m - q_offset
+    store_rows(OUT, acc / l_safe[:, None], b, heads, rows_q, offs_d, q_len, head_dim, s_ob, s_os, s_oh)
+    tl.store(LSE + b * s_lb + heads * s_lh + rows_q, lse, mask=rows_q < q_len)

@@ -51,15 +51,25 @@ def _list_tensors(heads: S2Heads, num_local_heads: int, num_blocks: int, device:
 
 
 def s2_attention(
-    q, k, v, heads: S2Heads, doc_ids: torch.Tensor | None = None, return_lse: bool = False, window: int | None = None
+    q,
+    k,
+    v,
+    heads: S2Heads,
+    doc_ids: torch.Tensor | None = None,
+    return_lse: bool = False,
+    window: int | None = None,
+    q_offset: int = 0,
 ):
-    """Block-sparse causal GQA attention (Triton). q [b, s, hq, d], k/v [b, s, hkv, d]."""
+    """Block-sparse causal GQA attention (Triton). q [b, sq, hq, d], k/v [b, sk, hkv, d]; query row r
+    at position `q_offset` + r (see `flash_attention`)."""
     from kernels.flash_gqa import flash_attention
 
-    num_blocks = math.ceil(q.shape[1] / heads.pattern.block_size)
+    num_blocks = math.ceil(k.shape[1] / heads.pattern.block_size)
     lists = _list_tensors(heads, k.shape[2], num_blocks, q.device, window)
     block = heads.pattern.block_size
-    return flash_attention(q, k, v, doc_ids, lists=lists, block=block, return_lse=return_lse, window=window)
+    return flash_attention(
+        q, k, v, doc_ids, lists=lists, block=block, return_lse=return_lse, window=window, q_offset=q_offset
+    )
 
 
 def s2_decode_attention(

@@ -40,16 +40,16 @@ def test_partials_merged_by_log_sum_exp_equal_one_softmax():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def model_config(s2: bool, window: int | None) -> PhiConfig:
+def model_config(s2: bool, window: int | None, backend: str = "reference", seq: int = SEQ) -> PhiConfig:
     pattern = S2Pattern(block_size=64, local_blocks=2, vert_stride=4) if s2 else None
-    return PhiConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=SEQ,
-                     attn_backend="reference", s2=pattern, dense_every=2, sliding_window=window)  # fmt: skip
+    return PhiConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=seq,
+                     attn_backend=backend, s2=pattern, dense_every=2, sliding_window=window)  # fmt: skip
 
 
-def batch():
+def batch(seq: int = SEQ):
     g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, 256, (2, SEQ + 1), generator=g)
-    starts = torch.rand(2, SEQ, generator=g) < 3 / SEQ  # a few documents, crossing the chunk edges
+    tokens = torch.randint(0, 256, (2, seq + 1), generator=g)
+    starts = torch.rand(2, seq, generator=g) < 3 / seq  # a few documents, crossing the chunk edges
     return tokens[:, :-1], tokens[:, 1:], starts.int().cumsum(1)
 
 
@@ -63,12 +63,13 @@ def loss_and_grads(config: PhiConfig, cp: bool, recompute: str = "none", precisi
 
     torch.manual_seed(0)
     model = PhiModel(config)
-    inputs, labels, doc_ids = batch()
+    seq = config.max_seq_len
+    inputs, labels, doc_ids = batch(seq)
     extra = {}
     if cp:
-        positions = apply_context_parallel(model, dist.group.WORLD, SEQ)
+        positions = apply_context_parallel(model, dist.group.WORLD, seq)
         inputs, labels, doc_ids = (shard_sequence(t, positions) for t in (inputs, labels, doc_ids))
-        extra = dict(positions=positions, seq_len=SEQ)
+        extra = dict(positions=positions, seq_len=seq)
     apply_activation_checkpointing(model, recompute)
     with autocast(precision, "cpu"):
         logits = model(inputs, doc_ids=doc_ids, **extra).float()
@@ -109,6 +110,33 @@ def test_context_parallel_equals_one_process(cp, s2, window, recompute, precisio
         assert loss == pytest.approx(want_loss, rel=tol["rtol"] / 10)
         for name, grad in grads.items():
             torch.testing.assert_close(grad, want_grads[name], **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize(
+    "cp,s2,window,seq",
+    [(2, False, None, 256), (2, True, 100, 256), pytest.param(4, True, None, 512, marks=pytest.mark.slow)],
+    ids=["cp2-dense", "cp2-s2-window100", "cp4-s2"],
+)
+def test_context_parallel_on_the_triton_kernels_equals_one_process(cp, s2, window, seq):
+    """attn_backend triton (in the interpreter): each rank's chunks run the kernels at their global
+    offsets against keys in global order (S2: only the received rows filled); loss and every
+    gradient equal one process on the plain PyTorch reference."""
+    want_loss, want_grads = loss_and_grads(model_config(s2, window, "reference", seq), False)
+    for loss, grads in run_ranks(cp, loss_and_grads, model_config(s2, window, "triton", seq), True):
+        assert loss == pytest.approx(want_loss, rel=1e-5)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, want_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_kernels_under_context_parallel_refuse_chunks_that_split_an_s2_block():
+    from kernels.s2_attention import S2Heads
+    from training.parallel.context import runs_kernels
+
+    heads = S2Heads(S2Pattern(block_size=64, local_blocks=2, vert_stride=4), num_kv_heads=2)
+    with pytest.raises(ValueError, match="chunks of 32 tokens, not a multiple of the S2 block size 64.*of 256"):
+        runs_kernels("triton", heads, 2, 128)
+    assert runs_kernels("triton", heads, 2, 256) and runs_kernels("triton", None, 2, 128)
+    assert not runs_kernels("sdpa", heads, 2, 128)
 
 
 def test_s2_exchange_sends_at_most_the_patterns_share_of_the_keys():

@@ -305,6 +305,38 @@ def test_decode_with_window_matches_last_row_of_prefill(window):
                 torch.testing.assert_close(step, full[:, t - 1 : t], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "offset,length,window,sparse",
+    [(32, 32, None, False), (21, 40, 20, False), (48, 32, None, True), (64, 16, 40, True)],
+    ids=["dense-aligned", "dense-unaligned-window", "s2", "s2-window-tail"],
+)
+def test_query_chunk_at_a_global_offset_equals_those_rows_of_the_whole(offset, length, window, sparse):
+    """What context parallelism runs on a rank: queries [offset, offset + length) against the keys
+    before them, documents by global position. Output, log-sum-exp and every gradient equal the
+    whole sequence's rows (keys after the chunk get none)."""
+    q, k, v, doc_ids = inputs(2, 80, 4, 2, 32, docs=True, seed=8)
+    end = offset + length
+    heads = S2Heads(S2Pattern(block_size=16, local_blocks=1, vert_stride=2), num_kv_heads=2)
+    if sparse:
+        out, lse = s2_attention(q[:, offset:end], k[:, :end], v[:, :end], heads, doc_ids[:, :end], True, window,
+                                q_offset=offset)  # fmt: skip
+        ref, ref_lse = reference_s2_attention(q, k, v, heads.mask(2, 80), 16, doc_ids, True, window)
+    else:
+        out, lse = flash_attention(q[:, offset:end], k[:, :end], v[:, :end], doc_ids[:, :end], block=16,
+                                   return_lse=True, window=window, q_offset=offset)  # fmt: skip
+        ref, ref_lse = reference_attention(q, k, v, doc_ids, return_lse=True, window=window)
+    compare(out, lse, ref[:, offset:end], ref_lse[..., offset:end], q, k, v)
+
+
+def test_query_offsets_that_cannot_work_are_refused():
+    q, k, v, _ = inputs(1, 64, 4, 2, 32, docs=False)
+    with pytest.raises(ValueError, match="need keys there: there are 40"):
+        flash_attention(q[:, 16:48], k[:, :40], v[:, :40], q_offset=16)
+    heads = S2Heads(S2Pattern(block_size=16, local_blocks=1, vert_stride=2), num_kv_heads=2)
+    with pytest.raises(ValueError, match="q_offset 8 must be a multiple of the S2 block size 16"):
+        s2_attention(q[:, 8:40], k[:, :40], v[:, :40], heads, q_offset=8)
+
+
 def in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     """The same values [b, s, h, d] in another memory layout (a leaf that requires grad)."""
     t = t.detach()

@@ -14,8 +14,11 @@ rank from the pattern), point to point, so the bytes fall with the pattern's den
 outside, like tensor parallelism: `apply_context_parallel` replaces each attention module's core
 attention; the model only receives its tokens' global positions.
 
-The attention inside a rank is plain PyTorch with an explicit mask (positions are not contiguous);
-a kernel that takes per-token positions is what long contexts on a GPU need next.
+Inside a rank, `attn_backend: triton` (and `flash_attn`) runs the Triton kernels: the keys are laid
+out in global order (gathered, or for S2 the received rows placed at their positions with zeros the
+pattern never reads) and each of the rank's two chunks attends to the keys before it with its
+global offset (`flash_attention(..., q_offset=)`), so the kernels skip what causality, documents and
+the pattern exclude. Other backends run plain PyTorch with an explicit mask per source chunk.
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ import functools
 import torch
 import torch.distributed as dist
 
+from kernels.attention import attention
 from kernels.reference import reference_attention
 from kernels.s2_attention import S2Heads
+
+KERNEL_BACKENDS = ("triton", "flash_attn")  # backends whose CP attention runs the Triton kernels
 
 
 def balanced_positions(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:
@@ -146,14 +152,36 @@ def _s2_plan(s2: S2Heads, num_local_heads: int, seq_len: int, window: int | None
     """The S2 block mask and this rank's exchange plan, for one layout (every S2 layer shares them)."""
     s2_block = s2.mask(num_local_heads, seq_len, window).to(device)
     shares = [balanced_positions(seq_len, cp, r, device) for r in range(cp)]
-    return (s2_block, *s2_exchange_plan(s2_block, shares, s2.pattern.block_size, rank))
+    send, recv = s2_exchange_plan(s2_block, shares, s2.pattern.block_size, rank)
+    return s2_block, send, recv, _placement(shares, rank, num_local_heads, recv)
+
+
+def _placement(shares, rank: int, heads: int, recv) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global position, head) of every K/V row an S2 layer holds: its own rows for every head, then
+    each peer's received rows (peers in order, head after head), as `_s2_keys_in_place` stacks them."""
+    positions = shares[rank]
+    seq = [positions.repeat_interleave(heads)]
+    head = [torch.arange(heads, device=positions.device).repeat(positions.numel())]
+    for p in sorted(recv):
+        for h, idx in enumerate(recv[p]):
+            seq.append(shares[p][idx])
+            head.append(torch.full_like(idx, h))
+    return torch.cat(seq), torch.cat(head)
+
+
+def _exchange_s2_keys(k, v, shares, rank, group, s2: S2Heads, window):
+    """Send peers the K/V rows their S2 heads read and receive ours: (block mask, receive plan,
+    placement of our rows, peer -> received rows [2, b, n, d], each head's rows one after another)."""
+    positions, cp = shares[rank], len(shares)
+    s2_block, send, recv, placement = _s2_plan(s2, k.shape[2], cp * positions.numel(), window, cp, rank, k.device)
+    received = dict(zip(sorted(recv), _ExchangeKeys.apply(torch.stack([k, v]), send, recv, group), strict=True))
+    return s2_block, recv, placement, received
 
 
 def _s2_attention(q, k, v, doc_ids, shares, rank, docs, group, s2: S2Heads, window):
     """S2 layers: each KV head's queries read their own keys plus the rows peers sent for that head."""
-    positions, cp = shares[rank], len(shares)
-    s2_block, send, recv = _s2_plan(s2, k.shape[2], cp * positions.numel(), window, cp, rank, q.device)
-    received = dict(zip(sorted(recv), _ExchangeKeys.apply(torch.stack([k, v]), send, recv, group), strict=True))
+    positions = shares[rank]
+    s2_block, recv, _, received = _exchange_s2_keys(k, v, shares, rank, group, s2, window)
     group_size = q.shape[2] // k.shape[2]
     outs = []
     for h in range(k.shape[2]):
@@ -172,14 +200,56 @@ def _s2_attention(q, k, v, doc_ids, shares, rank, docs, group, s2: S2Heads, wind
     return torch.cat(outs, dim=2)
 
 
-def context_parallel_attention(q, k, v, doc_ids, shares, rank, group, s2: S2Heads | None, window: int | None):
+def in_global_order(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Every rank's share [b, s_local, ...] (`balanced_positions` order) as one sequence [b, s, ...]."""
+    cp = len(parts)
+    chunk = parts[0].shape[1] // 2
+    return torch.cat([parts[j][:, :chunk] if j < cp else parts[2 * cp - 1 - j][:, chunk:] for j in range(2 * cp)], 1)
+
+
+def _s2_keys_in_place(k, v, shares, rank, group, s2: S2Heads, window):
+    """K and V [b, s, hkv, d] in global order holding the rows this rank's S2 heads read (its own and
+    what peers sent), zeros elsewhere: rows the kernel's block lists never visit."""
+    b, _, heads, d = k.shape
+    _, recv, (seq_index, head_index), received = _exchange_s2_keys(k, v, shares, rank, group, s2, window)
+    rows = [torch.stack([k, v]).permute(2, 3, 0, 1, 4).flatten(0, 1)]  # [s_local * hkv, 2, b, d]
+    rows += [received[p].permute(2, 0, 1, 3) for p in sorted(recv)]
+    seq_len = len(shares) * shares[rank].numel()
+    placed = k.new_zeros(seq_len, heads, 2, b, d).index_put((seq_index, head_index), torch.cat(rows))
+    kv = placed.permute(2, 3, 0, 1, 4)  # [2, b, s, hkv, d], the head dim still contiguous
+    return kv[0], kv[1]
+
+
+def kernel_attention(q, k, v, doc_ids, docs, shares, rank, group, s2: S2Heads | None, window):
+    """The Triton kernels on this rank's two chunks, each against the keys before it in global order."""
+    if s2 is None:
+        keys, values = (in_global_order(list(_GatherSequence.apply(t, group))) for t in (k, v))
+    else:
+        keys, values = _s2_keys_in_place(k, v, shares, rank, group, s2, window)
+    all_docs = in_global_order(docs) if doc_ids is not None else None
+    chunk = q.shape[1] // 2
+    outs = []
+    for half in range(2):
+        start = int(shares[rank][half * chunk])
+        end = start + chunk
+        q_chunk = q[:, half * chunk : (half + 1) * chunk]
+        chunk_docs = all_docs[:, :end] if all_docs is not None else None
+        outs.append(attention(q_chunk, keys[:, :end], values[:, :end], chunk_docs, "triton", s2, window, start))
+    return torch.cat(outs, dim=1)
+
+
+def context_parallel_attention(
+    q, k, v, doc_ids, shares, rank, group, s2: S2Heads | None, window: int | None, kernels: bool = False
+):
     """This rank's queries [b, s_local, hq, d] against the whole sequence's keys and values (`shares`:
     every rank's global positions): dense layers gather every rank's K/V; S2 layers receive only the
-    rows their heads' patterns read."""
+    rows their heads' patterns read. `kernels`: the Triton kernels, else plain PyTorch."""
     docs = [None] * len(shares)
     if doc_ids is not None:
         docs = [torch.empty_like(doc_ids) for _ in shares]
         dist.all_gather(docs, doc_ids.contiguous(), group=group)
+    if kernels:
+        return kernel_attention(q, k, v, doc_ids, docs, shares, rank, group, s2, window)
     if s2 is not None:
         return _s2_attention(q, k, v, doc_ids, shares, rank, docs, group, s2, window)
     return gathered_attention(q, k, v, doc_ids, docs, shares, rank, group, window)
@@ -211,6 +281,21 @@ def apply_context_parallel(model, group, seq_len: int, device=None) -> torch.Ten
     for block in model.layers.values():
         attention = block.attention
         attention.core_attention = functools.partial(
-            context_parallel_attention, shares=shares, rank=rank, group=group, s2=attention.s2, window=attention.window
-        )
+            context_parallel_attention, shares=shares, rank=rank, group=group, s2=attention.s2,
+            window=attention.window, kernels=runs_kernels(attention.backend, attention.s2, cp, seq_len),
+        )  # fmt: skip
     return shares[rank]
+
+
+def runs_kernels(backend: str, s2: S2Heads | None, cp: int, seq_len: int) -> bool:
+    """Whether a layer's CP attention runs the Triton kernels; refused when a chunk would split an S2 block."""
+    if backend not in KERNEL_BACKENDS:
+        return False
+    chunk, block = seq_len // (2 * cp), s2.pattern.block_size if s2 is not None else 1
+    if chunk % block:
+        raise ValueError(
+            f"context parallel {cp} with attn_backend {backend} cuts seq_len {seq_len} into chunks of {chunk} "
+            f"tokens, not a multiple of the S2 block size {block}: the kernels start each chunk at a block edge "
+            f"(choose seq_len a multiple of {2 * cp * block})"
+        )
+    return True
