@@ -6,11 +6,15 @@
 2. `python -m kernels.bench`: Triton dense and S2 against flash-attn 2, SDPA and FlexAttention,
    2K-128K tokens, forward and forward+backward, TFLOP/s and memory;
 3. `benchmarks/mfu.py`: MFU of a ~1B Phi-style model at seq 4096 in bf16, per attention backend;
-4. the tables between the `gpu-check` markers of docs/benchmarks.md, rewritten from the JSON.
+4. the same model with layers alternating dense and S2 (stride 16) at 32K tokens on the Triton
+   kernels, step time against the model all dense on SDPA (`mfu.py --s2-stride 16`);
+5. needle retrieval at 4K tokens: an all-S2 model against all-dense and local-only controls
+   (`benchmarks/needle_s2.py --device cuda`), accuracy by depth;
+6. the tables between the `gpu-check` markers of docs/benchmarks.md, rewritten from the JSON.
 
 A step that fails is recorded and the others still run; the exit status is 1 if any failed. The
 kernel tests run without tests/conftest.py (its data fixtures need packages a GPU image may lack).
-`--smoke` runs steps 2-4 on the CPU at toy sizes (the Triton kernels in the interpreter), to check
+`--smoke` runs steps 2-6 on the CPU at toy sizes (the Triton kernels in the interpreter), to check
 the path without a GPU; it writes tables only where `--docs` names a file. `--quick` fits a short GPU
 lease (about 8 minutes on an H100): three lengths, FlexAttention dense and at one S2 stride only (each
 length and mask is a compile), fewer MFU steps; `--step-timeout` caps each step, and the kernel
@@ -34,11 +38,14 @@ sys.path.insert(0, str(ROOT))
 
 from common.files import atomic_write_text  # noqa: E402
 
-MARKERS = {"kernels": "gpu-check:kernels", "mfu": "gpu-check:mfu"}
+MARKERS = {"kernels": "gpu-check:kernels", "mfu": "gpu-check:mfu", "hybrid": "gpu-check:hybrid",
+           "needle": "gpu-check:needle"}  # fmt: skip
 QUICK = {
     "kernel benchmark": ["--seq-lens", "4096", "32768", "131072",
                          "--kernels", "triton-*", "sdpa", "flash-attn2", "flex-dense", "flex-s2-stride16"],
     "MFU benchmark": ["--steps", "5", "--warmup", "2"],
+    "dense+S2 at 32K": ["--steps", "3", "--warmup", "1", "--modes", "eager"],
+    "needle at 4K": ["--steps", "300"],
 }  # fmt: skip
 
 
@@ -82,18 +89,36 @@ def kernels_table(result: dict) -> str:
 
 
 def mfu_table(result: dict) -> str:
-    lines = ["| attention | torch.compile | params | seq | batch | step s | tokens/s | TFLOP/s | MFU | peak GiB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    """Markdown: one row per (backend, layers, mode) of `benchmarks/mfu.py`; S2 rows with their
+    step-time speed-up over the all-dense row."""
+    lines = ["| attention | layers | torch.compile | params | seq | batch | step s | tokens/s | TFLOP/s | MFU "
+             "| peak GiB | vs all-dense |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in result["rows"]:
-        compiled = "yes" if r.get("compiled") else "no"
+        compiled, layers = "yes" if r.get("compiled") else "no", r.get("layers", "dense")
         if "error" in r:
             error = r["error"].replace("\n", " ").replace("|", "/")
-            lines.append(f"| {r['attn_backend']} | {compiled} | {error} | | | | | | | |")
+            lines.append(f"| {r['attn_backend']} | {layers} | {compiled} | {error} | | | | | | | | |")
             continue
-        cells = [r["attn_backend"], compiled, f"{r['params'] / 1e9:.2f}B", str(r["seq_len"]), str(r["batch"]),
+        speedup = f"{r['speedup_vs_dense']:.2f}x ({r['dense_baseline']})" if "speedup_vs_dense" in r else ""
+        cells = [r["attn_backend"], layers, compiled, f"{r['params'] / 1e9:.2f}B", str(r["seq_len"]), str(r["batch"]),
                  f"{r['step_s']:.3f}", f"{r['tokens_per_s']:,.0f}", f"{r['tflops']:.1f}", fmt(r["mfu"], ".1%"),
-                 fmt(r["peak_mem_gib"], ".1f")]  # fmt: skip
+                 fmt(r["peak_mem_gib"], ".1f"), speedup]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def needle_table(results: list[dict]) -> str:
+    """Markdown: retrieval accuracy by needle depth, one column per model (`benchmarks/needle_s2.py`)."""
+    first = results[0]
+    lines = [f"{first['seq_len']:,} tokens, {first['steps']} steps of {first['batch']}, "
+             f"S2 block {first['block_size']}, attention {first['backend']}; chance {first['chance']:.3f}.", "",
+             "| needle depth | " + " | ".join(r["pattern"] for r in results) + " |",
+             "|---:|" + "---:|" * len(results)]  # fmt: skip
+    for depth in first["accuracy_by_depth"]:
+        cells = [f"{r['accuracy_by_depth'][depth]:.3f}" for r in results]
+        lines.append(f"| {float(depth):.2f} | " + " | ".join(cells) + " |")
+    lines.append("| train s | " + " | ".join(f"{r['seconds']:.0f}" for r in results) + " |")
     return "\n".join(lines)
 
 
@@ -111,13 +136,15 @@ def update_docs(docs: Path, results: Path) -> list[str]:
     """Rewrite the tables of docs/benchmarks.md from the results folder; the sections written."""
     text, written = docs.read_text(), []
     stamp = f"{datetime.date.today()}, torch {_version('torch')}, triton {_version('triton')}"
-    for name, render in (("kernels", kernels_table), ("mfu", mfu_table)):
+    renders = {"kernels": kernels_table, "mfu": mfu_table, "hybrid": mfu_table, "needle": needle_table}
+    for name, render in renders.items():
         path = results / f"{name}.json"
         if not path.is_file():
             continue
         result = json.loads(path.read_text())
         raw = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
-        body = f"Measured on {result['device']} ({stamp}); raw: `{raw}`.\n\n{render(result)}"
+        device = result[0]["device"] if isinstance(result, list) else result["device"]
+        body = f"Measured on {device} ({stamp}); raw: `{raw}`.\n\n{render(result)}"
         text = replace_between_markers(text, MARKERS[name], body)
         written.append(name)
     atomic_write_text(docs, text)
@@ -163,7 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "kernel benchmark": [sys.executable, "-m", "kernels.bench", "--out", str(results / "kernels.json")],
         "MFU benchmark": [sys.executable, "benchmarks/mfu.py", "--out", str(results / "mfu.json")],
-    }
+        "dense+S2 at 32K": [sys.executable, "benchmarks/mfu.py", "--out", str(results / "hybrid.json"),
+                            "--seq-len", "32768", "--batch", "1", "--s2-stride", "16", "--attn-backend", "triton",
+                            "--activation-checkpointing", "selective"],
+        "needle at 4K": [sys.executable, "benchmarks/needle_s2.py", "--out", str(results / "needle.json"),
+                         "--device", "cuda", "--backend", "triton", "--seq-len", "4096", "--block-size", "64"],
+    }  # fmt: skip
     for name, command in commands.items():
         steps.append(run_step(name, [*command, *smoke, *extra.get(name, [])], env, timeout))
     if args.docs:

@@ -2,6 +2,12 @@
 
     python benchmarks/mfu.py [--attn-backend triton flash_attn sdpa flex] [--modes eager compiled] [--out FILE]
     python benchmarks/mfu.py --smoke      # the same loop on the CPU with a toy model (checks the path)
+    python benchmarks/mfu.py --seq-len 32768 --batch 1 --s2-stride 16 --attn-backend triton
+
+`--s2-stride N`: the model's layers alternate dense and S2 (block 64, local window 16 blocks,
+stride N), and one more row runs the same model all dense on `--dense-baseline` (SDPA): each S2 row
+gives its step-time speed-up over that row of the same mode (the end-to-end row of issue 34; its
+target is >= 2x at 32K). MFU counts dense attention FLOPs, so for S2 rows compare step times.
 
 MFU = training FLOPs per token (6 per matmul weight + attention, `count_params_and_flops`, as
 torchtitan counts) x tokens per second / the device's dense bf16 peak. Each attention backend is
@@ -26,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.files import atomic_write_text  # noqa: E402
+from kernels.patterns import S2Pattern  # noqa: E402
 from training.metrics import device_peak_tflops  # noqa: E402
 from training.models.phi import PhiConfig, PhiModel, count_params_and_flops  # noqa: E402
 from training.parallel.transforms import apply_activation_checkpointing, apply_compile  # noqa: E402
@@ -67,6 +74,7 @@ def measure(config: PhiConfig, batch: int, steps: int, warmup: int, device: str,
     peak = device_peak_tflops() if device == "cuda" else None
     return {
         "attn_backend": config.attn_backend,
+        "layers": layers_name(config),
         "compiled": compile_blocks,
         "params": nparams,
         "seq_len": config.max_seq_len,
@@ -79,16 +87,34 @@ def measure(config: PhiConfig, batch: int, steps: int, warmup: int, device: str,
     }
 
 
+def layers_name(config: PhiConfig) -> str:
+    if config.s2 is None:
+        return "dense"
+    return f"dense+S2/{config.s2.vert_stride}" if config.dense_every else f"S2/{config.s2.vert_stride}"
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Each S2 row's step-time speed-up over the all-dense row of the same mode (compiled or not)."""
+    dense = {r["compiled"]: r for r in rows if r.get("layers") == "dense" and "error" not in r}
+    for r in rows:
+        if r.get("layers", "dense") != "dense" and "error" not in r and r["compiled"] in dense:
+            base = dense[r["compiled"]]
+            r["speedup_vs_dense"] = base["step_s"] / r["step_s"]
+            r["dense_baseline"] = base["attn_backend"]
+
+
 def print_table(rows: list[dict]) -> None:
-    columns = ("backend", "compiled", "params", "seq", "batch", "step s", "tok/s", "TFLOP/s", "MFU")
+    columns = ("backend", "layers", "compiled", "params", "seq", "batch", "step s", "tok/s", "TFLOP/s", "MFU",
+               "vs dense")  # fmt: skip
     print(" ".join(f"{c:>9s}" for c in columns))
     for r in rows:
         if "error" in r:
-            print(f"{r['attn_backend']:>9s} {r['compiled']!s:>9s} error: {r['error']}")
+            print(f"{r['attn_backend']:>9s} {r.get('layers', ''):>9s} {r['compiled']!s:>9s} error: {r['error']}")
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        cells = (r["attn_backend"], r["compiled"], f"{r['params'] / 1e9:.2f}B", r["seq_len"], r["batch"],
-                 f"{r['step_s']:.3f}", f"{r['tokens_per_s']:.0f}", f"{r['tflops']:.1f}", mfu)  # fmt: skip
+        speedup = f"{r['speedup_vs_dense']:.2f}x" if "speedup_vs_dense" in r else ""
+        cells = (r["attn_backend"], r["layers"], r["compiled"], f"{r['params'] / 1e9:.2f}B", r["seq_len"], r["batch"],
+                 f"{r['step_s']:.3f}", f"{r['tokens_per_s']:.0f}", f"{r['tflops']:.1f}", mfu, speedup)  # fmt: skip
         print(" ".join(f"{c!s:>9s}" for c in cells))
 
 
@@ -102,6 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--activation-checkpointing", default="none", choices=["none", "selective", "full"])
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
                         help="run each backend eagerly and/or with torch.compile on each block")  # fmt: skip
+    parser.add_argument("--s2-stride", type=int, default=None, help="layers alternate dense and S2 at this stride")
+    parser.add_argument("--dense-baseline", default="sdpa", help="backend of the all-dense row (with --s2-stride)")
     parser.add_argument("--out", default="benchmarks/results/mfu.json")
     parser.add_argument("--smoke", action="store_true", help="a toy model on the CPU in fp32 (checks the path)")
     args = parser.parse_args(argv)
@@ -111,24 +139,32 @@ def main(argv: list[str] | None = None) -> dict:
     if cuda:
         shape, seq_len, backends = ONE_B, args.seq_len, args.attn_backend
         run = dict(batch=args.batch, steps=args.steps, warmup=args.warmup, device="cuda", precision="bf16")
+        block, local = 64, 16
     else:
         shape, seq_len, backends, args.modes = TOY, 64, ["sdpa", "triton"], ["eager"]
         run = dict(batch=1, steps=2, warmup=1, device="cpu", precision="fp32")
+        block, local = 16, 1
+    models = [(backend, None) for backend in backends]
+    if args.s2_stride:
+        pattern = S2Pattern(block_size=block, local_blocks=local, vert_stride=args.s2_stride)
+        models = [(args.dense_baseline, None)] + [(backend, pattern) for backend in backends]
     name = torch.cuda.get_device_name() if cuda else "cpu (smoke: toy model, fp32, no MFU)"
     result = {"device": name, "peak_tflops": device_peak_tflops() if cuda else None, "rows": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = result["rows"]
-    for mode, backend in itertools.product(args.modes, backends):
-        config = PhiConfig(**shape, max_seq_len=seq_len, attn_backend=backend)
+    for mode, (backend, pattern) in itertools.product(args.modes, models):
+        config = PhiConfig(**shape, max_seq_len=seq_len, attn_backend=backend, s2=pattern, dense_every=2)
         compiled = mode == "compiled"
         try:
             rows.append(measure(config, **run, ac=args.activation_checkpointing, compile_blocks=compiled))
         except Exception as err:  # flash-attn missing, out of memory, ...: the others still run
-            rows.append({"attn_backend": backend, "compiled": compiled, "error": f"{type(err).__name__}: {err}"[:300]})
+            error = f"{type(err).__name__}: {err}"[:300]
+            rows.append({"attn_backend": backend, "layers": layers_name(config), "compiled": compiled, "error": error})
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        add_speedups(rows)
         atomic_write_text(out, json.dumps(result, indent=2))  # after each backend: a cut run keeps them
     print_table(rows)
     print(f"wrote {out} ({name})")

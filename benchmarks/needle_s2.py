@@ -2,10 +2,13 @@
 
 One needle token (from a vocabulary the filler never uses) hides at some depth of a random haystack;
 the sequence ends with a query token and the model must answer with the needle. Every layer is S2,
-so the model can only read a far needle through its heads' strided shards; the control has the same
-local window without the shards. Reports accuracy by needle depth; prints a table and writes JSON.
+so the model can only read a far needle through its heads' strided shards. Controls: the same
+model all dense (what S2 must match), and the same local window without the shards (what S2 must
+beat). Reports accuracy by needle depth; prints a table and writes JSON.
 
     python benchmarks/needle_s2.py [--steps 600] [--seq-len 256] [--backend sdpa] [--cp 2]
+    python benchmarks/needle_s2.py --device cuda --backend triton --seq-len 4096 --block-size 64  # a GPU
+    python benchmarks/needle_s2.py --smoke   # the path at toy size on the CPU
 
 `--cp N` trains and evaluates the same models under context parallelism on N gloo ranks: every
 sequence is split over the ranks (training/parallel/context.py), S2 layers receive only the key
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.files import atomic_write_text  # noqa: E402
 from kernels.patterns import S2Pattern  # noqa: E402
 from training.models.phi import PhiConfig, PhiModel  # noqa: E402
 
@@ -48,15 +53,17 @@ def haystacks(batch: int, seq_len: int, generator: torch.Generator, depth: float
     return tokens, needles
 
 
-PATTERNS = {
-    # 4 KV heads, stride 4: each head reads a quarter of the far blocks, together all of them.
-    "s2": S2Pattern(block_size=16, local_blocks=2, vert_stride=4),
-    # Control: the same local window without the strided shards.
-    "local-only": S2Pattern(block_size=16, local_blocks=2, vert_stride=1 << 30),
-}
+def patterns(block_size: int = 16) -> dict[str, S2Pattern | None]:
+    return {
+        # 4 KV heads, stride 4: each head reads a quarter of the far blocks, together all of them.
+        "s2": S2Pattern(block_size=block_size, local_blocks=2, vert_stride=4),
+        # Controls: every layer dense; the same local window without the strided shards.
+        "dense": None,
+        "local-only": S2Pattern(block_size=block_size, local_blocks=2, vert_stride=1 << 30),
+    }
 
 
-def build_model(seq_len: int, backend: str, pattern: S2Pattern) -> PhiModel:
+def build_model(seq_len: int, backend: str, pattern: S2Pattern | None) -> PhiModel:
     config = PhiConfig(
         vocab_size=VOCAB,
         dim=64,
@@ -113,19 +120,36 @@ def shared_float(value: torch.Tensor | None) -> float:
 
 
 def train_and_evaluate(
-    steps: int, seq_len: int, backend: str, pattern: str = "s2", seed: int = 0, batch: int = 32
+    steps: int,
+    seq_len: int,
+    backend: str,
+    pattern: str = "s2",
+    seed: int = 0,
+    batch: int = 32,
+    block_size: int = 16,
+    device: str = "cpu",
+    eval_batch: int = 256,
 ) -> dict:
+    """Train one model on random haystacks, then its accuracy at each needle depth (`eval_batch` haystacks).
+    On a GPU it trains in bf16 autocast; haystacks are drawn on the CPU, so every device sees the same."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)  # every rank draws the same haystacks
-    model = build_model(seq_len, backend, PATTERNS[pattern])
-    answer_logits = context_parallel(model, seq_len)
+    model = build_model(seq_len, backend, patterns(block_size)[pattern]).to(device)
+    forward = context_parallel(model, seq_len)
+
+    def answer_logits(tokens):
+        with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
+            logits, holds = forward(tokens.to(device))
+        return logits.float(), holds
+
+    started = time.perf_counter()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     for _ in range(steps):
         tokens, answers = haystacks(batch, seq_len, gen)
         logits, holds_answer = answer_logits(tokens)
         # A rank without the last position still runs the backward: its attention's exchanges pair with peers'.
-        loss = F.cross_entropy(logits, answers) if holds_answer else logits.sum() * 0
+        loss = F.cross_entropy(logits, answers.to(device)) if holds_answer else logits.sum() * 0
         loss.backward()
         sum_gradients(model)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -137,15 +161,20 @@ def train_and_evaluate(
     eval_gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for depth in (0.0, 0.25, 0.5, 0.75, 0.95):
-            tokens, answers = haystacks(256, seq_len, eval_gen, depth=depth)
+            tokens, answers = haystacks(eval_batch, seq_len, eval_gen, depth=depth)
             logits, holds_answer = answer_logits(tokens)
-            results[depth] = shared_float((logits.argmax(-1) == answers).float().mean() if holds_answer else None)
-    loss = torch.tensor(shared_float(loss if holds_answer else None))
+            hits = (logits.argmax(-1).cpu() == answers).float().mean() if holds_answer else None
+            results[depth] = shared_float(hits)
+    loss = torch.tensor(shared_float(loss.detach().cpu() if holds_answer else None))
     return {
         "pattern": pattern,
         "steps": steps,
         "seq_len": seq_len,
         "backend": backend,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "block_size": block_size,
+        "batch": batch,
+        "seconds": time.perf_counter() - started,
         "final_train_loss": float(loss.detach()),
         "accuracy_by_depth": results,
         "chance": 1 / NEEDLES,
@@ -157,15 +186,32 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--backend", default="sdpa")
-    parser.add_argument("--cp", type=int, default=1, help="context-parallel ranks (gloo)")
+    parser.add_argument("--cp", type=int, default=1, help="context-parallel ranks (gloo, CPU)")
+    parser.add_argument("--block-size", type=int, default=16, help="S2 block size (64 or more on a GPU)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--patterns", nargs="+", default=list(patterns()), choices=list(patterns()))
+    parser.add_argument("--smoke", action="store_true", help="toy size on the CPU: checks the path, learns nothing")
     parser.add_argument("--out", default="benchmarks/results/needle_s2.json")
     args = parser.parse_args()
+    options = dict(batch=args.batch, block_size=args.block_size, device=args.device, eval_batch=256)
+    if args.smoke:  # the loop and the JSON at toy size (the kernels' own smoke runs are elsewhere)
+        args.steps, args.seq_len, args.device, args.backend = 2, 64, "cpu", "sdpa"
+        options.update(batch=2, block_size=16, device="cpu", eval_batch=4)
+    if args.device == "cuda" and args.cp > 1:
+        parser.error("--cp runs gloo ranks on the CPU; on a GPU run --cp 1")
     from tests.distributed import run_ranks
 
     run = [args.steps, args.seq_len, args.backend]
-    results = [run_ranks(args.cp, train_and_evaluate, *run, pattern, timeout=7200)[0] for pattern in PATTERNS]
-    for r in results:
-        r["cp"] = args.cp
+    results = []
+    for pattern in args.patterns:
+        if args.cp > 1:
+            results.append(run_ranks(args.cp, train_and_evaluate, *run, pattern, 0, *options.values(), timeout=7200)[0])
+        else:
+            results.append(train_and_evaluate(*run, pattern, **options))
+        results[-1]["cp"] = args.cp
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(args.out), json.dumps(results, indent=2))  # a cut run keeps the finished ones
     print(f"{'needle depth':>12s} | " + " | ".join(f"{r['pattern']:>10s}" for r in results))
     for depth in results[0]["accuracy_by_depth"]:
         print(f"{depth:12.2f} | " + " | ".join(f"{r['accuracy_by_depth'][depth]:10.3f}" for r in results))
@@ -173,8 +219,7 @@ def main() -> None:
         f"chance {results[0]['chance']:.3f}; final train loss "
         + ", ".join(f"{r['pattern']} {r['final_train_loss']:.3f}" for r in results)
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

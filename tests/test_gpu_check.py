@@ -35,11 +35,21 @@ def test_smoke_path_writes_results_and_rewrites_only_the_marked_tables(tmp_path)
     mfu = json.loads((results / "mfu.json").read_text())
     assert [row["attn_backend"] for row in mfu["rows"]] == ["sdpa", "triton"]
     assert all("error" not in row for row in mfu["rows"]), mfu["rows"]
+    hybrid = json.loads((results / "hybrid.json").read_text())["rows"]
+    assert [(r["attn_backend"], r["layers"]) for r in hybrid] == [
+        ("sdpa", "dense"), ("sdpa", "dense+S2/16"), ("triton", "dense+S2/16")
+    ]  # fmt: skip
+    assert all(r["speedup_vs_dense"] > 0 for r in hybrid[1:]), hybrid
+    needle = json.loads((results / "needle.json").read_text())
+    assert [r["pattern"] for r in needle] == ["s2", "dense", "local-only"]
+    assert all(len(r["accuracy_by_depth"]) == 5 for r in needle)
     summary = json.loads((results / "gpu_check.json").read_text())
-    assert [s["ok"] for s in summary["steps"]] == [True] * 4, summary
+    assert [s["ok"] for s in summary["steps"]] == [True] * 6, summary
 
     after = docs.read_text()
-    assert "| 128 | triton-s2-smoke |" in after and "| sdpa | no | 0.00B | 64 | 1 |" in after
+    assert "| 128 | triton-s2-smoke |" in after and "| sdpa | dense | no | 0.00B | 64 | 1 |" in after
+    assert "| triton | dense+S2/16 | no | 0.00B | 64 | 1 |" in after
+    assert "| needle depth | s2 | dense | local-only |" in after
 
     def outside_the_markers(text: str) -> list[str]:
         return [part.split("<!-- /gpu-check")[-1] for part in text.split("<!-- gpu-check")]

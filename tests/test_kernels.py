@@ -307,7 +307,12 @@ def test_decode_with_window_matches_last_row_of_prefill(window):
 
 @pytest.mark.parametrize(
     "offset,length,window,sparse",
-    [(32, 32, None, False), (21, 40, 20, False), (48, 32, None, True), (64, 16, 40, True)],
+    [
+        pytest.param(32, 32, None, False, marks=pytest.mark.slow),
+        (21, 40, 20, False),
+        (48, 32, None, True),
+        pytest.param(64, 16, 40, True, marks=pytest.mark.slow),
+    ],  # fmt: skip
     ids=["dense-aligned", "dense-unaligned-window", "s2", "s2-window-tail"],
 )
 def test_query_chunk_at_a_global_offset_equals_those_rows_of_the_whole(offset, length, window, sparse):

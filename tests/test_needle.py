@@ -19,4 +19,6 @@ def test_s2_model_finds_the_needle_at_every_depth():
     for depth, accuracy in s2["accuracy_by_depth"].items():
         assert accuracy >= 0.9, f"needle at depth {depth}: accuracy {accuracy:.3f}"
     local = needle.train_and_evaluate(steps=600, seq_len=256, backend="sdpa", pattern="local-only")
+    dense = needle.train_and_evaluate(steps=600, seq_len=256, backend="sdpa", pattern="dense")
+    assert min(dense["accuracy_by_depth"].values()) >= 0.9, "the all-dense control retrieves at every depth"
     assert local["accuracy_by_depth"][0.5] < 0.3, "without the strided shards a mid-context needle is out of reach"
