@@ -29,7 +29,7 @@ SHARED_LIMIT = {80: 166_912, 90: 232_448}
 KERNELS = {"fwd": "kernels.flash_gqa_fwd:fwd_kernel", "dkdv": "kernels.flash_gqa_bwd:bwd_dkdv_kernel",
            "dq": "kernels.flash_gqa_bwd:bwd_dq_kernel"}  # fmt: skip
 TENSOR_ARGS = {"Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV"}  # in the activation dtype
-FLOAT_ARGS = {"LSE": "*fp32", "DELTA": "*fp32", "sm_scale": "fp32"}
+FLOAT_ARGS = {"LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32", "sm_scale": "fp32"}
 INDEX_ARGS = {"DOC", "SEG_START", "SEG_END", "BLOCK_IDX", "BLOCK_CNT"}  # int32 tensors
 
 
@@ -46,11 +46,12 @@ class Variant:
     num_warps: int
     num_stages: int
     pack_gqa: bool = False
+    atomic_dq: bool = False  # the one-pass backward (dK/dV kernel adding dQ with atomics)
     s2_block: int = 64  # S2's default block size
     group: int = 4  # query heads per KV head
 
 
-def variants(head_dims, dtypes, archs, docs=(False, True)) -> list[Variant]:
+def variants(head_dims, dtypes, archs, docs=(False, True), kernels=tuple(KERNELS)) -> list[Variant]:
     """Every launch the model can make: each kernel, dense and S2, with and without documents, and
     every tile configuration the autotuner may pick for the head dim (fitted under the S2 block)."""
     import triton
@@ -59,12 +60,12 @@ def variants(head_dims, dtypes, archs, docs=(False, True)) -> list[Variant]:
 
     found = []
     for kernel, sparse, has_docs, d, dtype, arch in itertools.product(
-        KERNELS, (False, True), docs, head_dims, dtypes, archs
+        kernels, (False, True), docs, head_dims, dtypes, archs
     ):
         cap = 64 if sparse else 128
         for t in candidates(kernel, triton.next_power_of_2(d), cap, group=Variant.group):
             found.append(Variant(kernel, sparse, has_docs, d, dtype, arch, t.block_m, t.block_n, t.num_warps,
-                                 t.num_stages, t.pack_gqa, s2_block=cap))  # fmt: skip
+                                 t.num_stages, t.pack_gqa, t.atomic_dq, s2_block=cap))  # fmt: skip
     return found
 
 
@@ -118,6 +119,8 @@ def compile_variant(variant: Variant) -> dict:
     }
     if variant.kernel == "fwd":
         constants["PACK_GQA"] = variant.pack_gqa
+    if variant.kernel == "dkdv":
+        constants["ATOMIC_DQ"] = variant.atomic_dq
     # As the JIT specializes a typical launch: aligned pointers, and strides, lengths and head dim
     # that are multiples of 16 (sequence lengths of 16k tokens; head dims 64, 96, 128).
     aligned = {
@@ -147,7 +150,7 @@ def problems(rows: list[dict]) -> list[str]:
     found = []
     for r in rows:
         tiles = f"{r['block_m']}x{r['block_n']} w{r['num_warps']} s{r['num_stages']}"
-        tiles += " packed-GQA" * r.get("pack_gqa", False)
+        tiles += " packed-GQA" * r.get("pack_gqa", False) + " atomic-dQ" * r.get("atomic_dq", False)
         name = (
             f"{r['kernel']} sparse={r['sparse']} docs={r['docs']} d={r['head_dim']} {r['dtype']} sm_{r['arch']} {tiles}"
         )
@@ -159,13 +162,18 @@ def problems(rows: list[dict]) -> list[str]:
     return found
 
 
+def tile_name(r: dict) -> str:
+    """64x32, with p for packed GQA and a for the atomic-dQ backward."""
+    return f"{r['block_m']}x{r['block_n']}" + "p" * r["pack_gqa"] + "a" * r.get("atomic_dq", False)
+
+
 def print_table(rows: list[dict]) -> None:
     header = f"{'kernel':6s} {'sparse':6s} {'docs':5s} {'d':>4s} {'dtype':5s} {'arch':6s} {'tiles':>8s} {'w':>2s} "
     print(header + f"{'s':>2s} {'regs':>5s} {'spill B':>8s} {'smem KB':>8s} {'limit KB':>8s}")
     for r in rows:
         print(
             f"{r['kernel']:6s} {r['sparse']!s:6s} {r['docs']!s:5s} {r['head_dim']:4d} {r['dtype']:5s} "
-            f"{'sm_' + str(r['arch']):6s} {str(r['block_m']) + 'x' + str(r['block_n']) + 'p' * r['pack_gqa']:>8s} "
+            f"{'sm_' + str(r['arch']):6s} {tile_name(r):>8s} "
             f"{r['num_warps']:2d} "
             f"{r['num_stages']:2d} {r['registers']:5d} {r['spill_bytes']:8d} "
             f"{r['shared_bytes'] / 1024:8.1f} {r['shared_limit'] / 1024:8.1f}"
@@ -178,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=["fp16", "bf16"])
     parser.add_argument("--archs", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_LIMIT))
     parser.add_argument("--docs", choices=["both", "yes", "no"], default="both", help="packed-document variants")
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--out", default="benchmarks/results/kernel_compile.json")
     args = parser.parse_args(argv)
@@ -186,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     docs = {"both": (False, True), "yes": (True,), "no": (False,)}[args.docs]
-    todo = variants(args.head_dims, args.dtypes, args.archs, docs)
+    todo = variants(args.head_dims, args.dtypes, args.archs, docs, args.kernels)
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         rows = list(tqdm(pool.map(compile_variant, todo), total=len(todo), desc="compile", unit="variant"))
     print_table(rows)

@@ -7,9 +7,11 @@ tiles before its document, so the work falls with the pattern's density. Query a
 (BLOCK_M, BLOCK_N) are sized per kernel and head dim, apart from the S2 block size, and autotuned on
 a GPU (`CANDIDATES`). The mask is applied only to tiles that need it (the diagonal, the window's
 edge, document boundaries, the sequence end): interior tiles run mask-free. K/V are never repeated
-for GQA: a query head reads its KV head through strides. The backward pass has no atomics: one
-program per (key tile, KV head) accumulates dK/dV over the group's query heads, one per (query
-tile, query head) accumulates dQ.
+for GQA: a query head reads its KV head through strides. The backward pass: one program per (key
+tile, KV head) accumulates dK/dV over the group's query heads, and dQ comes either from one program
+per (query tile, query head) (deterministic, the default off the GPU) or from the dK/dV program
+itself through fp32 atomics (FlashAttention-2's one pass); on a GPU the tuner times both per shape,
+unless torch.use_deterministic_algorithms(True) is set.
 
 Shapes: q [b, s, hq, d], k/v [b, s, hkv, d], any strides with a contiguous last dim; doc_ids [b, s]
 must label contiguous segments (as packing writes them). Runs on CPU under TRITON_INTERPRET=1.
@@ -28,7 +30,7 @@ import triton
 
 from kernels.flash_gqa_bwd import bwd_dkdv_kernel, bwd_dq_kernel
 from kernels.flash_gqa_fwd import fwd_kernel
-from kernels.flash_gqa_tuning import Tiles, autotune_enabled, launch_options, pick_tiles, tuning_key
+from kernels.flash_gqa_tuning import Tiles, autotune_enabled, backward_plans, launch_options, pick_tiles, tuning_key
 from kernels.patterns import block_lists
 
 
@@ -136,7 +138,8 @@ def _flash_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     documents: list[torch.Tensor], lists: list[torch.Tensor], cap: int, window: int, tiles: str, q_offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(dq, dk, dv): dK/dV by key tile over the backward lists, dQ by query tile over the forward ones."""
+    """(dq, dk, dv): dK/dV by key tile over the backward lists; dQ by query tile over the forward ones,
+    or in the same pass through fp32 atomics (`Tiles.atomic_dq`), whichever the plan says."""
     b, s, hq, d = q.shape
     hkv, seq_len = k.shape[2], k.shape[1]
     block_d = triton.next_power_of_2(d)
@@ -152,11 +155,16 @@ def _flash_bwd(
     fwd_lists = _list_args(lists, backward=False, device=q.device)
 
     def launch_dkdv(t: Tiles):
+        dq_acc = torch.zeros(q.shape if t.atomic_dq else (1, 1, 1), device=q.device, dtype=torch.float32)
         bwd_dkdv_kernel[(triton.cdiv(seq_len, t.block_n), b * hkv)](
-            q, k, v, do, lse, delta, dk, dv, doc, seg_start, seg_end, *bwd_lists[:2],
-            *strides, *bwd_lists[2:], *_strides(dk), *_strides(dv), seq_len, q_offset, s, d, hkv, sm_scale, window,
-            **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
+            q, k, v, do, lse, delta, dk, dv, dq_acc, doc, seg_start, seg_end, *bwd_lists[:2],
+            *strides, *bwd_lists[2:], *_strides(dk), *_strides(dv), *_strides(dq_acc), seq_len, q_offset, s, d, hkv,
+            sm_scale, window,
+            **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, ATOMIC_DQ=t.atomic_dq, num_warps=t.num_warps,
+            num_stages=t.num_stages,
         )  # fmt: skip
+        if t.atomic_dq:
+            dq.copy_(dq_acc)
 
     def launch_dq(t: Tiles):
         bwd_dq_kernel[(triton.cdiv(s, t.block_m), b * hq)](
@@ -165,9 +173,22 @@ def _flash_bwd(
             **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
         )  # fmt: skip
 
+    def launch(plan: tuple[Tiles, ...]):
+        launch_dkdv(plan[0])
+        if len(plan) == 2:
+            launch_dq(plan[1])
+
     key = tuning_key(q, k, bool(documents), bool(lists), cap)
-    for name, launch in (("dkdv", launch_dkdv), ("dq", launch_dq)):
-        launch(pick_tiles(name, key, launch_options(name, tiles, block_d, cap), launch, autotune_enabled(q.device)))
+    tune = autotune_enabled(q.device)
+    dkdv_options = launch_options("dkdv", tiles, block_d, cap)
+    two_pass = [t for t in dkdv_options if not t.atomic_dq]
+    one_pass = [t for t in dkdv_options if t.atomic_dq]
+    plans = [(t,) for t in one_pass]  # a fixed one-pass configuration is the only option
+    if two_pass:
+        dkdv_tiles = pick_tiles("dkdv", key, two_pass, launch_dkdv, tune)
+        dq_tiles = pick_tiles("dq", key, launch_options("dq", tiles, block_d, cap), launch_dq, tune)
+        plans = backward_plans(dkdv_tiles, dq_tiles, one_pass)
+    launch(pick_tiles("bwd", key, plans, launch, tune))
     return dq, dk, dv
 
 

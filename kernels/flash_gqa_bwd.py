@@ -1,6 +1,9 @@
-"""The backward kernels, without atomics: one program per (key tile, KV head) accumulates dK and dV
-over the group's query heads, streaming the query tiles that may read its keys (the backward S2
-lists); one per (query tile, query head) accumulates dQ, streaming key tiles as the forward does.
+"""The backward kernels: one program per (key tile, KV head) accumulates dK and dV over the group's
+query heads, streaming the query tiles that may read its keys (the backward S2 lists). dQ either
+comes from a second kernel, one program per (query tile, query head) streaming key tiles as the
+forward does (deterministic; P and dS are computed twice), or, with ATOMIC_DQ, from the same
+program, which adds each tile's dS K into an fp32 dQ with atomics as FlashAttention-2 does (one pass:
+5 matmuls per tile pair instead of 7, but the order of the additions varies from run to run).
 Both take delta = rowsum(dO * O), computed once before the launch. Positions are global, as in the
 forward: query row r is position q_offset + r."""
 
@@ -34,16 +37,16 @@ def _probs_and_dscores(q, k, v, do, lse, delta, sm_scale, full, offs_m, offs_n, 
 
 @triton.jit
 def bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DOC, SEG_START, SEG_END, BLOCK_IDX, BLOCK_CNT,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, DOC, SEG_START, SEG_END, BLOCK_IDX, BLOCK_CNT,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
-    s_lb, s_lh, s_db, s_ih, s_iq, s_ch, s_dkb, s_dks, s_dkh, s_dvb, s_dvs, s_dvh,
+    s_lb, s_lh, s_db, s_ih, s_iq, s_ch, s_dkb, s_dks, s_dkh, s_dvb, s_dvs, s_dvh, s_dqb, s_dqs, s_dqh,
     seq_len, q_offset, q_len, head_dim, num_kv_heads, sm_scale, window,
     GROUP: tl.constexpr, HAS_DOC: tl.constexpr, SPARSE: tl.constexpr, S2_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):  # fmt: skip
     """One program per (key tile, KV head): K and V stay loaded while it walks the query tiles that
     read them (the transposed S2 list, or the diagonal to the document's or window's end) for every
-    query head of its group."""
+    query head of its group; with ATOMIC_DQ it also adds dS K (scaled) into the fp32 DQ_ACC."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, hk = pid_bh // num_kv_heads, pid_bh % num_kv_heads
     k_first = pid_n * BLOCK_N
@@ -82,6 +85,10 @@ def bwd_dkdv_kernel(
                                            doc_k, window)  # fmt: skip
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do)
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+                if ATOMIC_DQ:
+                    dq = tl.dot(ds.to(k.dtype), k) * sm_scale
+                    ptrs = DQ_ACC + b * s_dqb + rows_q[:, None] * s_dqs + hq * s_dqh + offs_d[None, :]
+                    tl.atomic_add(ptrs, dq, mask=valid[:, None] & (offs_d[None, :] < head_dim), sem="relaxed")
     store_tile(DK, dk * sm_scale, b, hk, offs_n, offs_d, seq_len, head_dim, s_dkb, s_dks, s_dkh)
     store_tile(DV, dv, b, hk, offs_n, offs_d, seq_len, head_dim, s_dvb, s_dvs, s_dvh)
 

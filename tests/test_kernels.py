@@ -422,6 +422,31 @@ def test_every_tile_configuration_the_autotuner_can_pick(head_dim, choice):
     compare(out, lse, ref, ref_lse, q, k, v)
 
 
+def test_one_pass_backward_with_atomic_dq_at_an_offset_with_documents_and_a_window():
+    """FlashAttention-2's one pass (dQ added from the dK/dV program with fp32 atomics), on a query
+    chunk at a global offset, dense and S2: the reference's gradients. Deterministic mode keeps it
+    out of the tuner's choices."""
+    from kernels.flash_gqa_tuning import backward_plans
+
+    tiles = {"fwd": Tiles(16, 16), "dkdv": Tiles(16, 16, atomic_dq=True), "dq": Tiles(16, 16)}
+    q, k, v, doc_ids = inputs(1, 96, 4, 2, 32, docs=True, seed=9)
+    ref, ref_lse = reference_attention(q, k, v, doc_ids, return_lse=True, window=40)
+    out, lse = flash_attention(q[:, 32:], k, v, doc_ids, return_lse=True, window=40, tiles=tiles, q_offset=32)
+    compare(out, lse, ref[:, 32:], ref_lse[..., 32:], q, k, v)
+    heads = S2Heads(S2Pattern(block_size=16, local_blocks=1, vert_stride=2), num_kv_heads=2)
+    lists = _cached_lists(heads, 2, 6, torch.device("cpu"), None)
+    out, lse = flash_attention(q, k, v, doc_ids, lists=lists, block=16, return_lse=True, tiles=tiles)
+    ref, ref_lse = reference_s2_attention(q, k, v, heads.mask(2, 96), 16, doc_ids, return_lse=True)
+    compare(out, lse, ref, ref_lse, q, k, v)
+    two, one = Tiles(64, 32), Tiles(64, 32, atomic_dq=True)
+    assert backward_plans(two, two, [one]) == [(two, two), (one,)]
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert backward_plans(two, two, [one]) == [(two, two)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_tuner_times_each_candidate_once_per_shape_and_keeps_the_fastest():
     timed = []
     costs = {Tiles(64, 64): 3.0, Tiles(32, 64): 1.0, Tiles(16, 64): 2.0}
@@ -435,8 +460,9 @@ def test_tuner_times_each_candidate_once_per_shape_and_keeps_the_fastest():
     again = pick_tiles("test", ("shape-a",), options, timed.append, tune=True, timer=timer)
     assert picked == again == Tiles(32, 64) and timed == options, "timed once, fastest kept"
     assert pick_tiles("test", ("shape-b",), options, timed.append, tune=False) == options[0]
-    assert candidates("dkdv", 64, cap=16) == [Tiles(16, 16, 8, 1), Tiles(16, 16, 4, 1), Tiles(16, 16, 8, 2)]
-    assert candidates("dkdv", 128, cap=16) == [Tiles(16, 16, 8, 2), Tiles(16, 16, 4, 2)], "and deduplicated"
+    one_pass = [Tiles(16, 16, 8, 2, atomic_dq=True), Tiles(16, 16, 4, 1, atomic_dq=True)]
+    assert candidates("dkdv", 64, cap=16) == [Tiles(16, 16, 8, 1), Tiles(16, 16, 8, 2), *one_pass], "deduplicated"
+    assert candidates("dkdv", 128, cap=16) == [Tiles(16, 16, 8, 2), Tiles(16, 16, 4, 2), one_pass[0]]
     assert any(t.pack_gqa for t in candidates("fwd", 64, cap=128, group=4))
     assert not any(t.pack_gqa for t in candidates("fwd", 64, cap=128, group=3)), "packing needs a power-of-two group"
 
