@@ -1,0 +1,87 @@
+"""The layout planner: every layout it proposes runs on the cluster it was given, rejections say
+why, memory and time respond to the layout as they must, and bad input is one clear line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from training.models.phi import PhiConfig
+from training.plan import GIB, PRESETS, Cluster, Layout, main, parse_memory, plan, predict
+
+PHI4 = "configs/pretrain/phi4_mini.yaml"
+
+
+def h100s(gpus: int) -> Cluster:
+    return Cluster(gpus=gpus, gpus_per_node=8, name="h100", **PRESETS["h100"])
+
+
+def test_memory_sizes_are_read_with_their_units_or_refused_by_name():
+    assert parse_memory("80GiB") == 80 * GIB and parse_memory("141GB") == 141 * 10**9
+    assert parse_memory("81920 MiB") == 80 * GIB and parse_memory("0.5T") == 5 * 10**11
+    with pytest.raises(ValueError, match="cannot read GPU memory '80 gigs'"):
+        parse_memory("80 gigs")
+
+
+def test_every_proposed_layout_divides_the_model_and_the_cluster():
+    model = PhiConfig.from_preset("phi-4-mini")
+    feasible, rejected = plan(model, h100s(64), 4096, 512)
+    assert feasible and rejected
+    for p in feasible:
+        lay = p.layout
+        assert lay.tp * lay.pp * lay.cp * lay.dp == 64 and lay.tp <= 8
+        assert model.n_heads % lay.tp == 0 and model.n_kv_heads % lay.tp == 0 and lay.pp <= model.n_layers
+        assert (512 // lay.dp) % lay.micro_batch == 0 and p.memory["total"] <= h100s(64).memory_bytes
+    assert all(p.problem for p in rejected)
+    steps = [p.time["step"] for p in feasible]
+    assert steps == sorted(steps), "fastest first"
+    reasons = " ".join(p.problem for p in rejected)
+    assert "out of memory by" in reasons and "does not divide n_heads=24" in reasons
+
+
+def test_memory_and_time_respond_to_the_layout():
+    model = PhiConfig.from_preset("phi-4-mini")
+    cluster = h100s(64)
+
+    def at(**changes):
+        base = dict(tp=1, pp=1, cp=1, dp=64, dp_mode="fsdp", micro_batch=2, recompute="none", sequence_parallel=False)
+        return predict(model, Layout(**{**base, **changes}), cluster, 4096, 512)
+
+    fsdp, replicated = at(), at(dp_mode="allreduce")
+    assert fsdp.memory["model_states"] * 64 == pytest.approx(replicated.memory["model_states"])
+    assert at(micro_batch=1).memory["activations"] == pytest.approx(fsdp.memory["activations"] / 2)
+    assert at(recompute="full").memory["activations"] < at(recompute="selective").memory["activations"]
+    assert at(recompute="full").time["compute"] == pytest.approx(fsdp.time["compute"] * 4 / 3)
+    tp2 = at(tp=2, dp=32, sequence_parallel=True)
+    assert tp2.time["tp"] > 0 and tp2.memory["activations"] < fsdp.memory["activations"]
+    pp4 = at(pp=4, dp=16, dp_mode="allreduce")
+    assert pp4.time["bubble"] > 0 and pp4.memory["model_states"] < replicated.memory["model_states"]
+    assert fsdp.mfu <= PRESETS["h100"]["efficiency"] + 1e-9
+
+
+def test_cli_prints_the_best_layouts_and_writes_every_prediction(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main([PHI4, "--gpus", "16", "--top", "3", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "layouts fit" in printed and "| TP" in printed and "rejected" in printed
+    written = json.loads(out.read_text())
+    assert written["feasible"][0]["step_s"] <= written["feasible"][-1]["step_s"]
+    assert all(row["problem"] for row in written["rejected"])
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--gpus", "8", "--gpu", "b300"], "unknown GPU preset 'b300'"),
+        (["--gpus", "8", "--gpu-memory", "eighty"], "cannot read GPU memory 'eighty'"),
+        (["--gpus", "1", "--gpu-memory", "16GiB"], "even fully sharded over 1 GPUs of 16.0 GiB; use more GPUs"),
+    ],
+    ids=["unknown-preset", "bad-memory", "too-small"],
+)
+def test_bad_input_is_one_clear_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([PHI4, *args])
+    assert exit_.value.code in (1, 2)
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err

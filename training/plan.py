@@ -1,0 +1,375 @@
+"""Plan a run before renting the cluster: every layout that divides the model and the cluster, its
+memory per GPU and its step time, predicted; the best printed with the reason each other one fails.
+
+    python -m training.plan CONFIG --gpus 64 [--gpus-per-node 8] [--gpu h100 | --gpu-memory 80GiB ...]
+                            [--seq-len N] [--top 10] [--json FILE] [--plot FILE] [key=value ...]
+
+Memory per GPU (bytes), for the rank holding the most:
+- model states: fp32 weights, fp32 gradients and AdamW's two fp32 moments, 16 bytes per parameter
+  of the rank's share (its pipeline stage's layers, 1/TP of each matrix and of the vocabulary);
+  FSDP divides them by DP and adds the gathered unit (a block's bf16 weights, twice: prefetch);
+- activations of the micro-batches in flight (1F1B: min(PP, micro-batches) on the first stage),
+  per token and layer in bf16: `ACT_VALUES` below, split by TP where the tensor is, by CP over the
+  sequence; selective recompute drops the attention core's, full recompute keeps only each
+  block's input (plus one block's during its recompute);
+- the vocabulary head's logits on the last stage: bf16 logits + fp32 log-softmax + fp32 gradient;
+- a fixed `RESERVED` for the CUDA context, NCCL buffers and allocator slack.
+Step time: compute = training FLOPs (`count_params_and_flops`; +1 forward of the recomputed part)
+/ (GPUs x peak x `Cluster.efficiency`), stretched by the pipeline bubble; plus TP all-reduces (4 per
+layer and micro-batch) on NVLink, CP K/V all-gathers, pipeline sends, and the DP gradient
+all-reduce (FSDP: all-gather twice + reduce-scatter) where it does not hide behind the backward.
+Every collective costs alpha + bytes / bandwidth as a ring does. Each assumption is a named
+constant or a `Cluster` field; docs/scaling.md writes them next to the numbers they drive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import re
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from common.config import ConfigError, load_config
+from common.files import atomic_write_text
+from training.config import TrainConfig
+from training.models.phi import PhiConfig, count_params_and_flops
+from training.parallel.mesh import LayoutError, ParallelDims
+
+GIB = 2**30
+RESERVED = 3 * GIB  # CUDA context (~0.5 GiB), NCCL buffers, allocator fragmentation
+BYTES_MODEL_STATE = 4 + 4 + 8  # fp32 weight, gradient, AdamW exp_avg + exp_avg_sq
+BYTES_ACT = 2  # bf16 autocast activations
+MICRO_BATCHES = (1, 2, 4, 8)
+RECOMPUTE = ("none", "selective", "full")
+MAX_BUBBLE = 0.5  # a layout idling more than this in its pipeline bubble is rejected
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The machines: GPU count and memory, dense bf16 peak, the fraction of it the model's matmuls
+    reach (measured), and per-GPU link bandwidths (GB/s, one direction) and latencies (us)."""
+
+    gpus: int
+    gpus_per_node: int
+    memory_bytes: int
+    peak_tflops: float
+    efficiency: float
+    intra_node_gbps: float
+    inter_node_gbps: float
+    intra_latency_us: float = 3.0
+    inter_latency_us: float = 10.0
+    name: str = "custom"
+
+
+# Dense bf16 peaks from NVIDIA's data sheets (H100 SXM5: 989 TFLOP/s, 80 GB; H200 SXM: 989, 141 GB;
+# A100 SXM4: 312, 80 GB); NVLink 4 is 900 GB/s bidirectional per H100/H200 (450 each way), NVLink 3
+# 600 (300); one 400 Gb/s NDR InfiniBand NIC per H100/H200 (50 GB/s), 200 Gb/s HDR per A100 (25).
+# Efficiency: the compiled SDPA MFU measured on an H100 for the 1.2B model at 4K (51.1%,
+# docs/benchmarks.md, gpu-check:mfu); the A100's is assumed equal.
+PRESETS = {
+    "h100": dict(memory_bytes=80 * 10**9, peak_tflops=989.0, efficiency=0.511, intra_node_gbps=450.0,
+                 inter_node_gbps=50.0),
+    "h200": dict(memory_bytes=141 * 10**9, peak_tflops=989.0, efficiency=0.511, intra_node_gbps=450.0,
+                 inter_node_gbps=50.0),
+    "a100": dict(memory_bytes=80 * 10**9, peak_tflops=312.0, efficiency=0.511, intra_node_gbps=300.0,
+                 inter_node_gbps=25.0),
+}  # fmt: skip
+
+
+def parse_memory(text: str) -> int:
+    """'80GiB', '80 GB', '141G', '81920MiB' -> bytes (G/GB: 10^9, GiB: 2^30)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot read GPU memory {text!r}: write a number and a unit, e.g. 80GiB or 141GB")
+    number, prefix, binary = match.groups()
+    power = " KMGT".index(prefix.upper() or " ")
+    return int(float(number) * ((1024 if binary else 1000) ** power))
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    dp_mode: str  # allreduce | fsdp
+    micro_batch: int
+    recompute: str
+    sequence_parallel: bool
+
+    def name(self) -> str:
+        parts = [f"TP{self.tp}" + ("+SP" if self.sequence_parallel else ""), f"PP{self.pp}", f"CP{self.cp}",
+                 f"{'FSDP' if self.dp_mode == 'fsdp' else 'DP'}{self.dp}"]  # fmt: skip
+        return " x ".join(parts) + f", mb {self.micro_batch}, recompute {self.recompute}"
+
+
+@dataclass
+class Prediction:
+    layout: Layout
+    memory: dict[str, float]  # bytes per GPU by part, and "total"
+    time: dict[str, float]  # seconds per step by part, and "step"
+    tokens_per_s: float
+    mfu: float
+    comm_bytes: dict[str, float]  # bytes per GPU per step by collective
+    problem: str | None = None
+
+    def row(self) -> dict:
+        return {"layout": self.layout.name(), **asdict(self.layout), "memory_gib": self.memory["total"] / GIB,
+                "step_s": self.time["step"], "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
+                "memory": self.memory, "time": self.time, "comm_bytes": self.comm_bytes,
+                "problem": self.problem}  # fmt: skip
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def act_values(model: PhiConfig, tp: int, sp: bool, recompute: str) -> float:
+    """Activation values one token keeps per layer for the backward (bf16): the norm inputs and the
+    residual stream (dim each, split by TP only under sequence parallel), q, k, v and the attention
+    output (split by TP), the attention core's (its output and log-sum-exp; dropped by selective
+    recompute), SwiGLU's gate, up and product (3 x FFN, split by TP)."""
+    kv = model.n_kv_heads * model.head_dim
+    q = model.n_heads * model.head_dim
+    replicated = 4 * model.dim / (tp if sp else 1)
+    split = (q + 2 * kv + q + 3 * model.ffn_dim) / tp
+    core = (q + model.n_heads) / tp
+    if recompute == "full":
+        return model.dim / (tp if sp else 1)  # the block's input
+    return replicated + split + (0 if recompute == "selective" else core)
+
+
+def stage_params(model: PhiConfig, pp: int, tp: int) -> int:
+    """Parameters on the rank holding the most: its stage's layers, 1/TP of the matrices, and the
+    embedding (first stage) or head (last stage; tied: both ends hold the table)."""
+    nparams, _ = count_params_and_flops(model, model.max_seq_len)
+    table = model.vocab_size * model.dim
+    tables = table if model.tie_embeddings else 2 * table
+    per_layer = (nparams - tables - model.dim) / model.n_layers
+    layers = math.ceil(model.n_layers / pp)
+    ends = table if pp > 1 else tables
+    return int((layers * per_layer + ends) / tp)
+
+
+def ring(bytes_: float, n: int, gbps: float, latency_us: float, factor: float = 2.0) -> float:
+    """A ring collective among n ranks: all-reduce factor 2, all-gather / reduce-scatter 1."""
+    if n <= 1:
+        return 0.0
+    return factor * (n - 1) / n * bytes_ / (gbps * 1e9) + factor * (n - 1) * latency_us * 1e-6
+
+
+def predict(model: PhiConfig, layout: Layout, cluster: Cluster, seq_len: int, global_batch: int) -> Prediction:
+    """Memory per GPU and step time of one layout (see the module docstring for the model)."""
+    tp, pp, cp, dp = layout.tp, layout.pp, layout.cp, layout.dp
+    mb, sp = layout.micro_batch, layout.sequence_parallel
+    per_replica = global_batch // dp
+    micro_batches = per_replica // mb
+    local_tokens = mb * seq_len // cp
+    layers = math.ceil(model.n_layers / pp)
+    params = stage_params(model, pp, tp)
+    fsdp = layout.dp_mode == "fsdp"
+    states = params * BYTES_MODEL_STATE / (dp if fsdp else 1)
+    block_params = (count_params_and_flops(model, seq_len)[0] - model.vocab_size * model.dim) / model.n_layers / tp
+    gathered = 2 * block_params * 2 if fsdp and dp > 1 else 0  # bf16 unit and its prefetched neighbour
+    in_flight = min(pp, micro_batches)
+    per_layer = act_values(model, tp, sp, layout.recompute) * BYTES_ACT * local_tokens
+    activations = per_layer * layers * in_flight
+    if layout.recompute == "full":  # one block rebuilt at a time during its backward
+        activations += act_values(model, tp, sp, "none") * BYTES_ACT * local_tokens
+    kv_gathered = 2 * seq_len * mb * model.n_kv_heads * model.head_dim / tp * BYTES_ACT if cp > 1 else 0
+    logits = local_tokens * model.vocab_size / tp * (2 + 4 + 4)
+    memory = {"model_states": states, "fsdp_gathered": gathered, "activations": activations,
+              "cp_kv": kv_gathered, "logits": logits, "reserved": RESERVED}  # fmt: skip
+    memory["total"] = sum(memory.values())
+
+    tokens = global_batch * seq_len
+    _, flops_per_token = count_params_and_flops(model, seq_len)
+    extra = {"none": 0.0, "selective": 0.03, "full": 1 / 3}[layout.recompute]  # recomputed forward share
+    peak = cluster.peak_tflops * 1e12
+    compute = flops_per_token * tokens * (1 + extra) / (cluster.gpus * peak * cluster.efficiency)
+    v = 1
+    bubble = (pp - 1) / (v * micro_batches + pp - 1) if pp > 1 else 0.0
+    compute_with_bubble = compute / (1 - bubble)
+    intra, inter = cluster.intra_node_gbps, cluster.inter_node_gbps
+    lat_in, lat_out = cluster.intra_latency_us, cluster.inter_latency_us
+    hidden_bytes = mb * seq_len // cp * model.dim * BYTES_ACT
+    tp_time = micro_batches * layers * 4 * ring(hidden_bytes, tp, intra, lat_in)
+    # CP ranks sit next to TP ranks; on a node while tp x cp fits in it
+    cp_link = (intra, lat_in) if tp * cp <= cluster.gpus_per_node else (inter, lat_out)
+    kv_bytes = 2 * mb * seq_len * model.n_kv_heads * model.head_dim / tp * BYTES_ACT
+    cp_time = micro_batches * layers * 2 * ring(kv_bytes, cp, *cp_link, factor=1.0)  # gather fwd, scatter bwd
+    pp_link = (intra, lat_in) if tp * cp * dp * pp <= cluster.gpus_per_node else (inter, lat_out)
+    pp_time = 2 * micro_batches * (hidden_bytes / tp / (pp_link[0] * 1e9) + pp_link[1] * 1e-6) if pp > 1 else 0.0
+    dp_link = (intra, lat_in) if tp * cp * dp <= cluster.gpus_per_node else (inter, lat_out)
+    grad_bytes = params * 4
+    if fsdp:
+        dp_comm = 2 * ring(params * 2, dp, *dp_link, factor=1.0) + ring(grad_bytes, dp, *dp_link, factor=1.0)
+    else:
+        dp_comm = ring(grad_bytes, dp, *dp_link)
+    backward = compute * 2 / 3
+    dp_exposed = max(0.0, dp_comm - backward)  # overlaps the backward; the rest waits
+    time = {"compute": compute, "bubble": compute_with_bubble - compute, "tp": tp_time, "cp": cp_time,
+            "pp": pp_time, "dp_exposed": dp_exposed}  # fmt: skip
+    time["step"] = sum(time.values())
+    model_flops = flops_per_token * tokens
+    comm = {"tp": micro_batches * layers * 4 * 2 * hidden_bytes, "cp": micro_batches * layers * 2 * kv_bytes,
+            "pp": 2 * micro_batches * hidden_bytes / tp if pp > 1 else 0.0,
+            "dp": (3 * params * 2 if fsdp else 2 * grad_bytes) if dp > 1 else 0.0}  # fmt: skip
+    return Prediction(layout, memory, time, tokens / time["step"], model_flops / (time["step"] * cluster.gpus * peak),
+                      comm)  # fmt: skip
+
+
+def layouts(model: PhiConfig, cluster: Cluster, seq_len: int, global_batch: int) -> list[tuple[Layout, str | None]]:
+    """Every layout of the cluster's GPUs, each with why it cannot run (None when it can)."""
+    found = []
+    for tp, pp, cp in itertools.product(divisors(cluster.gpus), repeat=3):
+        if cluster.gpus % (tp * pp * cp):
+            continue
+        dp = cluster.gpus // (tp * pp * cp)
+        problem = shape_problem(model, cluster, seq_len, global_batch, tp, pp, cp, dp)
+        for dp_mode, mb, recompute in itertools.product(("allreduce", "fsdp"), MICRO_BATCHES, RECOMPUTE):
+            if dp_mode == "fsdp" and dp == 1:
+                continue
+            sp = tp > 1 and cp == 1
+            layout = Layout(tp, pp, cp, dp, dp_mode, mb, recompute, sp)
+            why = problem
+            if why is None and (global_batch // dp) % mb:
+                why = f"micro-batch {mb} does not divide the {global_batch // dp} sequences per replica"
+            found.append((layout, why))
+    return found
+
+
+def shape_problem(model, cluster, seq_len, global_batch, tp, pp, cp, dp) -> str | None:
+    """Why TP x PP x CP x DP cannot run this model, or None."""
+    try:
+        ParallelDims(dp=dp, tp=tp, pp=pp, cp=cp).check_model(model.n_heads, model.n_kv_heads, model.n_layers,
+                                                            model.vocab_size)  # fmt: skip
+    except LayoutError as err:
+        return str(err)
+    if tp > cluster.gpus_per_node:
+        return f"TP {tp} spans nodes ({cluster.gpus_per_node} GPUs each): its all-reduces need NVLink"
+    if global_batch % dp:
+        return f"DP {dp} does not divide the global batch of {global_batch} sequences"
+    if cp > 1 and seq_len % (2 * cp * (model.s2.block_size if model.s2 else 1)):
+        return f"CP {cp} needs seq_len a multiple of {2 * cp * (model.s2.block_size if model.s2 else 1)}"
+    if cp > 1 and tp * cp > cluster.gpus_per_node:
+        return f"TP x CP = {tp * cp} spans nodes: CP's per-layer K/V exchange needs NVLink"
+    return None
+
+
+def plan(model: PhiConfig, cluster: Cluster, seq_len: int, global_batch: int) -> tuple[list, list]:
+    """(feasible predictions, fastest first; rejected predictions, each with its problem)."""
+    feasible, rejected = [], []
+    for layout, problem in layouts(model, cluster, seq_len, global_batch):
+        if problem is not None:
+            rejected.append(Prediction(layout, {"total": 0.0}, {"step": math.inf}, 0.0, 0.0, {}, problem))
+            continue
+        p = predict(model, layout, cluster, seq_len, global_batch)
+        if p.memory["total"] > cluster.memory_bytes:
+            over = (p.memory["total"] - cluster.memory_bytes) / GIB
+            p.problem = (
+                f"out of memory by {over:.1f} GiB ({p.memory['total'] / GIB:.1f} of {cluster.memory_bytes / GIB:.1f})"
+            )
+        elif layout.pp > 1 and p.time["bubble"] / p.time["step"] > MAX_BUBBLE:
+            p.problem = f"pipeline bubble {p.time['bubble'] / p.time['step']:.0%} of the step (> {MAX_BUBBLE:.0%})"
+        (rejected if p.problem else feasible).append(p)
+    feasible.sort(key=lambda p: (round(p.time["step"], 6), p.memory["total"]))  # ties: the leaner
+    return feasible, rejected
+
+
+def fully_sharded_problem(model: PhiConfig, cluster: Cluster) -> str | None:
+    """When even the model states sharded over every GPU do not fit, one clear line."""
+    nparams, _ = count_params_and_flops(model, model.max_seq_len)
+    need = nparams * BYTES_MODEL_STATE / cluster.gpus + RESERVED
+    if need > cluster.memory_bytes:
+        return (f"the model's {nparams / 1e9:.2f}B parameters need {nparams * BYTES_MODEL_STATE / GIB:.0f} GiB of "
+                f"weights, gradients and AdamW states: {need / GIB:.1f} GiB per GPU even fully sharded over "
+                f"{cluster.gpus} GPUs of {cluster.memory_bytes / GIB:.1f} GiB; use more GPUs")  # fmt: skip
+    return None
+
+
+def table(predictions: list[Prediction], top: int) -> str:
+    lines = ["| layout | memory GiB | step s | tokens/s | MFU | bubble | TP s | CP s | PP s | DP exposed s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for p in predictions[:top]:
+        t = p.time
+        lines.append(f"| {p.layout.name()} | {p.memory['total'] / GIB:.1f} | {t['step']:.3f} | {p.tokens_per_s:,.0f} "
+                     f"| {p.mfu:.1%} | {t['bubble']:.3f} | {t['tp']:.3f} | {t['cp']:.3f} | {t['pp']:.3f} "
+                     f"| {t['dp_exposed']:.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def rejection_summary(rejected: list[Prediction]) -> list[tuple[int, Prediction]]:
+    """Rejections grouped by their reason with the numbers taken out, most common first."""
+    groups: dict[str, list[Prediction]] = {}
+    for p in rejected:
+        groups.setdefault(re.sub(r"\d+(\.\d+)?", "N", p.problem), []).append(p)
+    return sorted(((len(g), g[0]) for g in groups.values()), key=lambda x: -x[0])
+
+
+def cluster_from_args(args) -> Cluster:
+    if args.gpu not in PRESETS:
+        raise ValueError(f"unknown GPU preset {args.gpu!r}: choose one of {', '.join(PRESETS)} "
+                         "(or give --gpu-memory, --peak-tflops and the bandwidths)")  # fmt: skip
+    fields = dict(PRESETS[args.gpu])
+    if args.gpu_memory:
+        fields["memory_bytes"] = parse_memory(args.gpu_memory)
+    for name in ("peak_tflops", "efficiency", "intra_node_gbps", "inter_node_gbps"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    if args.gpus < 1 or args.gpus_per_node < 1:
+        raise ValueError(f"--gpus {args.gpus} and --gpus-per-node {args.gpus_per_node} must be >= 1")
+    return Cluster(gpus=args.gpus, gpus_per_node=min(args.gpus_per_node, args.gpus), name=args.gpu, **fields)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.plan", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("config", help="a training config (YAML)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.max_seq_len=32768")
+    parser.add_argument("--gpus", type=int, required=True)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu", default="h100", help=f"preset: {', '.join(PRESETS)}")
+    parser.add_argument("--gpu-memory", help="e.g. 80GiB (overrides the preset's)")
+    parser.add_argument("--peak-tflops", type=float)
+    parser.add_argument("--efficiency", type=float, help="fraction of peak the matmuls reach")
+    parser.add_argument("--intra-node-bw", dest="intra_node_gbps", type=float, help="GB/s per GPU (NVLink)")
+    parser.add_argument("--inter-node-bw", dest="inter_node_gbps", type=float, help="GB/s per GPU (network)")
+    parser.add_argument("--seq-len", type=int, help="training sequence length (default model.max_seq_len)")
+    parser.add_argument("--top", type=int, default=10)
+    parser.add_argument("--json", help="write every prediction, feasible and rejected, here")
+    args = parser.parse_args(argv)
+    try:
+        cluster = cluster_from_args(args)
+        config = load_config(TrainConfig, args.config, args.overrides)
+    except (ValueError, ConfigError, OSError) as err:
+        parser.exit(2, f"python -m training.plan: {err}\n")
+    model = config.model
+    seq_len = args.seq_len or model.max_seq_len
+    model = replace(model, max_seq_len=seq_len)
+    global_batch = config.data.global_batch_size
+    problem = fully_sharded_problem(model, cluster)
+    if problem:
+        parser.exit(1, f"python -m training.plan: {problem}\n")
+    feasible, rejected = plan(model, cluster, seq_len, global_batch)
+    gpus = f"{cluster.gpus} x {cluster.name} ({cluster.gpus_per_node} per node, {cluster.memory_bytes / GIB:.1f} GiB)"
+    print(f"{gpus}, seq {seq_len}, global batch {global_batch}: {len(feasible)} layouts fit, {len(rejected)} rejected")
+    print(table(feasible, args.top))
+    print("rejected (how many, one example each):")
+    for count, example in rejection_summary(rejected):
+        print(f"  {count:5d} x {example.layout.name()}: {example.problem}")
+    if args.json:
+        rows = {"cluster": asdict(cluster), "seq_len": seq_len, "global_batch": global_batch,
+                "feasible": [p.row() for p in feasible], "rejected": [p.row() for p in rejected]}  # fmt: skip
+        atomic_write_text(Path(args.json), json.dumps(rows, indent=1, default=str))
+    if not feasible:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
