@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -51,6 +52,7 @@ def memorised_model(chat: PhiChat, vocab: int) -> PhiModel:
     return model.eval()
 
 
+@pytest.mark.slow  # a minute of memorising; test_chat_template keeps the template ids in the default suite
 def test_transformers_generate_on_the_export_equals_ours_stop_included(tmp_path):
     from transformers import AutoTokenizer, Phi3ForCausalLM
 

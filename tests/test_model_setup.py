@@ -59,6 +59,7 @@ def test_tied_embeddings_in_every_layout(layout, tied_reference, small_dataset, 
             assert got[key] == pytest.approx(want[key], rel=LOSS_RTOL), f"step {step} {key}"
 
 
+@pytest.mark.slow  # tied tables in every layout and resume stay in the default suite (tests above, test_resume)
 def test_tied_checkpoint_resumes_under_pipeline_parallel(small_dataset, tmp_path):
     """A single-process tied checkpoint stores the shared weight once; the pipeline's last stage
     reads its copy (and its optimizer state) from it."""

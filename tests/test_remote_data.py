@@ -142,6 +142,7 @@ def test_a_damaged_object_is_named_with_its_checksum(s3, small_dataset, tmp_path
     assert not list((tmp_path / "cache").rglob("*.tmp")), "no partial file is left in the cache"
 
 
+@pytest.mark.slow  # two training runs; the copy is checked row for row against the original in the default suite
 def test_a_run_from_the_url_trains_on_the_local_runs_batches(s3, small_dataset, tmp_path):
     url = upload(s3, small_dataset)
     base = small_config(small_dataset, tmp_path)
