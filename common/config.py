@@ -102,7 +102,10 @@ def _same_key(written: str, key: str) -> bool:
 
 
 def from_dict(cls: type[T], raw: dict[str, Any], where: str = "config") -> T:
-    """Recursively build a dataclass, checking every key and coercing every value to its field type."""
+    """Recursively build a dataclass, checking every key and coercing every value to its field type.
+    A section written as the word `auto` (`parallel: auto`) sets its `auto` field, where it has one."""
+    if raw == "auto" and "auto" in {f.name for f in dataclasses.fields(cls)}:
+        raw = {"auto": True}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping for {cls.__name__}, got {raw!r}", where)
     written = frozenset(raw)  # before a preset fills in its own keys

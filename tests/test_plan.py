@@ -85,3 +85,24 @@ def test_bad_input_is_one_clear_line(args, message, capsys):
     assert exit_.value.code in (1, 2)
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_parallel_auto_is_a_config_word_and_picks_a_layout_the_world_can_run(tmp_path):
+    from common.config import load_config
+    from training.config import TrainConfig
+    from training.parallel.mesh import LayoutError, ParallelDims
+    from training.plan import choose_layout
+
+    config = load_config(TrainConfig, "configs/pretrain/tiny.yaml", ["parallel=auto"])
+    assert config.parallel.auto
+    cpu = Cluster(gpus=4, gpus_per_node=4, memory_bytes=4 * GIB, peak_tflops=0.1, efficiency=0.5,
+                  intra_node_gbps=2.0, inter_node_gbps=1.0, name="cpu-gloo")  # fmt: skip
+    chosen, recompute, note = choose_layout(config, config.model, 128, 4, cpu)
+    dims = ParallelDims.from_config(chosen, 4)
+    dims.check_model(config.model.n_heads, config.model.n_kv_heads, config.model.n_layers, config.model.vocab_size)
+    assert recompute in ("none", "selective", "full") and note.startswith("parallel: auto chose TP")
+    assert (config.data.global_batch_size // dims.dp) % chosen.micro_batch_size == 0
+    dpo = load_config(TrainConfig, "configs/pretrain/tiny.yaml", ["parallel=auto", "objective=dpo"])
+    assert choose_layout(dpo, dpo.model, 128, 4, cpu)[0].cp == 1, "DPO refuses context parallel"
+    with pytest.raises(LayoutError, match="parallel: auto found no layout of 4 cpu-gloo ranks.*out of memory by"):
+        choose_layout(config, PhiConfig.from_preset("phi-4-mini"), 4096, 4, cpu)

@@ -26,6 +26,7 @@ from training.objective import Objective
 from training.optim import build_optimizer, build_scheduler, resolve_lr
 from training.parallel.mesh import ParallelDims, device_type
 from training.parallel.parallelize import ParallelModel, parallelize
+from training.plan import choose_layout
 from training.precision import PRECISIONS
 from training.trainer import Layout, Trainer
 
@@ -130,6 +131,10 @@ def build_trainer(config: TrainConfig, objective: Objective) -> Trainer:
     mixed_len = config.data.mix is not None and config.data.mix.seq_len is not None
     where = f"{train.data_dir} (data.mix.seq_len)" if mixed_len else train.data_dir
     check_fits_dataset(mc, where, vocab, seq_len)
+    auto_note = None
+    if config.parallel.auto:
+        config.parallel, config.activation_checkpointing, auto_note = choose_layout(config, mc, seq_len, world)
+        dims = ParallelDims.from_config(config.parallel, world)
     dims.check_model(mc.n_heads, mc.n_kv_heads, mc.n_layers, mc.vocab_size)
     layout = build_layout(config, dims, torch.device(device_type(), int(os.environ.get("LOCAL_RANK", 0))))
     data = build_data(config, train, layout, objective.rows_per_sample)
@@ -144,7 +149,7 @@ def build_trainer(config: TrainConfig, objective: Objective) -> Trainer:
     metrics = MetricsLogger(
         config.run_dir, train.families, flops_per_token, enabled=is_main, console=objective.console_metrics
     )
-    for note in (lr_note, data.note, *mixture_notes(train)):
+    for note in (auto_note, lr_note, data.note, *mixture_notes(train)):
         if note:
             metrics.note(note)
     trainer = Trainer(config, objective, layout, data.train, data.valid, parallel, optimizer, scheduler,

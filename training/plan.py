@@ -18,7 +18,8 @@ Step time: compute = training FLOPs (`count_params_and_flops`; +1 forward of the
 / (GPUs x peak x `Cluster.efficiency`), stretched by the pipeline bubble; plus TP all-reduces (4 per
 layer and micro-batch) on NVLink, CP K/V all-gathers, pipeline sends, and the DP gradient
 all-reduce (FSDP: all-gather twice + reduce-scatter) where it does not hide behind the backward.
-Every collective costs alpha + bytes / bandwidth as a ring does. Each assumption is a named
+Every collective costs alpha + bytes / bandwidth as a ring does; each micro-batch pays a fixed
+launch overhead per layer. Each assumption is a named
 constant or a `Cluster` field; docs/scaling.md writes them next to the numbers they drive.
 """
 
@@ -62,6 +63,9 @@ class Cluster:
     inter_node_gbps: float
     intra_latency_us: float = 3.0
     inter_latency_us: float = 10.0
+    # per layer and micro-batch, forward and backward: kernel launches and Python (about 30 kernels
+    # of a few us each); what makes fewer, larger micro-batches faster at equal FLOPs
+    overhead_per_layer_us: float = 100.0
     name: str = "custom"
 
 
@@ -212,8 +216,9 @@ def predict(model: PhiConfig, layout: Layout, cluster: Cluster, seq_len: int, gl
         dp_comm = ring(grad_bytes, dp, *dp_link)
     backward = compute * 2 / 3
     dp_exposed = max(0.0, dp_comm - backward)  # overlaps the backward; the rest waits
+    overhead = micro_batches * layers * cluster.overhead_per_layer_us * 1e-6
     time = {"compute": compute, "bubble": compute_with_bubble - compute, "tp": tp_time, "cp": cp_time,
-            "pp": pp_time, "dp_exposed": dp_exposed}  # fmt: skip
+            "pp": pp_time, "dp_exposed": dp_exposed, "overhead": overhead}  # fmt: skip
     time["step"] = sum(time.values())
     model_flops = flops_per_token * tokens
     comm = {"tp": micro_batches * layers * 4 * 2 * hidden_bytes, "cp": micro_batches * layers * 2 * kv_bytes,
@@ -301,6 +306,52 @@ def table(predictions: list[Prediction], top: int) -> str:
                      f"| {p.mfu:.1%} | {t['bubble']:.3f} | {t['tp']:.3f} | {t['cp']:.3f} | {t['pp']:.3f} "
                      f"| {t['dp_exposed']:.3f} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def local_cluster(world: int) -> Cluster:
+    """The machines a run was launched on: its GPUs (a preset by name, their memory as reported), or
+    CPU ranks under gloo (host memory shared by the node's ranks; speeds are rough assumptions that
+    only rank the layouts)."""
+    import os
+
+    import torch
+
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name().lower()
+        preset = next((key for key in PRESETS if key in name), "h100")
+        fields = {**PRESETS[preset], "memory_bytes": torch.cuda.get_device_properties(0).total_memory}
+        return Cluster(gpus=world, gpus_per_node=min(per_node, world), name=preset, **fields)
+    with open("/proc/meminfo") as f:
+        total = int(f.readline().split()[1]) * 1024
+    return Cluster(gpus=world, gpus_per_node=min(per_node, world), memory_bytes=total // max(per_node, 1),
+                   peak_tflops=0.1, efficiency=0.5, intra_node_gbps=2.0, inter_node_gbps=1.0,
+                   intra_latency_us=50.0, inter_latency_us=100.0, overhead_per_layer_us=2000.0,
+                   name="cpu-gloo")  # fmt: skip
+
+
+def choose_layout(config: TrainConfig, model: PhiConfig, seq_len: int, world: int, cluster: Cluster | None = None):
+    """`parallel: auto`: (the planner's best layout as a ParallelConfig, activation checkpointing,
+    a line saying what was chosen and predicted). Refuses, with the commonest reasons, when nothing
+    fits. Context parallel only for the lm objective (DPO and GRPO refuse it)."""
+    from training.parallel.mesh import ParallelConfig
+
+    cluster = cluster or local_cluster(world)
+    model = replace(model, max_seq_len=seq_len)
+    feasible, rejected = plan(model, cluster, seq_len, config.data.global_batch_size)
+    if config.objective != "lm":
+        feasible = [p for p in feasible if p.layout.cp == 1]
+    if not feasible:
+        why = "; ".join(f"{n} x {p.layout.name()}: {p.problem}" for n, p in rejection_summary(rejected)[:3])
+        raise LayoutError(f"parallel: auto found no layout of {world} {cluster.name} ranks for this model: {why}")
+    best = feasible[0]
+    lay = best.layout
+    chosen = ParallelConfig(tp=lay.tp, pp=lay.pp, cp=lay.cp, dp=lay.dp, dp_mode=lay.dp_mode,
+                            micro_batch_size=lay.micro_batch, sequence_parallel=lay.sequence_parallel)  # fmt: skip
+    note = (f"parallel: auto chose {lay.name()} for {world} {cluster.name} ranks (of {len(feasible)} that fit): "
+            f"predicted {best.memory['total'] / GIB:.1f} GiB per rank, {best.time['step']:.3f} s per step, "
+            f"{best.tokens_per_s:,.0f} tokens/s, MFU {best.mfu:.1%}")  # fmt: skip
+    return chosen, lay.recompute, note
 
 
 def rejection_summary(rejected: list[Prediction]) -> list[tuple[int, Prediction]]:
