@@ -14,7 +14,8 @@ Memory per GPU (bytes), for the rank holding the most:
   block's input (plus one block's during its recompute);
 - the vocabulary head's logits on the last stage: bf16 logits + fp32 log-softmax + fp32 gradient;
 - a fixed `RESERVED` for the CUDA context, NCCL buffers and allocator slack.
-Step time: compute = training FLOPs (`count_params_and_flops`; +1 forward of the recomputed part)
+Step time: compute = training FLOPs (`count_params_and_flops`, S2 layers' attention scaled by their
+pattern's computed share; +1 forward of the recomputed part)
 / (GPUs x peak x `Cluster.efficiency`), stretched by the pipeline bubble; plus TP all-reduces (4 per
 layer and micro-batch) on NVLink, CP K/V all-gathers, pipeline sends, and the DP gradient
 all-reduce (FSDP: all-gather twice + reduce-scatter) where it does not hide behind the backward.
@@ -26,6 +27,7 @@ constant or a `Cluster` field; docs/scaling.md writes them next to the numbers t
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -36,6 +38,7 @@ from pathlib import Path
 
 from common.config import ConfigError, load_config
 from common.files import atomic_write_text
+from kernels.bench import counted_density
 from training.config import TrainConfig
 from training.models.phi import PhiConfig, count_params_and_flops
 from training.parallel.mesh import LayoutError, ParallelDims
@@ -47,6 +50,7 @@ BYTES_ACT = 2  # bf16 autocast activations
 MICRO_BATCHES = (1, 2, 4, 8)
 RECOMPUTE = ("none", "selective", "full")
 MAX_BUBBLE = 0.5  # a layout idling more than this in its pipeline bubble is rejected
+_density = functools.cache(counted_density)
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,18 @@ def stage_params(model: PhiConfig, pp: int, tp: int) -> int:
     return int((layers * per_layer + ends) / tp)
 
 
+def executed_flops_per_token(model: PhiConfig, seq_len: int) -> float:
+    """Training FLOPs per token as counted by `count_params_and_flops`, with each S2 layer's attention
+    scaled by the share of causal blocks its pattern computes (`counted_density`, the kernels' lists)."""
+    _, flops = count_params_and_flops(model, seq_len)
+    sparse_layers = sum(model.is_sparse(i) for i in range(model.n_layers))
+    if not sparse_layers:
+        return flops
+    density = _density(model.s2, seq_len, model.n_kv_heads)
+    attention_per_layer = 12 * model.n_heads * model.head_dim * seq_len
+    return flops - sparse_layers * attention_per_layer * (1 - density)
+
+
 def ring(bytes_: float, n: int, gbps: float, latency_us: float, factor: float = 2.0) -> float:
     """A ring collective among n ranks: all-reduce factor 2, all-gather / reduce-scatter 1."""
     if n <= 1:
@@ -191,7 +207,7 @@ def predict(model: PhiConfig, layout: Layout, cluster: Cluster, seq_len: int, gl
     memory["total"] = sum(memory.values())
 
     tokens = global_batch * seq_len
-    _, flops_per_token = count_params_and_flops(model, seq_len)
+    flops_per_token = executed_flops_per_token(model, seq_len)
     extra = {"none": 0.0, "selective": 0.03, "full": 1 / 3}[layout.recompute]  # recomputed forward share
     peak = cluster.peak_tflops * 1e12
     compute = flops_per_token * tokens * (1 + extra) / (cluster.gpus * peak * cluster.efficiency)
@@ -221,7 +237,8 @@ def predict(model: PhiConfig, layout: Layout, cluster: Cluster, seq_len: int, gl
             "pp": pp_time, "dp_exposed": dp_exposed, "overhead": overhead}  # fmt: skip
     time["step"] = sum(time.values())
     model_flops = flops_per_token * tokens
-    comm = {"tp": micro_batches * layers * 4 * 2 * hidden_bytes, "cp": micro_batches * layers * 2 * kv_bytes,
+    comm = {"tp": micro_batches * layers * 4 * 2 * hidden_bytes if tp > 1 else 0.0,
+            "cp": micro_batches * layers * 2 * kv_bytes if cp > 1 else 0.0,
             "pp": 2 * micro_batches * hidden_bytes / tp if pp > 1 else 0.0,
             "dp": (3 * params * 2 if fsdp else 2 * grad_bytes) if dp > 1 else 0.0}  # fmt: skip
     return Prediction(layout, memory, time, tokens / time["step"], model_flops / (time["step"] * cluster.gpus * peak),
@@ -261,8 +278,6 @@ def shape_problem(model, cluster, seq_len, global_batch, tp, pp, cp, dp) -> str 
         return f"DP {dp} does not divide the global batch of {global_batch} sequences"
     if cp > 1 and seq_len % (2 * cp * (model.s2.block_size if model.s2 else 1)):
         return f"CP {cp} needs seq_len a multiple of {2 * cp * (model.s2.block_size if model.s2 else 1)}"
-    if cp > 1 and tp * cp > cluster.gpus_per_node:
-        return f"TP x CP = {tp * cp} spans nodes: CP's per-layer K/V exchange needs NVLink"
     return None
 
 
