@@ -106,3 +106,19 @@ def test_parallel_auto_is_a_config_word_and_picks_a_layout_the_world_can_run(tmp
     assert choose_layout(dpo, dpo.model, 128, 4, cpu)[0].cp == 1, "DPO refuses context parallel"
     with pytest.raises(LayoutError, match="parallel: auto found no layout of 4 cpu-gloo ranks.*out of memory by"):
         choose_layout(config, PhiConfig.from_preset("phi-4-mini"), 4096, 4, cpu)
+
+
+def test_memory_model_predicts_the_recorded_cpu_peaks_within_eleven_percent():
+    """Against every raw per-rank measurement kept in docs/measurements (fp32 CPU runs of
+    benchmarks/memory.py: 1 rank, TP2, PP2, TP2xPP2, FSDP2, FSDP2xTP2, lean FSDP, three models)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "memory_model.py"
+    spec = importlib.util.spec_from_file_location("memory_model", path)
+    memory_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory_model)
+    rows = memory_model.compare(memory_model.RECORDED)
+    assert {r["layout"] for r in rows} >= {"1 rank", "TP2", "PP2", "TP2xPP2", "FSDP2", "FSDP2xTP2", "FSDP2 lean"}
+    for r in rows:
+        assert abs(r["error"]) < 0.11, r

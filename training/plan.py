@@ -46,7 +46,6 @@ from training.parallel.mesh import LayoutError, ParallelDims
 GIB = 2**30
 RESERVED = 3 * GIB  # CUDA context (~0.5 GiB), NCCL buffers, allocator fragmentation
 BYTES_MODEL_STATE = 4 + 4 + 8  # fp32 weight, gradient, AdamW exp_avg + exp_avg_sq
-BYTES_ACT = 2  # bf16 autocast activations
 MICRO_BATCHES = (1, 2, 4, 8)
 RECOMPUTE = ("none", "selective", "full")
 MAX_BUBBLE = 0.5  # a layout idling more than this in its pipeline bubble is rejected
@@ -108,6 +107,8 @@ class Layout:
     micro_batch: int
     recompute: str
     sequence_parallel: bool
+    fsdp_unit: str = "block"  # block | linear: what FSDP gathers at once
+    vocab_over_dp: bool = False  # the embedding and head split over DP x TP, never gathered
 
     def name(self) -> str:
         parts = [f"TP{self.tp}" + ("+SP" if self.sequence_parallel else ""), f"PP{self.pp}", f"CP{self.cp}",
@@ -175,6 +176,43 @@ def executed_flops_per_token(model: PhiConfig, seq_len: int) -> float:
     return flops - sparse_layers * attention_per_layer * (1 - density)
 
 
+def memory_per_rank(
+    model: PhiConfig,
+    layout: Layout,
+    seq_len: int,
+    micro_batches: int,
+    precision: str = "bf16",
+    reserved: int = RESERVED,
+) -> dict[str, float]:
+    """Bytes the fullest rank holds at its peak, by part ("total" their sum). `precision`: bf16
+    (autocast activations, FSDP gathering bf16 weights) or fp32 (the CPU runs of benchmarks/memory.py)."""
+    tp, pp, cp, dp = layout.tp, layout.pp, layout.cp, layout.dp
+    act_bytes, weight_bytes = (2, 2) if precision == "bf16" else (4, 4)
+    mb, sp = layout.micro_batch, layout.sequence_parallel
+    local_tokens = mb * seq_len // cp
+    layers = math.ceil(model.n_layers / pp)
+    fsdp = layout.dp_mode == "fsdp" and dp > 1
+    states = stage_params(model, pp, tp) * BYTES_MODEL_STATE / (dp if fsdp else 1)
+    gathered = 0.0
+    if fsdp:  # a unit's gathered weights and its prefetched neighbour's, unsharded gradients, reduce-scatter input
+        q, kv = model.n_heads * model.head_dim, model.n_kv_heads * model.head_dim
+        block = (model.dim * (2 * q + 2 * kv) + 3 * model.dim * model.ffn_dim) / tp
+        unit = block if layout.fsdp_unit == "block" else model.dim * max(model.ffn_dim, q) / tp
+        gathered = unit * (2 * weight_bytes + 4 + 4)
+        if not layout.vocab_over_dp:  # the vocabulary table is a unit of its own, gathered with its gradient
+            gathered = max(gathered, model.vocab_size * model.dim / tp * (weight_bytes + 4 + 4))
+    in_flight = min(pp, micro_batches)
+    activations = act_values(model, tp, sp, layout.recompute) * act_bytes * local_tokens * layers * in_flight
+    if layout.recompute == "full":  # one block rebuilt at a time during its backward
+        activations += act_values(model, tp, sp, "none") * act_bytes * local_tokens
+    kv_gathered = 2 * seq_len * mb * model.n_kv_heads * model.head_dim / tp * act_bytes if cp > 1 else 0
+    logits = local_tokens * model.vocab_size / tp * (act_bytes + 4 + 4)
+    memory = {"model_states": states, "fsdp_gathered": gathered, "activations": activations,
+              "cp_kv": kv_gathered, "logits": logits, "reserved": reserved}  # fmt: skip
+    memory["total"] = sum(memory.values())
+    return memory
+
+
 def ring(bytes_: float, n: int, gbps: float, latency_us: float, factor: float = 2.0) -> float:
     """A ring collective among n ranks: all-reduce factor 2, all-gather / reduce-scatter 1."""
     if n <= 1:
@@ -185,26 +223,12 @@ def ring(bytes_: float, n: int, gbps: float, latency_us: float, factor: float = 
 def predict(model: PhiConfig, layout: Layout, cluster: Cluster, seq_len: int, global_batch: int) -> Prediction:
     """Memory per GPU and step time of one layout (see the module docstring for the model)."""
     tp, pp, cp, dp = layout.tp, layout.pp, layout.cp, layout.dp
-    mb, sp = layout.micro_batch, layout.sequence_parallel
-    per_replica = global_batch // dp
-    micro_batches = per_replica // mb
-    local_tokens = mb * seq_len // cp
+    mb = layout.micro_batch
+    micro_batches = global_batch // dp // mb
     layers = math.ceil(model.n_layers / pp)
     params = stage_params(model, pp, tp)
     fsdp = layout.dp_mode == "fsdp"
-    states = params * BYTES_MODEL_STATE / (dp if fsdp else 1)
-    block_params = (count_params_and_flops(model, seq_len)[0] - model.vocab_size * model.dim) / model.n_layers / tp
-    gathered = 2 * block_params * 2 if fsdp and dp > 1 else 0  # bf16 unit and its prefetched neighbour
-    in_flight = min(pp, micro_batches)
-    per_layer = act_values(model, tp, sp, layout.recompute) * BYTES_ACT * local_tokens
-    activations = per_layer * layers * in_flight
-    if layout.recompute == "full":  # one block rebuilt at a time during its backward
-        activations += act_values(model, tp, sp, "none") * BYTES_ACT * local_tokens
-    kv_gathered = 2 * seq_len * mb * model.n_kv_heads * model.head_dim / tp * BYTES_ACT if cp > 1 else 0
-    logits = local_tokens * model.vocab_size / tp * (2 + 4 + 4)
-    memory = {"model_states": states, "fsdp_gathered": gathered, "activations": activations,
-              "cp_kv": kv_gathered, "logits": logits, "reserved": RESERVED}  # fmt: skip
-    memory["total"] = sum(memory.values())
+    memory = memory_per_rank(model, layout, seq_len, micro_batches)
 
     tokens = global_batch * seq_len
     flops_per_token = executed_flops_per_token(model, seq_len)
@@ -216,11 +240,11 @@ def predict(model: PhiConfig, layout: Layout, cluster: Cluster, seq_len: int, gl
     compute_with_bubble = compute / (1 - bubble)
     intra, inter = cluster.intra_node_gbps, cluster.inter_node_gbps
     lat_in, lat_out = cluster.intra_latency_us, cluster.inter_latency_us
-    hidden_bytes = mb * seq_len // cp * model.dim * BYTES_ACT
+    hidden_bytes = mb * seq_len // cp * model.dim * 2
     tp_time = micro_batches * layers * 4 * ring(hidden_bytes, tp, intra, lat_in)
     # CP ranks sit next to TP ranks; on a node while tp x cp fits in it
     cp_link = (intra, lat_in) if tp * cp <= cluster.gpus_per_node else (inter, lat_out)
-    kv_bytes = 2 * mb * seq_len * model.n_kv_heads * model.head_dim / tp * BYTES_ACT
+    kv_bytes = 2 * mb * seq_len * model.n_kv_heads * model.head_dim / tp * 2
     cp_time = micro_batches * layers * 2 * ring(kv_bytes, cp, *cp_link, factor=1.0)  # gather fwd, scatter bwd
     pp_link = (intra, lat_in) if tp * cp * dp * pp <= cluster.gpus_per_node else (inter, lat_out)
     pp_time = 2 * micro_batches * (hidden_bytes / tp / (pp_link[0] * 1e9) + pp_link[1] * 1e-6) if pp > 1 else 0.0
