@@ -1,13 +1,12 @@
-"""Plan a run before renting the cluster: every layout that divides the model and the cluster, its
-memory per GPU and its step time, predicted; the best printed with the reason each other one fails.
-
-    python -m training.plan CONFIG --gpus 64 [--gpus-per-node 8] [--gpu h100 | --gpu-memory 80GiB ...]
-                            [--seq-len N] [--top 10] [--json FILE] [--plot FILE] [key=value ...]
+"""The planner's cost model: one layout's memory per GPU and step time, predicted from the model,
+the layout and the cluster alone (`python -m training.plan`, training/plan/cli.py, prints them).
 
 Memory per GPU (bytes), for the rank holding the most:
 - model states: fp32 weights, fp32 gradients and AdamW's two fp32 moments, 16 bytes per parameter
   of the rank's share (its pipeline stage's layers, 1/TP of each matrix and of the vocabulary);
-  FSDP divides them by DP and adds the gathered unit (a block's bf16 weights, twice: prefetch);
+  FSDP divides them by DP and adds its unit's buffers (the gathered weights and the prefetched
+  neighbour's, the unsharded gradient, the reduce-scatter input), or the vocabulary table's when
+  larger (unless it is split over DP);
 - activations of the micro-batches in flight (1F1B: min(PP, micro-batches) on the first stage),
   per token and layer in bf16: `ACT_VALUES` below, split by TP where the tensor is, by CP over the
   sequence; selective recompute drops the attention core's, full recompute keeps only each
@@ -26,22 +25,13 @@ constant or a `Cluster` field; docs/scaling.md writes them next to the numbers t
 
 from __future__ import annotations
 
-import argparse
 import functools
-import itertools
-import json
 import math
 import re
-import sys
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
-from common.config import ConfigError, load_config
-from common.files import atomic_write_text
 from kernels.bench import counted_density
-from training.config import TrainConfig
 from training.models.phi import PhiConfig, count_params_and_flops
-from training.parallel.mesh import LayoutError, ParallelDims
 
 GIB = 2**30
 RESERVED = 3 * GIB  # CUDA context (~0.5 GiB), NCCL buffers, allocator fragmentation
@@ -131,10 +121,6 @@ class Prediction:
                 "step_s": self.time["step"], "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
                 "memory": self.memory, "time": self.time, "comm_bytes": self.comm_bytes,
                 "problem": self.problem}  # fmt: skip
-
-
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def act_values(model: PhiConfig, tp: int, sp: bool, recompute: str) -> float:
@@ -267,199 +253,3 @@ def predict(model: PhiConfig, layout: Layout, cluster: Cluster, seq_len: int, gl
             "dp": (3 * params * 2 if fsdp else 2 * grad_bytes) if dp > 1 else 0.0}  # fmt: skip
     return Prediction(layout, memory, time, tokens / time["step"], model_flops / (time["step"] * cluster.gpus * peak),
                       comm)  # fmt: skip
-
-
-def layouts(model: PhiConfig, cluster: Cluster, seq_len: int, global_batch: int) -> list[tuple[Layout, str | None]]:
-    """Every layout of the cluster's GPUs, each with why it cannot run (None when it can)."""
-    found = []
-    for tp, pp, cp in itertools.product(divisors(cluster.gpus), repeat=3):
-        if cluster.gpus % (tp * pp * cp):
-            continue
-        dp = cluster.gpus // (tp * pp * cp)
-        problem = shape_problem(model, cluster, seq_len, global_batch, tp, pp, cp, dp)
-        for dp_mode, mb, recompute in itertools.product(("allreduce", "fsdp"), MICRO_BATCHES, RECOMPUTE):
-            if dp_mode == "fsdp" and dp == 1:
-                continue
-            sp = tp > 1 and cp == 1
-            layout = Layout(tp, pp, cp, dp, dp_mode, mb, recompute, sp)
-            why = problem
-            if why is None and (global_batch // dp) % mb:
-                why = f"micro-batch {mb} does not divide the {global_batch // dp} sequences per replica"
-            found.append((layout, why))
-    return found
-
-
-def shape_problem(model, cluster, seq_len, global_batch, tp, pp, cp, dp) -> str | None:
-    """Why TP x PP x CP x DP cannot run this model, or None."""
-    try:
-        ParallelDims(dp=dp, tp=tp, pp=pp, cp=cp).check_model(model.n_heads, model.n_kv_heads, model.n_layers,
-                                                            model.vocab_size)  # fmt: skip
-    except LayoutError as err:
-        return str(err)
-    if tp > cluster.gpus_per_node:
-        return f"TP {tp} spans nodes ({cluster.gpus_per_node} GPUs each): its all-reduces need NVLink"
-    if global_batch % dp:
-        return f"DP {dp} does not divide the global batch of {global_batch} sequences"
-    if cp > 1 and seq_len % (2 * cp * (model.s2.block_size if model.s2 else 1)):
-        return f"CP {cp} needs seq_len a multiple of {2 * cp * (model.s2.block_size if model.s2 else 1)}"
-    return None
-
-
-def plan(model: PhiConfig, cluster: Cluster, seq_len: int, global_batch: int) -> tuple[list, list]:
-    """(feasible predictions, fastest first; rejected predictions, each with its problem)."""
-    feasible, rejected = [], []
-    for layout, problem in layouts(model, cluster, seq_len, global_batch):
-        if problem is not None:
-            rejected.append(Prediction(layout, {"total": 0.0}, {"step": math.inf}, 0.0, 0.0, {}, problem))
-            continue
-        p = predict(model, layout, cluster, seq_len, global_batch)
-        if p.memory["total"] > cluster.memory_bytes:
-            over = (p.memory["total"] - cluster.memory_bytes) / GIB
-            p.problem = (
-                f"out of memory by {over:.1f} GiB ({p.memory['total'] / GIB:.1f} of {cluster.memory_bytes / GIB:.1f})"
-            )
-        elif layout.pp > 1 and p.time["bubble"] / p.time["step"] > MAX_BUBBLE:
-            p.problem = f"pipeline bubble {p.time['bubble'] / p.time['step']:.0%} of the step (> {MAX_BUBBLE:.0%})"
-        (rejected if p.problem else feasible).append(p)
-    feasible.sort(key=lambda p: (round(p.time["step"], 6), p.memory["total"]))  # ties: the leaner
-    return feasible, rejected
-
-
-def fully_sharded_problem(model: PhiConfig, cluster: Cluster) -> str | None:
-    """When even the model states sharded over every GPU do not fit, one clear line."""
-    nparams, _ = count_params_and_flops(model, model.max_seq_len)
-    need = nparams * BYTES_MODEL_STATE / cluster.gpus + RESERVED
-    if need > cluster.memory_bytes:
-        return (f"the model's {nparams / 1e9:.2f}B parameters need {nparams * BYTES_MODEL_STATE / GIB:.0f} GiB of "
-                f"weights, gradients and AdamW states: {need / GIB:.1f} GiB per GPU even fully sharded over "
-                f"{cluster.gpus} GPUs of {cluster.memory_bytes / GIB:.1f} GiB; use more GPUs")  # fmt: skip
-    return None
-
-
-def table(predictions: list[Prediction], top: int) -> str:
-    lines = ["| layout | memory GiB | step s | tokens/s | MFU | bubble | TP s | CP s | PP s | DP exposed s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for p in predictions[:top]:
-        t = p.time
-        lines.append(f"| {p.layout.name()} | {p.memory['total'] / GIB:.1f} | {t['step']:.3f} | {p.tokens_per_s:,.0f} "
-                     f"| {p.mfu:.1%} | {t['bubble']:.3f} | {t['tp']:.3f} | {t['cp']:.3f} | {t['pp']:.3f} "
-                     f"| {t['dp_exposed']:.3f} |")  # fmt: skip
-    return "\n".join(lines)
-
-
-def local_cluster(world: int) -> Cluster:
-    """The machines a run was launched on: its GPUs (a preset by name, their memory as reported), or
-    CPU ranks under gloo (host memory shared by the node's ranks; speeds are rough assumptions that
-    only rank the layouts)."""
-    import os
-
-    import torch
-
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name().lower()
-        preset = next((key for key in PRESETS if key in name), "h100")
-        fields = {**PRESETS[preset], "memory_bytes": torch.cuda.get_device_properties(0).total_memory}
-        return Cluster(gpus=world, gpus_per_node=min(per_node, world), name=preset, **fields)
-    with open("/proc/meminfo") as f:
-        total = int(f.readline().split()[1]) * 1024
-    return Cluster(gpus=world, gpus_per_node=min(per_node, world), memory_bytes=total // max(per_node, 1),
-                   peak_tflops=0.1, efficiency=0.5, intra_node_gbps=2.0, inter_node_gbps=1.0,
-                   intra_latency_us=50.0, inter_latency_us=100.0, overhead_per_layer_us=2000.0,
-                   name="cpu-gloo")  # fmt: skip
-
-
-def choose_layout(config: TrainConfig, model: PhiConfig, seq_len: int, world: int, cluster: Cluster | None = None):
-    """`parallel: auto`: (the planner's best layout as a ParallelConfig, activation checkpointing,
-    a line saying what was chosen and predicted). Refuses, with the commonest reasons, when nothing
-    fits. Context parallel only for the lm objective (DPO and GRPO refuse it)."""
-    from training.parallel.mesh import ParallelConfig
-
-    cluster = cluster or local_cluster(world)
-    model = replace(model, max_seq_len=seq_len)
-    feasible, rejected = plan(model, cluster, seq_len, config.data.global_batch_size)
-    if config.objective != "lm":
-        feasible = [p for p in feasible if p.layout.cp == 1]
-    if not feasible:
-        why = "; ".join(f"{n} x {p.layout.name()}: {p.problem}" for n, p in rejection_summary(rejected)[:3])
-        raise LayoutError(f"parallel: auto found no layout of {world} {cluster.name} ranks for this model: {why}")
-    best = feasible[0]
-    lay = best.layout
-    chosen = ParallelConfig(tp=lay.tp, pp=lay.pp, cp=lay.cp, dp=lay.dp, dp_mode=lay.dp_mode,
-                            micro_batch_size=lay.micro_batch, sequence_parallel=lay.sequence_parallel)  # fmt: skip
-    note = (f"parallel: auto chose {lay.name()} for {world} {cluster.name} ranks (of {len(feasible)} that fit): "
-            f"predicted {best.memory['total'] / GIB:.1f} GiB per rank, {best.time['step']:.3f} s per step, "
-            f"{best.tokens_per_s:,.0f} tokens/s, MFU {best.mfu:.1%}")  # fmt: skip
-    return chosen, lay.recompute, note
-
-
-def rejection_summary(rejected: list[Prediction]) -> list[tuple[int, Prediction]]:
-    """Rejections grouped by their reason with the numbers taken out, most common first."""
-    groups: dict[str, list[Prediction]] = {}
-    for p in rejected:
-        groups.setdefault(re.sub(r"\d+(\.\d+)?", "N", p.problem), []).append(p)
-    return sorted(((len(g), g[0]) for g in groups.values()), key=lambda x: -x[0])
-
-
-def cluster_from_args(args) -> Cluster:
-    if args.gpu not in PRESETS:
-        raise ValueError(f"unknown GPU preset {args.gpu!r}: choose one of {', '.join(PRESETS)} "
-                         "(or give --gpu-memory, --peak-tflops and the bandwidths)")  # fmt: skip
-    fields = dict(PRESETS[args.gpu])
-    if args.gpu_memory:
-        fields["memory_bytes"] = parse_memory(args.gpu_memory)
-    for name in ("peak_tflops", "efficiency", "intra_node_gbps", "inter_node_gbps"):
-        if getattr(args, name) is not None:
-            fields[name] = getattr(args, name)
-    if args.gpus < 1 or args.gpus_per_node < 1:
-        raise ValueError(f"--gpus {args.gpus} and --gpus-per-node {args.gpus_per_node} must be >= 1")
-    return Cluster(gpus=args.gpus, gpus_per_node=min(args.gpus_per_node, args.gpus), name=args.gpu, **fields)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.plan", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("config", help="a training config (YAML)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.max_seq_len=32768")
-    parser.add_argument("--gpus", type=int, required=True)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--gpu", default="h100", help=f"preset: {', '.join(PRESETS)}")
-    parser.add_argument("--gpu-memory", help="e.g. 80GiB (overrides the preset's)")
-    parser.add_argument("--peak-tflops", type=float)
-    parser.add_argument("--efficiency", type=float, help="fraction of peak the matmuls reach")
-    parser.add_argument("--intra-node-bw", dest="intra_node_gbps", type=float, help="GB/s per GPU (NVLink)")
-    parser.add_argument("--inter-node-bw", dest="inter_node_gbps", type=float, help="GB/s per GPU (network)")
-    parser.add_argument("--seq-len", type=int, help="training sequence length (default model.max_seq_len)")
-    parser.add_argument("--top", type=int, default=10)
-    parser.add_argument("--json", help="write every prediction, feasible and rejected, here")
-    args = parser.parse_args(argv)
-    try:
-        cluster = cluster_from_args(args)
-        config = load_config(TrainConfig, args.config, args.overrides)
-    except (ValueError, ConfigError, OSError) as err:
-        parser.exit(2, f"python -m training.plan: {err}\n")
-    model = config.model
-    seq_len = args.seq_len or model.max_seq_len
-    model = replace(model, max_seq_len=seq_len)
-    global_batch = config.data.global_batch_size
-    problem = fully_sharded_problem(model, cluster)
-    if problem:
-        parser.exit(1, f"python -m training.plan: {problem}\n")
-    feasible, rejected = plan(model, cluster, seq_len, global_batch)
-    gpus = f"{cluster.gpus} x {cluster.name} ({cluster.gpus_per_node} per node, {cluster.memory_bytes / GIB:.1f} GiB)"
-    print(f"{gpus}, seq {seq_len}, global batch {global_batch}: {len(feasible)} layouts fit, {len(rejected)} rejected")
-    print(table(feasible, args.top))
-    print("rejected (how many, one example each):")
-    for count, example in rejection_summary(rejected):
-        print(f"  {count:5d} x {example.layout.name()}: {example.problem}")
-    if args.json:
-        rows = {"cluster": asdict(cluster), "seq_len": seq_len, "global_batch": global_batch,
-                "feasible": [p.row() for p in feasible], "rejected": [p.row() for p in rejected]}  # fmt: skip
-        atomic_write_text(Path(args.json), json.dumps(rows, indent=1, default=str))
-    if not feasible:
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
