@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -257,3 +258,36 @@ def test_a_writer_killed_mid_save_leaves_nothing_behind(tiny_data, reference, tm
     assert f"removing {partial}: a save that never completed" in out, out[-4000:]
     assert "resumed from" in out and "step_00000002 at step 2" in out, out[-4000:]
     assert losses(run_dir) == reference
+
+
+@pytest.mark.chaos  # a minute of 4 ranks; tests/test_watchdog.py checks the report in-process in the default suite
+def test_a_stopped_rank_is_named_by_every_other_and_the_job_exits(tiny_data, tmp_path):
+    """SIGSTOP of one rank of a TP2 x PP2 run under torchrun: every live rank reports, within the
+    hang timeout plus 15 s, that this rank stopped responding (with the collective it waits in and
+    its stacks, in the run folder), the job exits non-zero, and no process is left."""
+    timeout = 20
+    proc = launch_of_four("torchrun", tiny_data, tmp_path, "steps=100000", f"hang_timeout_s={timeout}",
+                          "dist_timeout_s=300")  # fmt: skip
+    run_dir = tmp_path / "tiny"
+    wait_for_step(proc, run_dir / "metrics.jsonl", 2)
+    _, ranks = ranks_of(proc)
+    beats = [json.loads(p.read_text()) for p in (run_dir / "heartbeats").glob("*.json")]
+    victim = next(p for p in ranks if any(b["pid"] == p.pid and b["rank"] == 1 for b in beats))
+    os.kill(victim.pid, signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        output, _ = proc.communicate(timeout=timeout + 15 + 60)
+        reports = {int(p.stem.split("_")[1]): p.read_text() for p in (run_dir / "hang").glob("rank_*.txt")}
+        named_by = {r for r, text in reports.items() if "not responding: ranks [1]" in text}
+        assert named_by == {0, 2, 3}, (reports.keys(), output[-3000:])
+        assert all("waiting in" in text and "--- thread" in text for text in reports.values())
+        first = min(p.stat().st_mtime for p in (run_dir / "hang").glob("rank_*.txt"))
+        assert first - stopped_at < timeout + 15, f"first report {first - stopped_at:.0f} s after the stop"
+        assert proc.returncode != 0 and "not responding: ranks [1]" in output
+        gone, alive = psutil.wait_procs(ranks, timeout=EXIT_TIMEOUT_S)
+        assert not alive, [p.pid for p in alive]
+    finally:
+        for p in ranks:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        proc.kill()

@@ -51,6 +51,9 @@ class TrainConfig:
     eval_every: int = 0  # steps between evaluations on the `valid` split; 0: only at the end
     eval_batches: int = 0  # global batches per evaluation; 0: the whole split
     dist_timeout_s: int = 600
+    # a rank with no progress for this long reports where it waits and which ranks stopped responding,
+    # and exits (training/watchdog.py); 0: no watchdog. Keep it below dist_timeout_s.
+    hang_timeout_s: int = 480
     init_from: str | None = None  # start from weights: a checkpoint (or run's checkpoints/), HF Phi3 folder or .pt
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast over fp32 master weights; fp16 adds loss scaling)
     activation_checkpointing: str = "none"  # none | full (every block) | selective (core attention)
@@ -68,7 +71,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_fields(self, steps=">= 1", stop_after=">= 1", log_every=">= 1", eval_every=">= 0",
-                     eval_batches=">= 0", dist_timeout_s="> 0", loss_spike_factor="> 0",
+                     eval_batches=">= 0", dist_timeout_s="> 0", hang_timeout_s=">= 0", loss_spike_factor="> 0",
                      precision=tuple(PRECISIONS), activation_checkpointing=AC_MODES,
                      nonfinite=("stop", "skip"))  # fmt: skip
 

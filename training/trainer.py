@@ -32,6 +32,7 @@ from training.parallel.pipeline import V_SHAPE_SCHEDULES, build_schedule, sync_t
 from training.parallel.tensor import reduce_partial_grads
 from training.precision import LossScaler, autocast
 from training.run_state import config_record, resume, saved_state
+from training.watchdog import HangWatchdog
 
 
 class NonFiniteLossError(RuntimeError):
@@ -64,6 +65,7 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = parallel.model, optimizer, scheduler
         self.checkpointer, self.metrics, self.nparams = checkpointer, metrics, nparams
         self.is_main = not dist.is_initialized() or dist.get_rank() == 0
+        self.watchdog: HangWatchdog | None = None
         self.is_last_stage = parallel.is_last_stage
         self.scaler = LossScaler(enabled=config.precision == "fp16")
         self.replica_factor = self.dims.dp if parallel.fsdp else 1  # FSDP averages over replicas; we need the sum
@@ -211,6 +213,7 @@ class Trainer:
         n = min(n, self.config.eval_batches) if self.config.eval_batches else n
         totals = torch.zeros(self.objective.stats_shape(), device=self.device)
         for i in range(n):
+            self.report(self.step, f"evaluate batch {i}")
             self._run_batch(self.valid_loader.batch_at(i), backward=False, split="valid")
             totals += self._replica_stats()
         return self.objective.summarize(totals, prefix="val/")
@@ -233,6 +236,26 @@ class Trainer:
 
     def _fit(self) -> list[dict[str, float]]:
         config = self.config
+        watchdog = None
+        if config.hang_timeout_s and dist.is_initialized() and dist.get_world_size() > 1:
+            watchdog = HangWatchdog(config.run_dir, dist.get_rank(), dist.get_world_size(), config.hang_timeout_s)
+            watchdog.start()
+        try:
+            return self._train(watchdog)
+        finally:
+            if watchdog:
+                watchdog.stop()
+
+    def report(self, step: int, phase: str) -> None:
+        """Progress, for the hang watchdog when one runs."""
+        if self.watchdog:
+            self.watchdog.progress(step, phase)
+
+    def _train(self, watchdog: HangWatchdog | None) -> list[dict[str, float]]:
+        config = self.config
+        self.watchdog = watchdog
+        report = self.report
+        report(self.step, "resume")
         self.maybe_resume()
         if self.is_main:
             config.run_dir.mkdir(parents=True, exist_ok=True)
@@ -244,6 +267,7 @@ class Trainer:
         history = []
         self.metrics.start(self.step, end, self.nparams)
         while self.step < end:
+            report(self.step, "train step")
             t0 = time.perf_counter()
             metrics = self.train_step(self.next_batch(self.step))
             self.step += 1
@@ -253,10 +277,13 @@ class Trainer:
             self.spikes.watch(self.step, metrics)
             self.metrics.log(metrics, console=self.step % config.log_every == 0 or self.step == end)
             if config.eval_every and self.step % config.eval_every == 0 and self.step < end:
+                report(self.step, "evaluate")
                 self.metrics.log_eval(self.step, self.evaluate())
             if config.checkpoint.save_every and self.step % config.checkpoint.save_every == 0 and self.step < end:
+                report(self.step, "save")
                 self.save()
         if history:
+            report(self.step, "final evaluate and save")
             history[-1].update(self.evaluate())
             self.metrics.log_eval(self.step, history[-1])
             path = self.save()
