@@ -8,6 +8,7 @@ from pathlib import Path
 
 from common.config import check_fields
 from data_pipeline.mixed import MixConfig
+from training.integrity import CheckConfig
 from training.models.phi import PhiConfig
 from training.optim import OptimConfig
 from training.parallel.mesh import ParallelConfig
@@ -68,6 +69,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)  # silent-corruption checks (training/integrity.py)
 
     def __post_init__(self):
         check_fields(self, steps=">= 1", stop_after=">= 1", log_every=">= 1", eval_every=">= 0",

@@ -16,6 +16,7 @@ from common.cli import print_error
 from common.config import ConfigError, keys_given, written_at
 from training.checkpoint import CheckpointError
 from training.components import build_trainer, check_run
+from training.integrity import ReplicaDivergence
 from training.objectives import load_run_config
 from training.parallel.mesh import LayoutError
 from training.parallel.world import (
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     except (LayoutError, FileNotFoundError, ValueError) as err:
         print_error(str(err))
         return 2
-    except (NonFiniteLossError, CheckpointError) as err:
+    except (NonFiniteLossError, CheckpointError, ReplicaDivergence) as err:
         print_error(str(err))
         return 3
     except RunLockedError as err:

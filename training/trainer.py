@@ -21,6 +21,7 @@ from data_pipeline.loader import IGNORE_INDEX, Batch, DataLoader
 from training import run_lock
 from training.checkpoint import Checkpointer
 from training.config import TrainConfig
+from training.integrity import ReplicaDivergence, compare_replicas, maybe_flip_bit
 from training.metrics import MetricsLogger, SpikeWatcher
 from training.objective import Objective
 from training.optim import clip_grad_norm
@@ -246,6 +247,24 @@ class Trainer:
             if watchdog:
                 watchdog.stop()
 
+    def check_replicas(self) -> None:
+        """Compare the data-parallel replicas (training/integrity.py); stop, or restore the newest
+        checkpoint on every rank, when one differs. FSDP shards have no replica to compare with."""
+        if self.dims.dp == 1 or self.parallel.fsdp:
+            return
+        problem = compare_replicas(self.model, self.optimizer, self.mesh["dp"].get_group(), self.step)
+        if problem is None:
+            return
+        if self.config.check.on_divergence == "stop":
+            raise ReplicaDivergence(f"{problem}; stopped (check.on_divergence: stop)")
+        self.checkpointer.wait()
+        self.metrics.note(f"{problem}; every rank restores the newest intact checkpoint (check.on_divergence: restore)")
+        at = self.step
+        self.config.checkpoint.resume = "auto"
+        resume(self)
+        if self.step >= at:
+            raise ReplicaDivergence(f"{problem}; no checkpoint before step {at} to restore")
+
     def report(self, step: int, phase: str) -> None:
         """Progress, for the hang watchdog when one runs."""
         if self.watchdog:
@@ -276,6 +295,10 @@ class Trainer:
             history.append(metrics)
             self.spikes.watch(self.step, metrics)
             self.metrics.log(metrics, console=self.step % config.log_every == 0 or self.step == end)
+            maybe_flip_bit(self.model, self.step, dist.get_rank() if dist.is_initialized() else 0)
+            if config.check.replicas_every and self.step % config.check.replicas_every == 0:
+                report(self.step, "replica check")
+                self.check_replicas()
             if config.eval_every and self.step % config.eval_every == 0 and self.step < end:
                 report(self.step, "evaluate")
                 self.metrics.log_eval(self.step, self.evaluate())
