@@ -95,7 +95,7 @@ def slow(*values):
 @pytest.mark.parametrize(
     "cp,s2,window,recompute,precision",
     [(2, False, None, "none", "fp32"), slow(2, False, 200, "none", "fp32"), (2, True, None, "none", "fp32"),
-     (2, True, 200, "none", "fp32"), (4, True, None, "none", "fp32"), (2, True, None, "selective", "fp32"),
+     (2, True, 200, "none", "fp32"), slow(4, True, None, "none", "fp32"), (2, True, None, "selective", "fp32"),
      slow(2, True, None, "full", "fp32"), (2, True, None, "none", "bf16"), slow(2, True, None, "none", "fp16")],
     ids=["cp2-dense", "cp2-dense-window200", "cp2-s2", "cp2-s2-window200", "cp4-s2", "cp2-s2-recompute",
          "cp2-s2-full-recompute", "cp2-s2-bf16", "cp2-s2-fp16"],
@@ -162,8 +162,8 @@ def test_s2_exchange_sends_at_most_the_patterns_share_of_the_keys():
 TRAINER_LAYOUTS = [
     pytest.param(dict(cp=2), marks=pytest.mark.slow),  # CP2 alone: the model-level tests above cover it
     dict(cp=2, tp=2),
-    dict(cp=2, pp=2),
-    dict(cp=2, dp=2, dp_mode="fsdp"),
+    pytest.param(dict(cp=2, pp=2), marks=pytest.mark.slow),  # CP with another dim: cp2-tp2
+    pytest.param(dict(cp=2, dp=2, dp_mode="fsdp"), marks=pytest.mark.slow),
 ]
 
 

@@ -58,7 +58,7 @@ def folder_bytes(path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("async_save", [pytest.param(False, marks=pytest.mark.slow), True], ids=["sync", "async"])
 def test_a_full_disk_keeps_the_previous_checkpoint(async_save, small_dataset, tmp_path):
     """A real full filesystem (tmpfs with room for one checkpoint and a half) under checkpoints/:
     the second save fails with one message naming the step folder and the cause, the partial

@@ -75,6 +75,7 @@ def reference(tiny_data, tmp_path_factory) -> dict[int, float]:
     return losses(out / "tiny")
 
 
+@pytest.mark.slow  # two launchers of 2 ranks; torchrun's equality with deepspeed stays in the default suite
 def test_two_no_ssh_nodes_equal_one_node(tiny_data, reference, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=2\nnode1 slots=2\n")
@@ -105,7 +106,7 @@ def test_two_no_ssh_nodes_equal_one_node(tiny_data, reference, tmp_path):
     assert losses(tmp_path / "multi" / "tiny") == reference
 
 
-@pytest.mark.parametrize("program", ["torchrun", "mpirun"])
+@pytest.mark.parametrize("program", ["torchrun", pytest.param("mpirun", marks=pytest.mark.slow)])
 def test_torchrun_and_mpirun_equal_deepspeed(program, tiny_data, reference, tmp_path):
     if program == "torchrun":
         args = ["--nproc_per_node", "4", "--master_port", str(free_port())]
@@ -208,7 +209,7 @@ def test_a_killed_rank_fails_the_launch(program, tiny_data, tmp_path):
     "target",
     [
         "deepspeed",
-        "torchrun",
+        pytest.param("torchrun", marks=pytest.mark.slow),
         # the same watchdog under two more launchers: `make chaos`
         pytest.param("deepspeed.launcher.launch", marks=pytest.mark.chaos),
         pytest.param("mpirun", marks=pytest.mark.chaos),

@@ -100,12 +100,12 @@ def reference(small_dataset, tmp_path_factory):
 @pytest.mark.parametrize(
     "layout",
     [
-        dict(tp=2),
+        pytest.param(dict(tp=2), marks=pytest.mark.slow),  # TP: tp2-sp and tp2-pp2 below
         dict(pp=2),
         dict(tp=2, pp=2),
         dict(dp=2),
         pytest.param(dict(dp=2, tp=2), marks=pytest.mark.slow),  # DP x TP: the lean FSDP layout below too
-        dict(dp=2, pp=2),
+        pytest.param(dict(dp=2, pp=2), marks=pytest.mark.slow),  # DP x PP: its FSDP case below
         dict(dp=2, dp_mode="fsdp"),
         # FSDP2 x TP2 with the default units: the tied-embedding test runs it (test_model_setup)
         pytest.param(dict(dp=2, tp=2, dp_mode="fsdp"), marks=pytest.mark.slow),

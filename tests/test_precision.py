@@ -34,6 +34,7 @@ def test_low_precision_tracks_fp32(precision, tolerance, small_dataset, tmp_path
     assert next(trainer.model.parameters()).dtype == torch.float32, "master weights stay fp32"
 
 
+@pytest.mark.slow  # fp16 loss scaling in one process stays in the default suite (test_low_precision_tracks_fp32)
 def test_fp16_under_tensor_and_pipeline_parallel(small_dataset, tmp_path):
     ref = [h["loss"] for h in grads_and_history(small_config(small_dataset, tmp_path / "a"))[1][:-1]]
     config = dataclasses.replace(small_config(small_dataset, tmp_path / "b", tp=2, pp=2), precision="fp16")

@@ -150,6 +150,7 @@ def test_a_backend_that_cannot_train_here_is_refused_before_any_model_is_built(c
     assert len(err) == 1 and err[0].startswith("error: model.attn_backend=flex cannot train on CPU"), err
 
 
+@pytest.mark.slow  # four ranks through deepspeed; the refusals' texts are checked in process in the default suite
 def test_a_layout_refusal_is_one_line_on_every_rank(tmp_path):
     """`parallel.tp=2 parallel.pp=3` on 4 ranks of the DeepSpeed launcher: every rank refuses before any
     process group starts, so each says the same one line and none dies in a collective (no traceback)."""

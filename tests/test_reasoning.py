@@ -216,9 +216,9 @@ def test_dpo_pairs_stay_together_in_batches_and_micro_batches(dpo_dataset):
 @pytest.mark.parametrize(
     "layout",
     [
-        dict(tp=2),
+        pytest.param(dict(tp=2), marks=pytest.mark.slow),  # DPO under one layout in the default suite: pp2
         dict(pp=2),
-        dict(dp=2),
+        pytest.param(dict(dp=2), marks=pytest.mark.slow),
         # per-sequence log-probs from the vocabulary split over DP (each replica keeps its own rows)
         pytest.param(dict(dp=2, dp_mode="fsdp", vocab_over_dp=True), marks=pytest.mark.slow),
     ],

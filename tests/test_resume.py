@@ -21,7 +21,9 @@ def fit_losses(config) -> list[float]:
 
 
 @pytest.mark.parametrize(
-    "layout,async_save", [(dict(), False), (dict(tp=2, pp=2), True)], ids=["single", "tp2-pp2-async-save"]
+    "layout,async_save",
+    [(dict(), False), pytest.param(dict(tp=2, pp=2), True, marks=pytest.mark.slow)],  # multi-rank: cp2-to-single
+    ids=["single", "tp2-pp2-async-save"],
 )
 def test_resume_reproduces_uninterrupted_run(layout, async_save, small_dataset, tmp_path):
     world = layout.get("tp", 1) * layout.get("pp", 1)
