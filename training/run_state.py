@@ -71,15 +71,16 @@ def check_same_data(saved: dict, dataset: PackedDataset, path: Path) -> None:
         )
 
 
-def resume(trainer) -> None:
-    """Load the `Trainer`'s state from the checkpoint `checkpoint.resume` names, if any."""
+def resume(trainer, which: str | None = None) -> None:
+    """Load the `Trainer`'s state from the checkpoint `which` (default: `checkpoint.resume`) names, if any."""
     config, note = trainer.config, trainer.metrics.note
     ckpt_dir = config.run_dir / "checkpoints"
+    which = which or config.checkpoint.resume
     choice = [None, None]  # (checkpoint, refusal)
     if trainer.is_main:  # one rank reads and checks the files; every rank loads what it chose, or stops
         remove_unfinished_saves(ckpt_dir, note)
         try:
-            choice[0] = resolve_checkpoint(config.checkpoint.resume, ckpt_dir, note)
+            choice[0] = resolve_checkpoint(which, ckpt_dir, note)
         except (FileNotFoundError, NoIntactCheckpointError) as err:
             choice[1] = err
     if dist.is_initialized():

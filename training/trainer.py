@@ -237,15 +237,15 @@ class Trainer:
 
     def _fit(self) -> list[dict[str, float]]:
         config = self.config
-        watchdog = None
         if config.hang_timeout_s and dist.is_initialized() and dist.get_world_size() > 1:
-            watchdog = HangWatchdog(config.run_dir, dist.get_rank(), dist.get_world_size(), config.hang_timeout_s)
-            watchdog.start()
+            self.watchdog = HangWatchdog(config.run_dir, dist.get_rank(), dist.get_world_size(), config.hang_timeout_s)
+            self.watchdog.start()
         try:
-            return self._train(watchdog)
+            return self._train()
         finally:
-            if watchdog:
-                watchdog.stop()
+            if self.watchdog:
+                self.watchdog.stop()
+                self.watchdog = None
 
     def check_replicas(self) -> None:
         """Compare the data-parallel replicas (training/integrity.py); stop, or restore the newest
@@ -260,8 +260,7 @@ class Trainer:
         self.checkpointer.wait()
         self.metrics.note(f"{problem}; every rank restores the newest intact checkpoint (check.on_divergence: restore)")
         at = self.step
-        self.config.checkpoint.resume = "auto"
-        resume(self)
+        resume(self, "auto")
         if self.step >= at:
             raise ReplicaDivergence(f"{problem}; no checkpoint before step {at} to restore")
 
@@ -270,9 +269,8 @@ class Trainer:
         if self.watchdog:
             self.watchdog.progress(step, phase)
 
-    def _train(self, watchdog: HangWatchdog | None) -> list[dict[str, float]]:
+    def _train(self) -> list[dict[str, float]]:
         config = self.config
-        self.watchdog = watchdog
         report = self.report
         report(self.step, "resume")
         self.maybe_resume()

@@ -138,16 +138,19 @@ def act_values(model: PhiConfig, tp: int, sp: bool, recompute: str) -> float:
     return replicated + split + (0 if recompute == "selective" else core)
 
 
+def layer_params(model: PhiConfig) -> float:
+    """Parameters of one block (matrices and norms), from `count_params_and_flops`'s count."""
+    nparams, _ = count_params_and_flops(model, model.max_seq_len)
+    tables = model.vocab_size * model.dim * (1 if model.tie_embeddings else 2)
+    return (nparams - tables - model.dim) / model.n_layers
+
+
 def stage_params(model: PhiConfig, pp: int, tp: int) -> int:
     """Parameters on the rank holding the most: its stage's layers, 1/TP of the matrices, and the
     embedding (first stage) or head (last stage; tied: both ends hold the table)."""
-    nparams, _ = count_params_and_flops(model, model.max_seq_len)
     table = model.vocab_size * model.dim
-    tables = table if model.tie_embeddings else 2 * table
-    per_layer = (nparams - tables - model.dim) / model.n_layers
-    layers = math.ceil(model.n_layers / pp)
-    ends = table if pp > 1 else tables
-    return int((layers * per_layer + ends) / tp)
+    ends = table if pp > 1 or model.tie_embeddings else 2 * table
+    return int((math.ceil(model.n_layers / pp) * layer_params(model) + ends) / tp)
 
 
 def executed_flops_per_token(model: PhiConfig, seq_len: int) -> float:
@@ -181,9 +184,9 @@ def memory_per_rank(
     states = stage_params(model, pp, tp) * BYTES_MODEL_STATE / (dp if fsdp else 1)
     gathered = 0.0
     if fsdp:  # a unit's gathered weights and its prefetched neighbour's, unsharded gradients, reduce-scatter input
-        q, kv = model.n_heads * model.head_dim, model.n_kv_heads * model.head_dim
-        block = (model.dim * (2 * q + 2 * kv) + 3 * model.dim * model.ffn_dim) / tp
-        unit = block if layout.fsdp_unit == "block" else model.dim * max(model.ffn_dim, q) / tp
+        q = model.n_heads * model.head_dim
+        largest_matrix = model.dim * max(model.ffn_dim, q)
+        unit = (layer_params(model) if layout.fsdp_unit == "block" else largest_matrix) / tp
         gathered = unit * (2 * weight_bytes + 4 + 4)
         if not layout.vocab_over_dp:  # the vocabulary table is a unit of its own, gathered with its gradient
             gathered = max(gathered, model.vocab_size * model.dim / tp * (weight_bytes + 4 + 4))
