@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -292,3 +293,44 @@ def test_a_stopped_rank_is_named_by_every_other_and_the_job_exits(tiny_data, tmp
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
         proc.kill()
+
+
+@pytest.mark.chaos  # 80 steps of a 2-rank job (about two minutes); the mechanism is tested above in the default suite
+def test_a_rank_throttled_from_outside_is_named_within_fifty_steps(tiny_data, tmp_path):
+    """Rank 1 of a DP2 torchrun job is stopped and continued by signals (half its time stopped, as a
+    noisy neighbour or a throttled device would slow it) from step 10: the log names rank 1 within
+    50 steps, and rank 0 is never named."""
+    port = str(free_port())
+    args = ["--nproc_per_node", "2", "--master_port", port]
+    cmd = launcher(args, tiny_data, tmp_path, "steps=80", "check.stragglers_every=5",
+                   "checkpoint.save_every=0", "parallel.tp=1", "parallel.pp=1", program="torchrun")  # fmt: skip
+    proc = start(cmd)
+    run_dir = tmp_path / "tiny"
+    stop = threading.Event()
+    try:
+        wait_for_step(proc, run_dir / "metrics.jsonl", 10)
+        beats = [json.loads(p.read_text()) for p in (run_dir / "heartbeats").glob("*.json")]
+        victim = next(b["pid"] for b in beats if b["rank"] == 1)
+        throttled_from = len((run_dir / "metrics.jsonl").read_text().splitlines())
+
+        def throttle():
+            with contextlib.suppress(ProcessLookupError):  # the job ended
+                while not stop.is_set():
+                    os.kill(victim, signal.SIGSTOP)
+                    time.sleep(0.1)
+                    os.kill(victim, signal.SIGCONT)
+                    time.sleep(0.1)
+
+        threading.Thread(target=throttle, daemon=True).start()
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        stop.set()
+        proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    named = [line for line in output.splitlines() if "straggler at step" in line and ": rank " in line]
+    assert named and all(": rank 1 (" in line for line in named), named or output[-3000:]
+    at = int(named[0].split("straggler at step ")[1].split(":")[0])
+    assert at - throttled_from <= 50, f"named at step {at}, throttled from step {throttled_from}"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    checked = [r for r in rows if "busy_s_p50/rank_1" in r]
+    assert checked and checked[-1]["busy_s_p50/rank_1"] > 1.25 * checked[-1]["busy_s_p50/rank_0"]

@@ -57,3 +57,30 @@ def test_the_collective_a_stack_waits_in_is_named():
     source = "import sys\ndef all_reduce():\n    return sys._getframe()\n"
     exec(compile(source, dist.distributed_c10d.__file__, "exec"), namespace)
     assert waiting_in(namespace["all_reduce"]()).startswith("all_reduce (torch/distributed/distributed_c10d.py:")
+
+
+def _hang_in_a_real_collective(run_dir):
+    """Rank 1 arrives 4 s late at an all_reduce; rank 0's watchdog (1 s) reports while it waits."""
+    import torch
+    import torch.distributed as dist
+
+    reports = []
+    if dist.get_rank() == 0:
+        dog = HangWatchdog(run_dir, rank=0, world=2, timeout_s=1.0, exit=reports.append).start()
+        dog.progress(3, "train step")
+    dist.all_reduce(torch.ones(4))  # #1: both arrive together
+    if dist.get_rank() == 1:
+        time.sleep(4)
+    dist.all_reduce(torch.ones(4))  # #2: rank 0 waits here
+    return reports and (run_dir / "hang" / "rank_0.txt").read_text().splitlines()[0]
+
+
+def test_the_flight_recorder_names_the_group_and_sequence_number_of_the_collective(tmp_path, monkeypatch):
+    from tests.distributed import run_ranks
+    from training.parallel import flight_recorder
+
+    monkeypatch.setenv("TORCH_FR_BUFFER_SIZE", str(flight_recorder.BUFFER_ENTRIES))
+    summary = run_ranks(2, _hang_in_a_real_collective, tmp_path)[0]
+    assert "waiting in all_reduce" in summary and "(unfinished: all_reduce #2 of group 0 (ranks [0, 1]))" in summary, (
+        summary
+    )

@@ -26,9 +26,12 @@ from common.config import check_fields
 class CheckConfig:
     replicas_every: int = 0  # steps between replica comparisons; 0: never
     on_divergence: str = "stop"  # stop | restore (reload the newest intact checkpoint on every rank)
+    stragglers_every: int = 10  # steps between straggler checks (training/stragglers.py); 0: never
+    straggler_factor: float = 1.25  # named when its median busy time exceeds its peers' by this factor
 
     def __post_init__(self):
-        check_fields(self, replicas_every=">= 0", on_divergence=("stop", "restore"))
+        check_fields(self, replicas_every=">= 0", on_divergence=("stop", "restore"), stragglers_every=">= 0",
+                     straggler_factor="> 1")  # fmt: skip
 
 
 class ReplicaDivergence(RuntimeError):

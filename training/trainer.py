@@ -33,6 +33,7 @@ from training.parallel.pipeline import V_SHAPE_SCHEDULES, build_schedule, sync_t
 from training.parallel.tensor import reduce_partial_grads
 from training.precision import LossScaler, autocast
 from training.run_state import config_record, resume, saved_state
+from training.stragglers import StragglerWatch
 from training.watchdog import HangWatchdog
 
 
@@ -67,6 +68,7 @@ class Trainer:
         self.checkpointer, self.metrics, self.nparams = checkpointer, metrics, nparams
         self.is_main = not dist.is_initialized() or dist.get_rank() == 0
         self.watchdog: HangWatchdog | None = None
+        self.stragglers: StragglerWatch | None = None
         self.is_last_stage = parallel.is_last_stage
         self.scaler = LossScaler(enabled=config.precision == "fp16")
         self.replica_factor = self.dims.dp if parallel.fsdp else 1  # FSDP averages over replicas; we need the sum
@@ -237,9 +239,14 @@ class Trainer:
 
     def _fit(self) -> list[dict[str, float]]:
         config = self.config
-        if config.hang_timeout_s and dist.is_initialized() and dist.get_world_size() > 1:
+        multi_rank = dist.is_initialized() and dist.get_world_size() > 1
+        if config.hang_timeout_s and multi_rank:
             self.watchdog = HangWatchdog(config.run_dir, dist.get_rank(), dist.get_world_size(), config.hang_timeout_s)
             self.watchdog.start()
+        if config.check.stragglers_every and multi_rank:
+            check = config.check
+            self.stragglers = StragglerWatch(check.stragglers_every, check.straggler_factor, self.layout.pp_rank,
+                                             self.metrics.note)  # fmt: skip
         try:
             return self._train()
         finally:
@@ -285,11 +292,16 @@ class Trainer:
         self.metrics.start(self.step, end, self.nparams)
         while self.step < end:
             report(self.step, "train step")
+            if self.stragglers:
+                self.stragglers.step_started()
             t0 = time.perf_counter()
             metrics = self.train_step(self.next_batch(self.step))
             self.step += 1
             seconds = time.perf_counter() - t0
             metrics.update(step=self.step, step_time_s=seconds, tokens_per_s=metrics["tokens"] / seconds)
+            if self.stragglers:
+                report(self.step, "straggler check")
+                metrics.update(self.stragglers.after_step(self.step, seconds))
             history.append(metrics)
             self.spikes.watch(self.step, metrics)
             self.metrics.log(metrics, console=self.step % config.log_every == 0 or self.step == end)

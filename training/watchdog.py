@@ -5,7 +5,8 @@ error names neither the rank that stopped nor the collective. Each rank's watchd
 heartbeat (`<run>/heartbeats/rank_N.json`: pid, host, step, phase, time) every few seconds while
 the process lives; the training loop reports its progress (step and phase). When a rank makes no
 progress for `hang_timeout_s`, its watchdog writes `<run>/hang/rank_N.txt` (the collective its main
-thread waits in, read from its Python stack, the step, the phase and every thread's stack), logs
+thread waits in, read from its Python stack and named by torch's flight recorder with its process
+group, members and sequence number, the step, the phase and every thread's stack), logs
 which ranks stopped responding (their heartbeats went stale: a frozen host or a SIGSTOP stops the
 thread too) or are stuck elsewhere, and ends the process with `EXIT_HUNG`, so a launcher sees a
 failure and can restart the job. A rank stopped by a signal cannot report; its peers name it.
@@ -23,6 +24,7 @@ import traceback
 from pathlib import Path
 
 from common.files import atomic_write_text
+from training.parallel import flight_recorder
 
 EXIT_HUNG = 75  # EX_TEMPFAIL: try again (a restart from the last checkpoint)
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "barrier", "send", "recv", "isend",
@@ -114,6 +116,9 @@ class HangWatchdog:
     def _report_and_exit(self) -> None:
         frame = sys._current_frames().get(self._main)
         collective = waiting_in(frame) if frame is not None else "main thread gone"
+        unfinished = flight_recorder.pending()
+        if unfinished:
+            collective += f" (unfinished: {', '.join(unfinished)})"
         silent, elsewhere = self.peers()
         waited = time.monotonic() - self.since
         summary = (f"rank {self.rank}: no progress for {waited:.0f} s at step {self.step} ({self.phase}), waiting in "

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.engine import usable_cores
+from training.parallel import flight_recorder
 
 DEFAULT_PORT = "29500"
 
@@ -62,7 +63,8 @@ def master_from_mpi() -> str:
 
 
 def init_distributed(timeout_s: int) -> None:
-    """Start the default process group when more than one rank runs (gloo on CPU, NCCL on GPUs)."""
+    """Start the default process group when more than one rank runs (gloo on CPU, NCCL on GPUs), with
+    torch's flight recorder on (training/parallel/flight_recorder.py)."""
     found = rank_env(os.environ)
     if found and not found["MASTER_ADDR"]:
         found["MASTER_ADDR"] = master_from_mpi()
@@ -72,6 +74,7 @@ def init_distributed(timeout_s: int) -> None:
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    flight_recorder.enable()
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
