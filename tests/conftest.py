@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from pathlib import Path
 
 # Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before triton loads.
 if shutil.which("nvidia-smi") is None:
@@ -15,6 +16,7 @@ from data_pipeline.corpus import write_default_corpus  # noqa: E402
 from data_pipeline.sources import SourceConfig  # noqa: E402
 from tests.distributed import free_port  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL_SEQ_LEN = 32
 SMALL_VOCAB = 512
 LONG_SEQ_LEN = 1024
@@ -25,6 +27,17 @@ def corpus_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus")
     write_default_corpus(path, docs_per_language=60, seed=1)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(corpus_dir, tmp_path_factory):
+    """The bundled corpus built as configs/data/default.yaml builds it, 150K tokens: for whole jobs."""
+    from common.config import load_config
+
+    out = tmp_path_factory.mktemp("launch") / "data"
+    overrides = [f"output_dir={out}", f"sources=[{{paths: ['{corpus_dir}/*.jsonl']}}]", "total_tokens=150000"]
+    build(load_config(BuildConfig, ROOT / "configs/data/default.yaml", overrides))
+    return out
 
 
 def build_corpus(corpus_dir, out, seq_len: int, total_tokens: int):

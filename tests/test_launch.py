@@ -21,22 +21,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from common.config import load_config
-from data_pipeline.build import BuildConfig, build
 from tests.distributed import free_port
 from tests.faulty_fs import faulty_filesystem
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
 EXIT_TIMEOUT_S = 60
-
-
-@pytest.fixture(scope="module")
-def tiny_data(corpus_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("launch") / "data"
-    overrides = [f"output_dir={out}", f"sources=[{{paths: ['{corpus_dir}/*.jsonl']}}]", "total_tokens=150000"]
-    build(load_config(BuildConfig, ROOT / "configs/data/default.yaml", overrides))
-    return out
 
 
 def launcher(args: list[str], data: Path, out_dir: Path, *extra: str, program: str = "deepspeed") -> list[str]:
@@ -259,6 +249,28 @@ def test_a_writer_killed_mid_save_leaves_nothing_behind(tiny_data, reference, tm
         assert relaunch.returncode == 0, out[-4000:]
     assert f"removing {partial}: a save that never completed" in out, out[-4000:]
     assert "resumed from" in out and "step_00000002 at step 2" in out, out[-4000:]
+    assert losses(run_dir) == reference
+
+
+@pytest.mark.chaos  # 4 ranks launched twice (a minute); a relaunch's resume is in the default suite (test_resume.py)
+@pytest.mark.parametrize("rendezvous", ["--standalone", "--master_port"])
+def test_torchrun_restarts_the_workers_after_a_killed_rank_and_the_run_ends_as_uninterrupted(
+    rendezvous, tiny_data, reference, tmp_path
+):
+    """`kill -9` of rank 1 after step 3 under `torchrun --max-restarts 1` (c10d and static rendezvous):
+    the agent restarts every worker, they re-form the gloo mesh, resume from the newest checkpoint
+    (step 2) and finish; every step's loss (the last run of it) equals the uninterrupted run's."""
+    args = ["--nproc_per_node", "4", "--max-restarts", "1", rendezvous]
+    if rendezvous == "--master_port":
+        args.append(str(free_port()))
+    proc = start(launcher(args, tiny_data, tmp_path, program="torchrun"))
+    run_dir = tmp_path / "tiny"
+    wait_for_step(proc, run_dir / "metrics.jsonl", 3)
+    beats = [json.loads(p.read_text()) for p in (run_dir / "heartbeats").glob("*.json")]
+    os.kill(next(b["pid"] for b in beats if b["rank"] == 1), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    assert "connectFullMesh" not in out and "resumed from" in out, out[-4000:]
     assert losses(run_dir) == reference
 
 

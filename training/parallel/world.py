@@ -75,7 +75,25 @@ def init_distributed(timeout_s: int) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     flight_recorder.enable()
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = restart_store(os.environ, timeout)
+    if store is None:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
+def restart_store(environ: Mapping[str, str], timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun, workers restarted by `--max-restarts` meet in the agent's store, which keeps the
+    keys of the attempt before: gloo's full mesh could read a dead worker's address from it
+    (`connectFullMesh ... Connection refused`, seen on every restart that lost the race). Each
+    attempt gets its own key prefix. None when not launched by a torchrun agent."""
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in environ:
+        return None
+    agent = dist.TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), int(environ["WORLD_SIZE"]),
+                          is_master=False, timeout=timeout)  # fmt: skip
+    return dist.PrefixStore(f"polyglot/attempt_{environ['TORCHELASTIC_RESTART_COUNT']}", agent)
 
 
 # Processes that start ranks: a rank whose chain of parents passes through these ends with them.
