@@ -55,3 +55,21 @@ def test_restore_reloads_the_newest_checkpoint_and_ends_as_the_uninterrupted_run
     got = run_ranks(3, losses, dp3(small_dataset, tmp_path / "flipped", replicas_every=2, on_divergence="restore"))[0]
     assert [s for s, _ in got] == [1, 2, 3, 4, 3, 4, 5, 6], "steps 3-4 ran again after the restore"
     assert dict(got) == dict(want), "the last run of every step equals the uninterrupted run's"
+
+
+def test_a_flipped_bit_in_a_tensor_every_tp_rank_holds_whole_is_named(small_dataset, tmp_path, monkeypatch):
+    """TP2 x DP2: the final norm's weight is whole on both TP ranks. A bit flipped in it on rank 3 is
+    found by its tensor-parallel group and its data-parallel group, and every rank stops, also those
+    whose own groups agree (rank 0)."""
+    monkeypatch.setenv("POLYGLOT_FLIP_BIT", "3:3:norm.weight")
+    config = small_config(small_dataset, tmp_path, tp=2, dp=2, global_batch_size=4)
+    config = dataclasses.replace(config, steps=6, check=CheckConfig(replicas_every=2),
+                                 checkpoint=CheckpointConfig(save_every=0, resume="none"))  # fmt: skip
+    with pytest.raises(RuntimeError) as failed:
+        run_ranks(4, losses, config)
+    message = str(failed.value)
+    # Two copies in each group, so neither group alone can tell which is wrong; together they name rank 3.
+    assert (
+        "replicas diverged at step 4: rank 1 and 3 of the data-parallel group [1, 3] differ in norm.weight" in message
+    )
+    assert "step 4: rank 2 and 3 of the tensor-parallel group [2, 3] differ in norm.weight" in message

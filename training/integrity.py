@@ -1,9 +1,13 @@
-"""Silent corruption caught: data-parallel replicas compared by exact fingerprints.
+"""Silent corruption caught: copies that must be bit-identical, compared by exact fingerprints.
 
 Replicas of the same shard (DP ranks with the same TP/PP/CP coordinates, `dp_mode: allreduce`)
-must hold bit-identical weights and optimizer states after every step. Every `check.replicas_every`
+must hold bit-identical weights and optimizer states after every step, and so must the tensors every
+tensor-parallel rank holds whole (the norms' weights, their AdamW states; under FSDP each rank's
+shard of them). The TP ranks' loss and gradient norm are all-reduced values, equal by construction,
+so comparing them would find nothing; a tensor sharded over TP, with no data-parallel replica, has
+no copy to compare with. Every `check.replicas_every`
 steps each rank computes, per tensor, an exact integer fingerprint (the sum of its bit patterns as
-int64: order-free, so replicas agree exactly, and any flipped bit changes it), the DP group
+int64: order-free, so replicas agree exactly, and any flipped bit changes it), the group
 all-gathers them, and a replica that differs from the others is named with the tensor and the step
 (with two replicas neither can be called the odd one: both are named). `check.on_divergence`: stop
 (exit with the report) or restore (every rank reloads the newest intact checkpoint and goes on).
@@ -72,9 +76,20 @@ def odd_replicas(prints: torch.Tensor) -> list[int]:
     return [i for i, r in enumerate(rows) if r != common]
 
 
-def compare_replicas(model, optimizer, group, step: int) -> str | None:
-    """None when every replica in `group` agrees, else what differs (rank, tensor, step)."""
-    named = state_tensors(model, optimizer)
+def replicated_over(t: torch.Tensor, mesh_dim: str) -> bool:
+    """Whether every rank along `mesh_dim` holds the same copy of `t` (a plain tensor, or a DTensor
+    replicated on that dimension of its mesh)."""
+    names = getattr(t, "device_mesh", None) and t.device_mesh.mesh_dim_names
+    if not names or mesh_dim not in names:
+        return True
+    return t.placements[names.index(mesh_dim)].is_replicate()
+
+
+def compare_replicas(model, optimizer, group, step: int, kind: str = "data-parallel",
+                     only: str | None = None) -> str | None:  # fmt: skip
+    """None when every replica in `group` agrees, else what differs (rank, tensor, step). `only`: a
+    mesh dimension; then only the tensors replicated over it are compared."""
+    named = [(n, t) for n, t in state_tensors(model, optimizer) if only is None or replicated_over(t, only)]
     mine = torch.tensor([fingerprint(t) for _, t in named], dtype=torch.int64)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
@@ -86,7 +101,7 @@ def compare_replicas(model, optimizer, group, step: int) -> str | None:
     reference = 1 if odd == [0] else 0
     tensors = [named[j][0] for j in range(len(named)) if any(prints[i, j] != prints[reference, j] for i in odd)]
     shown = ", ".join(tensors[:3]) + (f" and {len(tensors) - 3} more" if len(tensors) > 3 else "")
-    return (f"replicas diverged at step {step}: rank {' and '.join(map(str, ranks))} of the data-parallel group "
+    return (f"replicas diverged at step {step}: rank {' and '.join(map(str, ranks))} of the {kind} group "
             f"{dist.get_process_group_ranks(group)} differ{'s' if len(ranks) == 1 else ''} in {shown}")  # fmt: skip
 
 

@@ -255,13 +255,25 @@ class Trainer:
                 self.watchdog = None
 
     def check_replicas(self) -> None:
-        """Compare the data-parallel replicas (training/integrity.py); stop, or restore the newest
-        checkpoint on every rank, when one differs. FSDP shards have no replica to compare with."""
-        if self.dims.dp == 1 or self.parallel.fsdp:
+        """Compare the copies that must be bit-identical (training/integrity.py): data-parallel replicas
+        (not under FSDP: no two ranks hold the same shard) and what every TP rank holds whole; stop, or
+        restore the newest checkpoint on every rank, when one differs."""
+        groups = []
+        if self.dims.dp > 1 and not self.parallel.fsdp:
+            groups.append(("data-parallel", self.mesh["dp"].get_group(), None))
+        if self.dims.tp > 1:
+            groups.append(("tensor-parallel", self.mesh["tp"].get_group(), "tp"))
+        if not groups:
             return
-        problem = compare_replicas(self.model, self.optimizer, self.mesh["dp"].get_group(), self.step)
-        if problem is None:
+        found = [compare_replicas(self.model, self.optimizer, group, self.step, kind, only)
+                 for kind, group, only in groups]  # fmt: skip
+        # Every rank must take the same branch, also those whose own groups agree (TP x DP, say).
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, [p for p in found if p is not None])
+        problems = list(dict.fromkeys(p for ranks_problems in everyone for p in ranks_problems))
+        if not problems:
             return
+        problem = "; ".join(problems)
         if self.config.check.on_divergence == "stop":
             raise ReplicaDivergence(f"{problem}; stopped (check.on_divergence: stop)")
         self.checkpointer.wait()
