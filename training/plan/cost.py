@@ -6,7 +6,8 @@ Memory per GPU (bytes), for the rank holding the most:
   of the rank's share (its pipeline stage's layers, 1/TP of each matrix and of the vocabulary);
   FSDP divides them by DP and adds its unit's buffers (the gathered weights and the prefetched
   neighbour's, the unsharded gradient, the reduce-scatter input), or the vocabulary table's when
-  larger (unless it is split over DP);
+  larger (unless it is split over DP); under PP the whole stage's, gathered with unsharded gradients
+  (the schedule syncs gradients on the last micro-batch only);
 - activations of the micro-batches in flight (1F1B: min(PP, micro-batches) on the first stage),
   per token and layer in bf16: `ACT_VALUES` below, split by TP where the tensor is, by CP over the
   sequence; selective recompute drops the attention core's, full recompute keeps only each
@@ -17,7 +18,8 @@ Step time: compute = training FLOPs (`count_params_and_flops`, S2 layers' attent
 pattern's computed share; +1 forward of the recomputed part)
 / (GPUs x peak x `Cluster.efficiency`), stretched by the pipeline bubble; plus TP all-reduces (4 per
 layer and micro-batch) on NVLink, CP K/V all-gathers, pipeline sends, and the DP gradient
-all-reduce (FSDP: all-gather twice + reduce-scatter) where it does not hide behind the backward.
+all-reduce where it does not hide behind the backward (FSDP: all-gather twice and reduce-scatter per
+micro-batch without PP, once per step with it, hidden behind all compute).
 Every collective costs alpha + bytes / bandwidth as a ring does; each micro-batch pays a fixed
 launch overhead per layer. Each assumption is a named
 constant or a `Cluster` field; docs/scaling.md writes them next to the numbers they drive.
@@ -190,6 +192,10 @@ def memory_per_rank(
         gathered = unit * (2 * weight_bytes + 4 + 4)
         if not layout.vocab_over_dp:  # the vocabulary table is a unit of its own, gathered with its gradient
             gathered = max(gathered, model.vocab_size * model.dim / tp * (weight_bytes + 4 + 4))
+        if (
+            pp > 1
+        ):  # the schedule keeps the stage's weights gathered and its gradients unsharded until the last micro-batch
+            gathered = max(gathered, stage_params(model, pp, tp) * (weight_bytes + 4))
     in_flight = min(pp, micro_batches)
     activations = act_values(model, tp, sp, layout.recompute) * act_bytes * local_tokens * layers * in_flight
     if layout.recompute == "full":  # one block rebuilt at a time during its backward
@@ -239,12 +245,22 @@ def predict(model: PhiConfig, layout: Layout, cluster: Cluster, seq_len: int, gl
     pp_time = 2 * micro_batches * (hidden_bytes / tp / (pp_link[0] * 1e9) + pp_link[1] * 1e-6) if pp > 1 else 0.0
     dp_link = (intra, lat_in) if tp * cp * dp <= cluster.gpus_per_node else (inter, lat_out)
     grad_bytes = params * 4
+    # FSDP without PP gathers each unit in the forward and again in the backward and reduce-scatters its
+    # gradients, every micro-batch (training/parallel/data.py reshards after forward; the trainer
+    # reduce-scatters per micro-batch); under PP the schedule keeps the weights gathered and syncs
+    # gradients on the last micro-batch. The next unit is prefetched, so it overlaps all compute.
+    fsdp_rounds = micro_batches if pp == 1 else 1
+    fsdp_gathers = 2 if pp == 1 else 1
+    fsdp_bytes = fsdp_rounds * (fsdp_gathers * params * 2 + grad_bytes)
     if fsdp:
-        dp_comm = 2 * ring(params * 2, dp, *dp_link, factor=1.0) + ring(grad_bytes, dp, *dp_link, factor=1.0)
+        per_round = fsdp_gathers * ring(params * 2, dp, *dp_link, factor=1.0) + ring(
+            grad_bytes, dp, *dp_link, factor=1.0
+        )
+        dp_comm = fsdp_rounds * per_round
+        dp_exposed = max(0.0, dp_comm - compute)
     else:
         dp_comm = ring(grad_bytes, dp, *dp_link)
-    backward = compute * 2 / 3
-    dp_exposed = max(0.0, dp_comm - backward)  # overlaps the backward; the rest waits
+        dp_exposed = max(0.0, dp_comm - compute * 2 / 3)  # overlaps the backward; the rest waits
     overhead = micro_batches * layers * cluster.overhead_per_layer_us * 1e-6
     time = {"compute": compute, "bubble": compute_with_bubble - compute, "tp": tp_time, "cp": cp_time,
             "pp": pp_time, "dp_exposed": dp_exposed, "overhead": overhead}  # fmt: skip
@@ -253,6 +269,6 @@ def predict(model: PhiConfig, layout: Layout, cluster: Cluster, seq_len: int, gl
     comm = {"tp": micro_batches * layers * 4 * 2 * hidden_bytes if tp > 1 else 0.0,
             "cp": micro_batches * layers * 2 * kv_bytes if cp > 1 else 0.0,
             "pp": 2 * micro_batches * hidden_bytes / tp if pp > 1 else 0.0,
-            "dp": (3 * params * 2 if fsdp else 2 * grad_bytes) if dp > 1 else 0.0}  # fmt: skip
+            "dp": (fsdp_bytes if fsdp else 2 * grad_bytes) if dp > 1 else 0.0}  # fmt: skip
     return Prediction(layout, memory, time, tokens / time["step"], model_flops / (time["step"] * cluster.gpus * peak),
                       comm)  # fmt: skip
