@@ -11,7 +11,7 @@ import pytest
 
 from tests.distributed import run_ranks
 from training.parallel import flight_recorder
-from training.stragglers import busy_times, slow_ranks
+from training.stragglers import busy_times, shown_ranks, slow_ranks
 
 
 def test_busy_time_is_the_step_less_the_waits_for_the_last_member():
@@ -58,3 +58,11 @@ def test_a_slow_rank_is_named_by_its_arrivals_in_a_real_run(monkeypatch):
     assert notes[0].startswith("straggler at step 3: rank 1 (") and "x its peers at pipeline stage 0" in notes[0]
     assert metrics["busy_s_p50/rank_1"] == pytest.approx(0.24, abs=0.06)
     assert metrics["busy_s_p50/rank_0"] < 0.1 and metrics["late_s/rank_1"] > 0.15
+
+
+def test_beyond_sixty_four_ranks_only_the_busiest_are_logged():
+    recent = [0.1] * 100
+    recent[7], recent[93] = 0.5, 0.4
+    shown = shown_ranks(recent, most=3)
+    assert len(shown) == 3 and 7 in shown and 93 in shown
+    assert shown_ranks(recent[:3], most=3) == [0, 1, 2]

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from training.parallel import flight_recorder
 
+SHOWN_RANKS = 64
 Arrivals = dict[tuple[str, int], int]  # (group, sequence number) -> when the rank entered it (ns)
 
 
@@ -59,6 +60,13 @@ def slow_ranks(busy_p50: list[float], stage: list[int], factor: float) -> dict[i
         if peers and mine > factor * max(statistics.median(peers), 1e-6):
             found[r] = mine / max(statistics.median(peers), 1e-6)
     return found
+
+
+def shown_ranks(recent: list[float], most: int = SHOWN_RANKS) -> list[int]:
+    """Every rank up to `most`; beyond, the busiest `most` (the metrics of thousands of ranks would
+    swamp the logs)."""
+    ranks = range(len(recent))
+    return list(ranks) if len(recent) <= most else sorted(sorted(ranks, key=lambda r: -recent[r])[:most])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -95,9 +103,9 @@ class StragglerWatch:
         if len(self.busy[0]) >= min(3, self.window):
             self._name(step, slow_ranks(recent, [g[2] for g in gathered], self.factor), recent, late, gathered)
         metrics = {}
-        for r, b in enumerate(self.busy):
-            metrics[f"busy_s_p50/rank_{r}"] = percentile(list(b), 0.5)
-            metrics[f"busy_s_p90/rank_{r}"] = percentile(list(b), 0.9)
+        for r in shown_ranks(recent):
+            metrics[f"busy_s_p50/rank_{r}"] = percentile(list(self.busy[r]), 0.5)
+            metrics[f"busy_s_p90/rank_{r}"] = percentile(list(self.busy[r]), 0.9)
             metrics[f"late_s/rank_{r}"] = late[r]
         return metrics
 
