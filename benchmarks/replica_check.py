@@ -25,6 +25,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.files import atomic_write_text  # noqa: E402
 from training.integrity import fingerprint, state_tensors  # noqa: E402
 from training.models.phi import PhiConfig, PhiModel  # noqa: E402
 
@@ -88,9 +89,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = ROOT / "benchmarks" / "results" / "replica_check.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    out.write_text(json.dumps({"machine": machine, "batch": BATCH, "seq_len": SEQ, "rows": rows}, indent=1))
+    atomic_write_text(out, json.dumps({"machine": machine, "batch": BATCH, "seq_len": SEQ, "rows": rows}, indent=1))
     if args.markdown:
-        Path(args.markdown).write_text(table)
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(args.markdown), table)
     return rows
 
 
