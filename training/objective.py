@@ -23,6 +23,7 @@ class Objective:
     config_class: ClassVar[type | None] = None  # its section of the run config (`dpo:`), if it has one
     rows_per_sample: ClassVar[int] = 1  # rows a micro-batch keeps together (DPO: a chosen and a rejected row)
     evaluates: ClassVar[bool] = True  # whether its loss on the `valid` split means something
+    watches_spikes: ClassVar[bool] = True  # whether "loss far above its running mean" means trouble (a positive loss)
     console_metrics: ClassVar[tuple[str, ...]] = ()  # shown on the console next to the loss
 
     def __init__(self, config: Any = None):

@@ -315,7 +315,8 @@ class Trainer:
                 report(self.step, "straggler check")
                 metrics.update(self.stragglers.after_step(self.step, seconds))
             history.append(metrics)
-            self.spikes.watch(self.step, metrics)
+            if self.objective.watches_spikes:
+                self.spikes.watch(self.step, metrics)
             self.metrics.log(metrics, console=self.step % config.log_every == 0 or self.step == end)
             maybe_flip_bit(self.model, self.step, dist.get_rank() if dist.is_initialized() else 0)
             if config.check.replicas_every and self.step % config.check.replicas_every == 0:

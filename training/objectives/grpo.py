@@ -128,6 +128,7 @@ class GRPO(Objective):
     name = "grpo"
     config_class = GRPOConfig
     evaluates = False  # rewards are the measure of an RL stage; the reasoning report evaluates held-out problems
+    watches_spikes = False  # a policy-gradient loss sits near zero, of either sign: a ratio to its mean means nothing
 
     def __init__(self, config: GRPOConfig | None = None):
         super().__init__(config or GRPOConfig())
