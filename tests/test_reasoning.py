@@ -281,8 +281,10 @@ def test_reasoning_stages_improve_verifier_accuracy_over_the_base(tmp_path):
     env.update(stage_env)
     run("bash", "launch/continue_train.sh", "runs/tiny/checkpoints")  # the script works from its folder's parent
     results = {s: json.loads((tmp_path / f"runs/reasoning/eval_{s}.json").read_text()) for s in ("base", "sft", "dpo")}
-    assert results["sft"]["accuracy"] > results["base"]["accuracy"] + 0.1
-    assert results["dpo"]["accuracy"] > results["base"]["accuracy"] + 0.1
+    # On problems held out by construction the default stages reach about 0.14 (docs/reasoning.md, 3,500
+    # problems) from a base at 0.000; 0.05 is over 3 standard errors below that at 200 problems.
+    assert results["sft"]["accuracy"] > results["base"]["accuracy"] + 0.05
+    assert results["dpo"]["accuracy"] > results["base"]["accuracy"] + 0.05
     assert (tmp_path / "runs/reasoning/accuracy.png").stat().st_size > 0
 
 
