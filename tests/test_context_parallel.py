@@ -87,16 +87,11 @@ def loss_and_grads(config: PhiConfig, cp: bool, recompute: str = "none", precisi
     return float(loss.detach()), grads
 
 
-def slow(*values):
-    """A case the slow suite runs (the default suite has its neighbour: window on S2, selective recompute, bf16)."""
-    return pytest.param(*values, marks=pytest.mark.slow)
-
-
 @pytest.mark.parametrize(
     "cp,s2,window,recompute,precision",
-    [(2, False, None, "none", "fp32"), slow(2, False, 200, "none", "fp32"), (2, True, None, "none", "fp32"),
-     (2, True, 200, "none", "fp32"), slow(4, True, None, "none", "fp32"), (2, True, None, "selective", "fp32"),
-     slow(2, True, None, "full", "fp32"), (2, True, None, "none", "bf16"), slow(2, True, None, "none", "fp16")],
+    [(2, False, None, "none", "fp32"), (2, False, 200, "none", "fp32"), (2, True, None, "none", "fp32"),
+     (2, True, 200, "none", "fp32"), (4, True, None, "none", "fp32"), (2, True, None, "selective", "fp32"),
+     (2, True, None, "full", "fp32"), (2, True, None, "none", "bf16"), (2, True, None, "none", "fp16")],
     ids=["cp2-dense", "cp2-dense-window200", "cp2-s2", "cp2-s2-window200", "cp4-s2", "cp2-s2-recompute",
          "cp2-s2-full-recompute", "cp2-s2-bf16", "cp2-s2-fp16"],
 )  # fmt: skip
@@ -114,7 +109,7 @@ def test_context_parallel_equals_one_process(cp, s2, window, recompute, precisio
 
 @pytest.mark.parametrize(
     "cp,s2,window,seq",
-    [slow(2, False, None, 256), (2, True, 100, 256), slow(4, True, None, 512)],
+    [(2, False, None, 256), (2, True, 100, 256), pytest.param(4, True, None, 512, marks=pytest.mark.slow)],  # cp4: 17 s
     ids=["cp2-dense", "cp2-s2-window100", "cp4-s2"],
 )
 def test_context_parallel_on_the_triton_kernels_equals_one_process(cp, s2, window, seq):
@@ -159,12 +154,7 @@ def test_s2_exchange_sends_at_most_the_patterns_share_of_the_keys():
             assert 0 < ratio <= 1.1 * counted_density(pattern, seq, heads), (stride, cp, ratio)
 
 
-TRAINER_LAYOUTS = [
-    pytest.param(dict(cp=2), marks=pytest.mark.slow),  # CP2 alone: the model-level tests above cover it
-    dict(cp=2, tp=2),
-    pytest.param(dict(cp=2, pp=2), marks=pytest.mark.slow),  # CP with another dim: cp2-tp2
-    pytest.param(dict(cp=2, dp=2, dp_mode="fsdp"), marks=pytest.mark.slow),
-]
+TRAINER_LAYOUTS = [dict(cp=2), dict(cp=2, tp=2), dict(cp=2, pp=2), dict(cp=2, dp=2, dp_mode="fsdp")]
 
 
 @pytest.fixture(scope="module")

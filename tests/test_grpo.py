@@ -105,8 +105,7 @@ def grpo_reference(small_dataset, tmp_path_factory):
 
 @pytest.mark.parametrize(
     "layout",
-    [dict(tp=2), dict(pp=2), pytest.param(dict(dp=2), marks=pytest.mark.slow),
-     pytest.param(dict(dp=2, dp_mode="fsdp"), marks=pytest.mark.slow)],
+    [dict(tp=2), dict(pp=2), dict(dp=2), dict(dp=2, dp_mode="fsdp")],
     ids=["tp2", "pp2", "dp2", "dp2-fsdp"],
 )  # fmt: skip
 def test_grpo_layouts_match_one_process_on_a_fixed_rollout_batch(layout, grpo_reference, small_dataset, tmp_path):

@@ -48,7 +48,6 @@ def test_a_flipped_bit_is_named_and_the_run_stops(small_dataset, tmp_path, monke
     assert f"replicas diverged at step 4: rank 1 of the data-parallel group [0, 1, 2] differs in {TENSOR}" in message
 
 
-@pytest.mark.slow  # two 3-rank runs (a minute); the detection itself is in the default suite above
 def test_restore_reloads_the_newest_checkpoint_and_ends_as_the_uninterrupted_run(small_dataset, tmp_path, monkeypatch):
     want = run_ranks(3, losses, dp3(small_dataset, tmp_path / "clean"))[0]
     monkeypatch.setenv("POLYGLOT_FLIP_BIT", f"1:3:{TENSOR}")

@@ -31,7 +31,7 @@ def tied_reference(small_dataset, tmp_path_factory):
         dict(pp=2),
         pytest.param(dict(tp=2, pp=2), marks=pytest.mark.slow),  # tp2 and pp2 each stay in the default suite
         dict(pp=2, schedule="Interleaved1F1B", virtual=2),
-        pytest.param(dict(dp=2, pp=2, dp_mode="fsdp"), marks=pytest.mark.slow),  # and with vocab_over_dp below
+        dict(dp=2, pp=2, dp_mode="fsdp"),
         dict(tp=2),  # one tied parameter: the head's gradient and the vocab-parallel lookup's meet
         pytest.param(dict(dp=2, tp=2, dp_mode="fsdp"), marks=pytest.mark.slow),  # FSDP x TP: test_parallel's lean case
         # the shared table split over DP x TP (untied: test_parallel's lean case)

@@ -100,26 +100,25 @@ def reference(small_dataset, tmp_path_factory):
 @pytest.mark.parametrize(
     "layout",
     [
-        pytest.param(dict(tp=2), marks=pytest.mark.slow),  # TP: tp2-sp and tp2-pp2 below
+        dict(tp=2),
         dict(pp=2),
         dict(tp=2, pp=2),
         dict(dp=2),
-        pytest.param(dict(dp=2, tp=2), marks=pytest.mark.slow),  # DP x TP: the lean FSDP layout below too
-        pytest.param(dict(dp=2, pp=2), marks=pytest.mark.slow),  # DP x PP: its FSDP case below
+        dict(dp=2, tp=2),
+        dict(dp=2, pp=2),
         dict(dp=2, dp_mode="fsdp"),
-        # FSDP2 x TP2 with the default units: the tied-embedding test runs it (test_model_setup)
-        pytest.param(dict(dp=2, tp=2, dp_mode="fsdp"), marks=pytest.mark.slow),
+        dict(dp=2, tp=2, dp_mode="fsdp"),
         dict(dp=2, pp=2, dp_mode="fsdp"),
         # the lean FSDP: every linear layer a unit, the vocabulary split over DP x TP (never gathered)
         dict(dp=2, tp=2, sp=True, dp_mode="fsdp", fsdp_unit="linear", vocab_over_dp=True),
         dict(tp=2, sp=True),
-        pytest.param(dict(tp=2, pp=2, sp=True), marks=pytest.mark.slow),  # sp: tp2-sp; pp: tp2-pp2
+        dict(tp=2, pp=2, sp=True),
         dict(pp=2, pp_layers=[1, 3]),
         dict(pp=2, schedule="Interleaved1F1B", virtual=2),
-        pytest.param(dict(tp=2, pp=2, schedule="Interleaved1F1B", virtual=2), marks=pytest.mark.slow),
+        dict(tp=2, pp=2, schedule="Interleaved1F1B", virtual=2),
         dict(pp=2, schedule="InterleavedZeroBubble", virtual=2),
         dict(pp=2, schedule="ZBVZeroBubble", virtual=2),
-        pytest.param(dict(tp=2, pp=2, schedule="ZBVZeroBubble", virtual=2), marks=pytest.mark.slow),
+        dict(tp=2, pp=2, schedule="ZBVZeroBubble", virtual=2),
     ],
     ids=lambda d: "-".join(f"{k}{v}" for k, v in d.items()),
 )
