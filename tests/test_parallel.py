@@ -104,18 +104,20 @@ def reference(small_dataset, tmp_path_factory):
         dict(pp=2),
         dict(tp=2, pp=2),
         dict(dp=2),
-        dict(dp=2, tp=2),
+        pytest.param(dict(dp=2, tp=2), marks=pytest.mark.slow),  # 13 s; DP x TP: the lean FSDP layout below too
         dict(dp=2, pp=2),
         dict(dp=2, dp_mode="fsdp"),
-        dict(dp=2, tp=2, dp_mode="fsdp"),
+        pytest.param(dict(dp=2, tp=2, dp_mode="fsdp"), marks=pytest.mark.slow),  # 19 s; the lean FSDP x TP below
         dict(dp=2, pp=2, dp_mode="fsdp"),
         # the lean FSDP: every linear layer a unit, the vocabulary split over DP x TP (never gathered)
         dict(dp=2, tp=2, sp=True, dp_mode="fsdp", fsdp_unit="linear", vocab_over_dp=True),
         dict(tp=2, sp=True),
-        dict(tp=2, pp=2, sp=True),
+        pytest.param(dict(tp=2, pp=2, sp=True), marks=pytest.mark.slow),  # 16 s; sp: tp2-sp; pp: tp2-pp2
         dict(pp=2, pp_layers=[1, 3]),
         dict(pp=2, schedule="Interleaved1F1B", virtual=2),
-        dict(tp=2, pp=2, schedule="Interleaved1F1B", virtual=2),
+        pytest.param(
+            dict(tp=2, pp=2, schedule="Interleaved1F1B", virtual=2), marks=pytest.mark.slow
+        ),  # 15 s; pp2 below
         dict(pp=2, schedule="InterleavedZeroBubble", virtual=2),
         dict(pp=2, schedule="ZBVZeroBubble", virtual=2),
         dict(tp=2, pp=2, schedule="ZBVZeroBubble", virtual=2),
