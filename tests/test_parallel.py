@@ -117,7 +117,7 @@ def reference(small_dataset, tmp_path_factory):
         dict(pp=2, schedule="Interleaved1F1B", virtual=2),
         pytest.param(
             dict(tp=2, pp=2, schedule="Interleaved1F1B", virtual=2), marks=pytest.mark.slow
-        ),  # 15 s; pp2 below
+        ),  # 15 s; interleaved PP2 above, TP2 x PP2 1F1B further up
         dict(pp=2, schedule="InterleavedZeroBubble", virtual=2),
         dict(pp=2, schedule="ZBVZeroBubble", virtual=2),
         dict(tp=2, pp=2, schedule="ZBVZeroBubble", virtual=2),
