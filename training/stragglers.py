@@ -57,8 +57,8 @@ def slow_ranks(busy_p50: list[float], stage: list[int], factor: float) -> dict[i
     found = {}
     for r, mine in enumerate(busy_p50):
         peers = [busy_p50[p] for p in range(len(busy_p50)) if p != r and stage[p] == stage[r]]
-        if peers and mine > factor * max(statistics.median(peers), 1e-6):
-            found[r] = mine / max(statistics.median(peers), 1e-6)
+        if peers and mine > factor * (baseline := max(statistics.median(peers), 1e-6)):
+            found[r] = mine / baseline
     return found
 
 
@@ -80,7 +80,7 @@ class StragglerWatch:
 
     def __init__(self, every: int, factor: float, pp_rank: int, note, window: int = 5, history: int = 20):
         self.every, self.factor, self.pp_rank, self.note, self.window = every, factor, pp_rank, note, window
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.world = dist.get_world_size()
         self.busy: list[deque[float]] = [deque(maxlen=history) for _ in range(self.world)]
         self.named: dict[int, float] = {}
         self.started_ns = 0

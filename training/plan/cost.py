@@ -192,9 +192,9 @@ def memory_per_rank(
         gathered = unit * (2 * weight_bytes + 4 + 4)
         if not layout.vocab_over_dp:  # the vocabulary table is a unit of its own, gathered with its gradient
             gathered = max(gathered, model.vocab_size * model.dim / tp * (weight_bytes + 4 + 4))
-        if (
-            pp > 1
-        ):  # the schedule keeps the stage's weights gathered and its gradients unsharded until the last micro-batch
+        # Under PP the schedule keeps the stage's weights gathered and its gradients unsharded until the
+        # last micro-batch.
+        if pp > 1:
             gathered = max(gathered, stage_params(model, pp, tp) * (weight_bytes + 4))
     in_flight = min(pp, micro_batches)
     activations = act_values(model, tp, sp, layout.recompute) * act_bytes * local_tokens * layers * in_flight
@@ -253,10 +253,8 @@ def predict(model: PhiConfig, layout: Layout, cluster: Cluster, seq_len: int, gl
     fsdp_gathers = 2 if pp == 1 else 1
     fsdp_bytes = fsdp_rounds * (fsdp_gathers * params * 2 + grad_bytes)
     if fsdp:
-        per_round = fsdp_gathers * ring(params * 2, dp, *dp_link, factor=1.0) + ring(
-            grad_bytes, dp, *dp_link, factor=1.0
-        )
-        dp_comm = fsdp_rounds * per_round
+        gather, scatter = ring(params * 2, dp, *dp_link, factor=1.0), ring(grad_bytes, dp, *dp_link, factor=1.0)
+        dp_comm = fsdp_rounds * (fsdp_gathers * gather + scatter)
         dp_exposed = max(0.0, dp_comm - compute)
     else:
         dp_comm = ring(grad_bytes, dp, *dp_link)
