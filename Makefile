@@ -18,7 +18,7 @@ $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -c constraints.txt deepspeed
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,mpi,ray]"
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,mpi,ray,ft]"
 	touch $(STAMP)
 
 data/default/manifest.json: | $(STAMP)

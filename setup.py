@@ -41,6 +41,8 @@ setup(
         "gpu": ["flash-attn", "megatron-core==0.16.*"],
         # mpirun launches: Open MPI (its mpirun) and mpi4py for rank discovery
         "mpi": ["openmpi", "mpi4py"],
+        # replica groups that survive a lost peer (fault_tolerance.enable): torchft's manager and lighthouse
+        "ft": ["torchft==0.2.0"],
         # data builds on a Ray cluster (python -m data_pipeline build --engine ray)
         "ray": ["ray"],
         # data sources and outputs on S3 (other object stores: their fsspec package, e.g. gcsfs, adlfs)

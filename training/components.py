@@ -26,8 +26,10 @@ from training.objective import Objective
 from training.optim import build_optimizer, build_scheduler, resolve_lr
 from training.parallel.mesh import ParallelDims, device_type
 from training.parallel.parallelize import ParallelModel, parallelize
+from training.parallel.replicas import ReplicaGroups, lighthouse_address
 from training.plan import choose_layout
 from training.precision import PRECISIONS
+from training.run_state import load_replica_state, replica_state
 from training.trainer import Layout, Trainer
 
 
@@ -57,25 +59,35 @@ def open_train_split(config: TrainConfig) -> PackedDataset | MixedDataset:
     return open_split(config, data_dir, "train", tokenizer_hash(load_tokenizer(data_dir)))
 
 
+def replica_groups(config: TrainConfig) -> tuple[int, int]:
+    """(this launch's index, how many launches) among fault-tolerant replica groups; (0, 1) without."""
+    ft = config.fault_tolerance
+    return (ft.replica_id, ft.replicas) if ft.enable else (0, 1)
+
+
 def build_layout(config: TrainConfig, dims: ParallelDims, device: torch.device) -> Layout:
     """The device mesh, this rank's coordinates on it, and micro-batches per step."""
     mesh = dims.build_mesh(device.type)
     pp_rank, dp_rank, cp_rank, tp_rank = dims.coordinates(mesh)
     global_batch, micro = config.data.global_batch_size, config.parallel.micro_batch_size
-    local_batch, rem = divmod(global_batch, dims.dp)
+    replicas = replica_groups(config)[1]
+    local_batch, rem = divmod(global_batch, dims.dp * replicas)
     n_microbatches, rem2 = divmod(local_batch, micro)
     if rem or rem2 or n_microbatches == 0:
+        groups = f" x fault_tolerance.replicas ({replicas})" if replicas > 1 else ""
         raise ValueError(
-            f"data.global_batch_size={global_batch} must be a multiple of dp ({dims.dp}) x "
+            f"data.global_batch_size={global_batch} must be a multiple of dp ({dims.dp}){groups} x "
             f"parallel.micro_batch_size ({micro})"
         )
     return Layout(dims, mesh, device, pp_rank, dp_rank, cp_rank, tp_rank, n_microbatches)
 
 
 def build_data(config: TrainConfig, train, layout: Layout, rows_per_sample: int) -> Data:
-    """Loaders of both splits, each global batch split across data-parallel replicas only."""
+    """Loaders of both splits, each global batch split across data-parallel replicas only; a training
+    batch also across fault-tolerant replica groups (each evaluates the whole valid split)."""
     batch, dp_rank, dp = config.data.global_batch_size, layout.dp_rank, layout.dims.dp
-    loader = DataLoader(train, batch, dp_rank, dp, config.data.seed, rows_per_sample)
+    group, groups = replica_groups(config)
+    loader = DataLoader(train, batch, group * dp + dp_rank, groups * dp, config.data.seed, rows_per_sample)
     valid = open_split(config, train.data_dir, "valid", train.manifest["tokenizer_hash"])
     if len(valid) < batch:
         note = f"no evaluation: {train.data_dir} has {len(valid)} valid rows, fewer than one global batch"
@@ -118,6 +130,13 @@ def check_run(config: TrainConfig, objective: Objective, world: int) -> Parallel
     problem = training_problem(config.model.attn_backend, device_type())
     if problem:
         raise ValueError(problem)
+    if config.fault_tolerance.enable:
+        lighthouse_address(config.fault_tolerance)
+        if objective.name != "lm":
+            raise ValueError(
+                f"fault_tolerance.enable: replica groups train the lm objective only (this run's is "
+                f"{objective.name}: its batches are made per data-parallel rank, not per replica group)"
+            )
     return ParallelDims.from_config(config.parallel, world)
 
 
@@ -154,5 +173,8 @@ def build_trainer(config: TrainConfig, objective: Objective) -> Trainer:
             metrics.note(note)
     trainer = Trainer(config, objective, layout, data.train, data.valid, parallel, optimizer, scheduler,
                       checkpointer, metrics, nparams)  # fmt: skip
+    if config.fault_tolerance.enable:
+        trainer.replicas = ReplicaGroups(config.fault_tolerance, layout.device, lambda: replica_state(trainer),
+                                         lambda state: load_replica_state(trainer, state))  # fmt: skip
     objective.attach(trainer)
     return trainer

@@ -12,6 +12,7 @@ from training.integrity import CheckConfig
 from training.models.phi import PhiConfig
 from training.optim import OptimConfig
 from training.parallel.mesh import ParallelConfig
+from training.parallel.replicas import FaultToleranceConfig
 from training.parallel.transforms import AC_MODES
 from training.precision import PRECISIONS
 
@@ -70,6 +71,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     check: CheckConfig = field(default_factory=CheckConfig)  # silent-corruption checks (training/integrity.py)
+    # replica groups that survive a lost peer (training/parallel/replicas.py)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
 
     def __post_init__(self):
         check_fields(self, steps=">= 1", stop_after=">= 1", log_every=">= 1", eval_every=">= 0",
@@ -79,4 +82,6 @@ class TrainConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.out_dir) / self.name
+        """The run's folder; each fault-tolerant replica group keeps its own (logs, checkpoints, lock)."""
+        ft = self.fault_tolerance
+        return Path(self.out_dir) / self.name / (f"replica_{ft.replica_id}" if ft.enable else "")

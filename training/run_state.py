@@ -1,6 +1,7 @@
 """What a checkpoint holds besides the weights and optimizer (step, schedules, data position, the
 config, the dataset it trained on), and resuming from one: which checkpoint (chosen by rank 0,
-loaded by every rank), and the refusal to continue a saved data order over other data."""
+loaded by every rank), and the refusal to continue a saved data order over other data; and the same
+state handed live to a fault-tolerant replica that joins its peers."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from training.checkpoint import (
     remove_unfinished_saves,
     resolve_checkpoint,
 )
+from training.parallel.replicas import load_local_state, local_state
 
 
 def dataset_state(dataset: PackedDataset) -> dict:
@@ -93,11 +95,33 @@ def resume(trainer, which: str | None = None) -> None:
     state = load_checkpoint(path, trainer.model, trainer.optimizer)
     trainer.loader.check_resume(state.get("data", {}), str(path))
     check_same_data(state.get("dataset", {}), trainer.loader.dataset, path)
+    restore_position(trainer, state)
+    note(f"resumed from {path} at step {trainer.step}")
+
+
+def restore_position(trainer, state: dict) -> None:
+    """The step, the schedule's position and the loss scale, after the optimizer state is loaded."""
     trainer.step = state["step"]
-    # The schedule's position; each group's current lr came back with the optimizer state (keyed by
-    # parameter), and the group lists differ between pipeline stages, so they are not taken from rank 0.
+    # Each group's current lr came back with the optimizer state (keyed by parameter), and the group
+    # lists differ between pipeline stages, so they are not taken from rank 0.
     position = {k: state["scheduler"][k] for k in ("last_epoch", "_step_count") if k in state["scheduler"]}
     trainer.scheduler.load_state_dict({**trainer.scheduler.state_dict(), **position})
     trainer.scheduler._last_lr = [group["lr"] for group in trainer.optimizer.param_groups]
     trainer.scaler.load_state_dict(state["loss_scaler"])
-    note(f"resumed from {path} at step {trainer.step}")
+
+
+def replica_state(trainer) -> dict:
+    """What a replica joining the fault-tolerant groups receives from this rank (the same rank of a
+    live peer): weights and optimizer state as local shards, the step, the schedule, the loss scale."""
+    return {
+        **local_state(trainer.model, trainer.optimizer),
+        "step": trainer.step,
+        "scheduler": trainer.scheduler.state_dict(),
+        "loss_scaler": trainer.scaler.state_dict(),
+    }
+
+
+def load_replica_state(trainer, state: dict) -> None:
+    load_local_state(trainer.model, trainer.optimizer, state)
+    restore_position(trainer, state)
+    trainer.metrics.note(f"joined the live replicas at step {trainer.step} with their weights and optimizer state")

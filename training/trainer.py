@@ -26,10 +26,11 @@ from training.metrics import MetricsLogger, SpikeWatcher
 from training.objective import Objective
 from training.optim import clip_grad_norm
 from training.parallel.context import shard_sequence
-from training.parallel.data import allreduce_gradients
+from training.parallel.data import allreduce_gradients, sum_gradients
 from training.parallel.mesh import ParallelDims
 from training.parallel.parallelize import ParallelModel
 from training.parallel.pipeline import V_SHAPE_SCHEDULES, build_schedule, sync_tied_embedding_grads
+from training.parallel.replicas import ReplicaGroups
 from training.parallel.tensor import reduce_partial_grads
 from training.precision import LossScaler, autocast
 from training.run_state import config_record, resume, saved_state
@@ -68,6 +69,7 @@ class Trainer:
         self.checkpointer, self.metrics, self.nparams = checkpointer, metrics, nparams
         self.is_main = not dist.is_initialized() or dist.get_rank() == 0
         self.watchdog: HangWatchdog | None = None
+        self.replicas: ReplicaGroups | None = None  # fault-tolerant replica groups, when enabled
         self.stragglers: StragglerWatch | None = None
         self.is_last_stage = parallel.is_last_stage
         self.scaler = LossScaler(enabled=config.precision == "fp16")
@@ -116,6 +118,8 @@ class Trainer:
         for group in ("dp", "cp"):
             if getattr(self.dims, group) > 1:
                 dist.all_reduce(self._denominator, group=self.mesh[group].get_group())
+        if self.replicas is not None and backward:  # evaluation runs whole on every replica group
+            self.replicas.sum_(self._denominator)
         loss_context = loss_parallel() if self.dims.tp > 1 else contextlib.nullcontext()
         with loss_context, torch.set_grad_enabled(backward), autocast(self.config.precision, self.device.type):
             if self.schedule is not None:
@@ -162,9 +166,17 @@ class Trainer:
             allreduce_gradients(params(), self.mesh["dp"].get_group())
         if self.dims.cp > 1:  # each CP rank holds the gradients of its share of the tokens
             allreduce_gradients(params(), self.mesh["cp"].get_group())
+        if self.replicas is not None:
+            sum_gradients(params(), self.replicas.sum_)
 
-    def train_step(self, batch: Batch) -> dict[str, float]:
+    def train_step(self, batch: Batch) -> dict[str, float] | None:
+        """One optimizer step; None when the fault-tolerant replicas voted it down (a peer was lost
+        during it), to be taken again."""
         self.forward_backward(batch)
+        stats = self._replica_stats(over_replica_groups=True)
+        if self.replicas is not None and not self.replicas.commit():
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         params = list(self.model.parameters())
         overflow = self.scaler.unscale_and_check(params)
         pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
@@ -187,21 +199,24 @@ class Trainer:
         self.scaler.update(overflow)
         self.optimizer.zero_grad(set_to_none=True)
         self.skipped_steps += int(overflow or nonfinite)
-        metrics = {**self.objective.summarize(self._replica_stats()), "grad_norm": float(grad_norm), "lr": lr}
+        metrics = {**self.objective.summarize(stats), "grad_norm": float(grad_norm), "lr": lr}
         metrics.update(skipped=float(overflow or nonfinite), skipped_total=float(self.skipped_steps))
         if self.scaler.enabled:
             metrics.update(loss_scale=self.scaler.scale)
         return metrics
 
-    def _replica_stats(self) -> torch.Tensor:
+    def _replica_stats(self, over_replica_groups: bool = False) -> torch.Tensor:
         """The objective's statistics of the global batch, counted once per replica (TP rank 0, last
-        stage) and summed over replicas. Only the last `n_microbatches` loss calls count: on its
-        first step a pipeline schedule also calls the loss once on placeholder activations."""
+        stage) and summed over replicas (and the live fault-tolerant replica groups, if asked). Only
+        the last `n_microbatches` loss calls count: on its first step a pipeline schedule also calls
+        the loss once on placeholder activations."""
         stats = torch.zeros(self.objective.stats_shape(), device=self.device)
         if self.is_last_stage and self.tp_rank == 0:
             stats += torch.stack(self._microbatch_stats[-self.n_microbatches :]).sum(0)
         if dist.is_initialized():
             dist.all_reduce(stats)
+        if over_replica_groups and self.replicas is not None:
+            self.replicas.sum_(stats)
         return stats
 
     def evaluate(self) -> dict[str, float]:
@@ -226,8 +241,11 @@ class Trainer:
         made = self.objective.batch_at(step)
         return made if made is not None else self.loader.batch_at(step)
 
-    def maybe_resume(self) -> None:
-        resume(self)
+    def maybe_resume(self, which: str | None = None) -> None:
+        """Resume from the checkpoint `which` (default: `checkpoint.resume`) names, if any."""
+        resume(self, which)
+        if self.replicas is not None:
+            self.replicas.resumed_at(self.step)
 
     def save(self):
         return self.checkpointer.save(self.step, self.model, self.optimizer, saved_state(self))
@@ -253,6 +271,8 @@ class Trainer:
             if self.watchdog:
                 self.watchdog.stop()
                 self.watchdog = None
+            if self.replicas is not None:
+                self.replicas.close()
 
     def check_replicas(self) -> None:
         """Compare the copies that must be bit-identical (training/integrity.py): data-parallel replicas
@@ -279,7 +299,7 @@ class Trainer:
         self.checkpointer.wait()
         self.metrics.note(f"{problem}; every rank restores the newest intact checkpoint (check.on_divergence: restore)")
         at = self.step
-        resume(self, "auto")
+        self.maybe_resume("auto")
         if self.step >= at:
             raise ReplicaDivergence(f"{problem}; no checkpoint before step {at} to restore")
 
@@ -303,14 +323,26 @@ class Trainer:
         history = []
         self.metrics.start(self.step, end, self.nparams)
         while self.step < end:
+            if self.replicas is not None:
+                report(self.step, "quorum")
+                change = self.replicas.begin_step()  # a replica behind its peers takes their state here
+                if change:
+                    self.metrics.note(change)
+                if self.step >= end:
+                    break
             report(self.step, "train step")
             if self.stragglers:
                 self.stragglers.step_started()
             t0 = time.perf_counter()
             metrics = self.train_step(self.next_batch(self.step))
+            if metrics is None:
+                self.metrics.note(f"step {self.step + 1} not committed: a replica was lost during it; taken again")
+                continue
             self.step += 1
             seconds = time.perf_counter() - t0
             metrics.update(step=self.step, step_time_s=seconds, tokens_per_s=metrics["tokens"] / seconds)
+            if self.replicas is not None:
+                metrics.update(replicas=float(self.replicas.live))
             if self.stragglers:
                 report(self.step, "straggler check")
                 metrics.update(self.stragglers.after_step(self.step, seconds))

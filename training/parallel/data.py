@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -22,11 +23,16 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def allreduce_gradients(parameters, group: dist.ProcessGroup) -> None:
+    sum_gradients(parameters, functools.partial(dist.all_reduce, group=group))
+
+
+def sum_gradients(parameters, sum_: Callable[[torch.Tensor], object]) -> None:
+    """Sum this rank's gradients with its peers' in one flat buffer, by `sum_` (in place)."""
     grads = [local_tensor(p.grad) for p in parameters if p.grad is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
+    sum_(flat)
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
