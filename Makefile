@@ -41,7 +41,7 @@ test-slow: $(STAMP)
 chaos: $(STAMP)
 	command -v fusermount3 >/dev/null || { test "$$(id -u)" = 0 && apt-get install -y -q fuse3; } || echo "no fuse3: the FUSE cases will skip"
 	$(PY) -m pytest -m "chaos or not slow" tests/test_faults.py tests/test_launch.py tests/test_resume.py tests/test_restarts.py \
-		tests/test_stragglers.py tests/test_watchdog.py tests/test_integrity.py $(PYTEST_ARGS)
+		tests/test_stragglers.py tests/test_watchdog.py tests/test_integrity.py tests/test_replicas.py $(PYTEST_ARGS)
 
 # On a CUDA machine: bf16 kernel tests, kernel benchmark, MFU, and the GPU tables of docs/benchmarks.md.
 # It runs with a Python whose PyTorch sees the GPU (the project's .venv holds a CPU build):
