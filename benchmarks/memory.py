@@ -56,6 +56,7 @@ LAYOUTS = {
     # FSDP with the lean settings: each linear layer a unit, the vocabulary split over DP x TP
     "FSDP2 lean": dict(dp=2, dp_mode="fsdp", fsdp_unit="linear", vocab_over_dp=True),
     "FSDP2xTP2 lean": dict(dp=2, tp=2, dp_mode="fsdp", fsdp_unit="linear", vocab_over_dp=True),
+    "CP2": dict(cp=2),
 }
 BYTES_PER_PARAM = 4 + 4 + 8  # fp32 weight, gradient, AdamW exp_avg and exp_avg_sq
 
@@ -122,8 +123,12 @@ def measure(config: TrainConfig, steps: int) -> dict:
     )
 
 
+def world_of(layout: dict) -> int:
+    return layout.get("tp", 1) * layout.get("pp", 1) * layout.get("cp", 1) * layout.get("dp", 1)
+
+
 def train_config(data: Path, out: Path, model: PhiConfig, layout: dict, init_from: str | None = None) -> TrainConfig:
-    world = layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1)
+    world = world_of(layout)
     return TrainConfig(
         name="memory",
         out_dir=str(out),
@@ -154,9 +159,8 @@ def small_dataset(root: Path) -> Path:
 
 
 def run_layout(data: Path, out: Path, model: PhiConfig, layout: dict, steps: int, init_from=None) -> list[dict]:
-    world = layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1)
     config = train_config(data, out, model, layout, init_from)
-    return run_ranks(world, measure, config, steps, timeout=1800)
+    return run_ranks(world_of(layout), measure, config, steps, timeout=1800)
 
 
 def random_hf_folder(config: PhiConfig, path: Path) -> Path:
@@ -199,6 +203,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--skip-phi4", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results"))
+    parser.add_argument("--name", default="memory", help="the JSON and PNG file names")
     args = parser.parse_args(argv)
     layouts = list(LAYOUTS) if args.layouts == "all" else args.layouts.split(",")
     out = Path(args.out)
@@ -227,15 +232,17 @@ def main(argv=None) -> int:
                 continue
             worst = max(ranks, key=lambda r: r["ratio"])
             params = count_params_and_flops(model, SEQ_LEN)[0]
-            row = dict(model=label, layout=layout, params=params, worst_ratio=worst["ratio"], ranks=ranks)
+            batch = train_config(tmp, tmp, given, LAYOUTS[layout]).data.global_batch_size
+            row = dict(model=label, layout=layout, params=params, worst_ratio=worst["ratio"], ranks=ranks,
+                       global_batch=batch, tokens_per_step=batch * SEQ_LEN)  # fmt: skip
             rows.append(row)
             print(f"{label:>22} {layout:>10} {params / 1e9:7.2f}B {ranks.index(worst):>10} {worst['peak_gib']:9.2f} "
                   f"{worst['used_gib']:9.2f} {worst['ideal_gib']:9.2f} {worst['ratio']:6.2f} {worst['step_s']:7.1f}",
                   flush=True)  # fmt: skip
     result = dict(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", rows=rows)
-    (out / "memory.json").write_text(json.dumps(result, indent=2))
-    plot([r for r in rows if "phi-3" in r["model"] and "failed" not in r], out / "memory.png")
-    print(f"wrote {out / 'memory.json'} and {out / 'memory.png'}")
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    plot([r for r in rows if "phi-3" in r["model"] and "failed" not in r], out / f"{args.name}.png")
+    print(f"wrote {out / args.name}.json and .png")
     return 0
 
 
