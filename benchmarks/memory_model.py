@@ -8,7 +8,7 @@ tokens, 2 micro-batches per replica when there is more than one rank, default or
 The worst rank is compared with the prediction for the fullest rank. `CPU_RESERVED` stands for what
 a CPU rank holds besides the model (gloo buffers, the allocator's slack): one constant for every
 row, read off the single-rank and TP2 rows (so those are not an independent check of it).
-Defaults: the raw measurements recorded in docs/measurements/cpu-2026-11-26/.
+Defaults: every raw measurement recorded in docs/measurements/cpu-*/.
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 from common.files import atomic_write_text  # noqa: E402
 from training.models.phi import PhiConfig  # noqa: E402
-from training.plan import GIB, Layout, memory_per_rank  # noqa: E402
+from training.plan.cost import CPU_RESERVED, GIB, Layout, memory_per_rank  # noqa: E402
 
-RECORDED = sorted((ROOT / "docs" / "measurements" / "cpu-2026-11-26").glob("memory_*.json"))
+RECORDED = sorted((ROOT / "docs" / "measurements").glob("cpu-*/memory_*.json"))
 SEQ_LEN = 64
-CPU_RESERVED = int(0.35 * GIB)
 
 
 def model_of(name: str) -> PhiConfig:
@@ -58,14 +57,14 @@ def compare(paths: list[Path]) -> list[dict]:
                 continue
             layout = layout_of(r["layout"])
             world = layout.tp * layout.pp * layout.cp * layout.dp
-            micro_batches = 2 if world > 1 else 1
+            micro_batches = r.get("global_batch", 2 * layout.dp if world > 1 else 1) // layout.dp
             model = model_of(r["model"])
             predicted = memory_per_rank(model, layout, SEQ_LEN, micro_batches, "fp32", CPU_RESERVED)
             measured = max(rank["used_gib"] for rank in r["ranks"]) * GIB
             parts = {k: v / GIB for k, v in predicted.items()}
             rows.append({"model": r["model"], "layout": r["layout"], "measured_gib": measured / GIB,
                          "predicted_gib": parts["total"], "error": predicted["total"] / measured - 1,
-                         "parts_gib": parts, "source": path.name})  # fmt: skip
+                         "parts_gib": parts, "source": f"{path.parent.name}/{path.name}"})  # fmt: skip
     return rows
 
 

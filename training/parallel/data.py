@@ -22,14 +22,34 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+BUCKET_BYTES = 64 * 2**20
+
+
 def allreduce_gradients(parameters, group: dist.ProcessGroup) -> None:
     sum_gradients(parameters, functools.partial(dist.all_reduce, group=group))
 
 
-def sum_gradients(parameters, sum_: Callable[[torch.Tensor], object]) -> None:
-    """Sum this rank's gradients with its peers' in one flat buffer, by `sum_` (in place)."""
-    grads = [local_tensor(p.grad) for p in parameters if p.grad is not None]
-    if not grads:
+def sum_gradients(parameters, sum_: Callable[[torch.Tensor], object], bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Sum this rank's gradients with its peers' by `sum_` (in place), in flat buckets of at most
+    `bucket_bytes` (one tensor larger than that in place): a single flat buffer would hold a second
+    copy of every gradient (measured under CP2 at 0.42B: 1.3 GiB more per rank). Each value is summed
+    alike whatever the bucket, so the result does not depend on the size."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for grad in (local_tensor(p.grad) for p in parameters if p.grad is not None):
+        nbytes = grad.numel() * grad.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            _sum_bucket(bucket, sum_)
+            bucket, size = [], 0
+        bucket.append(grad)
+        size += nbytes
+    if bucket:
+        _sum_bucket(bucket, sum_)
+
+
+def _sum_bucket(grads: list[torch.Tensor], sum_: Callable[[torch.Tensor], object]) -> None:
+    if len(grads) == 1 and grads[0].is_contiguous():
+        sum_(grads[0])
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     sum_(flat)

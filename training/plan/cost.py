@@ -21,8 +21,10 @@ layer and micro-batch) on NVLink, CP K/V all-gathers, pipeline sends, and the DP
 all-reduce where it does not hide behind the backward (FSDP: all-gather twice and reduce-scatter per
 micro-batch without PP, once per step with it, hidden behind all compute).
 Every collective costs alpha + bytes / bandwidth as a ring does; each micro-batch pays a fixed
-launch overhead per layer. Each assumption is a named
-constant or a `Cluster` field; docs/scaling.md writes them next to the numbers they drive.
+launch overhead per layer; the optimizer step reads and writes every local state at the memory's
+bandwidth. Each assumption is a named constant or a `Cluster` field; docs/scaling.md writes them
+next to the numbers they drive. CPU ranks under gloo (`cpu_cluster`) compute in fp32 on cores their
+node's ranks share, and their collectives do not overlap compute.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ BYTES_MODEL_STATE = 4 + 4 + 8  # fp32 weight, gradient, AdamW exp_avg + exp_avg_
 MICRO_BATCHES = (1, 2, 4, 8)
 RECOMPUTE = ("none", "selective", "full")
 MAX_BUBBLE = 0.5  # a layout idling more than this in its pipeline bubble is rejected
+OPTIMIZER_BYTES = 7 * 4  # fused AdamW: reads weight, gradient and both moments, writes weight and moments
 _density = functools.cache(counted_density)
 
 
@@ -62,21 +65,62 @@ class Cluster:
     # of a few us each); what makes fewer, larger micro-batches faster at equal FLOPs
     overhead_per_layer_us: float = 100.0
     name: str = "custom"
+    # the optimizer step reads and writes every local model state (`OPTIMIZER_BYTES` a parameter)
+    memory_gbps: float = 3350.0
+    precision: str = "bf16"  # what activations, gathers and collectives carry: bf16 (GPUs) | fp32 (CPU runs)
+    overlap: bool = True  # DP/FSDP traffic runs beside compute (GPU streams); gloo on CPU shares the cores
+    # more CPU ranks than cores: a rank idle in the pipeline bubble leaves its core to a busy one
+    bubble_reclaimed: bool = False
+    reserved_bytes: int = RESERVED
+
+    @property
+    def value_bytes(self) -> int:
+        return 2 if self.precision == "bf16" else 4
 
 
 # Dense bf16 peaks from NVIDIA's data sheets (H100 SXM5: 989 TFLOP/s, 80 GB; H200 SXM: 989, 141 GB;
 # A100 SXM4: 312, 80 GB); NVLink 4 is 900 GB/s bidirectional per H100/H200 (450 each way), NVLink 3
 # 600 (300); one 400 Gb/s NDR InfiniBand NIC per H100/H200 (50 GB/s), 200 Gb/s HDR per A100 (25).
 # Efficiency: the compiled SDPA MFU measured on an H100 for the 1.2B model at 4K (51.1%,
-# docs/benchmarks.md, gpu-check:mfu); the A100's is assumed equal.
+# docs/benchmarks.md, gpu-check:mfu); the A100's is assumed equal. Memory bandwidth from the same
+# data sheets: H100 SXM5 3.35 TB/s, H200 4.8 TB/s, A100 SXM4 80GB 2.04 TB/s.
 PRESETS = {
     "h100": dict(memory_bytes=80 * 10**9, peak_tflops=989.0, efficiency=0.511, intra_node_gbps=450.0,
-                 inter_node_gbps=50.0),
+                 inter_node_gbps=50.0, memory_gbps=3350.0),
     "h200": dict(memory_bytes=141 * 10**9, peak_tflops=989.0, efficiency=0.511, intra_node_gbps=450.0,
-                 inter_node_gbps=50.0),
+                 inter_node_gbps=50.0, memory_gbps=4800.0),
     "a100": dict(memory_bytes=80 * 10**9, peak_tflops=312.0, efficiency=0.511, intra_node_gbps=300.0,
-                 inter_node_gbps=25.0),
+                 inter_node_gbps=25.0, memory_gbps=2039.0),
 }  # fmt: skip
+
+
+# CPU ranks under gloo (`cpu_cluster`), fit to the CPU step times benchmarks/memory.py recorded on this
+# project's 2-core machine (benchmarks/step_time_model.py --fit, 32 rows; docs/benchmarks.md): one core's
+# fp32 rate at the model's matmuls, how a rank's rate grows with its threads (x threads^exponent), one
+# core's memory streaming (the optimizer step and weight reads; first-touch page faults included: these
+# runs measure two steps) and gloo's throughput, which the node's ranks share.
+CPU_CORE_GFLOPS = 43.8
+CPU_THREAD_EXPONENT = 0.37
+CPU_CORE_MEMORY_GBPS = 2.5
+GLOO_GBPS = 0.46
+CPU_RESERVED = int(0.35 * GIB)  # gloo buffers and the allocator's slack, read off the 1-rank and TP2 peaks
+
+
+def cpu_cluster(ranks: int, ranks_per_node: int, memory_bytes: int, cores: int, core_gflops: float = CPU_CORE_GFLOPS,
+                thread_exponent: float = CPU_THREAD_EXPONENT, memory_gbps: float = CPU_CORE_MEMORY_GBPS,
+                gloo_gbps: float = GLOO_GBPS) -> Cluster:  # fmt: skip
+    """CPU ranks under gloo: the ranks of a node split its `cores` (each takes cores / ranks threads, as
+    `training.parallel.world.limit_cpu_threads` sets) and gloo's throughput; a rank streams memory at
+    one core's rate (less when ranks outnumber cores); they compute in fp32, and their collectives
+    take the same cores (no overlap)."""
+    threads = cores / ranks_per_node
+    gflops = core_gflops * (threads**thread_exponent if threads >= 1 else threads)
+    return Cluster(gpus=ranks, gpus_per_node=ranks_per_node, memory_bytes=memory_bytes,
+                   peak_tflops=gflops / 1e3, efficiency=1.0, intra_node_gbps=gloo_gbps / ranks_per_node,
+                   inter_node_gbps=gloo_gbps / ranks_per_node, intra_latency_us=50.0, inter_latency_us=100.0,
+                   overhead_per_layer_us=0.0, name="cpu-gloo",
+                   memory_gbps=memory_gbps * min(1.0, threads), precision="fp32", overlap=False,
+                   bubble_reclaimed=ranks_per_node > cores, reserved_bytes=CPU_RESERVED)  # fmt: skip
 
 
 def parse_memory(text: str) -> int:
@@ -185,11 +229,14 @@ def memory_per_rank(
     fsdp = layout.dp_mode == "fsdp" and dp > 1
     states = stage_params(model, pp, tp) * BYTES_MODEL_STATE / (dp if fsdp else 1)
     gathered = 0.0
-    if fsdp:  # a unit's gathered weights and its prefetched neighbour's, unsharded gradients, reduce-scatter input
+    if fsdp:
         q = model.n_heads * model.head_dim
         largest_matrix = model.dim * max(model.ffn_dim, q)
         unit = (layer_params(model) if layout.fsdp_unit == "block" else largest_matrix) / tp
-        gathered = unit * (2 * weight_bytes + 4 + 4)
+        # While a unit's backward runs: its gathered weights, the prefetched neighbour's and its unsharded
+        # gradients (in the weights' dtype); then, resharded (FSDP2 reshards before it reduces), the
+        # neighbour's, the gradients and the fp32 reduce-scatter input they are copied into.
+        gathered = unit * (2 * weight_bytes + max(weight_bytes, 4))
         if not layout.vocab_over_dp:  # the vocabulary table is a unit of its own, gathered with its gradient
             gathered = max(gathered, model.vocab_size * model.dim / tp * (weight_bytes + 4 + 4))
         # Under PP the schedule keeps the stage's weights gathered and its gradients unsharded until the
@@ -223,23 +270,29 @@ def predict(model: PhiConfig, layout: Layout, cluster: Cluster, seq_len: int, gl
     layers = math.ceil(model.n_layers / pp)
     params = stage_params(model, pp, tp)
     fsdp = layout.dp_mode == "fsdp"
-    memory = memory_per_rank(model, layout, seq_len, micro_batches)
+    memory = memory_per_rank(model, layout, seq_len, micro_batches, cluster.precision, cluster.reserved_bytes)
+    value = cluster.value_bytes
 
     tokens = global_batch * seq_len
     flops_per_token = executed_flops_per_token(model, seq_len)
     extra = {"none": 0.0, "selective": 0.03, "full": 1 / 3}[layout.recompute]  # recomputed forward share
     peak = cluster.peak_tflops * 1e12
-    compute = flops_per_token * tokens * (1 + extra) / (cluster.gpus * peak * cluster.efficiency)
+    flop_time = flops_per_token * tokens * (1 + extra) / (cluster.gpus * peak * cluster.efficiency)
+    # Roofline: each micro-batch also streams the stage's weights from memory (the forward and the two
+    # backward matmuls) and accumulates fp32 gradients; few tokens a micro-batch (CPU runs) make that
+    # the bound, a GPU micro-batch of thousands of tokens is bound by its FLOPs.
+    streaming = micro_batches * params * (3 * cluster.value_bytes + 8) / (cluster.memory_gbps * 1e9)
+    compute = max(flop_time, streaming)
     v = 1
-    bubble = (pp - 1) / (v * micro_batches + pp - 1) if pp > 1 else 0.0
+    bubble = (pp - 1) / (v * micro_batches + pp - 1) if pp > 1 and not cluster.bubble_reclaimed else 0.0
     compute_with_bubble = compute / (1 - bubble)
     intra, inter = cluster.intra_node_gbps, cluster.inter_node_gbps
     lat_in, lat_out = cluster.intra_latency_us, cluster.inter_latency_us
-    hidden_bytes = mb * seq_len // cp * model.dim * 2
+    hidden_bytes = mb * seq_len // cp * model.dim * value
     tp_time = micro_batches * layers * 4 * ring(hidden_bytes, tp, intra, lat_in)
     # CP ranks sit next to TP ranks; on a node while tp x cp fits in it
     cp_link = (intra, lat_in) if tp * cp <= cluster.gpus_per_node else (inter, lat_out)
-    kv_bytes = 2 * mb * seq_len * model.n_kv_heads * model.head_dim / tp * 2
+    kv_bytes = 2 * mb * seq_len * model.n_kv_heads * model.head_dim / tp * value
     cp_time = micro_batches * layers * 2 * ring(kv_bytes, cp, *cp_link, factor=1.0)  # gather fwd, scatter bwd
     pp_link = (intra, lat_in) if tp * cp * dp * pp <= cluster.gpus_per_node else (inter, lat_out)
     pp_time = 2 * micro_batches * (hidden_bytes / tp / (pp_link[0] * 1e9) + pp_link[1] * 1e-6) if pp > 1 else 0.0
@@ -249,19 +302,24 @@ def predict(model: PhiConfig, layout: Layout, cluster: Cluster, seq_len: int, gl
     # gradients, every micro-batch (training/parallel/data.py reshards after forward; the trainer
     # reduce-scatters per micro-batch); under PP the schedule keeps the weights gathered and syncs
     # gradients on the last micro-batch. The next unit is prefetched, so it overlaps all compute.
+    # With `vocab_over_dp` the embedding and head stay split over DP x TP: never gathered or reduced.
+    units = params - (stage_params(model, pp, tp) - layers * layer_params(model) / tp if layout.vocab_over_dp else 0)
     fsdp_rounds = micro_batches if pp == 1 else 1
     fsdp_gathers = 2 if pp == 1 else 1
-    fsdp_bytes = fsdp_rounds * (fsdp_gathers * params * 2 + grad_bytes)
+    fsdp_bytes = fsdp_rounds * (fsdp_gathers * units * value + units * 4)
     if fsdp:
-        gather, scatter = ring(params * 2, dp, *dp_link, factor=1.0), ring(grad_bytes, dp, *dp_link, factor=1.0)
-        dp_comm = fsdp_rounds * (fsdp_gathers * gather + scatter)
-        dp_exposed = max(0.0, dp_comm - compute)
+        gather = ring(units * value, dp, *dp_link, factor=1.0)
+        dp_comm = fsdp_rounds * (fsdp_gathers * gather + ring(units * 4, dp, *dp_link, factor=1.0))
+        hidden_behind = compute
     else:
         dp_comm = ring(grad_bytes, dp, *dp_link)
-        dp_exposed = max(0.0, dp_comm - compute * 2 / 3)  # overlaps the backward; the rest waits
+        hidden_behind = compute * 2 / 3  # the backward
+    dp_exposed = max(0.0, dp_comm - hidden_behind) if cluster.overlap else dp_comm
     overhead = micro_batches * layers * cluster.overhead_per_layer_us * 1e-6
+    local_states = params / (dp if fsdp else 1)
+    optimizer = local_states * OPTIMIZER_BYTES / (cluster.memory_gbps * 1e9)
     time = {"compute": compute, "bubble": compute_with_bubble - compute, "tp": tp_time, "cp": cp_time,
-            "pp": pp_time, "dp_exposed": dp_exposed, "overhead": overhead}  # fmt: skip
+            "pp": pp_time, "dp_exposed": dp_exposed, "overhead": overhead, "optimizer": optimizer}  # fmt: skip
     time["step"] = sum(time.values())
     model_flops = flops_per_token * tokens
     comm = {"tp": micro_batches * layers * 4 * 2 * hidden_bytes if tp > 1 else 0.0,

@@ -18,10 +18,10 @@ from training.plan.cost import (
     MICRO_BATCHES,
     PRESETS,
     RECOMPUTE,
-    RESERVED,
     Cluster,
     Layout,
     Prediction,
+    cpu_cluster,
     predict,
 )
 
@@ -89,7 +89,7 @@ def plan(model: PhiConfig, cluster: Cluster, seq_len: int, global_batch: int) ->
 def fully_sharded_problem(model: PhiConfig, cluster: Cluster) -> str | None:
     """When even the model states sharded over every GPU do not fit, one clear line."""
     nparams, _ = count_params_and_flops(model, model.max_seq_len)
-    need = nparams * BYTES_MODEL_STATE / cluster.gpus + RESERVED
+    need = nparams * BYTES_MODEL_STATE / cluster.gpus + cluster.reserved_bytes
     if need > cluster.memory_bytes:
         return (f"the model's {nparams / 1e9:.2f}B parameters need {nparams * BYTES_MODEL_STATE / GIB:.0f} GiB of "
                 f"weights, gradients and AdamW states: {need / GIB:.1f} GiB per GPU even fully sharded over "
@@ -99,8 +99,8 @@ def fully_sharded_problem(model: PhiConfig, cluster: Cluster) -> str | None:
 
 def local_cluster(world: int) -> Cluster:
     """The machines a run was launched on: its GPUs (a preset by name, their memory as reported), or
-    CPU ranks under gloo (host memory shared by the node's ranks; speeds are rough assumptions that
-    only rank the layouts)."""
+    CPU ranks under gloo (host memory shared by the node's ranks; speeds fit to this project's CPU
+    measurements, `cost.cpu_cluster`)."""
     import os
 
     import torch
@@ -113,10 +113,8 @@ def local_cluster(world: int) -> Cluster:
         return Cluster(gpus=world, gpus_per_node=min(per_node, world), name=preset, **fields)
     with open("/proc/meminfo") as f:
         total = int(f.readline().split()[1]) * 1024
-    return Cluster(gpus=world, gpus_per_node=min(per_node, world), memory_bytes=total // max(per_node, 1),
-                   peak_tflops=0.1, efficiency=0.5, intra_node_gbps=2.0, inter_node_gbps=1.0,
-                   intra_latency_us=50.0, inter_latency_us=100.0, overhead_per_layer_us=2000.0,
-                   name="cpu-gloo")  # fmt: skip
+    ranks_per_node = min(per_node, world)
+    return cpu_cluster(world, ranks_per_node, total // max(ranks_per_node, 1), len(os.sched_getaffinity(0)))
 
 
 def choose_layout(config: TrainConfig, model: PhiConfig, seq_len: int, world: int, cluster: Cluster | None = None):
