@@ -1,4 +1,4 @@
-"""The planner's memory model (training/plan.py) against the peaks benchmarks/memory.py measured.
+"""The planner's memory model (training/plan/cost.py) against the peaks benchmarks/memory.py measured.
 
     python benchmarks/memory_model.py [MEMORY_JSON ...] [--markdown FILE]
 

@@ -35,7 +35,7 @@ class ParallelConfig:
     # (large vocabularies); each micro-batch all-gathers token ids and final hidden states over DP instead
     vocab_over_dp: bool = False
     sequence_parallel: bool = False  # with tp > 1: shard norms and the residual stream over the sequence
-    # `parallel: auto`: every size above chosen by the planner (training/plan.py) for the world size
+    # `parallel: auto`: every size above chosen by the planner (training/plan) for the world size
     # the run is launched with; the choice and its prediction are logged
     auto: bool = False
 
