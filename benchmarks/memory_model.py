@@ -49,22 +49,29 @@ def layout_of(name: str) -> Layout:
                   sequence_parallel=False, fsdp_unit="linear" if lean else "block", vocab_over_dp=lean)  # fmt: skip
 
 
-def compare(paths: list[Path]) -> list[dict]:
-    rows = []
+def recorded_rows(paths: list[Path]):
+    """(file, row, its layout, world size, global batch) of every measured row (failed cases have no ranks)."""
     for path in paths:
         for r in json.loads(path.read_text())["rows"]:
             if "ranks" not in r:
                 continue
             layout = layout_of(r["layout"])
             world = layout.tp * layout.pp * layout.cp * layout.dp
-            micro_batches = r.get("global_batch", 2 * layout.dp if world > 1 else 1) // layout.dp
-            model = model_of(r["model"])
-            predicted = memory_per_rank(model, layout, SEQ_LEN, micro_batches, "fp32", CPU_RESERVED)
-            measured = max(rank["used_gib"] for rank in r["ranks"]) * GIB
-            parts = {k: v / GIB for k, v in predicted.items()}
-            rows.append({"model": r["model"], "layout": r["layout"], "measured_gib": measured / GIB,
-                         "predicted_gib": parts["total"], "error": predicted["total"] / measured - 1,
-                         "parts_gib": parts, "source": f"{path.parent.name}/{path.name}"})  # fmt: skip
+            batch = r.get("global_batch", layout.dp * (2 if world > 1 else 1))  # older files: the benchmark's rule
+            yield path, r, layout, world, batch
+
+
+def compare(paths: list[Path]) -> list[dict]:
+    rows = []
+    for path, r, layout, _, batch in recorded_rows(paths):
+        micro_batches = batch // layout.dp
+        model = model_of(r["model"])
+        predicted = memory_per_rank(model, layout, SEQ_LEN, micro_batches, "fp32", CPU_RESERVED)
+        measured = max(rank["used_gib"] for rank in r["ranks"]) * GIB
+        parts = {k: v / GIB for k, v in predicted.items()}
+        rows.append({"model": r["model"], "layout": r["layout"], "measured_gib": measured / GIB,
+                     "predicted_gib": parts["total"], "error": predicted["total"] / measured - 1,
+                     "parts_gib": parts, "source": f"{path.parent.name}/{path.name}"})  # fmt: skip
     return rows
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.memory_model import RECORDED, SEQ_LEN, layout_of, model_of  # noqa: E402
+from benchmarks.memory_model import RECORDED, SEQ_LEN, layout_of, model_of, recorded_rows  # noqa: E402
 from common.files import atomic_write_text  # noqa: E402
 from training.plan.cost import GIB, cpu_cluster, predict  # noqa: E402
 
@@ -35,16 +35,10 @@ CORES = 2  # the machine the recorded measurements ran on
 
 def measured_rows(paths: list[Path]) -> list[dict]:
     rows = []
-    for path in paths:
-        for r in json.loads(path.read_text())["rows"]:
-            if "ranks" not in r:
-                continue
-            layout = layout_of(r["layout"])
-            world = layout.tp * layout.pp * layout.cp * layout.dp
-            batch = r.get("global_batch", layout.dp * (2 if world > 1 else 1))  # older files: the benchmark's rule
-            seconds = max(rank["step_s"] for rank in r["ranks"])
-            rows.append({"model": r["model"], "layout": r["layout"], "world": world, "global_batch": batch,
-                         "measured_s": seconds, "run": f"{path.parent.name}/{path.name}"})  # fmt: skip
+    for path, r, _, world, batch in recorded_rows(paths):
+        seconds = max(rank["step_s"] for rank in r["ranks"])
+        rows.append({"model": r["model"], "layout": r["layout"], "world": world, "global_batch": batch,
+                     "measured_s": seconds, "run": f"{path.parent.name}/{path.name}"})  # fmt: skip
     return rows
 
 
