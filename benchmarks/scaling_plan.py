@@ -73,7 +73,8 @@ def markdown(rows: list[dict]) -> str:
     h100 = PRESETS["h100"]
     lines += ["", f"Assumptions (H100 preset, `training/plan/cost.py`): {h100['memory_bytes'] / 1e9:.0f} GB per GPU "
               f"({RESERVED / GIB:.0f} GiB reserved), {h100['peak_tflops']:.0f} TFLOP/s dense bf16 at "
-              f"{h100['efficiency']:.1%} efficiency (the compiled SDPA MFU measured on one H100), NVLink "
+              f"{h100['efficiency']:.1%} efficiency in the matmuls (from the compiled SDPA step measured on one "
+              "H100), NVLink "
               f"{h100['intra_node_gbps']:.0f} GB/s and InfiniBand {h100['inter_node_gbps']:.0f} GB/s per GPU "
               f"each way, HBM {h100['memory_gbps'] / 1e3:.2f} TB/s, 8 GPUs per node."]  # fmt: skip
     return "\n".join(lines)
