@@ -127,8 +127,12 @@ def world_of(layout: dict) -> int:
     return layout.get("tp", 1) * layout.get("pp", 1) * layout.get("cp", 1) * layout.get("dp", 1)
 
 
+def global_batch(layout: dict) -> int:
+    """Sequences a step: one on a single rank, two per data-parallel replica otherwise."""
+    return max(1, layout.get("dp", 1)) * (2 if world_of(layout) > 1 else 1)
+
+
 def train_config(data: Path, out: Path, model: PhiConfig, layout: dict, init_from: str | None = None) -> TrainConfig:
-    world = world_of(layout)
     return TrainConfig(
         name="memory",
         out_dir=str(out),
@@ -136,7 +140,7 @@ def train_config(data: Path, out: Path, model: PhiConfig, layout: dict, init_fro
         init_from=init_from,
         model=model,
         parallel=ParallelConfig(micro_batch_size=1, **layout),
-        data=DataConfig(path=str(data), global_batch_size=max(1, layout.get("dp", 1)) * (2 if world > 1 else 1)),
+        data=DataConfig(path=str(data), global_batch_size=global_batch(layout)),
         checkpoint=CheckpointConfig(resume="none"),
     )
 
@@ -232,7 +236,7 @@ def main(argv=None) -> int:
                 continue
             worst = max(ranks, key=lambda r: r["ratio"])
             params = count_params_and_flops(model, SEQ_LEN)[0]
-            batch = train_config(tmp, tmp, given, LAYOUTS[layout]).data.global_batch_size
+            batch = global_batch(LAYOUTS[layout])
             row = dict(model=label, layout=layout, params=params, worst_ratio=worst["ratio"], ranks=ranks,
                        global_batch=batch, tokens_per_step=batch * SEQ_LEN)  # fmt: skip
             rows.append(row)

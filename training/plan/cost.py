@@ -4,8 +4,9 @@ the layout and the cluster alone (`python -m training.plan`, training/plan/cli.p
 Memory per GPU (bytes), for the rank holding the most:
 - model states: fp32 weights, fp32 gradients and AdamW's two fp32 moments, 16 bytes per parameter
   of the rank's share (its pipeline stage's layers, 1/TP of each matrix and of the vocabulary);
-  FSDP divides them by DP and adds its unit's buffers (the gathered weights and the prefetched
-  neighbour's, the unsharded gradient, the reduce-scatter input), or the vocabulary table's when
+  FSDP divides them by DP and adds its unit's buffers at their peak, three copies (the gathered
+  weights, the prefetched neighbour's and the unsharded gradients; once resharded, the neighbour's,
+  the gradients and the reduce-scatter input), or the vocabulary table's when
   larger (unless it is split over DP); under PP the whole stage's, gathered with unsharded gradients
   (the schedule syncs gradients on the last micro-batch only);
 - activations of the micro-batches in flight (1F1B: min(PP, micro-batches) on the first stage),
@@ -282,7 +283,7 @@ def predict(model: PhiConfig, layout: Layout, cluster: Cluster, seq_len: int, gl
     # Roofline: each micro-batch also streams the stage's weights from memory (the forward and the two
     # backward matmuls) and accumulates fp32 gradients; few tokens a micro-batch (CPU runs) make that
     # the bound, a GPU micro-batch of thousands of tokens is bound by its FLOPs.
-    streaming = micro_batches * params * (3 * cluster.value_bytes + 8) / (cluster.memory_gbps * 1e9)
+    streaming = micro_batches * params * (3 * value + 8) / (cluster.memory_gbps * 1e9)
     compute = max(flop_time, streaming)
     v = 1
     bubble = (pp - 1) / (v * micro_batches + pp - 1) if pp > 1 and not cluster.bubble_reclaimed else 0.0
@@ -304,7 +305,7 @@ def predict(model: PhiConfig, layout: Layout, cluster: Cluster, seq_len: int, gl
     # reduce-scatters per micro-batch); under PP the schedule keeps the weights gathered and syncs
     # gradients on the last micro-batch. The next unit is prefetched, so it overlaps all compute.
     # With `vocab_over_dp` the embedding and head stay split over DP x TP: never gathered or reduced.
-    units = params - (stage_params(model, pp, tp) - layers * layer_params(model) / tp if layout.vocab_over_dp else 0)
+    units = layers * layer_params(model) / tp if layout.vocab_over_dp else params
     fsdp_rounds = micro_batches if pp == 1 else 1
     fsdp_gathers = 2 if pp == 1 else 1
     fsdp_bytes = fsdp_rounds * (fsdp_gathers * units * value + units * 4)
